@@ -1,0 +1,185 @@
+//! Node ids, op ids, ops and version vectors.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::{Error, Hlc, Result, Value};
+
+/// The name of a node (or hub), unique in the mesh: 1-64 characters from
+/// `[A-Za-z0-9_.-]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// Longest accepted name, in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates a node name.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let ok = !name.is_empty()
+            && name.len() <= Self::MAX_LEN
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok { Ok(NodeId(name)) } else { Err(Error::InvalidNodeId { name }) }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 128-bit HLC id of this node: FNV-1a of the name, never zero.
+    pub fn hlc_id(&self) -> u128 {
+        const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+        const PRIME: u128 = 0x0000000001000000000000000000013B;
+        let mut h = OFFSET;
+        for b in self.0.bytes() {
+            h ^= u128::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+        if h == 0 { 1 } else { h }
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id of an op: its origin node and a sequence number that is gap-free
+/// per origin, starting at 1.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpId {
+    /// The node that captured the change.
+    pub origin: NodeId,
+    /// Position in the origin's log (1, 2, 3, ...).
+    pub seq: u64,
+}
+
+impl OpId {
+    /// Makes an op id.
+    pub fn new(origin: NodeId, seq: u64) -> Self {
+        OpId { origin, seq }
+    }
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.origin, self.seq)
+    }
+}
+
+/// Upsert or delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpKind {
+    /// Insert or update of the named fields.
+    Upsert,
+    /// Delete of the row.
+    Delete,
+}
+
+/// One field written by an op.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldWrite {
+    /// Column name.
+    pub name: String,
+    /// The new value.
+    pub value: Value,
+    /// The writes of this field the origin saw, which this write supersedes.
+    pub pred: Vec<OpId>,
+    /// For counter fields: new minus old as the origin saw it.
+    pub delta: Option<Value>,
+}
+
+impl FieldWrite {
+    /// A write with no predecessors and no delta.
+    pub fn new(name: impl Into<String>, value: Value) -> Self {
+        FieldWrite { name: name.into(), value, pred: Vec::new(), delta: None }
+    }
+}
+
+/// One captured change to one row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    /// `(origin, seq)`.
+    pub id: OpId,
+    /// When the origin captured it.
+    pub hlc: Hlc,
+    /// Table name.
+    pub table: String,
+    /// Primary-key values in key-column order.
+    pub key: Vec<Value>,
+    /// Upsert or delete.
+    pub kind: OpKind,
+    /// Fields written (upserts only).
+    pub fields: Vec<FieldWrite>,
+    /// Delete: every write of the row the origin saw. Upsert: the tombstones
+    /// it supersedes (a re-insert after a delete).
+    pub row_pred: Vec<OpId>,
+}
+
+impl Op {
+    /// An upsert with no row predecessors.
+    pub fn upsert(
+        id: OpId,
+        hlc: Hlc,
+        table: impl Into<String>,
+        key: Vec<Value>,
+        fields: Vec<FieldWrite>,
+    ) -> Self {
+        Op { id, hlc, table: table.into(), key, kind: OpKind::Upsert, fields, row_pred: Vec::new() }
+    }
+
+    /// A delete superseding `row_pred`.
+    pub fn delete(
+        id: OpId,
+        hlc: Hlc,
+        table: impl Into<String>,
+        key: Vec<Value>,
+        row_pred: Vec<OpId>,
+    ) -> Self {
+        Op {
+            id,
+            hlc,
+            table: table.into(),
+            key,
+            kind: OpKind::Delete,
+            fields: Vec::new(),
+            row_pred,
+        }
+    }
+}
+
+/// Per origin, the highest sequence number held with no gap below it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionVector(pub BTreeMap<NodeId, u64>);
+
+impl VersionVector {
+    /// The highest contiguous seq held for `origin` (0 = none).
+    pub fn get(&self, origin: &NodeId) -> u64 {
+        self.0.get(origin).copied().unwrap_or(0)
+    }
+
+    /// Sets the entry for `origin`.
+    pub fn set(&mut self, origin: NodeId, seq: u64) {
+        self.0.insert(origin, seq);
+    }
+
+    /// Raises the entry for `origin` to at least `seq`.
+    pub fn advance(&mut self, origin: &NodeId, seq: u64) {
+        let e = self.0.entry(origin.clone()).or_insert(0);
+        *e = (*e).max(seq);
+    }
+
+    /// True when this vector holds everything `other` holds.
+    pub fn dominates(&self, other: &VersionVector) -> bool {
+        other.0.iter().all(|(k, v)| self.get(k) >= *v)
+    }
+
+    /// Total number of ops covered.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
