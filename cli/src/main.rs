@@ -1,0 +1,191 @@
+//! `syncmesh`: the one user-facing binary (hub, node, check, status, demo, bench).
+
+mod bench;
+mod check;
+mod demo;
+mod mesh;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use syncmesh_node::config::Config;
+
+#[derive(Parser)]
+#[command(name = "syncmesh", version, about = "Multi-master, bi-directional database sync mesh")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded demo: a hub and three SQLite edge databases in one
+    /// process; concurrent edits, a partition and its heal. Exits 0 only if
+    /// every replica converged.
+    Demo {
+        /// Keep the databases, logs and config here (default: a temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run the hub of a config file.
+    Hub {
+        /// YAML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one node of a config file.
+    Node {
+        /// YAML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Which node of the config to run.
+        #[arg(long)]
+        name: String,
+    },
+    /// Validate a config, reach every database and the hub, report what will
+    /// be captured. Exits non-zero on any problem.
+    Check {
+        /// YAML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Check only this node.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show the hub's view of the mesh.
+    Status {
+        /// Hub URL, e.g. http://127.0.0.1:7700
+        #[arg(long)]
+        hub: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End-to-end throughput: rows inserted on one SQLite node until both
+    /// other nodes hold them all (median of several runs).
+    Bench {
+        /// Rows per run.
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Rows per insert transaction.
+        #[arg(long, default_value_t = 1_000)]
+        batch: u64,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Work directory (default: a temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Demo { dir } => {
+            init_logs(cli.log_format, "warn");
+            demo::run(dir).await
+        }
+        Command::Bench { rows, batch, runs, dir } => {
+            init_logs(cli.log_format, "warn");
+            bench::run(rows, batch, runs, dir).await.map(|_| true)
+        }
+        Command::Hub { config } => {
+            init_logs(cli.log_format, "info");
+            let cfg = Config::load(&config)?;
+            let hub_cfg = cfg.hub()?;
+            let mut hub = mesh::start_hub_from(&cfg, hub_cfg).await?;
+            tracing::info!(url = %hub.url(), "hub running; Ctrl-C to stop");
+            tokio::select! {
+                r = hub.wait() => r?,
+                _ = shutdown_signal() => {
+                    tracing::info!("stopping hub");
+                    hub.shutdown().await?;
+                }
+            }
+            Ok(true)
+        }
+        Command::Node { config, name } => {
+            init_logs(cli.log_format, "info");
+            let cfg = Config::load(&config)?;
+            let node_cfg = cfg.node(&name)?;
+            let mut node =
+                syncmesh_node::shell::start_node(node_cfg, &cfg.tables, &cfg.sync, &cfg.source)
+                    .await?;
+            tracing::info!(node = %name, hub = %node_cfg.hub, "node running; Ctrl-C to stop");
+            tokio::select! {
+                r = node.wait() => r?,
+                _ = shutdown_signal() => node.shutdown().await?,
+            }
+            Ok(true)
+        }
+        Command::Check { config, name } => {
+            init_logs(cli.log_format, "warn");
+            check::run(&config, name.as_deref()).await
+        }
+        Command::Status { hub, json } => {
+            init_logs(cli.log_format, "warn");
+            let status = mesh::hub_status(&hub).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&mesh::status_json(&status)).context("encoding status")?);
+            } else {
+                mesh::print_status(&status);
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

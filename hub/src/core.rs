@@ -1,0 +1,455 @@
+//! The sans-IO hub core. See the crate docs.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use syncmesh_node::store::{LogStore, WriteBatch, prefix_end};
+use syncmesh_node::wire;
+use syncmesh_proto::v1 as pb;
+use syncmesh_resolver::{HlcClock, NodeId, Ntp64, VersionVector};
+
+use crate::Result;
+
+const P_OPS: &[u8] = b"o/";
+const P_VV: &[u8] = b"v/";
+const P_NODE: &[u8] = b"n/";
+
+/// Most op batches in flight (sent, not acknowledged) per session.
+pub const MAX_INFLIGHT_BATCHES: u64 = 4;
+/// Largest encoded batch the hub sends (bytes).
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// A session: one `Sync` stream.
+pub type SessionId = u64;
+
+/// Static settings of a hub core.
+#[derive(Clone, Debug)]
+pub struct HubSettings {
+    /// The hub's name.
+    pub name: NodeId,
+    /// Most ops per batch sent to a node.
+    pub batch_size: usize,
+    /// Ops whose HLC is further ahead of the hub's clock are refused.
+    pub max_clock_drift_ms: u64,
+}
+
+/// What the shell should do with a session after a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Keep the stream.
+    Continue,
+    /// Close the stream (after sending what is queued), for this reason.
+    Close(String),
+}
+
+/// What the hub remembers about a node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Ops the node acknowledged as durable.
+    pub acked: VersionVector,
+    /// Unix ms of its last message.
+    pub last_seen_ms: u64,
+    /// publish / subscribe / bidirectional.
+    pub mode: String,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    node: Option<NodeId>,
+    publish_only: bool,
+    subscribe_only: bool,
+    sent: VersionVector,
+    inflight: u64,
+    outbox: VecDeque<pb::HubMessage>,
+}
+
+/// The hub state machine.
+pub struct HubCore<S: LogStore> {
+    settings: HubSettings,
+    store: S,
+    clock: HlcClock,
+    vv: VersionVector,
+    sessions: BTreeMap<SessionId, Session>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    next_session: SessionId,
+    to_close: VecDeque<(SessionId, String)>,
+    errors_total: u64,
+}
+
+fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
+    let mut k = P_OPS.to_vec();
+    k.extend_from_slice(origin.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn error_msg(code: &str, message: String, op: Option<pb::OpId>) -> pb::HubMessage {
+    pb::HubMessage {
+        body: Some(pb::hub_message::Body::Error(pb::Error { code: code.into(), message, op })),
+    }
+}
+
+impl<S: LogStore> HubCore<S> {
+    /// Restores a hub from its store.
+    pub fn open(settings: HubSettings, store: S) -> Result<Self> {
+        let mut vv = VersionVector::default();
+        for (k, v) in store.range(P_VV, &prefix_end(P_VV), usize::MAX)? {
+            let node = NodeId::new(String::from_utf8_lossy(&k[P_VV.len()..]).into_owned())
+                .map_err(syncmesh_node::Error::from)?;
+            vv.set(node, u64::from_be_bytes(v.try_into().unwrap_or([0; 8])));
+        }
+        let mut nodes = BTreeMap::new();
+        for (k, v) in store.range(P_NODE, &prefix_end(P_NODE), usize::MAX)? {
+            let node = NodeId::new(String::from_utf8_lossy(&k[P_NODE.len()..]).into_owned())
+                .map_err(syncmesh_node::Error::from)?;
+            if let Ok(rec) = postcard::from_bytes::<NodeRecord>(&v) {
+                nodes.insert(node, rec);
+            }
+        }
+        let clock = HlcClock::new(&settings.name, settings.max_clock_drift_ms);
+        Ok(HubCore {
+            settings,
+            store,
+            clock,
+            vv,
+            sessions: BTreeMap::new(),
+            nodes,
+            next_session: 1,
+            to_close: VecDeque::new(),
+            errors_total: 0,
+        })
+    }
+
+    /// The mesh's version vector as held by this hub.
+    pub fn version_vector(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// A new stream opened.
+    pub fn handle_open(&mut self) -> SessionId {
+        let id = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(id, Session::default());
+        id
+    }
+
+    /// A stream closed.
+    pub fn handle_close(&mut self, sid: SessionId) {
+        self.sessions.remove(&sid);
+    }
+
+    /// Sessions the core wants closed (e.g. replaced by a newer stream of
+    /// the same node), with the reason.
+    pub fn poll_close(&mut self) -> Option<(SessionId, String)> {
+        self.to_close.pop_front()
+    }
+
+    fn reject(&mut self, sid: SessionId, code: &str, message: String, op: Option<pb::OpId>) -> Control {
+        self.errors_total += 1;
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.outbox.push_back(error_msg(code, message.clone(), op));
+        }
+        Control::Close(message)
+    }
+
+    /// Handles one message of session `sid`. `now` is the hub's wall clock.
+    pub fn handle_message(&mut self, now: Ntp64, sid: SessionId, msg: pb::NodeMessage) -> Result<Control> {
+        use pb::node_message::Body;
+        if !self.sessions.contains_key(&sid) {
+            return Ok(Control::Close("unknown session".into()));
+        }
+        let now_ms = now.as_unix_millis();
+        let node = self.sessions.get(&sid).and_then(|s| s.node.clone());
+        if let Some(n) = &node {
+            self.nodes.entry(n.clone()).or_default().last_seen_ms = now_ms;
+        }
+        match (msg.body, node) {
+            (None, _) => Ok(self.reject(sid, "empty_message", "message without a body".into(), None)),
+            (Some(Body::Hello(h)), None) => self.hello(sid, now_ms, h),
+            (Some(Body::Hello(_)), Some(n)) => Ok(self.reject(
+                sid,
+                "duplicate_hello",
+                format!("node {n} sent a second hello on one stream"),
+                None,
+            )),
+            (Some(_), None) => Ok(self.reject(
+                sid,
+                "no_hello",
+                "the first message of a stream must be a hello".into(),
+                None,
+            )),
+            (Some(Body::Ack(a)), Some(n)) => {
+                let acked = wire::vv_from_proto(a.version_vector)?;
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                }
+                let rec = self.nodes.entry(n.clone()).or_default();
+                for (o, v) in acked.0 {
+                    rec.acked.advance(&o, v);
+                }
+                let rec = rec.clone();
+                self.save_node(&n, &rec)?;
+                Ok(Control::Continue)
+            }
+            (Some(Body::Ops(b)), Some(n)) => self.ops(now, sid, n, b),
+        }
+    }
+
+    fn save_node(&mut self, n: &NodeId, rec: &NodeRecord) -> Result<()> {
+        let mut k = P_NODE.to_vec();
+        k.extend_from_slice(n.as_str().as_bytes());
+        let mut b = WriteBatch::default();
+        b.put(k, postcard::to_allocvec(rec).unwrap_or_default());
+        self.store.write(b)?;
+        Ok(())
+    }
+
+    fn hello(&mut self, sid: SessionId, now_ms: u64, h: pb::Hello) -> Result<Control> {
+        if h.protocol_version != syncmesh_proto::PROTOCOL_VERSION {
+            return Ok(self.reject(
+                sid,
+                "protocol_version",
+                format!(
+                    "node speaks protocol {} but this hub speaks {}: upgrade the older side",
+                    h.protocol_version,
+                    syncmesh_proto::PROTOCOL_VERSION
+                ),
+                None,
+            ));
+        }
+        let node = match NodeId::new(h.node) {
+            Ok(n) => n,
+            Err(e) => return Ok(self.reject(sid, "bad_node_name", e.to_string(), None)),
+        };
+        let node_vv = match wire::vv_from_proto(h.version_vector) {
+            Ok(v) => v,
+            Err(e) => return Ok(self.reject(sid, "bad_version_vector", e.to_string(), None)),
+        };
+        let (publish_only, subscribe_only) = match h.mode.as_str() {
+            "publish" => (true, false),
+            "subscribe" => (false, true),
+            "bidirectional" | "" => (false, false),
+            other => {
+                return Ok(self.reject(
+                    sid,
+                    "bad_mode",
+                    format!("unknown mode {other:?}: use bidirectional, publish or subscribe"),
+                    None,
+                ));
+            }
+        };
+        // A node has one stream: a newer one replaces the old.
+        let old: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(id, s)| **id != sid && s.node.as_ref() == Some(&node))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.sessions.remove(&id);
+            self.to_close.push_back((id, format!("node {node} opened a newer stream")));
+        }
+        let rec = self.nodes.entry(node.clone()).or_default();
+        rec.last_seen_ms = now_ms;
+        rec.mode = if h.mode.is_empty() { "bidirectional".into() } else { h.mode };
+        for (o, v) in &node_vv.0 {
+            rec.acked.advance(o, *v);
+        }
+        let rec = rec.clone();
+        self.save_node(&node, &rec)?;
+        let reply = pb::HubMessage {
+            body: Some(pb::hub_message::Body::Hello(pb::HelloReply {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                hub: self.settings.name.as_str().to_owned(),
+                version_vector: Some(wire::vv_to_proto(&self.vv)),
+            })),
+        };
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.node = Some(node);
+            s.publish_only = publish_only;
+            s.subscribe_only = subscribe_only;
+            s.sent = node_vv;
+            s.inflight = 0;
+            s.outbox.push_back(reply);
+        }
+        Ok(Control::Continue)
+    }
+
+    fn ops(&mut self, now: Ntp64, sid: SessionId, node: NodeId, b: pb::OpBatch) -> Result<Control> {
+        if self.sessions.get(&sid).is_some_and(|s| s.subscribe_only) {
+            return Ok(self.reject(
+                sid,
+                "subscribe_only",
+                format!("node {node} is in subscribe mode and may not publish ops: set mode: bidirectional or publish"),
+                None,
+            ));
+        }
+        if b.ops.len() > syncmesh_proto::MAX_BATCH_OPS {
+            return Ok(self.reject(
+                sid,
+                "batch_too_large",
+                format!("{} ops in one batch exceed the limit of {}", b.ops.len(), syncmesh_proto::MAX_BATCH_OPS),
+                None,
+            ));
+        }
+        let mut batch = WriteBatch::default();
+        let mut have = self.vv.get(&node);
+        let start = have;
+        let mut control = Control::Continue;
+        for raw in b.ops {
+            let raw_id = raw.id.clone();
+            let op = match wire::op_from_proto(raw.clone()) {
+                Ok(op) => op,
+                Err(e) => {
+                    control = self.reject(sid, "malformed_op", e.to_string(), raw_id);
+                    break;
+                }
+            };
+            if op.id.origin != node {
+                control = self.reject(
+                    sid,
+                    "origin_mismatch",
+                    format!("node {node} sent op {} whose origin is another node; a node may only publish its own ops", op.id),
+                    raw_id,
+                );
+                break;
+            }
+            if op.id.seq <= have {
+                continue; // a retry of something already durable
+            }
+            if op.id.seq != have + 1 {
+                control = self.reject(
+                    sid,
+                    "seq_gap",
+                    format!("op {} arrived but the hub holds {node} only up to seq {have}: resend from {}", op.id, have + 1),
+                    raw_id,
+                );
+                break;
+            }
+            if let Err(e) = self.clock.observe(&op.id, op.hlc, now) {
+                control = self.reject(sid, "clock_drift", e.to_string(), raw_id);
+                break;
+            }
+            batch.put(op_key(&node, op.id.seq), raw.encode_to_vec());
+            have = op.id.seq;
+        }
+        if have > start {
+            let mut k = P_VV.to_vec();
+            k.extend_from_slice(node.as_str().as_bytes());
+            batch.put(k, have.to_be_bytes().to_vec());
+            self.store.write(batch)?;
+            self.store.flush()?;
+            self.vv.set(node.clone(), have);
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.sent.advance(&node, have);
+            }
+            self.nodes.entry(node.clone()).or_default().acked.advance(&node, have);
+        }
+        // Acknowledge what is durable (also after a partial batch).
+        let mut ack_vv = VersionVector::default();
+        ack_vv.set(node, have);
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            // The error, if any, was queued first; put the ack before it.
+            let ack = pb::HubMessage {
+                body: Some(pb::hub_message::Body::Ack(pb::Ack { version_vector: Some(wire::vv_to_proto(&ack_vv)) })),
+            };
+            if control == Control::Continue {
+                s.outbox.push_back(ack);
+            } else {
+                let at = s.outbox.len().saturating_sub(1);
+                s.outbox.insert(at, ack);
+            }
+        }
+        Ok(control)
+    }
+
+    /// The next message for session `sid`.
+    pub fn poll_transmit(&mut self, sid: SessionId) -> Result<Option<pb::HubMessage>> {
+        let Some(s) = self.sessions.get_mut(&sid) else { return Ok(None) };
+        if let Some(m) = s.outbox.pop_front() {
+            return Ok(Some(m));
+        }
+        let Some(node) = s.node.clone() else { return Ok(None) };
+        if s.publish_only || s.inflight >= MAX_INFLIGHT_BATCHES {
+            return Ok(None);
+        }
+        let budget = self.settings.batch_size.max(1);
+        let mut ops = Vec::new();
+        let mut bytes = 0usize;
+        let mut sent = s.sent.clone();
+        'origins: for (origin, &held) in &self.vv.0 {
+            if *origin == node {
+                continue;
+            }
+            let from = sent.get(origin);
+            if from >= held {
+                continue;
+            }
+            let end = op_key(origin, held + 1);
+            for (_, v) in self.store.range(&op_key(origin, from + 1), &end, budget - ops.len())? {
+                let op = pb::Op::decode(v.as_slice()).map_err(|e| syncmesh_node::Error::Store {
+                    path: "<hub>".into(),
+                    message: format!("corrupt op in the hub store: {e}; restore the hub data_dir"),
+                })?;
+                bytes += op.encoded_len();
+                let seq = op.id.as_ref().map(|i| i.seq).unwrap_or(0);
+                ops.push(op);
+                sent.advance(origin, seq);
+                if ops.len() >= budget || bytes >= MAX_BATCH_BYTES {
+                    break 'origins;
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.sent = sent;
+            s.inflight += 1;
+        }
+        Ok(Some(pb::HubMessage { body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })) }))
+    }
+
+    /// Every open session.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// The status shown by `syncmesh status` and the Status RPC.
+    pub fn status(&self) -> pb::StatusReply {
+        let connected: Vec<&NodeId> = self.sessions.values().filter_map(|s| s.node.as_ref()).collect();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(n, rec)| {
+                let pending: u64 = if rec.mode == "publish" {
+                    0
+                } else {
+                    self.vv
+                        .0
+                        .iter()
+                        .filter(|(o, _)| *o != n)
+                        .map(|(o, v)| v.saturating_sub(rec.acked.get(o)))
+                        .sum()
+                };
+                pb::NodeStatus {
+                    node: n.as_str().to_owned(),
+                    connected: connected.contains(&n),
+                    acked: Some(wire::vv_to_proto(&rec.acked)),
+                    pending_ops: pending,
+                    last_seen_unix_ms: rec.last_seen_ms,
+                    mode: rec.mode.clone(),
+                }
+            })
+            .collect();
+        pb::StatusReply {
+            hub: self.settings.name.as_str().to_owned(),
+            version_vector: Some(wire::vv_to_proto(&self.vv)),
+            total_ops: self.vv.total(),
+            nodes,
+            errors_total: self.errors_total,
+        }
+    }
+}

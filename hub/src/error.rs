@@ -1,0 +1,23 @@
+//! The hub crate's error type.
+
+/// Everything that can stop a hub. Messages are one line and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listen address could not be bound.
+    #[error("hub cannot listen on {addr}: {message}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why, and what to do.
+        message: String,
+    },
+    /// The log store or another node-crate facility failed.
+    #[error(transparent)]
+    Node(#[from] syncmesh_node::Error),
+    /// The gRPC server failed.
+    #[error("hub server: {0}")]
+    Server(String),
+}
+
+/// Result alias of the hub crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

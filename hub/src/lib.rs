@@ -1,0 +1,15 @@
+//! The syncmesh hub.
+//!
+//! [`core::HubCore`] is the sans-IO state machine: it stores ops (in a
+//! [`syncmesh_node::store::LogStore`]), keeps the mesh's version vector and
+//! one per connected node, checks that every op comes from its own origin
+//! with a gap-free sequence and a sane clock, acknowledges only after a
+//! flush, and hands each session the ops its node lacks. [`server`] is the
+//! tonic shell: one actor task owns the core; each `Sync` stream is a
+//! session.
+
+pub mod core;
+pub mod error;
+pub mod server;
+
+pub use error::{Error, Result};

@@ -1,0 +1,223 @@
+//! The tonic shell of the hub: one actor task owns the [`HubCore`]; every
+//! `Sync` stream becomes a session whose messages are fed to the core, and
+//! whose outgoing queue is filled from [`HubCore::poll_transmit`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use syncmesh_node::store::SledStore;
+use syncmesh_proto::v1 as pb;
+use syncmesh_proto::v1::sync_server::SyncServer;
+use syncmesh_resolver::Ntp64;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::{Control, HubCore, HubSettings, SessionId};
+use crate::{Error, Result};
+
+/// Depth of each session's outgoing queue (messages).
+const SESSION_QUEUE: usize = 16;
+/// Depth of the actor's command queue.
+const COMMAND_QUEUE: usize = 1024;
+
+type Out = mpsc::Sender<Result<pb::HubMessage, Status>>;
+
+enum Cmd {
+    Open { out: Out, reply: oneshot::Sender<SessionId> },
+    Msg(SessionId, pb::NodeMessage),
+    Closed(SessionId),
+    Status(oneshot::Sender<pb::StatusReply>),
+}
+
+fn wall_now() -> Ntp64 {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Ntp64::from_unix_millis(ms)
+}
+
+struct Service {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+#[tonic::async_trait]
+impl pb::sync_server::Sync for Service {
+    type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send + 'static>>;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<pb::NodeMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (out_tx, out_rx) = mpsc::channel(SESSION_QUEUE);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let unavailable = || Status::unavailable("hub is shutting down; retry later");
+        self.cmds.send(Cmd::Open { out: out_tx, reply: reply_tx }).await.map_err(|_| unavailable())?;
+        let sid = reply_rx.await.map_err(|_| unavailable())?;
+        let mut inbound = request.into_inner();
+        let cmds = self.cmds.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        if cmds.send(Cmd::Msg(sid, m)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(session = sid, %status, "sync stream ended with an error");
+                        break;
+                    }
+                }
+            }
+            let _ = cmds.send(Cmd::Closed(sid)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        let unavailable = || Status::unavailable("hub is shutting down; retry later");
+        self.cmds.send(Cmd::Status(tx)).await.map_err(|_| unavailable())?;
+        Ok(Response::new(rx.await.map_err(|_| unavailable())?))
+    }
+}
+
+/// A running hub.
+pub struct HubHandle {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<()>>,
+    actor: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl HubHandle {
+    /// `http://addr`, the URL nodes dial.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, closes every stream, and waits for the store to close.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.abort();
+        let _ = (&mut self.server).await;
+        match self.actor.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Server(format!("hub actor failed: {e}"))),
+        }
+    }
+
+    /// Waits until the hub stops by itself (an error) or forever.
+    pub async fn wait(&mut self) -> Result<()> {
+        match (&mut self.server).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Server(format!("hub server task failed: {e}"))),
+        }
+    }
+}
+
+/// Opens the store in `data_dir`, binds `listen` and serves.
+pub async fn start_hub(settings: HubSettings, data_dir: &Path, listen: SocketAddr) -> Result<HubHandle> {
+    let store = SledStore::open(data_dir)?;
+    let core = HubCore::open(settings, store)?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::Bind {
+        addr: listen.to_string(),
+        message: format!("{e}; is another hub running there? change hub.listen"),
+    })?;
+    let addr = listener.local_addr().map_err(|e| Error::Bind { addr: listen.to_string(), message: e.to_string() })?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
+    let actor = tokio::spawn(run_actor(core, cmd_rx, actor_stop_rx));
+    let svc = SyncServer::new(Service { cmds: cmd_tx })
+        .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES);
+    let server = tokio::spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        let _ = actor_stop_tx.send(());
+        res.map_err(|e| Error::Server(e.to_string()))
+    });
+    tracing::info!(%addr, "hub listening");
+    Ok(HubHandle { addr, shutdown: Some(shutdown_tx), server, actor })
+}
+
+async fn run_actor(
+    mut core: HubCore<SledStore>,
+    mut cmds: mpsc::Receiver<Cmd>,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<()> {
+    let mut outs: HashMap<SessionId, Out> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Cmd::Open { out, reply } => {
+                        let sid = core.handle_open();
+                        outs.insert(sid, out);
+                        let _ = reply.send(sid);
+                    }
+                    Cmd::Msg(sid, msg) => {
+                        match core.handle_message(wall_now(), sid, msg)? {
+                            Control::Continue => {}
+                            Control::Close(reason) => {
+                                tracing::warn!(session = sid, %reason, "closing a sync stream");
+                                pump(&mut core, sid, &outs)?;
+                                outs.remove(&sid);
+                                core.handle_close(sid);
+                            }
+                        }
+                    }
+                    Cmd::Closed(sid) => {
+                        outs.remove(&sid);
+                        core.handle_close(sid);
+                    }
+                    Cmd::Status(reply) => {
+                        let _ = reply.send(core.status());
+                    }
+                }
+            }
+        }
+        while let Some((sid, reason)) = core.poll_close() {
+            tracing::info!(session = sid, %reason, "replacing a sync stream");
+            outs.remove(&sid);
+        }
+        for sid in core.sessions() {
+            pump(&mut core, sid, &outs)?;
+        }
+    }
+    Ok(())
+}
+
+fn pump(core: &mut HubCore<SledStore>, sid: SessionId, outs: &HashMap<SessionId, Out>) -> Result<()> {
+    let Some(out) = outs.get(&sid) else { return Ok(()) };
+    loop {
+        let Ok(permit) = out.try_reserve() else { return Ok(()) };
+        match core.poll_transmit(sid)? {
+            Some(m) => permit.send(Ok(m)),
+            None => return Ok(()),
+        }
+    }
+}

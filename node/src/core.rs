@@ -1,0 +1,721 @@
+//! The sans-IO node core.
+//!
+//! [`NodeCore`] owns the node's replication state: its op sequence, its
+//! version vector, the merged row state of every synced row, and the hub
+//! session. It performs no IO of its own besides the [`LogStore`] it is given
+//! (sled in production, [`crate::store::MemStore`] in tests and the
+//! simulator), and it reads no clock: every call that needs time takes `now`.
+//!
+//! Input: [`NodeCore::handle_captured`] (local changes from the capture
+//! table), [`NodeCore::handle_connected`], [`NodeCore::handle_message`] (from
+//! the hub), [`NodeCore::handle_disconnected`], [`NodeCore::handle_applied`].
+//! Output: [`NodeCore::poll_transmit`] (messages for the hub),
+//! [`NodeCore::poll_apply`] (rows to write into the database),
+//! [`NodeCore::poll_connect`] (whether to dial the hub now).
+//!
+//! Durability order: every handle that changes state writes one atomic batch
+//! and flushes it *before* it returns, so an ack produced by it, or a capture
+//! checkpoint the shell acts on, only ever refers to flushed state.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use syncmesh_proto::v1 as pb;
+use syncmesh_resolver::{
+    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, TableRules,
+    Value, VersionVector, VisibleRow,
+};
+
+use crate::adapter::{CapturedChange, ChangeKind, RowWrite, TableSchema};
+use crate::config::Mode;
+use crate::store::{LogStore, WriteBatch, prefix_end};
+use crate::wire;
+use crate::{Error, Result};
+
+const K_SEQ: &[u8] = b"m/seq";
+const K_CHECKPOINT: &[u8] = b"m/checkpoint";
+const K_HLC: &[u8] = b"m/hlc";
+const P_VV: &[u8] = b"v/";
+const P_LOG: &[u8] = b"l/";
+const P_ROW: &[u8] = b"r/";
+const P_DIRTY: &[u8] = b"d/";
+
+/// Most op batches sent to the hub and not yet acknowledged.
+pub const MAX_INFLIGHT_BATCHES: u64 = 4;
+/// Largest encoded op batch the node sends (bytes), below the decode limit.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// First reconnect delay.
+pub const RECONNECT_MIN_MS: u64 = 100;
+/// Longest reconnect delay.
+pub const RECONNECT_MAX_MS: u64 = 5_000;
+
+/// A synced table as the core needs it.
+#[derive(Clone, Debug)]
+pub struct TableInfo {
+    /// Columns and key.
+    pub schema: TableSchema,
+    /// Merge rules.
+    pub rules: TableRules,
+}
+
+/// Static settings of a node core.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    /// This node's identity (the origin of its ops).
+    pub name: NodeId,
+    /// Publish, subscribe or both.
+    pub mode: Mode,
+    /// Most ops per batch.
+    pub batch_size: usize,
+    /// Remote HLCs further ahead than this are reported.
+    pub max_clock_drift_ms: u64,
+}
+
+/// Something worth logging or counting that the core noticed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The hub accepted the handshake.
+    Connected {
+        /// Own ops the hub already held.
+        hub_has_own: u64,
+    },
+    /// A problem with input from the hub; the core carried on.
+    Warning(String),
+    /// The hub reported an error.
+    HubError {
+        /// Stable code.
+        code: String,
+        /// One-line message.
+        message: String,
+    },
+}
+
+/// Whether the shell should keep the hub stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Keep going.
+    Continue,
+    /// Drop the stream and reconnect after backoff, for the given reason.
+    Reconnect(String),
+}
+
+#[derive(Debug)]
+enum Conn {
+    Disconnected { retry_at_ms: u64, backoff_ms: u64 },
+    Connecting,
+    Handshaking,
+    Connected { hub_acked_own: u64, sent_own: u64 },
+}
+
+/// A row the shell must write, with the token to hand back once written.
+#[derive(Clone, Debug)]
+pub struct PendingApply {
+    /// The write.
+    pub write: RowWrite,
+    token: (Vec<u8>, u64),
+}
+
+/// Counters the shell exports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Ops this node originated.
+    pub own_ops: u64,
+    /// Own ops the hub acknowledged as durable.
+    pub own_acked: u64,
+    /// Remote ops merged.
+    pub remote_ops: u64,
+    /// True while the hub session is up.
+    pub connected: bool,
+    /// Rows waiting to be written to the database.
+    pub dirty_rows: u64,
+    /// Warnings raised.
+    pub warnings: u64,
+}
+
+/// The node state machine. See the module docs.
+pub struct NodeCore<S: LogStore> {
+    settings: NodeSettings,
+    tables: BTreeMap<String, TableInfo>,
+    store: S,
+    clock: HlcClock,
+    seq: u64,
+    vv: VersionVector,
+    checkpoint: i64,
+    dirty_gen: u64,
+    dirty_count: u64,
+    conn: Conn,
+    outbox: VecDeque<pb::NodeMessage>,
+    events: VecDeque<Event>,
+    /// Rows written by an apply, with the change-table watermark at its
+    /// commit: a captured change at or below it was overwritten.
+    applied_marks: HashMap<Vec<u8>, i64>,
+    restart_mark: i64,
+    stats: NodeStats,
+}
+
+fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(|e| Error::Store {
+        path: "<encode>".into(),
+        message: format!("cannot encode state: {e}"),
+    })
+}
+
+fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Store {
+        path: "<decode>".into(),
+        message: format!("corrupt {what} in the log store: {e}; restore the data_dir from a backup or re-create it to re-snapshot"),
+    })
+}
+
+fn u64_at(store: &impl LogStore, key: &[u8]) -> Result<u64> {
+    Ok(match store.get(key)? {
+        Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
+        _ => 0,
+    })
+}
+
+/// The store key of a row: prefix, table, NUL, encoded key values.
+pub fn row_key(prefix: &[u8], table: &str, key: &[Value]) -> Result<Vec<u8>> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&enc(&key)?);
+    Ok(k)
+}
+
+fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
+    let rest = &k[prefix_len.min(k.len())..];
+    let nul = rest.iter().position(|b| *b == 0).ok_or_else(|| Error::Store {
+        path: "<decode>".into(),
+        message: "corrupt row key in the log store".into(),
+    })?;
+    let table = String::from_utf8_lossy(&rest[..nul]).into_owned();
+    Ok((table, dec(&rest[nul + 1..], "row key")?))
+}
+
+/// Rows read and written during one handle call, written as one batch.
+struct Overlay {
+    rows: HashMap<Vec<u8>, RowState>,
+    batch: WriteBatch,
+}
+
+impl<S: LogStore> NodeCore<S> {
+    /// Restores a core from `store` (empty for a new node).
+    pub fn open(
+        settings: NodeSettings,
+        tables: Vec<TableInfo>,
+        store: S,
+        restart_mark: i64,
+    ) -> Result<Self> {
+        let mut clock = HlcClock::new(&settings.name, settings.max_clock_drift_ms);
+        clock.restore(u64_at(&store, K_HLC)?);
+        let seq = u64_at(&store, K_SEQ)?;
+        let checkpoint = u64_at(&store, K_CHECKPOINT)? as i64;
+        let mut vv = VersionVector::default();
+        for (k, v) in store.range(P_VV, &prefix_end(P_VV), usize::MAX)? {
+            let name = String::from_utf8_lossy(&k[P_VV.len()..]).into_owned();
+            let node = NodeId::new(name)?;
+            vv.set(node, u64::from_be_bytes(v.try_into().unwrap_or([0; 8])));
+        }
+        let dirty = store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)?;
+        let dirty_gen = dirty
+            .iter()
+            .filter_map(|(_, v)| v.clone().try_into().ok().map(u64::from_be_bytes))
+            .max()
+            .unwrap_or(0);
+        let stats = NodeStats {
+            own_ops: seq,
+            remote_ops: vv.total() - vv.get(&settings.name),
+            dirty_rows: dirty.len() as u64,
+            ..NodeStats::default()
+        };
+        Ok(NodeCore {
+            tables: tables.into_iter().map(|t| (t.schema.name.clone(), t)).collect(),
+            settings,
+            store,
+            clock,
+            seq,
+            vv,
+            checkpoint,
+            dirty_gen,
+            dirty_count: dirty.len() as u64,
+            conn: Conn::Disconnected { retry_at_ms: 0, backoff_ms: RECONNECT_MIN_MS },
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            applied_marks: HashMap::new(),
+            restart_mark,
+            stats,
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &NodeId {
+        &self.settings.name
+    }
+
+    /// The capture position: change-table rows up to here are in the log.
+    pub fn capture_checkpoint(&self) -> i64 {
+        self.checkpoint
+    }
+
+    /// The version vector of ops this node holds.
+    pub fn version_vector(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NodeStats {
+        let mut s = self.stats.clone();
+        s.connected = matches!(self.conn, Conn::Connected { .. });
+        s.dirty_rows = self.dirty_count;
+        s
+    }
+
+    /// The store (tests and the simulator inspect or crash it).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Gives the store back (to reopen after a simulated crash).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    /// The merged state of one row.
+    pub fn row_state(&self, table: &str, key: &[Value]) -> Result<RowState> {
+        match self.store.get(&row_key(P_ROW, table, key)?)? {
+            Some(b) => dec(&b, "row state"),
+            None => Ok(RowState::default()),
+        }
+    }
+
+    /// Every own op with `seq` in `from..=to`, in order (bounded by `limit`).
+    pub fn own_ops(&self, from: u64, limit: usize) -> Result<Vec<Op>> {
+        let mut start = P_LOG.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        self.store
+            .range(&start, &prefix_end(P_LOG), limit)?
+            .into_iter()
+            .map(|(_, v)| dec(&v, "op"))
+            .collect()
+    }
+
+    /// Next event to log or count.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn warn(&mut self, msg: String) {
+        self.stats.warnings += 1;
+        self.events.push_back(Event::Warning(msg));
+    }
+
+    fn load_row(&self, ov: &mut Overlay, rk: &[u8]) -> Result<RowState> {
+        if let Some(r) = ov.rows.get(rk) {
+            return Ok(r.clone());
+        }
+        Ok(match self.store.get(rk)? {
+            Some(b) => dec(&b, "row state")?,
+            None => RowState::default(),
+        })
+    }
+
+    fn mark_dirty(&mut self, ov: &mut Overlay, table: &str, key: &[Value]) -> Result<()> {
+        let dk = row_key(P_DIRTY, table, key)?;
+        if self.store.get(&dk)?.is_none() {
+            self.dirty_count += 1;
+        }
+        self.dirty_gen += 1;
+        ov.batch.put(dk, self.dirty_gen.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    fn commit(&mut self, ov: Overlay) -> Result<()> {
+        let mut batch = ov.batch;
+        for (k, r) in ov.rows {
+            batch.put(k, enc(&r)?);
+        }
+        batch.put(K_HLC.to_vec(), self.clock.last().to_be_bytes().to_vec());
+        self.store.write(batch)?;
+        self.store.flush()
+    }
+
+    /// Turns captured local changes into ops, merges them, and makes ops,
+    /// row state and the new capture checkpoint durable in one flushed batch.
+    /// Returns the checkpoint: the shell may now delete change rows up to it.
+    pub fn handle_captured(&mut self, now: Ntp64, changes: &[CapturedChange]) -> Result<i64> {
+        let Some(last) = changes.last() else { return Ok(self.checkpoint) };
+        let mut ov = Overlay { rows: HashMap::new(), batch: WriteBatch::default() };
+        for ch in changes {
+            let Some(info) = self.tables.get(&ch.table).cloned() else {
+                self.warn(format!(
+                    "captured a change of table {} which is not configured; it is skipped: remove its trigger or add the table to the config",
+                    ch.table
+                ));
+                continue;
+            };
+            for (key, fields, expected) in split_change(&info, ch)? {
+                let rk = row_key(P_ROW, &info.schema.name, &key)?;
+                let mut row = self.load_row(&mut ov, &rk)?;
+                self.seq += 1;
+                let id = OpId::new(self.settings.name.clone(), self.seq);
+                let hlc = self.clock.tick(now);
+                let op = match fields {
+                    None => Op::delete(id, hlc, &info.schema.name, key.clone(), row.delete_pred()),
+                    Some(fields) => {
+                        let writes = fields
+                            .into_iter()
+                            .map(|(name, value)| FieldWrite {
+                                pred: row.field_pred(&name),
+                                name,
+                                value,
+                                delta: None,
+                            })
+                            .collect();
+                        let mut op = Op::upsert(id, hlc, &info.schema.name, key.clone(), writes);
+                        op.row_pred = row.tombstone_pred();
+                        op
+                    }
+                };
+                row.apply(&op);
+                let mut lk = P_LOG.to_vec();
+                lk.extend_from_slice(&self.seq.to_be_bytes());
+                ov.batch.put(lk, enc(&op)?);
+                let visible = row.visible(&info.rules);
+                let overwritten = ch.change_id
+                    <= self.applied_marks.get(&rk).copied().unwrap_or(0).max(self.restart_mark);
+                if overwritten || !same_row(&info.schema, visible.as_ref(), expected.as_ref()) {
+                    self.mark_dirty(&mut ov, &info.schema.name, &key)?;
+                }
+                ov.rows.insert(rk, row);
+            }
+        }
+        self.checkpoint = last.change_id;
+        self.vv.set(self.settings.name.clone(), self.seq);
+        self.stats.own_ops = self.seq;
+        ov.batch.put(K_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+        ov.batch.put(K_CHECKPOINT.to_vec(), (self.checkpoint as u64).to_be_bytes().to_vec());
+        let mut vk = P_VV.to_vec();
+        vk.extend_from_slice(self.settings.name.as_str().as_bytes());
+        ov.batch.put(vk, self.seq.to_be_bytes().to_vec());
+        self.commit(ov)?;
+        let cp = self.checkpoint;
+        self.applied_marks.retain(|_, mark| *mark > cp);
+        Ok(cp)
+    }
+
+    /// Whether the shell should dial the hub now.
+    pub fn poll_connect(&mut self, now_ms: u64) -> bool {
+        match self.conn {
+            Conn::Disconnected { retry_at_ms, .. } if now_ms >= retry_at_ms => {
+                self.conn = Conn::Connecting;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When the next reconnect is due (if disconnected).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.conn {
+            Conn::Disconnected { retry_at_ms, .. } => Some(retry_at_ms),
+            _ => None,
+        }
+    }
+
+    /// The stream to the hub is open: queues the hello.
+    pub fn handle_connected(&mut self, _now_ms: u64) {
+        self.conn = Conn::Handshaking;
+        self.outbox.clear();
+        self.outbox.push_back(pb::NodeMessage {
+            body: Some(pb::node_message::Body::Hello(pb::Hello {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                node: self.settings.name.as_str().to_owned(),
+                version_vector: Some(wire::vv_to_proto(&self.vv)),
+                mode: self.settings.mode.as_str().to_owned(),
+            })),
+        });
+    }
+
+    /// The stream closed or could not be opened; `jitter_ms` (from the
+    /// shell's RNG) spreads reconnects of many nodes.
+    pub fn handle_disconnected(&mut self, now_ms: u64, jitter_ms: u64) {
+        let prev = match self.conn {
+            Conn::Disconnected { backoff_ms, .. } => backoff_ms,
+            Conn::Connected { .. } => RECONNECT_MIN_MS / 2,
+            _ => RECONNECT_MIN_MS,
+        };
+        let backoff_ms = (prev * 2).clamp(RECONNECT_MIN_MS, RECONNECT_MAX_MS);
+        self.outbox.clear();
+        self.conn = Conn::Disconnected {
+            retry_at_ms: now_ms + backoff_ms + jitter_ms % (backoff_ms / 2 + 1),
+            backoff_ms,
+        };
+    }
+
+    /// Handles one message from the hub.
+    pub fn handle_message(&mut self, now: Ntp64, msg: pb::HubMessage) -> Result<Control> {
+        use pb::hub_message::Body;
+        match msg.body {
+            None => Ok(Control::Reconnect("empty message from the hub".into())),
+            Some(Body::Hello(h)) => {
+                if h.protocol_version != syncmesh_proto::PROTOCOL_VERSION {
+                    return Ok(Control::Reconnect(format!(
+                        "hub speaks protocol {} but this node speaks {}: upgrade the older side",
+                        h.protocol_version,
+                        syncmesh_proto::PROTOCOL_VERSION
+                    )));
+                }
+                let hub_vv = wire::vv_from_proto(h.version_vector)?;
+                let has = hub_vv.get(&self.settings.name).min(self.seq);
+                self.stats.own_acked = has;
+                self.conn = Conn::Connected { hub_acked_own: has, sent_own: has };
+                self.events.push_back(Event::Connected { hub_has_own: has });
+                Ok(Control::Continue)
+            }
+            Some(Body::Ack(a)) => {
+                let vv = wire::vv_from_proto(a.version_vector)?;
+                let acked = vv.get(&self.settings.name);
+                if let Conn::Connected { hub_acked_own, .. } = &mut self.conn {
+                    *hub_acked_own = (*hub_acked_own).max(acked.min(self.seq));
+                    self.stats.own_acked = *hub_acked_own;
+                }
+                Ok(Control::Continue)
+            }
+            Some(Body::Error(e)) => {
+                self.events.push_back(Event::HubError { code: e.code.clone(), message: e.message.clone() });
+                Ok(Control::Reconnect(format!("hub rejected input ({}): {}", e.code, e.message)))
+            }
+            Some(Body::Ops(batch)) => self.handle_remote_ops(now, batch),
+        }
+    }
+
+    fn handle_remote_ops(&mut self, now: Ntp64, batch: pb::OpBatch) -> Result<Control> {
+        if batch.ops.len() > syncmesh_proto::MAX_BATCH_OPS {
+            return Ok(Control::Reconnect(format!(
+                "hub sent {} ops in one batch, above the limit of {}",
+                batch.ops.len(),
+                syncmesh_proto::MAX_BATCH_OPS
+            )));
+        }
+        let mut ov = Overlay { rows: HashMap::new(), batch: WriteBatch::default() };
+        let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut control = Control::Continue;
+        for raw in batch.ops {
+            let op = match wire::op_from_proto(raw) {
+                Ok(op) => op,
+                Err(e) => {
+                    control = Control::Reconnect(format!("malformed op from the hub: {e}"));
+                    break;
+                }
+            };
+            let have = changed_vv.get(&op.id.origin).copied().unwrap_or(self.vv.get(&op.id.origin));
+            if op.id.seq <= have {
+                continue; // duplicate: already merged
+            }
+            if op.id.seq != have + 1 {
+                control = Control::Reconnect(format!(
+                    "hub sent op {} but this node holds {} only up to seq {have}: gap in the stream",
+                    op.id, op.id.origin
+                ));
+                break;
+            }
+            if op.id.origin == self.settings.name {
+                control = Control::Reconnect(format!(
+                    "hub sent op {} which this node never made: its log is ahead of this node's (was data_dir reset?)",
+                    op.id
+                ));
+                break;
+            }
+            if let Err(e) = self.clock.observe(&op.id, op.hlc, now) {
+                self.warn(format!("{e}; the op is merged, this clock is not advanced to it"));
+            }
+            changed_vv.insert(op.id.origin.clone(), op.id.seq);
+            self.stats.remote_ops += 1;
+            let Some(info) = self.tables.get(&op.table).cloned() else {
+                self.warn(format!(
+                    "op {} is for table {} which this node does not sync; skipped: add the table to this node's config",
+                    op.id, op.table
+                ));
+                continue;
+            };
+            if op.key.len() != info.schema.key.len() {
+                self.warn(format!(
+                    "op {} for table {} has {} key values but the table key has {} columns; skipped: make the table keys match on every node",
+                    op.id,
+                    op.table,
+                    op.key.len(),
+                    info.schema.key.len()
+                ));
+                continue;
+            }
+            let rk = row_key(P_ROW, &op.table, &op.key)?;
+            let mut row = self.load_row(&mut ov, &rk)?;
+            let before = row.visible(&info.rules);
+            row.apply(&op);
+            if row.visible(&info.rules) != before && self.settings.mode != Mode::Publish {
+                self.mark_dirty(&mut ov, &op.table, &op.key)?;
+            }
+            ov.rows.insert(rk, row);
+        }
+        for (origin, seq) in &changed_vv {
+            let mut vk = P_VV.to_vec();
+            vk.extend_from_slice(origin.as_str().as_bytes());
+            ov.batch.put(vk, seq.to_be_bytes().to_vec());
+            self.vv.set(origin.clone(), *seq);
+        }
+        self.commit(ov)?;
+        // Durable now: acknowledge.
+        self.outbox.push_back(pb::NodeMessage {
+            body: Some(pb::node_message::Body::Ack(pb::Ack {
+                version_vector: Some(wire::vv_to_proto(&self.vv)),
+            })),
+        });
+        Ok(control)
+    }
+
+    /// The next message for the hub, if any.
+    pub fn poll_transmit(&mut self) -> Result<Option<pb::NodeMessage>> {
+        if let Some(m) = self.outbox.pop_front() {
+            return Ok(Some(m));
+        }
+        if self.settings.mode == Mode::Subscribe {
+            return Ok(None);
+        }
+        let Conn::Connected { hub_acked_own, sent_own } = self.conn else { return Ok(None) };
+        let batch = self.settings.batch_size.max(1) as u64;
+        if sent_own >= self.seq || sent_own.saturating_sub(hub_acked_own) >= batch * MAX_INFLIGHT_BATCHES
+        {
+            return Ok(None);
+        }
+        let ops = self.own_ops(sent_own + 1, batch as usize)?;
+        let mut out = Vec::with_capacity(ops.len());
+        let mut bytes = 0usize;
+        let mut last = sent_own;
+        for op in &ops {
+            let p = wire::op_to_proto(op);
+            bytes += prost::Message::encoded_len(&p);
+            if bytes > MAX_BATCH_BYTES && !out.is_empty() {
+                break;
+            }
+            last = op.id.seq;
+            out.push(p);
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        if let Conn::Connected { sent_own, .. } = &mut self.conn {
+            *sent_own = last;
+        }
+        Ok(Some(pb::NodeMessage { body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops: out })) }))
+    }
+
+    /// Up to `limit` rows whose visible state must be written to the database.
+    pub fn poll_apply(&mut self, limit: usize) -> Result<Vec<PendingApply>> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.range(P_DIRTY, &prefix_end(P_DIRTY), limit)? {
+            let (table, key) = split_row_key(&k, P_DIRTY.len())?;
+            let generation = u64::from_be_bytes(v.try_into().unwrap_or([0; 8]));
+            let Some(info) = self.tables.get(&table) else { continue };
+            let state = self.row_state(&table, &key)?;
+            let row = state.visible(&info.rules).map(|mut r| {
+                for (col, val) in info.schema.key.iter().zip(&key) {
+                    r.insert(col.clone(), val.clone());
+                }
+                r
+            });
+            out.push(PendingApply { write: RowWrite { table, key, row }, token: (k, generation) });
+        }
+        Ok(out)
+    }
+
+    /// The shell wrote `done` in one transaction that committed with the
+    /// change table at `watermark` (its highest id so far).
+    pub fn handle_applied(&mut self, done: &[PendingApply], watermark: i64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for p in done {
+            let (dk, generation) = &p.token;
+            if let Some(cur) = self.store.get(dk)? {
+                if cur.as_slice() == generation.to_be_bytes() {
+                    batch.remove(dk.clone());
+                    self.dirty_count = self.dirty_count.saturating_sub(1);
+                }
+            }
+            let rk = row_key(P_ROW, &p.write.table, &p.write.key)?;
+            self.applied_marks.insert(rk, watermark);
+        }
+        // Not flushed on purpose: losing this only re-applies rows (idempotent).
+        self.store.write(batch)
+    }
+}
+
+type Fields = Option<Vec<(String, Value)>>;
+
+/// Splits one captured change into per-key ops: `(key, fields or None for a
+/// delete, the row the database holds afterwards)`.
+fn split_change(
+    info: &TableInfo,
+    ch: &CapturedChange,
+) -> Result<Vec<(Vec<Value>, Fields, Option<VisibleRow>)>> {
+    let schema = &info.schema;
+    let missing = |what: &str| Error::Schema {
+        table: schema.name.clone(),
+        message: format!(
+            "captured change {} has no {what} row or lacks a key column; re-run `syncmesh check` to reinstall the capture triggers",
+            ch.change_id
+        ),
+    };
+    let full = |row: &VisibleRow| -> Vec<(String, Value)> {
+        schema
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), row.get(&c.name).cloned().unwrap_or(Value::Null)))
+            .collect()
+    };
+    Ok(match ch.kind {
+        ChangeKind::Insert => {
+            let new = ch.new.as_ref().ok_or_else(|| missing("new"))?;
+            let key = schema.key_of(new).ok_or_else(|| missing("new"))?;
+            vec![(key, Some(full(new)), Some(new.clone()))]
+        }
+        ChangeKind::Delete => {
+            let old = ch.old.as_ref().ok_or_else(|| missing("old"))?;
+            let key = schema.key_of(old).ok_or_else(|| missing("old"))?;
+            vec![(key, None, None)]
+        }
+        ChangeKind::Update => {
+            let old = ch.old.as_ref().ok_or_else(|| missing("old"))?;
+            let new = ch.new.as_ref().ok_or_else(|| missing("new"))?;
+            let old_key = schema.key_of(old).ok_or_else(|| missing("old"))?;
+            let new_key = schema.key_of(new).ok_or_else(|| missing("new"))?;
+            if old_key != new_key {
+                vec![(old_key, None, None), (new_key, Some(full(new)), Some(new.clone()))]
+            } else {
+                let fields: Vec<(String, Value)> = if info.rules.granularity == Granularity::Row {
+                    full(new)
+                } else {
+                    full(new)
+                        .into_iter()
+                        .filter(|(c, v)| old.get(c).unwrap_or(&Value::Null) != v)
+                        .collect()
+                };
+                if fields.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![(new_key, Some(fields), Some(new.clone()))]
+                }
+            }
+        }
+    })
+}
+
+/// Compares a visible row with a database row column by column (absent = NULL).
+fn same_row(schema: &TableSchema, visible: Option<&VisibleRow>, db: Option<&VisibleRow>) -> bool {
+    match (visible, db) {
+        (None, None) => true,
+        (Some(v), Some(d)) => schema.columns.iter().all(|c| {
+            let is_key = schema.key.contains(&c.name);
+            is_key || v.get(&c.name).unwrap_or(&Value::Null) == d.get(&c.name).unwrap_or(&Value::Null)
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,25 @@
+//! The syncmesh node: the sidecar next to one database.
+//!
+//! Layout (sans-IO core, thin shell):
+//! - [`config`]: the YAML configuration shared by every process.
+//! - [`adapter`] and [`sqlite`]: database adapters; capture by triggers into
+//!   a change table, apply of visible rows in one transaction without echo.
+//! - [`store`]: the [`store::LogStore`] trait, its sled implementation and an
+//!   in-memory one (used by tests and the simulator, which can crash it).
+//! - [`wire`]: conversion between resolver types and protocol v1 messages,
+//!   with every limit checked on decode.
+//! - [`core`]: [`core::NodeCore`], the state machine. Input goes in through
+//!   `handle_*`, output comes out through `poll_*`; time is an argument.
+//! - [`shell`]: the tokio/tonic driver that feeds the core from the database
+//!   and the hub stream.
+
+pub mod adapter;
+pub mod config;
+pub mod core;
+pub mod shell;
+pub mod error;
+pub mod sqlite;
+pub mod store;
+pub mod wire;
+
+pub use error::{Error, Result};

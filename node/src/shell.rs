@@ -1,0 +1,330 @@
+//! The tokio/tonic shell around [`NodeCore`]: one task owns the core and
+//! feeds it from the database (capture), from the hub stream, and from a
+//! control channel; it writes what the core asks for (rows to apply,
+//! messages to send). All decisions live in the core.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use syncmesh_proto::v1 as pb;
+use syncmesh_proto::v1::sync_client::SyncClient;
+use syncmesh_resolver::Ntp64;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use crate::config::{DatabaseKind, Mode, NodeConfig, SyncConfig, TableConfig};
+use crate::core::{Control, Event, NodeCore, NodeSettings, NodeStats, TableInfo};
+use crate::sqlite::SqliteAdapter;
+use crate::store::SledStore;
+use crate::{Error, Result};
+
+/// How often the change table is polled when idle.
+pub const CAPTURE_INTERVAL_MS: u64 = 50;
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// Commands to a running node.
+#[derive(Debug)]
+enum ShellCmd {
+    SetOnline(bool),
+    Shutdown,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    name: String,
+    cmds: mpsc::Sender<ShellCmd>,
+    stats: watch::Receiver<NodeStats>,
+    join: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl NodeHandle {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The latest counters.
+    pub fn stats(&self) -> NodeStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Cuts the node off the hub (`false`) or lets it reconnect (`true`).
+    /// Capture goes on while it is offline.
+    pub async fn set_online(&self, online: bool) {
+        let _ = self.cmds.send(ShellCmd::SetOnline(online)).await;
+    }
+
+    /// Stops the node after the current step and waits for it.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.cmds.send(ShellCmd::Shutdown).await;
+        self.wait().await
+    }
+
+    /// Waits until the node stops (only on an error or shutdown).
+    pub async fn wait(&mut self) -> Result<()> {
+        let Some(join) = self.join.as_mut() else { return Ok(()) };
+        let res = join.await;
+        self.join = None;
+        match res {
+            Ok(r) => r,
+            Err(e) => Err(Error::Store { path: self.name.clone(), message: format!("node task failed: {e}") }),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Opens the database, checks the tables, installs capture, opens the log
+/// and starts the node. Errors here are configuration or environment
+/// problems and are returned before anything runs.
+pub async fn start_node(
+    cfg: &NodeConfig,
+    tables: &[TableConfig],
+    sync: &SyncConfig,
+    source: &str,
+) -> Result<NodeHandle> {
+    if cfg.database.kind != DatabaseKind::Sqlite {
+        return Err(Error::Config {
+            path: source.to_owned(),
+            message: format!(
+                "node {}: database type {:?} is not supported by this version yet; use type: sqlite",
+                cfg.name, cfg.database.kind
+            ),
+        });
+    }
+    let db = SqliteAdapter::open(cfg.database.url.expose(), false).await?;
+    let wanted: Vec<(String, Vec<String>)> =
+        tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+    let schemas = db.introspect(&wanted).await?;
+    let mut infos = Vec::new();
+    for (schema, t) in schemas.into_iter().zip(tables) {
+        infos.push(TableInfo { schema, rules: t.rules(source)? });
+    }
+    if cfg.mode != Mode::Subscribe {
+        let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
+        db.install_capture(&schemas).await?;
+    }
+    let store = SledStore::open(&cfg.data_dir)?;
+    let restart_mark = db.change_watermark().await?;
+    let settings = NodeSettings {
+        name: cfg.name.clone(),
+        mode: cfg.mode,
+        batch_size: sync.batch_size,
+        max_clock_drift_ms: sync.max_clock_drift_ms,
+    };
+    let core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let (stats_tx, stats_rx) = watch::channel(core.stats());
+    let shell = Shell {
+        core,
+        db,
+        schemas: infos.into_iter().map(|i| i.schema).collect(),
+        hub_url: cfg.hub.clone(),
+        batch_size: sync.batch_size,
+        capture: cfg.mode != Mode::Subscribe,
+        stats: stats_tx,
+    };
+    let join = tokio::spawn(shell.run(cmd_rx));
+    Ok(NodeHandle { name: cfg.name.to_string(), cmds: cmd_tx, stats: stats_rx, join: Some(join) })
+}
+
+struct Link {
+    tx: mpsc::Sender<pb::NodeMessage>,
+    inbound: Streaming<pb::HubMessage>,
+}
+
+type Connecting = tokio::task::JoinHandle<Result<Link>>;
+
+struct Shell {
+    core: NodeCore<SledStore>,
+    db: SqliteAdapter,
+    schemas: Vec<crate::adapter::TableSchema>,
+    hub_url: String,
+    batch_size: usize,
+    capture: bool,
+    stats: watch::Sender<NodeStats>,
+}
+
+async fn connect(url: String) -> Result<Link> {
+    let hub_err = |message: String| Error::Hub { url: url.clone(), message };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| hub_err(format!("invalid URL: {e}; use http://HOST:PORT")))?
+        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        hub_err(format!("cannot connect ({e}); is the hub running? changes stay queued and are sent on reconnect"))
+    })?;
+    let mut client = SyncClient::new(channel)
+        .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(8);
+    let resp = tokio::time::timeout(
+        Duration::from_millis(CONNECT_TIMEOUT_MS),
+        client.sync(ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| hub_err("the hub did not answer the sync stream in time".into()))?
+    .map_err(|s| hub_err(format!("sync stream refused: {}", s.message())))?;
+    Ok(Link { tx, inbound: resp.into_inner() })
+}
+
+async fn next_msg(link: &mut Option<Link>) -> std::result::Result<Option<pb::HubMessage>, tonic::Status> {
+    match link {
+        Some(l) => l.inbound.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connected(c: &mut Option<Connecting>) -> Result<Link> {
+    match c {
+        Some(h) => match h.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Hub { url: String::new(), message: format!("connect task failed: {e}") }),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+impl Shell {
+    async fn run(mut self, mut cmds: mpsc::Receiver<ShellCmd>) -> Result<()> {
+        let mut link: Option<Link> = None;
+        let mut connecting: Option<Connecting> = None;
+        let mut online = true;
+        let mut tick = tokio::time::interval(Duration::from_millis(CAPTURE_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms()) {
+                connecting = Some(tokio::spawn(connect(self.hub_url.clone())));
+            }
+            if let Some(l) = &link {
+                if !self.pump(l)? {
+                    link = None;
+                    self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                }
+            }
+            self.log_events();
+            let _ = self.stats.send(self.core.stats());
+            tokio::select! {
+                _ = tick.tick() => {
+                    if self.capture {
+                        self.capture_all().await?;
+                    }
+                    self.apply_all().await?;
+                }
+                res = connected(&mut connecting) => {
+                    connecting = None;
+                    match res {
+                        Ok(l) => {
+                            failures = 0;
+                            self.core.handle_connected(now_ms());
+                            link = Some(l);
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures == 1 || failures % 20 == 0 {
+                                tracing::warn!(node = %self.core.name(), attempts = failures, "{e}");
+                            }
+                            self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                        }
+                    }
+                }
+                msg = next_msg(&mut link) => {
+                    let ctl = match msg {
+                        Ok(Some(m)) => {
+                            let now = Ntp64::from_unix_millis(now_ms());
+                            self.core.handle_message(now, m)?
+                        }
+                        Ok(None) => Control::Reconnect("the hub closed the stream".into()),
+                        Err(s) => Control::Reconnect(format!("stream error: {}", s.message())),
+                    };
+                    if let Control::Reconnect(reason) = ctl {
+                        tracing::warn!(node = %self.core.name(), hub = %self.hub_url, "disconnected: {reason}; reconnecting with backoff");
+                        link = None;
+                        self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                    }
+                    self.apply_all().await?;
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(ShellCmd::SetOnline(on)) => {
+                        online = on;
+                        if !on {
+                            link = None;
+                            if let Some(c) = connecting.take() { c.abort(); }
+                            self.core.handle_disconnected(now_ms(), 0);
+                            tracing::info!(node = %self.core.name(), "taken offline");
+                        }
+                    }
+                    Some(ShellCmd::Shutdown) | None => break,
+                },
+            }
+        }
+        self.db.close().await;
+        Ok(())
+    }
+
+    /// Sends what the core has while the stream has room; false if it closed.
+    fn pump(&mut self, link: &Link) -> Result<bool> {
+        loop {
+            let permit = match link.tx.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => return Ok(true),
+                Err(mpsc::error::TrySendError::Closed(())) => return Ok(false),
+            };
+            match self.core.poll_transmit()? {
+                Some(m) => permit.send(m),
+                None => return Ok(true),
+            }
+        }
+    }
+
+    async fn capture_all(&mut self) -> Result<()> {
+        loop {
+            let changes = self.db.read_changes(self.core.capture_checkpoint(), self.batch_size).await?;
+            if changes.is_empty() {
+                return Ok(());
+            }
+            let n = changes.len();
+            let cp = self.core.handle_captured(Ntp64::from_unix_millis(now_ms()), &changes)?;
+            // The ops are flushed: only now may the change rows go.
+            self.db.delete_changes_through(cp).await?;
+            if n < self.batch_size {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn apply_all(&mut self) -> Result<()> {
+        loop {
+            let pending = self.core.poll_apply(self.batch_size)?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let writes: Vec<_> = pending.iter().map(|p| p.write.clone()).collect();
+            let watermark = self.db.apply(&self.schemas, &writes).await?;
+            self.core.handle_applied(&pending, watermark)?;
+        }
+    }
+
+    fn log_events(&mut self) {
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::Connected { hub_has_own } => {
+                    tracing::info!(node = %self.core.name(), hub = %self.hub_url, hub_has_own, "connected to hub")
+                }
+                Event::Warning(w) => tracing::warn!(node = %self.core.name(), "{w}"),
+                Event::HubError { code, message } => {
+                    tracing::warn!(node = %self.core.name(), code, "hub error: {message}")
+                }
+            }
+        }
+    }
+}

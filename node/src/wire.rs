@@ -1,0 +1,232 @@
+//! Conversion between resolver types and protocol v1 messages.
+//!
+//! Decoding never trusts the peer: every name, list and id is checked
+//! against the limits in [`syncmesh_proto`] and turned into an
+//! [`Error::Protocol`] naming the offending op, never a panic.
+
+use std::collections::BTreeMap;
+
+use syncmesh_proto::v1 as pb;
+use syncmesh_proto::{MAX_FIELDS_PER_OP, MAX_KEY_VALUES, MAX_NAME_BYTES, MAX_PRED_IDS};
+use syncmesh_resolver::{FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Value, VersionVector};
+
+use crate::{Error, Result};
+
+fn bad(what: impl Into<String>) -> Error {
+    Error::Protocol(what.into())
+}
+
+/// Encodes a value.
+pub fn value_to_proto(v: &Value) -> pb::Value {
+    use pb::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::Null(true),
+        Value::Bool(b) => Kind::Boolean(*b),
+        Value::Int(i) => Kind::Int(*i),
+        Value::Float(f) => Kind::Float(*f),
+        Value::Decimal(d) => Kind::Decimal(d.clone()),
+        Value::Text(t) => Kind::Text(t.clone()),
+        Value::Bytes(b) => Kind::Bytes(b.clone()),
+        Value::Json(j) => Kind::Json(j.clone()),
+        Value::Timestamp(t) => Kind::TimestampMicros(*t),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+/// Decodes a value (a missing kind is an error, not a silent NULL).
+pub fn value_from_proto(v: pb::Value) -> Result<Value> {
+    use pb::value::Kind;
+    Ok(match v.kind.ok_or_else(|| bad("value without a kind"))? {
+        Kind::Null(_) => Value::Null,
+        Kind::Boolean(b) => Value::Bool(b),
+        Kind::Int(i) => Value::Int(i),
+        Kind::Float(f) => Value::Float(f),
+        Kind::Decimal(d) => Value::Decimal(d),
+        Kind::Text(t) => Value::Text(t),
+        Kind::Bytes(b) => Value::Bytes(b),
+        Kind::Json(j) => Value::Json(j),
+        Kind::TimestampMicros(t) => Value::Timestamp(t),
+    })
+}
+
+fn op_id_to_proto(id: &OpId) -> pb::OpId {
+    pb::OpId { origin: id.origin.as_str().to_owned(), seq: id.seq }
+}
+
+fn op_id_from_proto(id: pb::OpId) -> Result<OpId> {
+    let origin = NodeId::new(id.origin).map_err(|e| bad(e.to_string()))?;
+    if id.seq == 0 {
+        return Err(bad(format!("op id {origin}#0: sequence numbers start at 1")));
+    }
+    Ok(OpId::new(origin, id.seq))
+}
+
+fn ids_from_proto(ids: Vec<pb::OpId>, at: &OpId) -> Result<Vec<OpId>> {
+    if ids.len() > MAX_PRED_IDS {
+        return Err(bad(format!(
+            "op {at}: {} predecessor ids exceed the limit of {MAX_PRED_IDS}",
+            ids.len()
+        )));
+    }
+    ids.into_iter().map(op_id_from_proto).collect()
+}
+
+fn check_name(kind: &str, name: &str, at: &OpId) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES || name.contains('\0') {
+        return Err(bad(format!(
+            "op {at}: {kind} name of {} bytes is empty, longer than {MAX_NAME_BYTES} bytes or contains NUL",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes an op.
+pub fn op_to_proto(op: &Op) -> pb::Op {
+    pb::Op {
+        id: Some(op_id_to_proto(&op.id)),
+        hlc: Some(pb::Hlc { time: op.hlc.time, id: op.hlc.id_bytes() }),
+        table: op.table.clone(),
+        key: op.key.iter().map(value_to_proto).collect(),
+        kind: match op.kind {
+            OpKind::Upsert => pb::OpKind::Upsert as i32,
+            OpKind::Delete => pb::OpKind::Delete as i32,
+        },
+        fields: op
+            .fields
+            .iter()
+            .map(|f| pb::FieldWrite {
+                name: f.name.clone(),
+                value: Some(value_to_proto(&f.value)),
+                pred: f.pred.iter().map(op_id_to_proto).collect(),
+                delta: f.delta.as_ref().map(value_to_proto),
+            })
+            .collect(),
+        row_pred: op.row_pred.iter().map(op_id_to_proto).collect(),
+    }
+}
+
+/// Decodes and validates an op from a peer.
+pub fn op_from_proto(op: pb::Op) -> Result<Op> {
+    let id = op_id_from_proto(op.id.ok_or_else(|| bad("op without an id"))?)?;
+    let hlc = op.hlc.ok_or_else(|| bad(format!("op {id}: missing HLC")))?;
+    let hlc_id = Hlc::id_from_bytes(&hlc.id)
+        .ok_or_else(|| bad(format!("op {id}: HLC id must be 1-16 bytes and not zero")))?;
+    if hlc_id != id.origin.hlc_id() {
+        return Err(bad(format!("op {id}: HLC id does not belong to origin {}", id.origin)));
+    }
+    check_name("table", &op.table, &id)?;
+    if op.key.is_empty() || op.key.len() > MAX_KEY_VALUES {
+        return Err(bad(format!(
+            "op {id}: key has {} values; 1 to {MAX_KEY_VALUES} are allowed",
+            op.key.len()
+        )));
+    }
+    if op.fields.len() > MAX_FIELDS_PER_OP {
+        return Err(bad(format!(
+            "op {id}: {} fields exceed the limit of {MAX_FIELDS_PER_OP}",
+            op.fields.len()
+        )));
+    }
+    let kind = match pb::OpKind::try_from(op.kind) {
+        Ok(pb::OpKind::Upsert) => OpKind::Upsert,
+        Ok(pb::OpKind::Delete) => OpKind::Delete,
+        _ => return Err(bad(format!("op {id}: unknown op kind {}", op.kind))),
+    };
+    let key = op.key.into_iter().map(value_from_proto).collect::<Result<Vec<_>>>()?;
+    let mut fields = Vec::with_capacity(op.fields.len());
+    for f in op.fields {
+        check_name("field", &f.name, &id)?;
+        let value = value_from_proto(
+            f.value.ok_or_else(|| bad(format!("op {id}: field {} has no value", f.name)))?,
+        )?;
+        fields.push(FieldWrite {
+            pred: ids_from_proto(f.pred, &id)?,
+            delta: f.delta.map(value_from_proto).transpose()?,
+            name: f.name,
+            value,
+        });
+    }
+    if kind == OpKind::Delete && !fields.is_empty() {
+        return Err(bad(format!("op {id}: a delete carries no fields")));
+    }
+    Ok(Op {
+        row_pred: ids_from_proto(op.row_pred, &id)?,
+        hlc: Hlc { time: hlc.time, id: hlc_id },
+        id,
+        table: op.table,
+        key,
+        kind,
+        fields,
+    })
+}
+
+/// Encodes a version vector.
+pub fn vv_to_proto(vv: &VersionVector) -> pb::VersionVector {
+    pb::VersionVector {
+        entries: vv.0.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect(),
+    }
+}
+
+/// Decodes a version vector (an absent one is empty).
+pub fn vv_from_proto(vv: Option<pb::VersionVector>) -> Result<VersionVector> {
+    let mut out = BTreeMap::new();
+    for (k, v) in vv.map(|v| v.entries).unwrap_or_default() {
+        out.insert(NodeId::new(k).map_err(|e| bad(e.to_string()))?, v);
+    }
+    Ok(VersionVector(out))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use syncmesh_resolver::{HlcClock, Ntp64};
+
+    fn sample() -> Op {
+        let a = NodeId::new("edge-a").unwrap();
+        let hlc = HlcClock::new(&a, 500).tick(Ntp64::from_unix_millis(5));
+        let mut op = Op::upsert(
+            OpId::new(a.clone(), 3),
+            hlc,
+            "orders",
+            vec![Value::Int(1), Value::Text("k".into())],
+            vec![FieldWrite {
+                name: "qty".into(),
+                value: Value::Float(0.1),
+                pred: vec![OpId::new(a.clone(), 2)],
+                delta: Some(Value::Int(4)),
+            }],
+        );
+        op.row_pred = vec![OpId::new(a, 1)];
+        op
+    }
+
+    #[test]
+    fn op_round_trips() {
+        let op = sample();
+        assert_eq!(op_from_proto(op_to_proto(&op)).unwrap(), op);
+    }
+
+    #[test]
+    fn hostile_ops_are_rejected_with_a_message() {
+        let mut p = op_to_proto(&sample());
+        p.kind = 77;
+        assert!(op_from_proto(p).unwrap_err().to_string().contains("unknown op kind 77"));
+        let mut p = op_to_proto(&sample());
+        p.hlc.as_mut().unwrap().id = vec![1, 2, 3];
+        assert!(op_from_proto(p).unwrap_err().to_string().contains("does not belong"));
+        let mut p = op_to_proto(&sample());
+        p.table = "x".repeat(MAX_NAME_BYTES + 1);
+        assert!(op_from_proto(p).is_err());
+        let mut p = op_to_proto(&sample());
+        p.fields[0].pred = vec![pb::OpId { origin: "a".into(), seq: 1 }; MAX_PRED_IDS + 1];
+        assert!(op_from_proto(p).unwrap_err().to_string().contains("limit"));
+        let mut p = op_to_proto(&sample());
+        p.key.clear();
+        assert!(op_from_proto(p).is_err());
+        let mut p = op_to_proto(&sample());
+        p.fields[0].value = None;
+        assert!(op_from_proto(p).unwrap_err().to_string().contains("has no value"));
+    }
+}
