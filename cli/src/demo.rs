@@ -42,7 +42,9 @@ pub fn write_config(dir: &Path, port: u16, batch_size: usize) -> Result<PathBuf>
 
 /// A running in-process mesh: hub, nodes, and a user connection per database.
 pub struct Mesh {
-    pub hub: syncmesh_hub::server::HubHandle,
+    pub hub: Option<syncmesh_hub::server::HubHandle>,
+    pub hub_url: String,
+    pub cfg: Config,
     pub nodes: Vec<NodeHandle>,
     pub dbs: Vec<(String, SqliteAdapter)>,
     pub schemas: Vec<TableSchema>,
@@ -73,7 +75,23 @@ impl Mesh {
             dbs.push((n.to_owned(), SqliteAdapter::open(node_cfg.database.url.expose(), false).await?));
         }
         let schemas = dbs[0].1.introspect(&[("orders".into(), vec!["id".into()])]).await?;
-        Ok(Mesh { hub, nodes, dbs, schemas })
+        Ok(Mesh { hub_url: hub.url(), hub: Some(hub), cfg, nodes, dbs, schemas })
+    }
+
+    /// Stops the hub (nodes keep capturing and retry the connection).
+    pub async fn stop_hub(&mut self) -> Result<()> {
+        if let Some(h) = self.hub.take() {
+            h.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the hub again on the same address and data directory.
+    pub async fn start_hub(&mut self) -> Result<()> {
+        if self.hub.is_none() {
+            self.hub = Some(mesh::start_hub_from(&self.cfg, self.cfg.hub()?).await?);
+        }
+        Ok(())
     }
 
     pub async fn exec(&self, node: usize, sql: &str) -> Result<()> {
@@ -86,7 +104,7 @@ impl Mesh {
 
     pub async fn wait_converged(&self) -> Result<Duration> {
         let nodes: Vec<&NodeHandle> = self.nodes.iter().collect();
-        mesh::wait_converged(&self.hub.url(), &self.dbs, &nodes, &self.schemas, CONVERGE_TIMEOUT).await
+        mesh::wait_converged(&self.hub_url, &self.dbs, &nodes, &self.schemas, CONVERGE_TIMEOUT).await
     }
 
     pub async fn stop(self) -> Result<()> {
@@ -96,7 +114,9 @@ impl Mesh {
         for (_, db) in &self.dbs {
             db.close().await;
         }
-        self.hub.shutdown().await?;
+        if let Some(h) = self.hub {
+            h.shutdown().await?;
+        }
         Ok(())
     }
 }
@@ -135,7 +155,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     };
     println!("syncmesh demo: a hub and 3 SQLite edge databases on 127.0.0.1 (work dir {})", dir.display());
     let mesh = Mesh::start(&dir, 1000).await?;
-    println!("hub listening on {}; nodes {}", mesh.hub.url(), NODES.join(", "));
+    println!("hub listening on {}; nodes {}", mesh.hub_url, NODES.join(", "));
 
     println!("\n1. each edge inserts its own orders");
     for (i, base) in [0, 10, 20].into_iter().enumerate() {
@@ -169,7 +189,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     mesh.exec(2, "UPDATE orders SET status = 'cancelled' WHERE id = 21").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!("   status while partitioned:");
-    mesh::print_status(&mesh::hub_status(&mesh.hub.url()).await?);
+    mesh::print_status(&mesh::hub_status(&mesh.hub_url).await?);
     println!("\n4. the partition heals");
     mesh.nodes[2].set_online(true).await;
     let t = mesh.wait_converged().await;
@@ -179,7 +199,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     }
     let converged = print_replicas(&mesh).await? && t.is_ok();
     println!();
-    mesh::print_status(&mesh::hub_status(&mesh.hub.url()).await?);
+    mesh::print_status(&mesh::hub_status(&mesh.hub_url).await?);
     println!("\nreplicas converged: {}", if converged { "yes" } else { "NO" });
     mesh.stop().await?;
     Ok(converged)

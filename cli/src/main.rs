@@ -1,9 +1,6 @@
 //! `syncmesh`: the one user-facing binary (hub, node, check, status, demo, bench).
 
-mod bench;
-mod check;
-mod demo;
-mod mesh;
+use syncmesh::{bench, check, demo, mesh};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

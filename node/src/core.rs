@@ -17,7 +17,7 @@
 //! and flushes it *before* it returns, so an ack produced by it, or a capture
 //! checkpoint the shell acts on, only ever refers to flushed state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
@@ -193,8 +193,10 @@ fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
 }
 
 /// Rows read and written during one handle call, written as one batch.
+#[derive(Default)]
 struct Overlay {
     rows: HashMap<Vec<u8>, RowState>,
+    dirty: HashSet<Vec<u8>>,
     batch: WriteBatch,
 }
 
@@ -321,9 +323,10 @@ impl<S: LogStore> NodeCore<S> {
 
     fn mark_dirty(&mut self, ov: &mut Overlay, table: &str, key: &[Value]) -> Result<()> {
         let dk = row_key(P_DIRTY, table, key)?;
-        if self.store.get(&dk)?.is_none() {
+        if !ov.dirty.contains(&dk) && self.store.get(&dk)?.is_none() {
             self.dirty_count += 1;
         }
+        ov.dirty.insert(dk.clone());
         self.dirty_gen += 1;
         ov.batch.put(dk, self.dirty_gen.to_be_bytes().to_vec());
         Ok(())
@@ -344,7 +347,7 @@ impl<S: LogStore> NodeCore<S> {
     /// Returns the checkpoint: the shell may now delete change rows up to it.
     pub fn handle_captured(&mut self, now: Ntp64, changes: &[CapturedChange]) -> Result<i64> {
         let Some(last) = changes.last() else { return Ok(self.checkpoint) };
-        let mut ov = Overlay { rows: HashMap::new(), batch: WriteBatch::default() };
+        let mut ov = Overlay::default();
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
                 self.warn(format!(
@@ -497,7 +500,7 @@ impl<S: LogStore> NodeCore<S> {
                 syncmesh_proto::MAX_BATCH_OPS
             )));
         }
-        let mut ov = Overlay { rows: HashMap::new(), batch: WriteBatch::default() };
+        let mut ov = Overlay::default();
         let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut control = Control::Continue;
         for raw in batch.ops {

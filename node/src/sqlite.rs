@@ -12,7 +12,7 @@
 //!   and since SQLite admits one writer at a time, ids are assigned in commit
 //!   order, so a reader that remembers the highest id it consumed never misses
 //!   a change.
-//! - `_syncmesh_zero_reals(change_id, side, col, val)`: see *Encoding* below.
+//! - `_syncmesh_reals(change_id, side, col, val)`: see *Encoding* below.
 //! - `_syncmesh_applying(flag)`: the echo-suppression flag. It is empty except
 //!   inside an apply transaction, which inserts a row first and deletes it
 //!   before `COMMIT`; other connections only ever see committed state, so
@@ -29,28 +29,34 @@
 //! `old_row` / `new_row` are JSON objects `{"column": [storage_class, value]}`
 //! built by the trigger with
 //! `json_array(typeof(c), CASE typeof(c) WHEN 'blob' THEN hex(c) WHEN 'real'
-//! THEN printf('%!.20g', c) ELSE c END)`:
+//! THEN printf('%!.17g', c) ELSE c END)`:
 //!
-//! | `typeof(c)` | JSON value                    | decoded as        |
-//! |-------------|-------------------------------|-------------------|
-//! | `null`      | `null`                        | `Value::Null`     |
-//! | `integer`   | JSON integer (exact, 64 bit)  | `Value::Int`      |
-//! | `real`      | string, up to 20 digits       | `Value::Float`    |
-//! | `text`      | JSON string                   | `Value::Text`     |
-//! | `blob`      | string of hex digits          | `Value::Bytes`    |
+//! | `typeof(c)` | JSON value                      | decoded as        |
+//! |-------------|---------------------------------|-------------------|
+//! | `null`      | `null`                          | `Value::Null`     |
+//! | `integer`   | JSON integer (exact, 64 bit)    | `Value::Int`      |
+//! | `real`      | string (approximate, see below) | `Value::Float`    |
+//! | `text`      | JSON string                     | `Value::Text`     |
+//! | `blob`      | string of hex digits            | `Value::Bytes`    |
 //!
-//! SQLite's own float-to-text conversion (and JSON's) keeps only 15–16
-//! digits; `printf('%!.20g')` prints every digit SQLite's decimal conversion
-//! computes (about 19, from a double-double product), which Rust's correctly
-//! rounding parser turns back into the identical `f64`. SQLite prints `-0.0`
-//! as `0.0` and offers no SQL function that reveals the sign of a zero, so
-//! for columns that can hold a REAL zero of either sign (BLOB affinity, i.e.
-//! no declared type or `BLOB`, and `ANY`) the trigger also copies real zeros
-//! into `_syncmesh_zero_reals`, whose `val` column has no affinity and keeps
-//! the value bit for bit; [`SqliteAdapter::read_changes`] patches them back.
-//! Columns with REAL, INTEGER or NUMERIC affinity cannot hold `-0.0`: SQLite
-//! stores a REAL that equals an integer as that integer, so `-0.0` is
-//! written as `0`.
+//! REAL values cannot be captured exactly as text: SQLite's float-to-decimal
+//! conversion (used by `printf`, `CAST`, `quote` and the JSON functions)
+//! works in double-double arithmetic and is off by one unit in the last
+//! place for some values far from 1 (`1e300` comes out as the neighbouring
+//! double `9.999999999999999e299`, whatever the precision asked for), it
+//! prints `-0.0` as `0.0`, and no SQL function exposes a REAL's bits. So
+//! the trigger also copies every REAL value of the row into
+//! `_syncmesh_reals`, whose `val` column has no declared type (BLOB
+//! affinity) and so stores the 8-byte double as-is;
+//! [`SqliteAdapter::read_changes`] replaces the text with it. The text in
+//! the JSON stays for people reading the table (and is the fallback, with a
+//! warning, if a side row was removed by hand). Columns with TEXT affinity
+//! never hold REALs and get no side rows.
+//!
+//! Columns with REAL, INTEGER or NUMERIC affinity cannot hold `-0.0` at all:
+//! SQLite stores a REAL that equals an integer as that integer, so `-0.0` is
+//! stored (and read back) as `0.0` (REAL affinity) or `0` (INTEGER and
+//! NUMERIC affinity). Only untyped / `BLOB` / STRICT `ANY` columns keep it.
 //!
 //! # Type mapping
 //!
@@ -109,15 +115,19 @@ use crate::{Error, Result};
 pub const CHANGES_TABLE: &str = "_syncmesh_changes";
 /// Name of the echo-suppression flag table.
 pub const APPLYING_TABLE: &str = "_syncmesh_applying";
-/// Name of the side table holding REAL zeros (whose sign text loses).
-pub const ZERO_REALS_TABLE: &str = "_syncmesh_zero_reals";
+/// Name of the side table holding the exact REAL values of captured rows.
+pub const REALS_TABLE: &str = "_syncmesh_reals";
 /// Prefix reserved for syncmesh's own tables and triggers.
 pub const RESERVED_PREFIX: &str = "_syncmesh_";
 
 /// How long a statement waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// The printf format that turns a REAL into text Rust parses back exactly.
-const REAL_FORMAT: &str = "%!.20g";
+/// The printf format of the (approximate, human-readable) REAL text in the
+/// JSON rows; the exact value is in [`REALS_TABLE`].
+const REAL_FORMAT: &str = "%!.17g";
+/// Columns per compound SELECT copying REALs into the side table (SQLite
+/// allows 500 terms).
+const REALS_CHUNK: usize = 400;
 /// Columns per `json_object(...)` call (SQLite allows 1000 arguments).
 const JSON_OBJECT_CHUNK: usize = 200;
 
@@ -231,8 +241,10 @@ impl SqliteAdapter {
                 &format!("does not exist ({list}); create it or fix `tables:` in the config"),
             ));
         };
-        let actual: String = get(&found, "name").map_err(|e| self.db_err("reading the schema", &e))?;
-        let kind: String = get(&found, "type").map_err(|e| self.db_err("reading the schema", &e))?;
+        let actual: String =
+            get(&found, "name").map_err(|e| self.db_err("reading the schema", &e))?;
+        let kind: String =
+            get(&found, "type").map_err(|e| self.db_err("reading the schema", &e))?;
         let sql: Option<String> =
             get(&found, "sql").map_err(|e| self.db_err("reading the schema", &e))?;
         if kind == "view" {
@@ -241,10 +253,11 @@ impl SqliteAdapter {
                 "is a view; capture needs a real table, sync the underlying table instead",
             ));
         }
-        if sql
-            .as_deref()
-            .is_some_and(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE VIRTUAL"))
-        {
+        if sql.as_deref().is_some_and(|s| {
+            s.trim_start()
+                .to_ascii_uppercase()
+                .starts_with("CREATE VIRTUAL")
+        }) {
             return Err(schema_err(
                 name,
                 "is a virtual table, which cannot have triggers; sync a regular table instead",
@@ -278,7 +291,10 @@ impl SqliteAdapter {
             });
         }
         if columns.is_empty() {
-            return Err(schema_err(name, "has no columns; check the table definition"));
+            return Err(schema_err(
+                name,
+                "has no columns; check the table definition",
+            ));
         }
         pk.sort();
         let pk: Vec<String> = pk.into_iter().map(|(_, c)| c).collect();
@@ -381,7 +397,7 @@ impl SqliteAdapter {
     }
 
     /// Idempotently installs the capture machinery (see the module docs):
-    /// the change table, the zero-reals side table, the flag table and the
+    /// the change table, the REALs side table, the flag table and the
     /// triggers of every given table, all in one transaction. Triggers are
     /// always dropped and recreated, so a changed schema is picked up and
     /// tables no longer given stop being captured.
@@ -423,7 +439,7 @@ impl SqliteAdapter {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // One read transaction, so the zero-reals rows match the change rows.
+        // One read transaction, so the REAL side rows match the change rows.
         let mut tx = self
             .pool
             .begin()
@@ -443,8 +459,8 @@ impl SqliteAdapter {
             changes.push(self.decode_change(row)?);
         }
         if let Some(last) = changes.last() {
-            let zeros = sqlx::query(
-                "SELECT change_id, side, col, val FROM \"_syncmesh_zero_reals\" \
+            let reals = sqlx::query(
+                "SELECT change_id, side, col, val FROM \"_syncmesh_reals\" \
                  WHERE change_id > ?1 AND change_id <= ?2",
             )
             .bind(after_id)
@@ -456,8 +472,23 @@ impl SqliteAdapter {
             for (i, c) in changes.iter().enumerate() {
                 by_id.insert(c.change_id, i);
             }
-            for z in &zeros {
-                self.patch_zero(z, &by_id, &mut changes)?;
+            let mut patched = 0usize;
+            for r in &reals {
+                patched += usize::from(self.patch_real(r, &by_id, &mut changes)?);
+            }
+            let in_json = changes
+                .iter()
+                .flat_map(|c| c.old.iter().chain(c.new.iter()))
+                .flat_map(|row| row.values())
+                .filter(|v| matches!(v, Value::Float(_)))
+                .count();
+            if patched < in_json {
+                tracing::warn!(
+                    database = %self.url,
+                    missing = in_json - patched,
+                    "{REALS_TABLE} lacks rows for captured REAL values; using their text, \
+                     which may differ in the last digit"
+                );
             }
         }
         let _ = tx.rollback().await;
@@ -509,15 +540,17 @@ impl SqliteAdapter {
         })
     }
 
-    fn patch_zero(
+    /// Puts the exact value of one side row into its change; true if it
+    /// replaced a captured REAL.
+    fn patch_real(
         &self,
         z: &SqliteRow,
         by_id: &HashMap<i64, usize>,
         changes: &mut [CapturedChange],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let bad = |msg: String| Error::Database {
             database: self.url.clone(),
-            message: format!("{ZERO_REALS_TABLE}: {msg}; reinstall capture"),
+            message: format!("{REALS_TABLE}: {msg}; delete the row or reinstall capture"),
         };
         let change_id: i64 = get(z, "change_id").map_err(|e| bad(e.to_string()))?;
         let side: String = get(z, "side").map_err(|e| bad(e.to_string()))?;
@@ -527,19 +560,20 @@ impl SqliteAdapter {
             return Err(bad(format!("change {change_id} column {col}: not a REAL")));
         };
         let Some(change) = by_id.get(&change_id).and_then(|&i| changes.get_mut(i)) else {
-            return Ok(());
+            return Ok(false);
         };
         let row = match side.as_str() {
             "old" => change.old.as_mut(),
             "new" => change.new.as_mut(),
             _ => return Err(bad(format!("change {change_id}: unknown side {side:?}"))),
         };
-        if let Some(slot) = row.and_then(|r| r.get_mut(&col)) {
-            if matches!(slot, Value::Float(_)) {
+        match row.and_then(|r| r.get_mut(&col)) {
+            Some(slot @ Value::Float(_)) => {
                 *slot = Value::Float(x);
+                Ok(true)
             }
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     /// Deletes change rows with `id <= through_id` (call only after the ops
@@ -551,7 +585,7 @@ impl SqliteAdapter {
             .await
             .map_err(|e| self.db_err("deleting consumed changes", &e))?;
         let result = async {
-            sqlx::query("DELETE FROM \"_syncmesh_zero_reals\" WHERE change_id <= ?1")
+            sqlx::query("DELETE FROM \"_syncmesh_reals\" WHERE change_id <= ?1")
                 .bind(through_id)
                 .execute(&mut *tx)
                 .await?;
@@ -697,9 +731,17 @@ impl SqliteAdapter {
     /// All rows of a table ordered by its key, as maps of every column.
     pub async fn dump_table(&self, schema: &TableSchema) -> Result<Vec<BTreeMap<String, Value>>> {
         check_schema_names(schema)?;
-        let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let cols: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
         let order: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
-        let mut sql = format!("SELECT {} FROM {}", cols.join(", "), quote_ident(&schema.name));
+        let mut sql = format!(
+            "SELECT {} FROM {}",
+            cols.join(", "),
+            quote_ident(&schema.name)
+        );
         if !order.is_empty() {
             sql.push_str(" ORDER BY ");
             sql.push_str(&order.join(", "));
@@ -739,7 +781,7 @@ async fn install_in(conn: &mut SqliteConnection, schemas: &[TableSchema]) -> sql
     .await?;
     // `val` has no declared type: BLOB affinity, stores a REAL bit for bit.
     sqlx::query(
-        "CREATE TABLE IF NOT EXISTS \"_syncmesh_zero_reals\" (\
+        "CREATE TABLE IF NOT EXISTS \"_syncmesh_reals\" (\
            change_id INTEGER NOT NULL, \
            side TEXT NOT NULL, \
            col TEXT NOT NULL, \
@@ -765,9 +807,12 @@ async fn install_in(conn: &mut SqliteConnection, schemas: &[TableSchema]) -> sql
     .fetch_all(&mut *conn)
     .await?;
     for name in ours {
-        sqlx::query(AssertSqlSafe(format!("DROP TRIGGER IF EXISTS {}", quote_ident(&name))))
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote_ident(&name)
+        )))
+        .execute(&mut *conn)
+        .await?;
     }
     for schema in schemas {
         for sql in trigger_sql(schema) {
@@ -817,11 +862,10 @@ async fn watermark_in(conn: &mut SqliteConnection) -> sqlx::Result<i64> {
     if has_sequence == 0 {
         return Ok(0);
     }
-    let seq: Option<i64> = sqlx::query_scalar(
-        "SELECT seq FROM sqlite_sequence WHERE name = '_syncmesh_changes'",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = '_syncmesh_changes'")
+            .fetch_optional(&mut *conn)
+            .await?;
     Ok(seq.unwrap_or(0))
 }
 
@@ -860,7 +904,10 @@ fn schema_err(table: &str, message: &str) -> Error {
 /// and those with control characters (NUL ends an SQL string).
 fn check_name(table: &str, name: &str, what: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(schema_err(table, &format!("has an empty {what} name, which syncmesh does not support")));
+        return Err(schema_err(
+            table,
+            &format!("has an empty {what} name, which syncmesh does not support"),
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(schema_err(
@@ -880,7 +927,10 @@ fn check_schema_names(schema: &TableSchema) -> Result<()> {
         check_name(&schema.name, &c.name, "column")?;
     }
     if schema.columns.is_empty() {
-        return Err(schema_err(&schema.name, "has no columns; introspect it first"));
+        return Err(schema_err(
+            &schema.name,
+            "has no columns; introspect it first",
+        ));
     }
     for k in &schema.key {
         if !schema.columns.iter().any(|c| &c.name == k) {
@@ -910,22 +960,17 @@ fn find_column<'a>(columns: &'a [ColumnInfo], name: &str) -> Option<&'a ColumnIn
 /// case-insensitive).
 fn same_set(a: &[String], b: &[String]) -> bool {
     a.len() == b.len()
-        && a.iter().all(|x| b.iter().any(|y| x.eq_ignore_ascii_case(y)))
-        && b.iter().all(|y| a.iter().any(|x| x.eq_ignore_ascii_case(y)))
+        && a.iter()
+            .all(|x| b.iter().any(|y| x.eq_ignore_ascii_case(y)))
+        && b.iter()
+            .all(|y| a.iter().any(|x| x.eq_ignore_ascii_case(y)))
 }
 
-/// True if the column's affinity (SQLite's rules, section 3.1 of "Datatypes
-/// in SQLite") keeps a REAL as-is, so a `-0.0` can be stored in it.
-fn may_hold_negative_zero(decl_type: &str) -> bool {
+/// False only for TEXT affinity (SQLite's rules, section 3.1 of "Datatypes
+/// in SQLite"), which turns every REAL into text.
+fn may_hold_real(decl_type: &str) -> bool {
     let t = decl_type.to_ascii_uppercase();
-    if t.trim() == "ANY" {
-        // ANY in a STRICT table keeps values as-is.
-        return true;
-    }
-    if t.contains("INT") || t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
-        return false;
-    }
-    t.trim().is_empty() || t.contains("BLOB")
+    t.contains("INT") || !(t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT"))
 }
 
 /// `json_array(typeof(x), ...)`: one column as a tagged pair.
@@ -945,7 +990,13 @@ fn encode_row(alias: &str, columns: &[ColumnInfo]) -> String {
     for chunk in columns.chunks(JSON_OBJECT_CHUNK) {
         let args: Vec<String> = chunk
             .iter()
-            .map(|c| format!("{}, {}", quote_literal(&c.name), encode_column(alias, &c.name)))
+            .map(|c| {
+                format!(
+                    "{}, {}",
+                    quote_literal(&c.name),
+                    encode_column(alias, &c.name)
+                )
+            })
             .collect();
         let obj = format!("json_object({})", args.join(", "));
         expr = Some(match expr {
@@ -956,17 +1007,31 @@ fn encode_row(alias: &str, columns: &[ColumnInfo]) -> String {
     expr.unwrap_or_else(|| "json_object()".to_string())
 }
 
-/// Trigger statements copying REAL zeros (which text loses the sign of)
-/// into the side table.
-fn zero_statements(alias: &str, side: &str, columns: &[ColumnInfo]) -> String {
+/// Trigger statements copying the row's REAL values (bit for bit) into the
+/// side table. The change row was just inserted by the same trigger, in the
+/// same write transaction, so it has the highest id.
+fn real_statements(alias: &str, side: &str, columns: &[ColumnInfo]) -> String {
+    let candidates: Vec<&ColumnInfo> = columns
+        .iter()
+        .filter(|c| may_hold_real(&c.decl_type))
+        .collect();
     let mut out = String::new();
-    for c in columns.iter().filter(|c| may_hold_negative_zero(&c.decl_type)) {
-        let v = format!("{alias}.{}", quote_ident(&c.name));
+    for chunk in candidates.chunks(REALS_CHUNK) {
+        let selects: Vec<String> = chunk
+            .iter()
+            .map(|c| {
+                format!(
+                    "SELECT {} AS col, {alias}.{} AS val",
+                    quote_literal(&c.name),
+                    quote_ident(&c.name)
+                )
+            })
+            .collect();
         out.push_str(&format!(
-            " INSERT INTO \"_syncmesh_zero_reals\" (change_id, side, col, val) \
-             SELECT (SELECT max(id) FROM \"_syncmesh_changes\"), '{side}', {}, {v} \
-             WHERE typeof({v}) = 'real' AND {v} = 0.0;",
-            quote_literal(&c.name)
+            " INSERT INTO \"_syncmesh_reals\" (change_id, side, col, val) \
+             SELECT (SELECT max(id) FROM \"_syncmesh_changes\"), '{side}', col, val \
+             FROM ({}) WHERE typeof(val) = 'real';",
+            selects.join(" UNION ALL ")
         ));
     }
     out
@@ -986,28 +1051,32 @@ fn trigger_sql(schema: &TableSchema) -> Vec<String> {
              INSERT INTO \"_syncmesh_changes\" (tbl, op, old_row, new_row) \
              VALUES ({tbl}, 'INSERT', NULL, {new_row});{} END",
             trigger("ins"),
-            zero_statements("NEW", "new", &schema.columns),
+            real_statements("NEW", "new", &schema.columns),
         ),
         format!(
             "CREATE TRIGGER {} AFTER UPDATE ON {table} FOR EACH ROW {guard} BEGIN \
              INSERT INTO \"_syncmesh_changes\" (tbl, op, old_row, new_row) \
              VALUES ({tbl}, 'UPDATE', {old_row}, {new_row});{}{} END",
             trigger("upd"),
-            zero_statements("OLD", "old", &schema.columns),
-            zero_statements("NEW", "new", &schema.columns),
+            real_statements("OLD", "old", &schema.columns),
+            real_statements("NEW", "new", &schema.columns),
         ),
         format!(
             "CREATE TRIGGER {} AFTER DELETE ON {table} FOR EACH ROW {guard} BEGIN \
              INSERT INTO \"_syncmesh_changes\" (tbl, op, old_row, new_row) \
              VALUES ({tbl}, 'DELETE', {old_row}, NULL);{} END",
             trigger("del"),
-            zero_statements("OLD", "old", &schema.columns),
+            real_statements("OLD", "old", &schema.columns),
         ),
     ]
 }
 
 fn upsert_sql(schema: &TableSchema) -> String {
-    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let cols: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
     let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
     let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
     let updates: Vec<String> = schema
@@ -1125,7 +1194,7 @@ fn parse_real(s: &str) -> Option<f64> {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let bytes = s.as_bytes();
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| -> Option<u8> {
@@ -1244,16 +1313,24 @@ mod tests {
     }
 
     #[test]
-    fn affinity_rules_for_negative_zero() {
-        assert!(may_hold_negative_zero(""));
-        assert!(may_hold_negative_zero("BLOB"));
-        assert!(may_hold_negative_zero("any"));
-        assert!(!may_hold_negative_zero("REAL"));
-        assert!(!may_hold_negative_zero("DOUBLE PRECISION"));
-        assert!(!may_hold_negative_zero("INTEGER"));
-        assert!(!may_hold_negative_zero("NUMERIC"));
-        assert!(!may_hold_negative_zero("TEXT"));
-        assert!(!may_hold_negative_zero("BLOBINT"));
+    fn affinity_rules_for_reals() {
+        for t in [
+            "",
+            "BLOB",
+            "any",
+            "REAL",
+            "DOUBLE PRECISION",
+            "INTEGER",
+            "NUMERIC",
+            "POINT",
+        ] {
+            assert!(may_hold_real(t), "{t}");
+        }
+        for t in ["TEXT", "VARCHAR(10)", "clob", "NCHAR"] {
+            assert!(!may_hold_real(t), "{t}");
+        }
+        // INT wins over CHAR: "CHARINT" has INTEGER affinity.
+        assert!(may_hold_real("CHARINT"));
     }
 
     #[test]
@@ -1276,7 +1353,9 @@ mod tests {
         };
         let up = upsert_sql(&schema);
         assert!(up.starts_with("INSERT INTO \"we\"\"ird 'tbl'\" (\"i\"\"d\", \"v'al\")"));
-        assert!(up.ends_with("ON CONFLICT (\"i\"\"d\") DO UPDATE SET \"v'al\" = excluded.\"v'al\""));
+        assert!(
+            up.ends_with("ON CONFLICT (\"i\"\"d\") DO UPDATE SET \"v'al\" = excluded.\"v'al\"")
+        );
         assert_eq!(
             delete_sql(&schema),
             "DELETE FROM \"we\"\"ird 'tbl'\" WHERE \"i\"\"d\" IS ?1"

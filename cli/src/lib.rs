@@ -1,0 +1,16 @@
+//! The `syncmesh` command's library: everything the subcommands do, so that
+//! end-to-end tests drive the same code as the binary.
+//!
+//! - [`mesh`]: start a hub from config, query and print its status, wait for
+//!   convergence.
+//! - [`demo`]: the in-process mesh (hub + three SQLite nodes) behind
+//!   `syncmesh demo`, `syncmesh bench` and many tests.
+//! - [`check`]: `syncmesh check`.
+//! - [`bench`]: `syncmesh bench`.
+
+#![allow(missing_docs)]
+
+pub mod bench;
+pub mod check;
+pub mod demo;
+pub mod mesh;
