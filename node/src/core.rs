@@ -722,3 +722,209 @@ fn same_row(schema: &TableSchema, visible: Option<&VisibleRow>, db: Option<&Visi
         _ => false,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::adapter::ColumnInfo;
+    use crate::store::MemStore;
+
+    fn schema() -> TableInfo {
+        let col = |n: &str| ColumnInfo { name: n.into(), decl_type: "TEXT".into(), not_null: false };
+        TableInfo {
+            schema: TableSchema {
+                name: "t".into(),
+                columns: vec![col("id"), col("a"), col("b")],
+                key: vec!["id".into()],
+            },
+            rules: TableRules::default(),
+        }
+    }
+
+    fn settings(name: &str) -> NodeSettings {
+        NodeSettings {
+            name: NodeId::new(name).unwrap(),
+            mode: Mode::Bidirectional,
+            batch_size: 100,
+            max_clock_drift_ms: 500,
+        }
+    }
+
+    fn core(name: &str) -> NodeCore<MemStore> {
+        NodeCore::open(settings(name), vec![schema()], MemStore::default(), 0).unwrap()
+    }
+
+    fn row(id: i64, a: &str, b: &str) -> Option<VisibleRow> {
+        Some(BTreeMap::from([
+            ("id".into(), Value::Int(id)),
+            ("a".into(), Value::Text(a.into())),
+            ("b".into(), Value::Text(b.into())),
+        ]))
+    }
+
+    fn change(
+        id: i64,
+        kind: ChangeKind,
+        old: Option<VisibleRow>,
+        new: Option<VisibleRow>,
+    ) -> CapturedChange {
+        CapturedChange { change_id: id, table: "t".into(), kind, old, new }
+    }
+
+    fn t(ms: u64) -> Ntp64 {
+        Ntp64::from_unix_millis(ms)
+    }
+
+    fn drain(c: &mut NodeCore<MemStore>) -> Vec<pb::NodeMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = c.poll_transmit().unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn hello_reply() -> pb::HubMessage {
+        pb::HubMessage {
+            body: Some(pb::hub_message::Body::Hello(pb::HelloReply {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                hub: "hub".into(),
+                version_vector: None,
+            })),
+        }
+    }
+
+    fn ops_of(msgs: &[pb::NodeMessage]) -> Vec<pb::Op> {
+        msgs.iter()
+            .filter_map(|m| match &m.body {
+                Some(pb::node_message::Body::Ops(b)) => Some(b.ops.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn remote_batch(ops: Vec<pb::Op>) -> pb::HubMessage {
+        pb::HubMessage { body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })) }
+    }
+
+    fn connected(name: &str) -> NodeCore<MemStore> {
+        let mut c = core(name);
+        assert!(c.poll_connect(0));
+        c.handle_connected(0);
+        c.handle_message(t(1000), hello_reply()).unwrap();
+        drain(&mut c);
+        c
+    }
+
+    #[test]
+    fn capture_makes_gap_free_ops_with_causal_preds_and_flushes_first() {
+        let mut a = core("a");
+        let cp = a
+            .handle_captured(
+                t(1000),
+                &[
+                    change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+                    change(2, ChangeKind::Update, row(1, "x", "y"), row(1, "x2", "y")),
+                    change(3, ChangeKind::Delete, row(1, "x2", "y"), None),
+                ],
+            )
+            .unwrap();
+        assert_eq!(cp, 3);
+        assert_eq!(a.store().flushes, 1, "one flushed batch before the checkpoint is returned");
+        let ops = a.own_ops(1, 10).unwrap();
+        assert_eq!(ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(ops[1].fields.len(), 1, "an update carries only changed columns");
+        assert_eq!(ops[1].fields[0].pred, vec![ops[0].id.clone()]);
+        assert!(ops[2].row_pred.contains(&ops[0].id) && ops[2].row_pred.contains(&ops[1].id));
+        assert!(ops[0].hlc < ops[1].hlc && ops[1].hlc < ops[2].hlc);
+        // A crash after the flush loses nothing; the checkpoint survives.
+        let mut store = a.into_store();
+        store.crash();
+        let a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        assert_eq!(a.capture_checkpoint(), 3);
+        assert_eq!(a.version_vector().get(&NodeId::new("a").unwrap()), 3);
+    }
+
+    #[test]
+    fn sends_only_after_hello_in_bounded_batches_and_resends_unacked_after_reconnect() {
+        let mut a = core("a");
+        let changes: Vec<_> =
+            (1..=250).map(|i| change(i, ChangeKind::Insert, None, row(i, "x", "y"))).collect();
+        a.handle_captured(t(1000), &changes).unwrap();
+        assert!(a.poll_connect(0));
+        a.handle_connected(0);
+        assert_eq!(drain(&mut a).len(), 1, "only the hello before the hub answers");
+        a.handle_message(t(1000), hello_reply()).unwrap();
+        let sent = drain(&mut a);
+        assert_eq!(sent.len(), 3, "250 ops in batches of at most 100");
+        assert_eq!(ops_of(&sent).len(), 250);
+        a.handle_disconnected(10, 0);
+        assert!(!a.poll_connect(10), "backoff before the next attempt");
+        assert!(a.poll_connect(10_000));
+        a.handle_connected(10_000);
+        drain(&mut a);
+        a.handle_message(t(1000), hello_reply()).unwrap();
+        assert_eq!(ops_of(&drain(&mut a)).len(), 250, "nothing acked: everything is sent again");
+    }
+
+    #[test]
+    fn remote_ops_are_merged_once_acked_after_flush_and_gaps_are_refused() {
+        let mut b = core("b");
+        b.handle_captured(
+            t(1000),
+            &[
+                change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+                change(2, ChangeKind::Update, row(1, "x", "y"), row(1, "bx", "y")),
+            ],
+        )
+        .unwrap();
+        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        let mut a = connected("a");
+        let flushes = a.store().flushes;
+        assert_eq!(a.handle_message(t(1000), remote_batch(ops.clone())).unwrap(), Control::Continue);
+        assert_eq!(a.store().flushes, flushes + 1, "flushed before the ack");
+        let acks = drain(&mut a);
+        assert!(matches!(acks[0].body, Some(pb::node_message::Body::Ack(_))));
+        let applies = a.poll_apply(10).unwrap();
+        assert_eq!(applies.len(), 1);
+        assert_eq!(applies[0].write.row, row(1, "bx", "y"));
+        a.handle_applied(&applies, 0).unwrap();
+        // Duplicates change nothing.
+        a.handle_message(t(1000), remote_batch(ops.clone())).unwrap();
+        assert!(a.poll_apply(10).unwrap().is_empty());
+        // A gap is refused with a reason, not merged.
+        let mut gap = ops[1].clone();
+        gap.id.as_mut().unwrap().seq = 7;
+        let ctl = a.handle_message(t(1000), remote_batch(vec![gap])).unwrap();
+        assert!(matches!(ctl, Control::Reconnect(r) if r.contains("gap")));
+    }
+
+    #[test]
+    fn local_change_overwritten_by_an_apply_is_written_back() {
+        let mut b = core("b");
+        b.handle_captured(t(1000), &[change(1, ChangeKind::Insert, None, row(1, "remote", "y"))])
+            .unwrap();
+        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        let mut a = connected("a");
+        a.handle_message(t(1000), remote_batch(ops)).unwrap();
+        let applies = a.poll_apply(10).unwrap();
+        // The user's insert (change 5) committed just before the apply
+        // transaction, which committed at change-table watermark 5 and so
+        // overwrote it in the database.
+        a.handle_applied(&applies, 5).unwrap();
+        a.handle_captured(t(2000), &[change(5, ChangeKind::Insert, None, row(1, "local", "y"))])
+            .unwrap();
+        let again = a.poll_apply(10).unwrap();
+        assert_eq!(again.len(), 1, "the overwritten local write must be written back");
+        assert_eq!(again[0].write.row, row(1, "local", "y"));
+        a.handle_applied(&again, 6).unwrap();
+        // A change after the apply's watermark was not overwritten.
+        a.handle_captured(
+            t(3000),
+            &[change(7, ChangeKind::Update, row(1, "local", "y"), row(1, "l2", "y"))],
+        )
+        .unwrap();
+        assert!(a.poll_apply(10).unwrap().is_empty());
+    }
+}
