@@ -12,7 +12,9 @@ use anyhow::{Result, bail};
 use crate::demo::Mesh;
 
 async fn count(mesh: &Mesh, node: usize) -> Result<i64> {
-    Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders").fetch_one(mesh.dbs[node].1.pool()).await?)
+    Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders")
+        .fetch_one(mesh.dbs[node].1.pool())
+        .await?)
 }
 
 /// Runs the benchmark and prints per-run and median figures.
@@ -22,7 +24,9 @@ pub async fn run(rows: u64, batch: u64, runs: usize, dir: Option<PathBuf>) -> Re
     }
     let tmp = tempfile::tempdir()?;
     let base = dir.unwrap_or_else(|| tmp.path().to_path_buf());
-    println!("bench: {rows} rows inserted on edge-a in transactions of {batch}; time until edge-b and edge-c hold all ({runs} runs)");
+    println!(
+        "bench: {rows} rows inserted on edge-a in transactions of {batch}; time until edge-b and edge-c hold all ({runs} runs)"
+    );
     let mut rates = Vec::new();
     for run in 0..runs {
         let dir = base.join(format!("run-{run}"));
@@ -68,6 +72,10 @@ pub async fn run(rows: u64, batch: u64, runs: usize, dir: Option<PathBuf>) -> Re
     }
     rates.sort_by(|a, b| a.total_cmp(b));
     let median = rates[rates.len() / 2];
-    println!("median: {median:.0} rows/s end to end ({rows} rows, {runs} runs, min {:.0}, max {:.0})", rates[0], rates[rates.len() - 1]);
+    println!(
+        "median: {median:.0} rows/s end to end ({rows} rows, {runs} runs, min {:.0}, max {:.0})",
+        rates[0],
+        rates[rates.len() - 1]
+    );
     Ok(())
 }

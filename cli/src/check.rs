@@ -12,7 +12,12 @@ use crate::mesh;
 /// Prints one line per check; true when all passed.
 pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
     let cfg = Config::load(path)?;
-    println!("config {}: ok ({} nodes, {} tables)", cfg.source, cfg.nodes.len(), cfg.tables.len());
+    println!(
+        "config {}: ok ({} nodes, {} tables)",
+        cfg.source,
+        cfg.nodes.len(),
+        cfg.tables.len()
+    );
     let mut ok = true;
     for t in &cfg.tables {
         if let Err(e) = t.rules(&cfg.source) {
@@ -40,7 +45,11 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
                 ok = false;
             }
             Ok(adapter) => {
-                let wanted: Vec<_> = cfg.tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+                let wanted: Vec<_> = cfg
+                    .tables
+                    .iter()
+                    .map(|t| (t.name.clone(), t.key.clone()))
+                    .collect();
                 match adapter.introspect(&wanted).await {
                     Err(e) => {
                         println!("FAIL node {}: {e}", n.name);
@@ -67,7 +76,10 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
             }
         }
         match mesh::hub_status(&n.hub).await {
-            Ok(s) => println!("ok   node {}: hub {} reachable (hub {}, {} ops held)", n.name, n.hub, s.hub, s.total_ops),
+            Ok(s) => println!(
+                "ok   node {}: hub {} reachable (hub {}, {} ops held)",
+                n.name, n.hub, s.hub, s.total_ops
+            ),
             Err(e) => {
                 println!("FAIL node {}: {e:#}", n.name);
                 ok = false;

@@ -23,9 +23,7 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Writes the demo's config (hub on `port`) into `dir`.
 pub fn write_config(dir: &Path, port: u16, batch_size: usize) -> Result<PathBuf> {
-    let mut yaml = format!(
-        "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./data/hub\nnodes:\n"
-    );
+    let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./data/hub\nnodes:\n");
     for (i, n) in NODES.iter().enumerate() {
         yaml.push_str(&format!(
             "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./data/{n}\n    priority: {}\n    database: {{ type: sqlite, url: \"sqlite://./{n}.db\" }}\n",
@@ -56,8 +54,11 @@ impl Mesh {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         for n in NODES {
-            let db = SqliteAdapter::open(&format!("sqlite://{}", dir.join(format!("{n}.db")).display()), true)
-                .await?;
+            let db = SqliteAdapter::open(
+                &format!("sqlite://{}", dir.join(format!("{n}.db")).display()),
+                true,
+            )
+            .await?;
             sqlx::query(SCHEMA).execute(db.pool()).await?;
             db.close().await;
         }
@@ -72,10 +73,23 @@ impl Mesh {
         for n in NODES {
             let node_cfg = cfg.node(n)?;
             nodes.push(start_node(node_cfg, &cfg.tables, &cfg.sync, &cfg.source).await?);
-            dbs.push((n.to_owned(), SqliteAdapter::open(node_cfg.database.url.expose(), false).await?));
+            dbs.push((
+                n.to_owned(),
+                SqliteAdapter::open(node_cfg.database.url.expose(), false).await?,
+            ));
         }
-        let schemas = dbs[0].1.introspect(&[("orders".into(), vec!["id".into()])]).await?;
-        Ok(Mesh { hub_url: hub.url(), hub: Some(hub), cfg, nodes, dbs, schemas })
+        let schemas = dbs[0]
+            .1
+            .introspect(&[("orders".into(), vec!["id".into()])])
+            .await?;
+        Ok(Mesh {
+            hub_url: hub.url(),
+            hub: Some(hub),
+            cfg,
+            nodes,
+            dbs,
+            schemas,
+        })
     }
 
     /// Stops the hub (nodes keep capturing and retry the connection).
@@ -104,7 +118,14 @@ impl Mesh {
 
     pub async fn wait_converged(&self) -> Result<Duration> {
         let nodes: Vec<&NodeHandle> = self.nodes.iter().collect();
-        mesh::wait_converged(&self.hub_url, &self.dbs, &nodes, &self.schemas, CONVERGE_TIMEOUT).await
+        mesh::wait_converged(
+            &self.hub_url,
+            &self.dbs,
+            &nodes,
+            &self.schemas,
+            CONVERGE_TIMEOUT,
+        )
+        .await
     }
 
     pub async fn stop(self) -> Result<()> {
@@ -134,10 +155,19 @@ async fn print_replicas(mesh: &Mesh) -> Result<bool> {
     let cols = ["id", "item", "qty", "status"];
     for ((name, _), tables) in mesh.dbs.iter().zip(&dumps) {
         println!("\n  {name}: orders ({} rows)", tables[0].len());
-        println!("    {:>4}  {:<16} {:>5}  {:<10}", cols[0], cols[1], cols[2], cols[3]);
+        println!(
+            "    {:>4}  {:<16} {:>5}  {:<10}",
+            cols[0], cols[1], cols[2], cols[3]
+        );
         for row in &tables[0] {
             let cell = |c: &str| row.get(c).map(show).unwrap_or_else(|| "NULL".into());
-            println!("    {:>4}  {:<16} {:>5}  {:<10}", cell("id"), cell("item"), cell("qty"), cell("status"));
+            println!(
+                "    {:>4}  {:<16} {:>5}  {:<10}",
+                cell("id"),
+                cell("item"),
+                cell("qty"),
+                cell("status")
+            );
         }
     }
     Ok(converged)
@@ -153,14 +183,29 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
             tmp.path().to_path_buf()
         }
     };
-    println!("syncmesh demo: a hub and 3 SQLite edge databases on 127.0.0.1 (work dir {})", dir.display());
+    println!(
+        "syncmesh demo: a hub and 3 SQLite edge databases on 127.0.0.1 (work dir {})",
+        dir.display()
+    );
     let mesh = Mesh::start(&dir, 1000).await?;
-    println!("hub listening on {}; nodes {}", mesh.hub_url, NODES.join(", "));
+    println!(
+        "hub listening on {}; nodes {}",
+        mesh.hub_url,
+        NODES.join(", ")
+    );
 
     println!("\n1. each edge inserts its own orders");
     for (i, base) in [0, 10, 20].into_iter().enumerate() {
         for k in 1..=3 {
-            mesh.exec(i, &format!("INSERT INTO orders (id, item, qty, status) VALUES ({}, 'item-{}', {k}, 'new')", base + k, base + k)).await?;
+            mesh.exec(
+                i,
+                &format!(
+                    "INSERT INTO orders (id, item, qty, status) VALUES ({}, 'item-{}', {k}, 'new')",
+                    base + k,
+                    base + k
+                ),
+            )
+            .await?;
         }
     }
     let t = mesh.wait_converged().await?;
@@ -170,23 +215,38 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     for n in &mesh.nodes {
         n.set_online(false).await;
     }
-    mesh.exec(0, "UPDATE orders SET qty = 10 WHERE id = 1").await?;
-    mesh.exec(1, "UPDATE orders SET status = 'paid' WHERE id = 1").await?;
-    mesh.exec(2, "UPDATE orders SET qty = 30, item = 'item-1-renamed' WHERE id = 1").await?;
+    mesh.exec(0, "UPDATE orders SET qty = 10 WHERE id = 1")
+        .await?;
+    mesh.exec(1, "UPDATE orders SET status = 'paid' WHERE id = 1")
+        .await?;
+    mesh.exec(
+        2,
+        "UPDATE orders SET qty = 30, item = 'item-1-renamed' WHERE id = 1",
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     for n in &mesh.nodes {
         n.set_online(true).await;
     }
     let t = mesh.wait_converged().await?;
-    println!("   converged in {t:.2?}: field-level merge keeps b's status and c's later qty and item");
+    println!(
+        "   converged in {t:.2?}: field-level merge keeps b's status and c's later qty and item"
+    );
 
     println!("\n3. edge-c is cut off; edits on both sides of the partition");
     mesh.nodes[2].set_online(false).await;
     mesh.exec(0, "DELETE FROM orders WHERE id = 2").await?;
-    mesh.exec(1, "UPDATE orders SET status = 'shipped' WHERE id = 11").await?;
-    mesh.exec(2, "UPDATE orders SET qty = 99 WHERE id = 2").await?;
-    mesh.exec(2, "INSERT INTO orders (id, item, qty, status) VALUES (24, 'offline-order', 1, 'new')").await?;
-    mesh.exec(2, "UPDATE orders SET status = 'cancelled' WHERE id = 21").await?;
+    mesh.exec(1, "UPDATE orders SET status = 'shipped' WHERE id = 11")
+        .await?;
+    mesh.exec(2, "UPDATE orders SET qty = 99 WHERE id = 2")
+        .await?;
+    mesh.exec(
+        2,
+        "INSERT INTO orders (id, item, qty, status) VALUES (24, 'offline-order', 1, 'new')",
+    )
+    .await?;
+    mesh.exec(2, "UPDATE orders SET status = 'cancelled' WHERE id = 21")
+        .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!("   status while partitioned:");
     mesh::print_status(&mesh::hub_status(&mesh.hub_url).await?);
@@ -194,13 +254,18 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     mesh.nodes[2].set_online(true).await;
     let t = mesh.wait_converged().await;
     match &t {
-        Ok(t) => println!("   converged in {t:.2?}: order 2 stays deleted (delete_wins), c's offline order arrives"),
+        Ok(t) => println!(
+            "   converged in {t:.2?}: order 2 stays deleted (delete_wins), c's offline order arrives"
+        ),
         Err(e) => println!("   NOT converged: {e:#}"),
     }
     let converged = print_replicas(&mesh).await? && t.is_ok();
     println!();
     mesh::print_status(&mesh::hub_status(&mesh.hub_url).await?);
-    println!("\nreplicas converged: {}", if converged { "yes" } else { "NO" });
+    println!(
+        "\nreplicas converged: {}",
+        if converged { "yes" } else { "NO" }
+    );
     mesh.stop().await?;
     Ok(converged)
 }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use syncmesh_node::config::Config;
 
 #[derive(Parser)]
-#[command(name = "syncmesh", version, about = "Multi-master, bi-directional database sync mesh")]
+#[command(
+    name = "syncmesh",
+    version,
+    about = "Multi-master, bi-directional database sync mesh"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
@@ -90,7 +94,9 @@ enum Command {
 fn init_logs(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -118,7 +124,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             init_logs(cli.log_format, "warn");
             demo::run(dir).await
         }
-        Command::Bench { rows, batch, runs, dir } => {
+        Command::Bench {
+            rows,
+            batch,
+            runs,
+            dir,
+        } => {
             init_logs(cli.log_format, "warn");
             bench::run(rows, batch, runs, dir).await.map(|_| true)
         }
@@ -159,7 +170,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             init_logs(cli.log_format, "warn");
             let status = mesh::hub_status(&hub).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&mesh::status_json(&status)).context("encoding status")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&mesh::status_json(&status))
+                        .context("encoding status")?
+                );
             } else {
                 mesh::print_status(&status);
             }
@@ -170,7 +185,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -34,7 +34,9 @@ pub async fn hub_status(url: &str) -> Result<pb::StatusReply> {
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the hub at {url} ({e}): is `syncmesh hub` running and is the URL right?")
+        anyhow::anyhow!(
+            "cannot reach the hub at {url} ({e}): is `syncmesh hub` running and is the URL right?"
+        )
     })?;
     let reply = SyncClient::new(channel)
         .status(pb::StatusRequest {})
@@ -44,7 +46,9 @@ pub async fn hub_status(url: &str) -> Result<pb::StatusReply> {
 }
 
 fn vv_map(vv: &Option<pb::VersionVector>) -> BTreeMap<String, u64> {
-    vv.as_ref().map(|v| v.entries.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
+    vv.as_ref()
+        .map(|v| v.entries.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .unwrap_or_default()
 }
 
 /// The status as JSON.
@@ -68,7 +72,12 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
 }
 
 fn health(s: &pb::StatusReply) -> (&'static str, String) {
-    let down: Vec<&str> = s.nodes.iter().filter(|n| !n.connected).map(|n| n.node.as_str()).collect();
+    let down: Vec<&str> = s
+        .nodes
+        .iter()
+        .filter(|n| !n.connected)
+        .map(|n| n.node.as_str())
+        .collect();
     if s.nodes.is_empty() {
         ("degraded", "no node has connected yet".into())
     } else if !down.is_empty() {
@@ -85,7 +94,10 @@ pub fn print_status(s: &pb::StatusReply) {
     let (h, reason) = health(s);
     println!("hub {}: {h} ({reason})", s.hub);
     println!("ops held: {}   errors: {}", s.total_ops, s.errors_total);
-    println!("{:<16} {:<10} {:<14} {:>12}  last seen", "node", "state", "mode", "pending ops");
+    println!(
+        "{:<16} {:<10} {:<14} {:>12}  last seen",
+        "node", "state", "mode", "pending ops"
+    );
     for n in &s.nodes {
         let ago = if n.last_seen_unix_ms == 0 {
             "never".to_owned()
@@ -94,7 +106,10 @@ pub fn print_status(s: &pb::StatusReply) {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            format!("{:.1}s ago", now.saturating_sub(n.last_seen_unix_ms) as f64 / 1000.0)
+            format!(
+                "{:.1}s ago",
+                now.saturating_sub(n.last_seen_unix_ms) as f64 / 1000.0
+            )
         };
         println!(
             "{:<16} {:<10} {:<14} {:>12}  {ago}",

@@ -87,7 +87,11 @@ fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
 
 fn error_msg(code: &str, message: String, op: Option<pb::OpId>) -> pb::HubMessage {
     pb::HubMessage {
-        body: Some(pb::hub_message::Body::Error(pb::Error { code: code.into(), message, op })),
+        body: Some(pb::hub_message::Body::Error(pb::Error {
+            code: code.into(),
+            message,
+            op,
+        })),
     }
 }
 
@@ -146,7 +150,13 @@ impl<S: LogStore> HubCore<S> {
         self.to_close.pop_front()
     }
 
-    fn reject(&mut self, sid: SessionId, code: &str, message: String, op: Option<pb::OpId>) -> Control {
+    fn reject(
+        &mut self,
+        sid: SessionId,
+        code: &str,
+        message: String,
+        op: Option<pb::OpId>,
+    ) -> Control {
         self.errors_total += 1;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.outbox.push_back(error_msg(code, message.clone(), op));
@@ -155,7 +165,12 @@ impl<S: LogStore> HubCore<S> {
     }
 
     /// Handles one message of session `sid`. `now` is the hub's wall clock.
-    pub fn handle_message(&mut self, now: Ntp64, sid: SessionId, msg: pb::NodeMessage) -> Result<Control> {
+    pub fn handle_message(
+        &mut self,
+        now: Ntp64,
+        sid: SessionId,
+        msg: pb::NodeMessage,
+    ) -> Result<Control> {
         use pb::node_message::Body;
         if !self.sessions.contains_key(&sid) {
             return Ok(Control::Close("unknown session".into()));
@@ -166,7 +181,9 @@ impl<S: LogStore> HubCore<S> {
             self.nodes.entry(n.clone()).or_default().last_seen_ms = now_ms;
         }
         match (msg.body, node) {
-            (None, _) => Ok(self.reject(sid, "empty_message", "message without a body".into(), None)),
+            (None, _) => {
+                Ok(self.reject(sid, "empty_message", "message without a body".into(), None))
+            }
             (Some(Body::Hello(h)), None) => self.hello(sid, now_ms, h),
             (Some(Body::Hello(_)), Some(n)) => Ok(self.reject(
                 sid,
@@ -249,11 +266,16 @@ impl<S: LogStore> HubCore<S> {
             .collect();
         for id in old {
             self.sessions.remove(&id);
-            self.to_close.push_back((id, format!("node {node} opened a newer stream")));
+            self.to_close
+                .push_back((id, format!("node {node} opened a newer stream")));
         }
         let rec = self.nodes.entry(node.clone()).or_default();
         rec.last_seen_ms = now_ms;
-        rec.mode = if h.mode.is_empty() { "bidirectional".into() } else { h.mode };
+        rec.mode = if h.mode.is_empty() {
+            "bidirectional".into()
+        } else {
+            h.mode
+        };
         for (o, v) in &node_vv.0 {
             rec.acked.advance(o, *v);
         }
@@ -290,7 +312,11 @@ impl<S: LogStore> HubCore<S> {
             return Ok(self.reject(
                 sid,
                 "batch_too_large",
-                format!("{} ops in one batch exceed the limit of {}", b.ops.len(), syncmesh_proto::MAX_BATCH_OPS),
+                format!(
+                    "{} ops in one batch exceed the limit of {}",
+                    b.ops.len(),
+                    syncmesh_proto::MAX_BATCH_OPS
+                ),
                 None,
             ));
         }
@@ -345,7 +371,11 @@ impl<S: LogStore> HubCore<S> {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.sent.advance(&node, have);
             }
-            self.nodes.entry(node.clone()).or_default().acked.advance(&node, have);
+            self.nodes
+                .entry(node.clone())
+                .or_default()
+                .acked
+                .advance(&node, have);
         }
         // Acknowledge what is durable (also after a partial batch).
         let mut ack_vv = VersionVector::default();
@@ -353,7 +383,9 @@ impl<S: LogStore> HubCore<S> {
         if let Some(s) = self.sessions.get_mut(&sid) {
             // The error, if any, was queued first; put the ack before it.
             let ack = pb::HubMessage {
-                body: Some(pb::hub_message::Body::Ack(pb::Ack { version_vector: Some(wire::vv_to_proto(&ack_vv)) })),
+                body: Some(pb::hub_message::Body::Ack(pb::Ack {
+                    version_vector: Some(wire::vv_to_proto(&ack_vv)),
+                })),
             };
             if control == Control::Continue {
                 s.outbox.push_back(ack);
@@ -367,11 +399,15 @@ impl<S: LogStore> HubCore<S> {
 
     /// The next message for session `sid`.
     pub fn poll_transmit(&mut self, sid: SessionId) -> Result<Option<pb::HubMessage>> {
-        let Some(s) = self.sessions.get_mut(&sid) else { return Ok(None) };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return Ok(None);
+        };
         if let Some(m) = s.outbox.pop_front() {
             return Ok(Some(m));
         }
-        let Some(node) = s.node.clone() else { return Ok(None) };
+        let Some(node) = s.node.clone() else {
+            return Ok(None);
+        };
         if s.publish_only || s.inflight >= MAX_INFLIGHT_BATCHES {
             return Ok(None);
         }
@@ -388,7 +424,10 @@ impl<S: LogStore> HubCore<S> {
                 continue;
             }
             let end = op_key(origin, held + 1);
-            for (_, v) in self.store.range(&op_key(origin, from + 1), &end, budget - ops.len())? {
+            for (_, v) in self
+                .store
+                .range(&op_key(origin, from + 1), &end, budget - ops.len())?
+            {
                 let op = pb::Op::decode(v.as_slice()).map_err(|e| syncmesh_node::Error::Store {
                     path: "<hub>".into(),
                     message: format!("corrupt op in the hub store: {e}; restore the hub data_dir"),
@@ -409,7 +448,9 @@ impl<S: LogStore> HubCore<S> {
             s.sent = sent;
             s.inflight += 1;
         }
-        Ok(Some(pb::HubMessage { body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })) }))
+        Ok(Some(pb::HubMessage {
+            body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })),
+        }))
     }
 
     /// Every open session.
@@ -419,7 +460,11 @@ impl<S: LogStore> HubCore<S> {
 
     /// The status shown by `syncmesh status` and the Status RPC.
     pub fn status(&self) -> pb::StatusReply {
-        let connected: Vec<&NodeId> = self.sessions.values().filter_map(|s| s.node.as_ref()).collect();
+        let connected: Vec<&NodeId> = self
+            .sessions
+            .values()
+            .filter_map(|s| s.node.as_ref())
+            .collect();
         let nodes = self
             .nodes
             .iter()

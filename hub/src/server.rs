@@ -28,14 +28,20 @@ const COMMAND_QUEUE: usize = 1024;
 type Out = mpsc::Sender<Result<pb::HubMessage, Status>>;
 
 enum Cmd {
-    Open { out: Out, reply: oneshot::Sender<SessionId> },
+    Open {
+        out: Out,
+        reply: oneshot::Sender<SessionId>,
+    },
     Msg(SessionId, pb::NodeMessage),
     Closed(SessionId),
     Status(oneshot::Sender<pb::StatusReply>),
 }
 
 fn wall_now() -> Ntp64 {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     Ntp64::from_unix_millis(ms)
 }
 
@@ -54,7 +60,13 @@ impl pb::sync_server::Sync for Service {
         let (out_tx, out_rx) = mpsc::channel(SESSION_QUEUE);
         let (reply_tx, reply_rx) = oneshot::channel();
         let unavailable = || Status::unavailable("hub is shutting down; retry later");
-        self.cmds.send(Cmd::Open { out: out_tx, reply: reply_tx }).await.map_err(|_| unavailable())?;
+        self.cmds
+            .send(Cmd::Open {
+                out: out_tx,
+                reply: reply_tx,
+            })
+            .await
+            .map_err(|_| unavailable())?;
         let sid = reply_rx.await.map_err(|_| unavailable())?;
         let mut inbound = request.into_inner();
         let cmds = self.cmds.clone();
@@ -84,7 +96,10 @@ impl pb::sync_server::Sync for Service {
     ) -> Result<Response<pb::StatusReply>, Status> {
         let (tx, rx) = oneshot::channel();
         let unavailable = || Status::unavailable("hub is shutting down; retry later");
-        self.cmds.send(Cmd::Status(tx)).await.map_err(|_| unavailable())?;
+        self.cmds
+            .send(Cmd::Status(tx))
+            .await
+            .map_err(|_| unavailable())?;
         Ok(Response::new(rx.await.map_err(|_| unavailable())?))
     }
 }
@@ -127,14 +142,23 @@ impl HubHandle {
 }
 
 /// Opens the store in `data_dir`, binds `listen` and serves.
-pub async fn start_hub(settings: HubSettings, data_dir: &Path, listen: SocketAddr) -> Result<HubHandle> {
+pub async fn start_hub(
+    settings: HubSettings,
+    data_dir: &Path,
+    listen: SocketAddr,
+) -> Result<HubHandle> {
     let store = SledStore::open(data_dir)?;
     let core = HubCore::open(settings, store)?;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::Bind {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Bind {
+            addr: listen.to_string(),
+            message: format!("{e}; is another hub running there? change hub.listen"),
+        })?;
+    let addr = listener.local_addr().map_err(|e| Error::Bind {
         addr: listen.to_string(),
-        message: format!("{e}; is another hub running there? change hub.listen"),
+        message: e.to_string(),
     })?;
-    let addr = listener.local_addr().map_err(|e| Error::Bind { addr: listen.to_string(), message: e.to_string() })?;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
@@ -156,7 +180,12 @@ pub async fn start_hub(settings: HubSettings, data_dir: &Path, listen: SocketAdd
         res.map_err(|e| Error::Server(e.to_string()))
     });
     tracing::info!(%addr, "hub listening");
-    Ok(HubHandle { addr, shutdown: Some(shutdown_tx), server, actor })
+    Ok(HubHandle {
+        addr,
+        shutdown: Some(shutdown_tx),
+        server,
+        actor,
+    })
 }
 
 async fn run_actor(
@@ -211,10 +240,18 @@ async fn run_actor(
     Ok(())
 }
 
-fn pump(core: &mut HubCore<SledStore>, sid: SessionId, outs: &HashMap<SessionId, Out>) -> Result<()> {
-    let Some(out) = outs.get(&sid) else { return Ok(()) };
+fn pump(
+    core: &mut HubCore<SledStore>,
+    sid: SessionId,
+    outs: &HashMap<SessionId, Out>,
+) -> Result<()> {
+    let Some(out) = outs.get(&sid) else {
+        return Ok(());
+    };
     loop {
-        let Ok(permit) = out.try_reserve() else { return Ok(()) };
+        let Ok(permit) = out.try_reserve() else {
+            return Ok(());
+        };
         match core.poll_transmit(sid)? {
             Some(m) => permit.send(Ok(m)),
             None => return Ok(()),

@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
-    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, TableRules,
-    Value, VersionVector, VisibleRow,
+    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, TableRules, Value,
+    VersionVector, VisibleRow,
 };
 
 use crate::adapter::{CapturedChange, ChangeKind, RowWrite, TableSchema};
@@ -184,10 +184,13 @@ pub fn row_key(prefix: &[u8], table: &str, key: &[Value]) -> Result<Vec<u8>> {
 
 fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
     let rest = &k[prefix_len.min(k.len())..];
-    let nul = rest.iter().position(|b| *b == 0).ok_or_else(|| Error::Store {
-        path: "<decode>".into(),
-        message: "corrupt row key in the log store".into(),
-    })?;
+    let nul = rest
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| Error::Store {
+            path: "<decode>".into(),
+            message: "corrupt row key in the log store".into(),
+        })?;
     let table = String::from_utf8_lossy(&rest[..nul]).into_owned();
     Ok((table, dec(&rest[nul + 1..], "row key")?))
 }
@@ -231,7 +234,10 @@ impl<S: LogStore> NodeCore<S> {
             ..NodeStats::default()
         };
         Ok(NodeCore {
-            tables: tables.into_iter().map(|t| (t.schema.name.clone(), t)).collect(),
+            tables: tables
+                .into_iter()
+                .map(|t| (t.schema.name.clone(), t))
+                .collect(),
             settings,
             store,
             clock,
@@ -240,7 +246,10 @@ impl<S: LogStore> NodeCore<S> {
             checkpoint,
             dirty_gen,
             dirty_count: dirty.len() as u64,
-            conn: Conn::Disconnected { retry_at_ms: 0, backoff_ms: RECONNECT_MIN_MS },
+            conn: Conn::Disconnected {
+                retry_at_ms: 0,
+                backoff_ms: RECONNECT_MIN_MS,
+            },
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             applied_marks: HashMap::new(),
@@ -346,7 +355,9 @@ impl<S: LogStore> NodeCore<S> {
     /// row state and the new capture checkpoint durable in one flushed batch.
     /// Returns the checkpoint: the shell may now delete change rows up to it.
     pub fn handle_captured(&mut self, now: Ntp64, changes: &[CapturedChange]) -> Result<i64> {
-        let Some(last) = changes.last() else { return Ok(self.checkpoint) };
+        let Some(last) = changes.last() else {
+            return Ok(self.checkpoint);
+        };
         let mut ov = Overlay::default();
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
@@ -385,7 +396,12 @@ impl<S: LogStore> NodeCore<S> {
                 ov.batch.put(lk, enc(&op)?);
                 let visible = row.visible(&info.rules);
                 let overwritten = ch.change_id
-                    <= self.applied_marks.get(&rk).copied().unwrap_or(0).max(self.restart_mark);
+                    <= self
+                        .applied_marks
+                        .get(&rk)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(self.restart_mark);
                 if overwritten || !same_row(&info.schema, visible.as_ref(), expected.as_ref()) {
                     self.mark_dirty(&mut ov, &info.schema.name, &key)?;
                 }
@@ -395,8 +411,12 @@ impl<S: LogStore> NodeCore<S> {
         self.checkpoint = last.change_id;
         self.vv.set(self.settings.name.clone(), self.seq);
         self.stats.own_ops = self.seq;
-        ov.batch.put(K_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
-        ov.batch.put(K_CHECKPOINT.to_vec(), (self.checkpoint as u64).to_be_bytes().to_vec());
+        ov.batch
+            .put(K_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+        ov.batch.put(
+            K_CHECKPOINT.to_vec(),
+            (self.checkpoint as u64).to_be_bytes().to_vec(),
+        );
         let mut vk = P_VV.to_vec();
         vk.extend_from_slice(self.settings.name.as_str().as_bytes());
         ov.batch.put(vk, self.seq.to_be_bytes().to_vec());
@@ -471,7 +491,10 @@ impl<S: LogStore> NodeCore<S> {
                 let hub_vv = wire::vv_from_proto(h.version_vector)?;
                 let has = hub_vv.get(&self.settings.name).min(self.seq);
                 self.stats.own_acked = has;
-                self.conn = Conn::Connected { hub_acked_own: has, sent_own: has };
+                self.conn = Conn::Connected {
+                    hub_acked_own: has,
+                    sent_own: has,
+                };
                 self.events.push_back(Event::Connected { hub_has_own: has });
                 Ok(Control::Continue)
             }
@@ -485,8 +508,14 @@ impl<S: LogStore> NodeCore<S> {
                 Ok(Control::Continue)
             }
             Some(Body::Error(e)) => {
-                self.events.push_back(Event::HubError { code: e.code.clone(), message: e.message.clone() });
-                Ok(Control::Reconnect(format!("hub rejected input ({}): {}", e.code, e.message)))
+                self.events.push_back(Event::HubError {
+                    code: e.code.clone(),
+                    message: e.message.clone(),
+                });
+                Ok(Control::Reconnect(format!(
+                    "hub rejected input ({}): {}",
+                    e.code, e.message
+                )))
             }
             Some(Body::Ops(batch)) => self.handle_remote_ops(now, batch),
         }
@@ -511,7 +540,10 @@ impl<S: LogStore> NodeCore<S> {
                     break;
                 }
             };
-            let have = changed_vv.get(&op.id.origin).copied().unwrap_or(self.vv.get(&op.id.origin));
+            let have = changed_vv
+                .get(&op.id.origin)
+                .copied()
+                .unwrap_or(self.vv.get(&op.id.origin));
             if op.id.seq <= have {
                 continue; // duplicate: already merged
             }
@@ -530,7 +562,9 @@ impl<S: LogStore> NodeCore<S> {
                 break;
             }
             if let Err(e) = self.clock.observe(&op.id, op.hlc, now) {
-                self.warn(format!("{e}; the op is merged, this clock is not advanced to it"));
+                self.warn(format!(
+                    "{e}; the op is merged, this clock is not advanced to it"
+                ));
             }
             changed_vv.insert(op.id.origin.clone(), op.id.seq);
             self.stats.remote_ops += 1;
@@ -584,9 +618,16 @@ impl<S: LogStore> NodeCore<S> {
         if self.settings.mode == Mode::Subscribe {
             return Ok(None);
         }
-        let Conn::Connected { hub_acked_own, sent_own } = self.conn else { return Ok(None) };
+        let Conn::Connected {
+            hub_acked_own,
+            sent_own,
+        } = self.conn
+        else {
+            return Ok(None);
+        };
         let batch = self.settings.batch_size.max(1) as u64;
-        if sent_own >= self.seq || sent_own.saturating_sub(hub_acked_own) >= batch * MAX_INFLIGHT_BATCHES
+        if sent_own >= self.seq
+            || sent_own.saturating_sub(hub_acked_own) >= batch * MAX_INFLIGHT_BATCHES
         {
             return Ok(None);
         }
@@ -609,7 +650,9 @@ impl<S: LogStore> NodeCore<S> {
         if let Conn::Connected { sent_own, .. } = &mut self.conn {
             *sent_own = last;
         }
-        Ok(Some(pb::NodeMessage { body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops: out })) }))
+        Ok(Some(pb::NodeMessage {
+            body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops: out })),
+        }))
     }
 
     /// Up to `limit` rows whose visible state must be written to the database.
@@ -618,7 +661,9 @@ impl<S: LogStore> NodeCore<S> {
         for (k, v) in self.store.range(P_DIRTY, &prefix_end(P_DIRTY), limit)? {
             let (table, key) = split_row_key(&k, P_DIRTY.len())?;
             let generation = u64::from_be_bytes(v.try_into().unwrap_or([0; 8]));
-            let Some(info) = self.tables.get(&table) else { continue };
+            let Some(info) = self.tables.get(&table) else {
+                continue;
+            };
             let state = self.row_state(&table, &key)?;
             let row = state.visible(&info.rules).map(|mut r| {
                 for (col, val) in info.schema.key.iter().zip(&key) {
@@ -626,7 +671,10 @@ impl<S: LogStore> NodeCore<S> {
                 }
                 r
             });
-            out.push(PendingApply { write: RowWrite { table, key, row }, token: (k, generation) });
+            out.push(PendingApply {
+                write: RowWrite { table, key, row },
+                token: (k, generation),
+            });
         }
         Ok(out)
     }
@@ -637,11 +685,13 @@ impl<S: LogStore> NodeCore<S> {
         let mut batch = WriteBatch::default();
         for p in done {
             let (dk, generation) = &p.token;
-            if let Some(cur) = self.store.get(dk)? {
-                if cur.as_slice() == generation.to_be_bytes() {
-                    batch.remove(dk.clone());
-                    self.dirty_count = self.dirty_count.saturating_sub(1);
-                }
+            if self
+                .store
+                .get(dk)?
+                .is_some_and(|cur| cur.as_slice() == generation.to_be_bytes())
+            {
+                batch.remove(dk.clone());
+                self.dirty_count = self.dirty_count.saturating_sub(1);
             }
             let rk = row_key(P_ROW, &p.write.table, &p.write.key)?;
             self.applied_marks.insert(rk, watermark);
@@ -653,12 +703,13 @@ impl<S: LogStore> NodeCore<S> {
 
 type Fields = Option<Vec<(String, Value)>>;
 
+/// One op to make from a captured change: key, fields (`None` = delete),
+/// and the row the database holds afterwards.
+type SplitOp = (Vec<Value>, Fields, Option<VisibleRow>);
+
 /// Splits one captured change into per-key ops: `(key, fields or None for a
 /// delete, the row the database holds afterwards)`.
-fn split_change(
-    info: &TableInfo,
-    ch: &CapturedChange,
-) -> Result<Vec<(Vec<Value>, Fields, Option<VisibleRow>)>> {
+fn split_change(info: &TableInfo, ch: &CapturedChange) -> Result<Vec<SplitOp>> {
     let schema = &info.schema;
     let missing = |what: &str| Error::Schema {
         table: schema.name.clone(),
@@ -671,7 +722,12 @@ fn split_change(
         schema
             .columns
             .iter()
-            .map(|c| (c.name.clone(), row.get(&c.name).cloned().unwrap_or(Value::Null)))
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    row.get(&c.name).cloned().unwrap_or(Value::Null),
+                )
+            })
             .collect()
     };
     Ok(match ch.kind {
@@ -691,7 +747,10 @@ fn split_change(
             let old_key = schema.key_of(old).ok_or_else(|| missing("old"))?;
             let new_key = schema.key_of(new).ok_or_else(|| missing("new"))?;
             if old_key != new_key {
-                vec![(old_key, None, None), (new_key, Some(full(new)), Some(new.clone()))]
+                vec![
+                    (old_key, None, None),
+                    (new_key, Some(full(new)), Some(new.clone())),
+                ]
             } else {
                 let fields: Vec<(String, Value)> = if info.rules.granularity == Granularity::Row {
                     full(new)
@@ -717,7 +776,8 @@ fn same_row(schema: &TableSchema, visible: Option<&VisibleRow>, db: Option<&Visi
         (None, None) => true,
         (Some(v), Some(d)) => schema.columns.iter().all(|c| {
             let is_key = schema.key.contains(&c.name);
-            is_key || v.get(&c.name).unwrap_or(&Value::Null) == d.get(&c.name).unwrap_or(&Value::Null)
+            is_key
+                || v.get(&c.name).unwrap_or(&Value::Null) == d.get(&c.name).unwrap_or(&Value::Null)
         }),
         _ => false,
     }
@@ -731,7 +791,11 @@ mod tests {
     use crate::store::MemStore;
 
     fn schema() -> TableInfo {
-        let col = |n: &str| ColumnInfo { name: n.into(), decl_type: "TEXT".into(), not_null: false };
+        let col = |n: &str| ColumnInfo {
+            name: n.into(),
+            decl_type: "TEXT".into(),
+            not_null: false,
+        };
         TableInfo {
             schema: TableSchema {
                 name: "t".into(),
@@ -769,7 +833,13 @@ mod tests {
         old: Option<VisibleRow>,
         new: Option<VisibleRow>,
     ) -> CapturedChange {
-        CapturedChange { change_id: id, table: "t".into(), kind, old, new }
+        CapturedChange {
+            change_id: id,
+            table: "t".into(),
+            kind,
+            old,
+            new,
+        }
     }
 
     fn t(ms: u64) -> Ntp64 {
@@ -805,7 +875,9 @@ mod tests {
     }
 
     fn remote_batch(ops: Vec<pb::Op>) -> pb::HubMessage {
-        pb::HubMessage { body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })) }
+        pb::HubMessage {
+            body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })),
+        }
     }
 
     fn connected(name: &str) -> NodeCore<MemStore> {
@@ -831,10 +903,21 @@ mod tests {
             )
             .unwrap();
         assert_eq!(cp, 3);
-        assert_eq!(a.store().flushes, 1, "one flushed batch before the checkpoint is returned");
+        assert_eq!(
+            a.store().flushes,
+            1,
+            "one flushed batch before the checkpoint is returned"
+        );
         let ops = a.own_ops(1, 10).unwrap();
-        assert_eq!(ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(ops[1].fields.len(), 1, "an update carries only changed columns");
+        assert_eq!(
+            ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            ops[1].fields.len(),
+            1,
+            "an update carries only changed columns"
+        );
         assert_eq!(ops[1].fields[0].pred, vec![ops[0].id.clone()]);
         assert!(ops[2].row_pred.contains(&ops[0].id) && ops[2].row_pred.contains(&ops[1].id));
         assert!(ops[0].hlc < ops[1].hlc && ops[1].hlc < ops[2].hlc);
@@ -849,12 +932,17 @@ mod tests {
     #[test]
     fn sends_only_after_hello_in_bounded_batches_and_resends_unacked_after_reconnect() {
         let mut a = core("a");
-        let changes: Vec<_> =
-            (1..=250).map(|i| change(i, ChangeKind::Insert, None, row(i, "x", "y"))).collect();
+        let changes: Vec<_> = (1..=250)
+            .map(|i| change(i, ChangeKind::Insert, None, row(i, "x", "y")))
+            .collect();
         a.handle_captured(t(1000), &changes).unwrap();
         assert!(a.poll_connect(0));
         a.handle_connected(0);
-        assert_eq!(drain(&mut a).len(), 1, "only the hello before the hub answers");
+        assert_eq!(
+            drain(&mut a).len(),
+            1,
+            "only the hello before the hub answers"
+        );
         a.handle_message(t(1000), hello_reply()).unwrap();
         let sent = drain(&mut a);
         assert_eq!(sent.len(), 3, "250 ops in batches of at most 100");
@@ -865,7 +953,11 @@ mod tests {
         a.handle_connected(10_000);
         drain(&mut a);
         a.handle_message(t(1000), hello_reply()).unwrap();
-        assert_eq!(ops_of(&drain(&mut a)).len(), 250, "nothing acked: everything is sent again");
+        assert_eq!(
+            ops_of(&drain(&mut a)).len(),
+            250,
+            "nothing acked: everything is sent again"
+        );
     }
 
     #[test]
@@ -879,10 +971,19 @@ mod tests {
             ],
         )
         .unwrap();
-        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        let ops: Vec<pb::Op> = b
+            .own_ops(1, 10)
+            .unwrap()
+            .iter()
+            .map(wire::op_to_proto)
+            .collect();
         let mut a = connected("a");
         let flushes = a.store().flushes;
-        assert_eq!(a.handle_message(t(1000), remote_batch(ops.clone())).unwrap(), Control::Continue);
+        assert_eq!(
+            a.handle_message(t(1000), remote_batch(ops.clone()))
+                .unwrap(),
+            Control::Continue
+        );
         assert_eq!(a.store().flushes, flushes + 1, "flushed before the ack");
         let acks = drain(&mut a);
         assert!(matches!(acks[0].body, Some(pb::node_message::Body::Ack(_))));
@@ -891,7 +992,8 @@ mod tests {
         assert_eq!(applies[0].write.row, row(1, "bx", "y"));
         a.handle_applied(&applies, 0).unwrap();
         // Duplicates change nothing.
-        a.handle_message(t(1000), remote_batch(ops.clone())).unwrap();
+        a.handle_message(t(1000), remote_batch(ops.clone()))
+            .unwrap();
         assert!(a.poll_apply(10).unwrap().is_empty());
         // A gap is refused with a reason, not merged.
         let mut gap = ops[1].clone();
@@ -903,9 +1005,17 @@ mod tests {
     #[test]
     fn local_change_overwritten_by_an_apply_is_written_back() {
         let mut b = core("b");
-        b.handle_captured(t(1000), &[change(1, ChangeKind::Insert, None, row(1, "remote", "y"))])
-            .unwrap();
-        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        b.handle_captured(
+            t(1000),
+            &[change(1, ChangeKind::Insert, None, row(1, "remote", "y"))],
+        )
+        .unwrap();
+        let ops: Vec<pb::Op> = b
+            .own_ops(1, 10)
+            .unwrap()
+            .iter()
+            .map(wire::op_to_proto)
+            .collect();
         let mut a = connected("a");
         a.handle_message(t(1000), remote_batch(ops)).unwrap();
         let applies = a.poll_apply(10).unwrap();
@@ -913,16 +1023,28 @@ mod tests {
         // transaction, which committed at change-table watermark 5 and so
         // overwrote it in the database.
         a.handle_applied(&applies, 5).unwrap();
-        a.handle_captured(t(2000), &[change(5, ChangeKind::Insert, None, row(1, "local", "y"))])
-            .unwrap();
+        a.handle_captured(
+            t(2000),
+            &[change(5, ChangeKind::Insert, None, row(1, "local", "y"))],
+        )
+        .unwrap();
         let again = a.poll_apply(10).unwrap();
-        assert_eq!(again.len(), 1, "the overwritten local write must be written back");
+        assert_eq!(
+            again.len(),
+            1,
+            "the overwritten local write must be written back"
+        );
         assert_eq!(again[0].write.row, row(1, "local", "y"));
         a.handle_applied(&again, 6).unwrap();
         // A change after the apply's watermark was not overwritten.
         a.handle_captured(
             t(3000),
-            &[change(7, ChangeKind::Update, row(1, "local", "y"), row(1, "l2", "y"))],
+            &[change(
+                7,
+                ChangeKind::Update,
+                row(1, "local", "y"),
+                row(1, "l2", "y"),
+            )],
         )
         .unwrap();
         assert!(a.poll_apply(10).unwrap().is_empty());

@@ -16,8 +16,8 @@
 pub mod adapter;
 pub mod config;
 pub mod core;
-pub mod shell;
 pub mod error;
+pub mod shell;
 pub mod sqlite;
 pub mod store;
 pub mod wire;

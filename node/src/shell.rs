@@ -65,18 +65,26 @@ impl NodeHandle {
 
     /// Waits until the node stops (only on an error or shutdown).
     pub async fn wait(&mut self) -> Result<()> {
-        let Some(join) = self.join.as_mut() else { return Ok(()) };
+        let Some(join) = self.join.as_mut() else {
+            return Ok(());
+        };
         let res = join.await;
         self.join = None;
         match res {
             Ok(r) => r,
-            Err(e) => Err(Error::Store { path: self.name.clone(), message: format!("node task failed: {e}") }),
+            Err(e) => Err(Error::Store {
+                path: self.name.clone(),
+                message: format!("node task failed: {e}"),
+            }),
         }
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Opens the database, checks the tables, installs capture, opens the log
@@ -98,12 +106,17 @@ pub async fn start_node(
         });
     }
     let db = SqliteAdapter::open(cfg.database.url.expose(), false).await?;
-    let wanted: Vec<(String, Vec<String>)> =
-        tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+    let wanted: Vec<(String, Vec<String>)> = tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
     let schemas = db.introspect(&wanted).await?;
     let mut infos = Vec::new();
     for (schema, t) in schemas.into_iter().zip(tables) {
-        infos.push(TableInfo { schema, rules: t.rules(source)? });
+        infos.push(TableInfo {
+            schema,
+            rules: t.rules(source)?,
+        });
     }
     if cfg.mode != Mode::Subscribe {
         let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
@@ -130,7 +143,12 @@ pub async fn start_node(
         stats: stats_tx,
     };
     let join = tokio::spawn(shell.run(cmd_rx));
-    Ok(NodeHandle { name: cfg.name.to_string(), cmds: cmd_tx, stats: stats_rx, join: Some(join) })
+    Ok(NodeHandle {
+        name: cfg.name.to_string(),
+        cmds: cmd_tx,
+        stats: stats_rx,
+        join: Some(join),
+    })
 }
 
 struct Link {
@@ -151,7 +169,10 @@ struct Shell {
 }
 
 async fn connect(url: String) -> Result<Link> {
-    let hub_err = |message: String| Error::Hub { url: url.clone(), message };
+    let hub_err = |message: String| Error::Hub {
+        url: url.clone(),
+        message,
+    };
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| hub_err(format!("invalid URL: {e}; use http://HOST:PORT")))?
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
@@ -173,10 +194,15 @@ async fn connect(url: String) -> Result<Link> {
     .await
     .map_err(|_| hub_err("the hub did not answer the sync stream in time".into()))?
     .map_err(|s| hub_err(format!("sync stream refused: {}", s.message())))?;
-    Ok(Link { tx, inbound: resp.into_inner() })
+    Ok(Link {
+        tx,
+        inbound: resp.into_inner(),
+    })
 }
 
-async fn next_msg(link: &mut Option<Link>) -> std::result::Result<Option<pb::HubMessage>, tonic::Status> {
+async fn next_msg(
+    link: &mut Option<Link>,
+) -> std::result::Result<Option<pb::HubMessage>, tonic::Status> {
     match link {
         Some(l) => l.inbound.message().await,
         None => std::future::pending().await,
@@ -187,7 +213,10 @@ async fn connected(c: &mut Option<Connecting>) -> Result<Link> {
     match c {
         Some(h) => match h.await {
             Ok(r) => r,
-            Err(e) => Err(Error::Hub { url: String::new(), message: format!("connect task failed: {e}") }),
+            Err(e) => Err(Error::Hub {
+                url: String::new(),
+                message: format!("connect task failed: {e}"),
+            }),
         },
         None => std::future::pending().await,
     }
@@ -202,14 +231,16 @@ impl Shell {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
-            if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms()) {
+            if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms())
+            {
                 connecting = Some(tokio::spawn(connect(self.hub_url.clone())));
             }
-            if let Some(l) = &link {
-                if !self.pump(l)? {
-                    link = None;
-                    self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
-                }
+            if let Some(l) = &link
+                && !self.pump(l)?
+            {
+                link = None;
+                self.core
+                    .handle_disconnected(now_ms(), rand::rng().random_range(0..100));
             }
             self.log_events();
             let _ = self.stats.send(self.core.stats());
@@ -230,7 +261,7 @@ impl Shell {
                         }
                         Err(e) => {
                             failures += 1;
-                            if failures == 1 || failures % 20 == 0 {
+                            if failures == 1 || failures.is_multiple_of(20) {
                                 tracing::warn!(node = %self.core.name(), attempts = failures, "{e}");
                             }
                             self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
@@ -288,12 +319,17 @@ impl Shell {
 
     async fn capture_all(&mut self) -> Result<()> {
         loop {
-            let changes = self.db.read_changes(self.core.capture_checkpoint(), self.batch_size).await?;
+            let changes = self
+                .db
+                .read_changes(self.core.capture_checkpoint(), self.batch_size)
+                .await?;
             if changes.is_empty() {
                 return Ok(());
             }
             let n = changes.len();
-            let cp = self.core.handle_captured(Ntp64::from_unix_millis(now_ms()), &changes)?;
+            let cp = self
+                .core
+                .handle_captured(Ntp64::from_unix_millis(now_ms()), &changes)?;
             // The ops are flushed: only now may the change rows go.
             self.db.delete_changes_through(cp).await?;
             if n < self.batch_size {

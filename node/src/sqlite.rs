@@ -95,6 +95,25 @@
 //! in any order), upserts or deletes every row, deletes the flag and
 //! commits. A user write from another connection waits for the write lock
 //! (busy timeout 5 s) and then runs without the flag, so it is captured.
+//! [`SqliteAdapter::apply`] returns the change-table watermark at its
+//! commit, so the caller can tell which captured changes came before it.
+//!
+//! # SQLite behaviour the caller must know
+//!
+//! - `INSERT OR REPLACE` (and `REPLACE`) deletes conflicting rows *without*
+//!   firing delete triggers unless the writing connection turned on
+//!   `PRAGMA recursive_triggers`. A replace on the primary key is captured
+//!   as an `Insert` of a key that already exists (no old row): treat it as
+//!   an upsert. A replace that removes a *different* row through another
+//!   UNIQUE constraint is not captured at all.
+//! - `ALTER TABLE ... DROP COLUMN` fails while the capture triggers refer to
+//!   the column; `RENAME COLUMN` rewrites the triggers' `NEW."old"` but not
+//!   the JSON key, so captured rows keep the old name. Both are fixed by
+//!   introspecting and installing capture again (at node start); stop the
+//!   node, or call [`SqliteAdapter::install_capture`] without the table,
+//!   before dropping a synced column.
+//! - `ON DELETE CASCADE` / `SET NULL` actions run by an apply are not
+//!   captured either (the flag is set); every replica runs them itself.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -80,7 +80,9 @@ impl SledStore {
         let path = dir.to_path_buf();
         std::fs::create_dir_all(dir).map_err(|e| Error::Store {
             path: path.display().to_string(),
-            message: format!("cannot create the data directory: {e}; check data_dir and permissions"),
+            message: format!(
+                "cannot create the data directory: {e}; check data_dir and permissions"
+            ),
         })?;
         let db = sled::Config::new()
             .path(dir.join("log"))
@@ -105,7 +107,11 @@ impl SledStore {
 
 impl LogStore for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key).map_err(|e| self.err(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .db
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.to_vec()))
     }
 
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -210,7 +216,10 @@ mod tests {
         b.put(b"b/1".to_vec(), b"z".to_vec());
         s.write(b).unwrap();
         assert_eq!(s.range(b"a/", &prefix_end(b"a/"), 10).unwrap().len(), 2);
-        assert_eq!(s.last_in(b"a/", &prefix_end(b"a/")).unwrap().unwrap().1, b"y");
+        assert_eq!(
+            s.last_in(b"a/", &prefix_end(b"a/")).unwrap().unwrap().1,
+            b"y"
+        );
         let mut b = WriteBatch::default();
         b.remove(b"a/2".to_vec());
         s.write(b).unwrap();

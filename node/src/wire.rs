@@ -50,13 +50,18 @@ pub fn value_from_proto(v: pb::Value) -> Result<Value> {
 }
 
 fn op_id_to_proto(id: &OpId) -> pb::OpId {
-    pb::OpId { origin: id.origin.as_str().to_owned(), seq: id.seq }
+    pb::OpId {
+        origin: id.origin.as_str().to_owned(),
+        seq: id.seq,
+    }
 }
 
 fn op_id_from_proto(id: pb::OpId) -> Result<OpId> {
     let origin = NodeId::new(id.origin).map_err(|e| bad(e.to_string()))?;
     if id.seq == 0 {
-        return Err(bad(format!("op id {origin}#0: sequence numbers start at 1")));
+        return Err(bad(format!(
+            "op id {origin}#0: sequence numbers start at 1"
+        )));
     }
     Ok(OpId::new(origin, id.seq))
 }
@@ -85,7 +90,10 @@ fn check_name(kind: &str, name: &str, at: &OpId) -> Result<()> {
 pub fn op_to_proto(op: &Op) -> pb::Op {
     pb::Op {
         id: Some(op_id_to_proto(&op.id)),
-        hlc: Some(pb::Hlc { time: op.hlc.time, id: op.hlc.id_bytes() }),
+        hlc: Some(pb::Hlc {
+            time: op.hlc.time,
+            id: op.hlc.id_bytes(),
+        }),
         table: op.table.clone(),
         key: op.key.iter().map(value_to_proto).collect(),
         kind: match op.kind {
@@ -113,7 +121,10 @@ pub fn op_from_proto(op: pb::Op) -> Result<Op> {
     let hlc_id = Hlc::id_from_bytes(&hlc.id)
         .ok_or_else(|| bad(format!("op {id}: HLC id must be 1-16 bytes and not zero")))?;
     if hlc_id != id.origin.hlc_id() {
-        return Err(bad(format!("op {id}: HLC id does not belong to origin {}", id.origin)));
+        return Err(bad(format!(
+            "op {id}: HLC id does not belong to origin {}",
+            id.origin
+        )));
     }
     check_name("table", &op.table, &id)?;
     if op.key.is_empty() || op.key.len() > MAX_KEY_VALUES {
@@ -133,12 +144,17 @@ pub fn op_from_proto(op: pb::Op) -> Result<Op> {
         Ok(pb::OpKind::Delete) => OpKind::Delete,
         _ => return Err(bad(format!("op {id}: unknown op kind {}", op.kind))),
     };
-    let key = op.key.into_iter().map(value_from_proto).collect::<Result<Vec<_>>>()?;
+    let key = op
+        .key
+        .into_iter()
+        .map(value_from_proto)
+        .collect::<Result<Vec<_>>>()?;
     let mut fields = Vec::with_capacity(op.fields.len());
     for f in op.fields {
         check_name("field", &f.name, &id)?;
         let value = value_from_proto(
-            f.value.ok_or_else(|| bad(format!("op {id}: field {} has no value", f.name)))?,
+            f.value
+                .ok_or_else(|| bad(format!("op {id}: field {} has no value", f.name)))?,
         )?;
         fields.push(FieldWrite {
             pred: ids_from_proto(f.pred, &id)?,
@@ -152,7 +168,10 @@ pub fn op_from_proto(op: pb::Op) -> Result<Op> {
     }
     Ok(Op {
         row_pred: ids_from_proto(op.row_pred, &id)?,
-        hlc: Hlc { time: hlc.time, id: hlc_id },
+        hlc: Hlc {
+            time: hlc.time,
+            id: hlc_id,
+        },
         id,
         table: op.table,
         key,
@@ -164,7 +183,11 @@ pub fn op_from_proto(op: pb::Op) -> Result<Op> {
 /// Encodes a version vector.
 pub fn vv_to_proto(vv: &VersionVector) -> pb::VersionVector {
     pb::VersionVector {
-        entries: vv.0.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect(),
+        entries: vv
+            .0
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), *v))
+            .collect(),
     }
 }
 
@@ -212,21 +235,42 @@ mod tests {
     fn hostile_ops_are_rejected_with_a_message() {
         let mut p = op_to_proto(&sample());
         p.kind = 77;
-        assert!(op_from_proto(p).unwrap_err().to_string().contains("unknown op kind 77"));
+        assert!(
+            op_from_proto(p)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown op kind 77")
+        );
         let mut p = op_to_proto(&sample());
         p.hlc.as_mut().unwrap().id = vec![1, 2, 3];
-        assert!(op_from_proto(p).unwrap_err().to_string().contains("does not belong"));
+        assert!(
+            op_from_proto(p)
+                .unwrap_err()
+                .to_string()
+                .contains("does not belong")
+        );
         let mut p = op_to_proto(&sample());
         p.table = "x".repeat(MAX_NAME_BYTES + 1);
         assert!(op_from_proto(p).is_err());
         let mut p = op_to_proto(&sample());
-        p.fields[0].pred = vec![pb::OpId { origin: "a".into(), seq: 1 }; MAX_PRED_IDS + 1];
+        p.fields[0].pred = vec![
+            pb::OpId {
+                origin: "a".into(),
+                seq: 1
+            };
+            MAX_PRED_IDS + 1
+        ];
         assert!(op_from_proto(p).unwrap_err().to_string().contains("limit"));
         let mut p = op_to_proto(&sample());
         p.key.clear();
         assert!(op_from_proto(p).is_err());
         let mut p = op_to_proto(&sample());
         p.fields[0].value = None;
-        assert!(op_from_proto(p).unwrap_err().to_string().contains("has no value"));
+        assert!(
+            op_from_proto(p)
+                .unwrap_err()
+                .to_string()
+                .contains("has no value")
+        );
     }
 }

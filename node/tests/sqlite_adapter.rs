@@ -1046,3 +1046,75 @@ async fn apply_defers_foreign_keys_to_commit() {
     assert_eq!(a.dump_table(&schemas[1]).await.unwrap().len(), 2);
     assert_eq!(a.pending_changes().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn replace_on_the_key_is_captured_as_an_insert_of_an_existing_key() {
+    // Documents SQLite: REPLACE's implicit delete fires no delete trigger
+    // (recursive_triggers is off by default on the user's connection).
+    let dir = tempfile::tempdir().unwrap();
+    let (a, u, _) = setup(
+        dir.path(),
+        &["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"],
+        &[("t", &[])],
+    )
+    .await;
+    exec(&u, "INSERT INTO t VALUES (1, 'a')").await;
+    exec(&u, "INSERT OR REPLACE INTO t VALUES (1, 'b')").await;
+    exec(
+        &u,
+        "INSERT INTO t VALUES (1, 'c') ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+    )
+    .await;
+    let changes = a.read_changes(0, 10).await.unwrap();
+    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![ChangeKind::Insert, ChangeKind::Insert, ChangeKind::Update]
+    );
+    assert_eq!(changes[1].old, None);
+    assert_eq!(
+        changes[1].new.as_ref().unwrap()["v"],
+        Value::Text("b".into())
+    );
+    assert_eq!(
+        changes[2].old.as_ref().unwrap()["v"],
+        Value::Text("b".into())
+    );
+}
+
+#[tokio::test]
+async fn apply_returns_the_change_watermark_and_works_without_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = adapter(dir.path()).await;
+    let u = user(dir.path()).await;
+    exec(&u, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)").await;
+    let schemas = a.introspect(&[("t".into(), vec![])]).await.unwrap();
+    let w = |id: i64| RowWrite {
+        table: "t".into(),
+        key: vec![Value::Int(id)],
+        row: Some(row(&[("v", Value::Text("r".into()))])),
+    };
+    // A replica that never installed capture can still apply.
+    assert_eq!(a.change_watermark().await.unwrap(), 0);
+    assert_eq!(a.apply(&schemas, &[w(1)]).await.unwrap(), 0);
+
+    a.install_capture(&schemas).await.unwrap();
+    exec(&u, "INSERT INTO t VALUES (2, 'x')").await;
+    exec(&u, "INSERT INTO t VALUES (3, 'x')").await;
+    let ids: Vec<i64> = a
+        .read_changes(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.change_id)
+        .collect();
+    assert_eq!(a.apply(&schemas, &[w(4)]).await.unwrap(), ids[1]);
+    // Deleting consumed rows does not lower it.
+    a.delete_changes_through(ids[1]).await.unwrap();
+    assert_eq!(a.change_watermark().await.unwrap(), ids[1]);
+    assert_eq!(a.apply(&schemas, &[]).await.unwrap(), ids[1]);
+    exec(&u, "UPDATE t SET v = 'y' WHERE id = 4").await;
+    let next = a.read_changes(ids[1], 10).await.unwrap();
+    assert!(next[0].change_id > ids[1]);
+    assert_eq!(a.change_watermark().await.unwrap(), next[0].change_id);
+}

@@ -11,14 +11,16 @@ const LOGICAL_MASK: u64 = 0xF;
 
 /// A physical time in NTP64 format: seconds since the Unix epoch in the high
 /// 32 bits, the fraction of a second in the low 32 bits (uhlc's `NTP64`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Ntp64(pub u64);
 
 impl Ntp64 {
     /// Converts Unix milliseconds.
     pub fn from_unix_millis(ms: u64) -> Self {
         let secs = ms / 1000;
-        let frac = (((ms % 1000) << 32) + 999) / 1000;
+        let frac = ((ms % 1000) << 32).div_ceil(1000);
         Ntp64((secs << 32) | frac)
     }
 
@@ -43,7 +45,9 @@ impl Ntp64 {
 /// A hybrid logical clock timestamp: NTP64 time (low 4 bits a logical
 /// counter) and the 128-bit id of the clock that made it. Ordered by
 /// `(time, id)`, a total order across the mesh.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc {
     /// NTP64 time with the logical counter in the low bits.
     pub time: u64,
@@ -81,7 +85,13 @@ impl Hlc {
 impl fmt::Display for Hlc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = Ntp64(self.time);
-        write!(f, "{}.{}/{:x}", t.as_unix_millis(), self.time & LOGICAL_MASK, self.id)
+        write!(
+            f,
+            "{}.{}/{:x}",
+            t.as_unix_millis(),
+            self.time & LOGICAL_MASK,
+            self.id
+        )
     }
 }
 
@@ -126,7 +136,10 @@ impl HlcClock {
         } else {
             self.last.saturating_add(1)
         };
-        Hlc { time: self.last, id: self.id }
+        Hlc {
+            time: self.last,
+            id: self.id,
+        }
     }
 
     /// Takes a remote timestamp into account. Rejects it, changing nothing,
@@ -177,19 +190,31 @@ mod tests {
         let n = NodeId::new("a").unwrap();
         let mut c = HlcClock::new(&n, 500);
         let op = OpId::new(NodeId::new("b").unwrap(), 1);
-        let far = Hlc { time: Ntp64::from_unix_millis(2_000).0, id: 9 };
-        let err = c.observe(&op, far, Ntp64::from_unix_millis(1_000)).unwrap_err();
+        let far = Hlc {
+            time: Ntp64::from_unix_millis(2_000).0,
+            id: 9,
+        };
+        let err = c
+            .observe(&op, far, Ntp64::from_unix_millis(1_000))
+            .unwrap_err();
         assert!(err.to_string().contains("1000 ms ahead"), "{err}");
         assert_eq!(c.last(), 0);
-        let near = Hlc { time: Ntp64::from_unix_millis(1_400).0, id: 9 };
-        c.observe(&op, near, Ntp64::from_unix_millis(1_000)).unwrap();
+        let near = Hlc {
+            time: Ntp64::from_unix_millis(1_400).0,
+            id: 9,
+        };
+        c.observe(&op, near, Ntp64::from_unix_millis(1_000))
+            .unwrap();
         assert!(c.tick(Ntp64::from_unix_millis(1_000)) > near);
     }
 
     #[test]
     fn id_bytes_round_trip_and_match_uhlc() {
         let n = NodeId::new("edge-a").unwrap();
-        let h = Hlc { time: 42, id: n.hlc_id() };
+        let h = Hlc {
+            time: 42,
+            id: n.hlc_id(),
+        };
         assert_eq!(Hlc::id_from_bytes(&h.id_bytes()), Some(h.id));
         let u = h.to_uhlc().unwrap();
         assert_eq!(u.get_time().0, 42);

@@ -20,8 +20,14 @@ impl NodeId {
         let name = name.into();
         let ok = !name.is_empty()
             && name.len() <= Self::MAX_LEN
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if ok { Ok(NodeId(name)) } else { Err(Error::InvalidNodeId { name }) }
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok {
+            Ok(NodeId(name))
+        } else {
+            Err(Error::InvalidNodeId { name })
+        }
     }
 
     /// The name.
@@ -96,7 +102,12 @@ pub struct FieldWrite {
 impl FieldWrite {
     /// A write with no predecessors and no delta.
     pub fn new(name: impl Into<String>, value: Value) -> Self {
-        FieldWrite { name: name.into(), value, pred: Vec::new(), delta: None }
+        FieldWrite {
+            name: name.into(),
+            value,
+            pred: Vec::new(),
+            delta: None,
+        }
     }
 }
 
@@ -129,7 +140,15 @@ impl Op {
         key: Vec<Value>,
         fields: Vec<FieldWrite>,
     ) -> Self {
-        Op { id, hlc, table: table.into(), key, kind: OpKind::Upsert, fields, row_pred: Vec::new() }
+        Op {
+            id,
+            hlc,
+            table: table.into(),
+            key,
+            kind: OpKind::Upsert,
+            fields,
+            row_pred: Vec::new(),
+        }
     }
 
     /// A delete superseding `row_pred`.

@@ -98,7 +98,9 @@ impl RowState {
             return true;
         }
         match field {
-            Some(f) => self.superseded.contains(&(id.clone(), Scope::Field(f.to_owned()))),
+            Some(f) => self
+                .superseded
+                .contains(&(id.clone(), Scope::Field(f.to_owned()))),
             None => false,
         }
     }
@@ -111,7 +113,8 @@ impl RowState {
                     let entries = self.fields.entry(w.name.clone()).or_default();
                     for p in &w.pred {
                         entries.remove(p);
-                        self.superseded.insert((p.clone(), Scope::Field(w.name.clone())));
+                        self.superseded
+                            .insert((p.clone(), Scope::Field(w.name.clone())));
                     }
                 }
                 for p in &op.row_pred {
@@ -119,10 +122,13 @@ impl RowState {
                 }
                 for w in &op.fields {
                     if !self.is_superseded(&op.id, Some(&w.name)) {
-                        self.fields
-                            .entry(w.name.clone())
-                            .or_default()
-                            .insert(op.id.clone(), Entry { hlc: op.hlc, value: w.value.clone() });
+                        self.fields.entry(w.name.clone()).or_default().insert(
+                            op.id.clone(),
+                            Entry {
+                                hlc: op.hlc,
+                                value: w.value.clone(),
+                            },
+                        );
                     }
                 }
             }
@@ -148,7 +154,10 @@ impl RowState {
 
     /// The ids a new write of `field` at this replica supersedes.
     pub fn field_pred(&self, field: &str) -> Vec<OpId> {
-        self.fields.get(field).map(|e| e.keys().cloned().collect()).unwrap_or_default()
+        self.fields
+            .get(field)
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The live tombstones (what a re-insert supersedes).
@@ -186,9 +195,9 @@ impl RowState {
         let mut row = VisibleRow::new();
         for (name, entries) in &self.fields {
             let winner = match rules.strategy(name) {
-                Strategy::LastWriteWins => entries.iter().max_by(|a, b| {
-                    (a.1.hlc, a.0).cmp(&(b.1.hlc, b.0))
-                }),
+                Strategy::LastWriteWins => entries
+                    .iter()
+                    .max_by(|a, b| (a.1.hlc, a.0).cmp(&(b.1.hlc, b.0))),
             };
             if let Some((_, e)) = winner {
                 row.insert(name.clone(), e.value.clone());
@@ -211,15 +220,32 @@ mod tests {
         Hlc { time: t, id: 1 }
     }
     fn w(name: &str, v: i64, pred: Vec<OpId>) -> FieldWrite {
-        FieldWrite { name: name.into(), value: Value::Int(v), pred, delta: None }
+        FieldWrite {
+            name: name.into(),
+            value: Value::Int(v),
+            pred,
+            delta: None,
+        }
     }
 
     #[test]
     fn sequential_write_replaces_concurrent_write_resolves_by_hlc() {
         let rules = TableRules::default();
         let a1 = Op::upsert(id("a", 1), hlc(10), "t", vec![], vec![w("x", 1, vec![])]);
-        let b1 = Op::upsert(id("b", 1), hlc(20), "t", vec![], vec![w("x", 2, vec![id("a", 1)])]);
-        let c1 = Op::upsert(id("c", 1), hlc(15), "t", vec![], vec![w("x", 3, vec![id("a", 1)])]);
+        let b1 = Op::upsert(
+            id("b", 1),
+            hlc(20),
+            "t",
+            vec![],
+            vec![w("x", 2, vec![id("a", 1)])],
+        );
+        let c1 = Op::upsert(
+            id("c", 1),
+            hlc(15),
+            "t",
+            vec![],
+            vec![w("x", 3, vec![id("a", 1)])],
+        );
         let mut r = RowState::default();
         r.apply(&a1);
         r.apply(&b1);
@@ -232,19 +258,40 @@ mod tests {
     #[test]
     fn late_predecessor_is_discarded() {
         let a1 = Op::upsert(id("a", 1), hlc(30), "t", vec![], vec![w("x", 1, vec![])]);
-        let b1 = Op::upsert(id("b", 1), hlc(20), "t", vec![], vec![w("x", 2, vec![id("a", 1)])]);
+        let b1 = Op::upsert(
+            id("b", 1),
+            hlc(20),
+            "t",
+            vec![],
+            vec![w("x", 2, vec![id("a", 1)])],
+        );
         let mut r = RowState::default();
         r.apply(&b1);
         r.apply(&a1);
-        assert_eq!(r.visible(&TableRules::default()).unwrap()["x"], Value::Int(2));
+        assert_eq!(
+            r.visible(&TableRules::default()).unwrap()["x"],
+            Value::Int(2)
+        );
     }
 
     #[test]
     fn delete_wins_against_concurrent_update_and_reinsert_resurrects() {
         let mut rules = TableRules::default();
-        let a1 = Op::upsert(id("a", 1), hlc(10), "t", vec![], vec![w("x", 1, vec![]), w("y", 1, vec![])]);
+        let a1 = Op::upsert(
+            id("a", 1),
+            hlc(10),
+            "t",
+            vec![],
+            vec![w("x", 1, vec![]), w("y", 1, vec![])],
+        );
         let del = Op::delete(id("b", 1), hlc(20), "t", vec![], vec![id("a", 1)]);
-        let upd = Op::upsert(id("c", 1), hlc(30), "t", vec![], vec![w("y", 5, vec![id("a", 1)])]);
+        let upd = Op::upsert(
+            id("c", 1),
+            hlc(30),
+            "t",
+            vec![],
+            vec![w("y", 5, vec![id("a", 1)])],
+        );
         let mut r = RowState::default();
         for op in [&a1, &del, &upd] {
             r.apply(op);

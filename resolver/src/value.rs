@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn order_is_total_across_kinds_and_nan() {
-        let mut v = vec![
+        let mut v = [
             Value::Text("b".into()),
             Value::Float(f64::NAN),
             Value::Int(3),

@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use proptest::prelude::*;
-use syncmesh_resolver::{DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, RowState, TableRules, Value};
+use syncmesh_resolver::{
+    DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, RowState, TableRules, Value,
+};
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const FIELDS: [&str; 3] = ["x", "y", "z"];
@@ -21,7 +23,11 @@ fn history(script: &[(usize, u8, i64, u8)]) -> Vec<Op> {
         // Sometimes receive everything another replica made so far (gossip).
         let from = usize::from(sync_from % 4);
         if from < 3 && from != node {
-            let seen: Vec<Op> = ops.iter().filter(|o| o.id.origin.as_str() == NODES[from]).cloned().collect();
+            let seen: Vec<Op> = ops
+                .iter()
+                .filter(|o| o.id.origin.as_str() == NODES[from])
+                .cloned()
+                .collect();
             for op in seen {
                 replicas[node].apply(&op);
             }
@@ -30,7 +36,10 @@ fn history(script: &[(usize, u8, i64, u8)]) -> Vec<Op> {
         seqs[node] += 1;
         let origin = NodeId::new(NODES[node]).unwrap();
         let id = OpId::new(origin.clone(), seqs[node]);
-        let hlc = Hlc { time: t * 16, id: origin.hlc_id() };
+        let hlc = Hlc {
+            time: t * 16,
+            id: origin.hlc_id(),
+        };
         let r = &replicas[node];
         let op = if action % 5 == 0 {
             Op::delete(id, hlc, "t", vec![Value::Int(1)], r.delete_pred())

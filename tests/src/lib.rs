@@ -15,7 +15,11 @@ use anyhow::{Context, Result, bail};
 pub fn syncmesh_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/syncmesh
-    let bin = exe.parent().and_then(Path::parent).map(|p| p.join("syncmesh")).expect("target dir");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("syncmesh"))
+        .expect("target dir");
     assert!(
         bin.exists(),
         "{} does not exist: build it first with `cargo build -p syncmesh` (cargo test --workspace does)",
@@ -41,7 +45,9 @@ pub const ORDERS: &str = "CREATE TABLE IF NOT EXISTS orders (
 pub async fn create_db(path: &Path, ddl: &str) -> Result<String> {
     let url = format!("sqlite://{}", path.display());
     let db = syncmesh_node::sqlite::SqliteAdapter::open(&url, true).await?;
-    sqlx::query(sqlx::AssertSqlSafe(ddl.to_owned())).execute(db.pool()).await?;
+    sqlx::query(sqlx::AssertSqlSafe(ddl.to_owned()))
+        .execute(db.pool())
+        .await?;
     db.close().await;
     Ok(url)
 }
@@ -84,7 +90,10 @@ impl Proc {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning syncmesh {args:?}"))?;
-        Ok(Proc { child, name: name.to_owned() })
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+        })
     }
 
     /// SIGKILL, then reap.
@@ -96,7 +105,8 @@ impl Proc {
     /// Fails if the process already exited (with its log).
     pub fn assert_running(&mut self, dir: &Path) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(dir.join(format!("{}.log", self.name))).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(dir.join(format!("{}.log", self.name))).unwrap_or_default();
             bail!("{} exited early with {status}:\n{log}", self.name);
         }
         Ok(())
@@ -111,7 +121,10 @@ impl Drop for Proc {
 
 /// Runs `syncmesh <args>` to completion: (exit success, stdout, stderr).
 pub fn run_syncmesh(args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(syncmesh_bin()).args(args).stdin(Stdio::null()).output()?;
+    let out = Command::new(syncmesh_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -41,7 +41,11 @@ async fn three_nodes_converge_on_inserts_updates_and_deletes() -> Result<()> {
     for node in 0..3 {
         for k in 1..=20 {
             let id = node as i64 * 100 + k;
-            mesh.exec(node, &format!("INSERT INTO orders VALUES ({id}, 'i{id}', {k}, 'new')")).await?;
+            mesh.exec(
+                node,
+                &format!("INSERT INTO orders VALUES ({id}, 'i{id}', {k}, 'new')"),
+            )
+            .await?;
             writes += 1;
         }
     }
@@ -50,21 +54,42 @@ async fn three_nodes_converge_on_inserts_updates_and_deletes() -> Result<()> {
     for node in 0..3 {
         let other = ((node + 1) % 3) as i64 * 100;
         for k in 1..=5 {
-            mesh.exec(node, &format!("UPDATE orders SET qty = qty + 1000 WHERE id = {}", other + k)).await?;
+            mesh.exec(
+                node,
+                &format!(
+                    "UPDATE orders SET qty = qty + 1000 WHERE id = {}",
+                    other + k
+                ),
+            )
+            .await?;
             writes += 1;
         }
         for k in 6..=8 {
-            mesh.exec(node, &format!("DELETE FROM orders WHERE id = {}", other + k)).await?;
+            mesh.exec(
+                node,
+                &format!("DELETE FROM orders WHERE id = {}", other + k),
+            )
+            .await?;
             writes += 1;
         }
         // A multi-row statement: one op per row.
-        mesh.exec(node, &format!("UPDATE orders SET status = 'bulk' WHERE id BETWEEN {} AND {}", other + 9, other + 12)).await?;
+        mesh.exec(
+            node,
+            &format!(
+                "UPDATE orders SET status = 'bulk' WHERE id BETWEEN {} AND {}",
+                other + 9,
+                other + 12
+            ),
+        )
+        .await?;
         writes += 4;
     }
     mesh.wait_converged().await?;
     // Round 3: a re-insert of a deleted key, and an insert-then-delete.
-    mesh.exec(0, "INSERT INTO orders VALUES (106, 'back', 1, 'again')").await?;
-    mesh.exec(1, "INSERT INTO orders VALUES (999, 'tmp', 1, 'x')").await?;
+    mesh.exec(0, "INSERT INTO orders VALUES (106, 'back', 1, 'again')")
+        .await?;
+    mesh.exec(1, "INSERT INTO orders VALUES (999, 'tmp', 1, 'x')")
+        .await?;
     mesh.exec(1, "DELETE FROM orders WHERE id = 999").await?;
     writes += 3;
     mesh.wait_converged().await?;
@@ -73,7 +98,11 @@ async fn three_nodes_converge_on_inserts_updates_and_deletes() -> Result<()> {
     for node in 0..3i64 {
         for k in 1..=20i64 {
             let id = node * 100 + k;
-            let item = if id == 106 { "back".to_owned() } else { format!("i{id}") };
+            let item = if id == 106 {
+                "back".to_owned()
+            } else {
+                format!("i{id}")
+            };
             match k {
                 1..=5 => expected.push(row(id, &item, k + 1000, "new")),
                 6 if node == 1 => expected.push(row(id, "back", 1, "again")),
@@ -86,7 +115,11 @@ async fn three_nodes_converge_on_inserts_updates_and_deletes() -> Result<()> {
     for node in 0..3 {
         assert_eq!(rows(&mesh, node).await?, expected, "replica {node}");
     }
-    assert_eq!(total_ops(&mesh).await?, writes, "one op per local write: no echo, no duplicate");
+    assert_eq!(
+        total_ops(&mesh).await?,
+        writes,
+        "one op per local write: no echo, no duplicate"
+    );
     mesh.stop().await
 }
 
@@ -97,7 +130,11 @@ async fn hub_outage_under_writes_then_converges() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut mesh = Mesh::start(dir.path(), 200).await?;
     for node in 0..3 {
-        mesh.exec(node, &format!("INSERT INTO orders VALUES ({node}, 'seed', 0, 'new')")).await?;
+        mesh.exec(
+            node,
+            &format!("INSERT INTO orders VALUES ({node}, 'seed', 0, 'new')"),
+        )
+        .await?;
     }
     mesh.wait_converged().await?;
     let before: Vec<u64> = mesh.nodes.iter().map(|n| n.stats().own_ops).collect();
@@ -105,21 +142,40 @@ async fn hub_outage_under_writes_then_converges() -> Result<()> {
     for node in 0..3 {
         for k in 1..=300 {
             let id = 1000 * (node as i64 + 1) + k;
-            mesh.exec(node, &format!("INSERT INTO orders VALUES ({id}, 'offline', {k}, 'new')")).await?;
+            mesh.exec(
+                node,
+                &format!("INSERT INTO orders VALUES ({id}, 'offline', {k}, 'new')"),
+            )
+            .await?;
         }
-        mesh.exec(node, &format!("UPDATE orders SET qty = qty + 1 WHERE id = {}", (node + 1) % 3)).await?;
+        mesh.exec(
+            node,
+            &format!(
+                "UPDATE orders SET qty = qty + 1 WHERE id = {}",
+                (node + 1) % 3
+            ),
+        )
+        .await?;
     }
     // Capture goes on without the hub: every change lands in the node logs.
-    wait_until("nodes to capture while the hub is down", Duration::from_secs(30), || async {
-        let mut pending = 0;
-        for (_, db) in &mesh.dbs {
-            pending += db.pending_changes().await?;
-        }
-        Ok(pending == 0)
-    })
+    wait_until(
+        "nodes to capture while the hub is down",
+        Duration::from_secs(30),
+        || async {
+            let mut pending = 0;
+            for (_, db) in &mesh.dbs {
+                pending += db.pending_changes().await?;
+            }
+            Ok(pending == 0)
+        },
+    )
     .await?;
     for (i, n) in mesh.nodes.iter().enumerate() {
-        assert_eq!(n.stats().own_ops, before[i] + 301, "node {i} captured while the hub was down");
+        assert_eq!(
+            n.stats().own_ops,
+            before[i] + 301,
+            "node {i} captured while the hub was down"
+        );
         assert!(!n.stats().connected);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -128,8 +184,15 @@ async fn hub_outage_under_writes_then_converges() -> Result<()> {
     let dumps = dump_all(&mesh.dbs, &mesh.schemas).await?;
     assert_eq!(dumps[0][0].len(), 3 + 900);
     for node in 0..3i64 {
-        let seeded = dumps[0][0].iter().find(|r| r["id"] == Value::Int(node)).unwrap();
-        assert_eq!(seeded["qty"], Value::Int(1), "the single increment of row {node} survived");
+        let seeded = dumps[0][0]
+            .iter()
+            .find(|r| r["id"] == Value::Int(node))
+            .unwrap();
+        assert_eq!(
+            seeded["qty"],
+            Value::Int(1),
+            "the single increment of row {node} survived"
+        );
     }
     assert_eq!(total_ops(&mesh).await?, 3 + 3 * 301);
     mesh.stop().await
@@ -142,17 +205,28 @@ async fn hub_outage_under_writes_then_converges() -> Result<()> {
 async fn local_write_racing_remote_apply_is_not_lost() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mesh = Mesh::start(dir.path(), 100).await?;
-    mesh.exec(0, "INSERT INTO orders VALUES (1, 'contended', 0, 'a-start')").await?;
+    mesh.exec(
+        0,
+        "INSERT INTO orders VALUES (1, 'contended', 0, 'a-start')",
+    )
+    .await?;
     mesh.wait_converged().await?;
     let b_pool = mesh.dbs[1].1.pool().clone();
     let remote = tokio::spawn(async move {
         for q in 1..=400 {
-            sqlx::query("UPDATE orders SET qty = ? WHERE id = 1").bind(q).execute(&b_pool).await?;
+            sqlx::query("UPDATE orders SET qty = ? WHERE id = 1")
+                .bind(q)
+                .execute(&b_pool)
+                .await?;
         }
         anyhow::Ok(())
     });
     for i in 0..150 {
-        mesh.exec(0, &format!("UPDATE orders SET status = 'a-{i}' WHERE id = 1")).await?;
+        mesh.exec(
+            0,
+            &format!("UPDATE orders SET status = 'a-{i}' WHERE id = 1"),
+        )
+        .await?;
         if i % 10 == 0 {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
@@ -160,8 +234,16 @@ async fn local_write_racing_remote_apply_is_not_lost() -> Result<()> {
     remote.await??;
     mesh.wait_converged().await?;
     for node in 0..3 {
-        assert_eq!(rows(&mesh, node).await?, vec![row(1, "contended", 400, "a-149")], "replica {node}");
+        assert_eq!(
+            rows(&mesh, node).await?,
+            vec![row(1, "contended", 400, "a-149")],
+            "replica {node}"
+        );
     }
-    assert_eq!(total_ops(&mesh).await?, 1 + 400 + 150, "no echo: ops equal local writes");
+    assert_eq!(
+        total_ops(&mesh).await?,
+        1 + 400 + 150,
+        "no echo: ops equal local writes"
+    );
     mesh.stop().await
 }
