@@ -17,7 +17,7 @@
 //! and flushes it *before* it returns, so an ack produced by it, or a capture
 //! checkpoint the shell acts on, only ever refers to flushed state.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
@@ -140,8 +140,12 @@ pub struct NodeCore<S: LogStore> {
     seq: u64,
     vv: VersionVector,
     checkpoint: i64,
+    /// Rows (`table\0key`) whose visible state must be written to the
+    /// database, with a generation to detect re-dirtying. Persisted as a
+    /// journal: one `d/<n>` record per committed batch that dirtied rows.
+    dirty: BTreeMap<Vec<u8>, u64>,
     dirty_gen: u64,
-    dirty_count: u64,
+    journal_next: u64,
     conn: Conn,
     outbox: VecDeque<pb::NodeMessage>,
     events: VecDeque<Event>,
@@ -199,7 +203,7 @@ fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
 #[derive(Default)]
 struct Overlay {
     rows: HashMap<Vec<u8>, RowState>,
-    dirty: HashSet<Vec<u8>>,
+    dirty: BTreeSet<Vec<u8>>,
     batch: WriteBatch,
 }
 
@@ -221,12 +225,14 @@ impl<S: LogStore> NodeCore<S> {
             let node = NodeId::new(name)?;
             vv.set(node, u64::from_be_bytes(v.try_into().unwrap_or([0; 8])));
         }
-        let dirty = store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)?;
-        let dirty_gen = dirty
-            .iter()
-            .filter_map(|(_, v)| v.clone().try_into().ok().map(u64::from_be_bytes))
-            .max()
-            .unwrap_or(0);
+        let mut dirty = BTreeMap::new();
+        let mut journal_next = 0;
+        for (k, v) in store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)? {
+            let rows: Vec<Vec<u8>> = dec(&v, "dirty journal")?;
+            dirty.extend(rows.into_iter().map(|r| (r, 1)));
+            let n = k[P_DIRTY.len()..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            journal_next = journal_next.max(n + 1);
+        }
         let stats = NodeStats {
             own_ops: seq,
             remote_ops: vv.total() - vv.get(&settings.name),
@@ -244,8 +250,9 @@ impl<S: LogStore> NodeCore<S> {
             seq,
             vv,
             checkpoint,
-            dirty_gen,
-            dirty_count: dirty.len() as u64,
+            dirty,
+            dirty_gen: 1,
+            journal_next,
             conn: Conn::Disconnected {
                 retry_at_ms: 0,
                 backoff_ms: RECONNECT_MIN_MS,
@@ -277,7 +284,7 @@ impl<S: LogStore> NodeCore<S> {
     pub fn stats(&self) -> NodeStats {
         let mut s = self.stats.clone();
         s.connected = matches!(self.conn, Conn::Connected { .. });
-        s.dirty_rows = self.dirty_count;
+        s.dirty_rows = self.dirty.len() as u64;
         s
     }
 
@@ -331,13 +338,7 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     fn mark_dirty(&mut self, ov: &mut Overlay, table: &str, key: &[Value]) -> Result<()> {
-        let dk = row_key(P_DIRTY, table, key)?;
-        if !ov.dirty.contains(&dk) && self.store.get(&dk)?.is_none() {
-            self.dirty_count += 1;
-        }
-        ov.dirty.insert(dk.clone());
-        self.dirty_gen += 1;
-        ov.batch.put(dk, self.dirty_gen.to_be_bytes().to_vec());
+        ov.dirty.insert(row_key(b"", table, key)?);
         Ok(())
     }
 
@@ -347,8 +348,19 @@ impl<S: LogStore> NodeCore<S> {
             batch.put(k, enc(&r)?);
         }
         batch.put(K_HLC.to_vec(), self.clock.last().to_be_bytes().to_vec());
+        if !ov.dirty.is_empty() {
+            let mut jk = P_DIRTY.to_vec();
+            jk.extend_from_slice(&self.journal_next.to_be_bytes());
+            batch.put(jk, enc(&ov.dirty.iter().collect::<Vec<_>>())?);
+            self.journal_next += 1;
+        }
         self.store.write(batch)?;
-        self.store.flush()
+        self.store.flush()?;
+        for k in ov.dirty {
+            self.dirty_gen += 1;
+            self.dirty.insert(k, self.dirty_gen);
+        }
+        Ok(())
     }
 
     /// Turns captured local changes into ops, merges them, and makes ops,
@@ -658,12 +670,9 @@ impl<S: LogStore> NodeCore<S> {
     /// Up to `limit` rows whose visible state must be written to the database.
     pub fn poll_apply(&mut self, limit: usize) -> Result<Vec<PendingApply>> {
         let mut out = Vec::new();
-        for (k, v) in self.store.range(P_DIRTY, &prefix_end(P_DIRTY), limit)? {
-            let (table, key) = split_row_key(&k, P_DIRTY.len())?;
-            let generation = u64::from_be_bytes(v.try_into().unwrap_or([0; 8]));
-            let Some(info) = self.tables.get(&table) else {
-                continue;
-            };
+        for (k, generation) in self.dirty.iter().take(limit) {
+            let (table, key) = split_row_key(k, 0)?;
+            let Some(info) = self.tables.get(&table) else { continue };
             let state = self.row_state(&table, &key)?;
             let row = state.visible(&info.rules).map(|mut r| {
                 for (col, val) in info.schema.key.iter().zip(&key) {
@@ -673,7 +682,7 @@ impl<S: LogStore> NodeCore<S> {
             });
             out.push(PendingApply {
                 write: RowWrite { table, key, row },
-                token: (k, generation),
+                token: (k.clone(), *generation),
             });
         }
         Ok(out)
@@ -682,22 +691,25 @@ impl<S: LogStore> NodeCore<S> {
     /// The shell wrote `done` in one transaction that committed with the
     /// change table at `watermark` (its highest id so far).
     pub fn handle_applied(&mut self, done: &[PendingApply], watermark: i64) -> Result<()> {
-        let mut batch = WriteBatch::default();
         for p in done {
-            let (dk, generation) = &p.token;
-            if self
-                .store
-                .get(dk)?
-                .is_some_and(|cur| cur.as_slice() == generation.to_be_bytes())
-            {
-                batch.remove(dk.clone());
-                self.dirty_count = self.dirty_count.saturating_sub(1);
+            let (k, generation) = &p.token;
+            if self.dirty.get(k) == Some(generation) {
+                self.dirty.remove(k);
             }
-            let rk = row_key(P_ROW, &p.write.table, &p.write.key)?;
+            let mut rk = P_ROW.to_vec();
+            rk.extend_from_slice(k);
             self.applied_marks.insert(rk, watermark);
         }
-        // Not flushed on purpose: losing this only re-applies rows (idempotent).
-        self.store.write(batch)
+        if self.dirty.is_empty() && self.journal_next > 0 {
+            // Everything journaled is in the database now. Not flushed on
+            // purpose: losing this only re-applies rows (idempotent).
+            let mut batch = WriteBatch::default();
+            for (k, _) in self.store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)? {
+                batch.remove(k);
+            }
+            self.store.write(batch)?;
+        }
+        Ok(())
     }
 }
 
@@ -1000,6 +1012,28 @@ mod tests {
         gap.id.as_mut().unwrap().seq = 7;
         let ctl = a.handle_message(t(1000), remote_batch(vec![gap])).unwrap();
         assert!(matches!(ctl, Control::Reconnect(r) if r.contains("gap")));
+    }
+
+    #[test]
+    fn rows_merged_but_not_yet_applied_survive_a_crash() {
+        let mut b = core("b");
+        b.handle_captured(t(1000), &[change(1, ChangeKind::Insert, None, row(1, "x", "y"))])
+            .unwrap();
+        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        let mut a = connected("a");
+        a.handle_message(t(1000), remote_batch(ops)).unwrap();
+        // Acked (flushed) but the database write never happened: crash.
+        let mut store = a.into_store();
+        store.crash();
+        let mut a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        let pending = a.poll_apply(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].write.row, row(1, "x", "y"));
+        a.handle_applied(&pending, 0).unwrap();
+        assert!(a.poll_apply(10).unwrap().is_empty());
+        let store = a.into_store();
+        let mut a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        assert!(a.poll_apply(10).unwrap().is_empty(), "the journal was cleared");
     }
 
     #[test]
