@@ -521,7 +521,10 @@ mod tests {
 
     fn op(origin: &str, seq: u64, ahead_ms: u64) -> pb::Op {
         let o = NodeId::new(origin).unwrap();
-        let hlc = Hlc { time: Ntp64::from_unix_millis(1_000_000 + ahead_ms).0, id: o.hlc_id() };
+        let hlc = Hlc {
+            time: Ntp64::from_unix_millis(1_000_000 + ahead_ms).0,
+            id: o.hlc_id(),
+        };
         wire::op_to_proto(&Op::upsert(
             OpId::new(o, seq),
             hlc,
@@ -543,7 +546,9 @@ mod tests {
     }
 
     fn batch(ops: Vec<pb::Op>) -> pb::NodeMessage {
-        pb::NodeMessage { body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops })) }
+        pb::NodeMessage {
+            body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops })),
+        }
     }
 
     fn drain(h: &mut HubCore<MemStore>, sid: SessionId) -> Vec<pb::HubMessage> {
@@ -556,9 +561,15 @@ mod tests {
 
     fn session(h: &mut HubCore<MemStore>, node: &str, mode: &str) -> SessionId {
         let sid = h.handle_open();
-        assert_eq!(h.handle_message(now(), sid, hello(node, mode)).unwrap(), Control::Continue);
+        assert_eq!(
+            h.handle_message(now(), sid, hello(node, mode)).unwrap(),
+            Control::Continue
+        );
         let msgs = drain(h, sid);
-        assert!(matches!(msgs[0].body, Some(pb::hub_message::Body::Hello(_))));
+        assert!(matches!(
+            msgs[0].body,
+            Some(pb::hub_message::Body::Hello(_))
+        ));
         sid
     }
 
@@ -575,12 +586,16 @@ mod tests {
         let a = session(&mut h, "a", "bidirectional");
         let b = session(&mut h, "b", "bidirectional");
         let flushes = h.store.flushes;
-        let ctl = h.handle_message(now(), a, batch((1..=5).map(|s| op("a", s, 0)).collect())).unwrap();
+        let ctl = h
+            .handle_message(now(), a, batch((1..=5).map(|s| op("a", s, 0)).collect()))
+            .unwrap();
         assert_eq!(ctl, Control::Continue);
         assert_eq!(h.store.flushes, flushes + 1);
         let to_a = drain(&mut h, a);
-        assert!(matches!(&to_a[0].body, Some(pb::hub_message::Body::Ack(ack))
-            if ack.version_vector.as_ref().unwrap().entries["a"] == 5));
+        assert!(
+            matches!(&to_a[0].body, Some(pb::hub_message::Body::Ack(ack))
+            if ack.version_vector.as_ref().unwrap().entries["a"] == 5)
+        );
         assert_eq!(to_a.len(), 1, "a is not sent its own ops");
         let to_b = drain(&mut h, b);
         let sizes: Vec<usize> = to_b
@@ -602,9 +617,14 @@ mod tests {
     fn op_from_another_origin_is_refused_and_not_stored() {
         let mut h = hub();
         let a = session(&mut h, "a", "bidirectional");
-        let ctl = h.handle_message(now(), a, batch(vec![op("b", 1, 0)])).unwrap();
+        let ctl = h
+            .handle_message(now(), a, batch(vec![op("b", 1, 0)]))
+            .unwrap();
         assert!(matches!(ctl, Control::Close(r) if r.contains("origin")));
-        assert_eq!(error_code(&drain(&mut h, a)).as_deref(), Some("origin_mismatch"));
+        assert_eq!(
+            error_code(&drain(&mut h, a)).as_deref(),
+            Some("origin_mismatch")
+        );
         assert_eq!(h.version_vector().total(), 0);
     }
 
@@ -612,32 +632,57 @@ mod tests {
     fn gaps_duplicates_drift_and_protocol_misuse() {
         let mut h = hub();
         let a = session(&mut h, "a", "bidirectional");
-        h.handle_message(now(), a, batch(vec![op("a", 1, 0), op("a", 2, 0)])).unwrap();
+        h.handle_message(now(), a, batch(vec![op("a", 1, 0), op("a", 2, 0)]))
+            .unwrap();
         drain(&mut h, a);
         // A retry of durable ops is acknowledged again, not stored twice.
-        assert_eq!(h.handle_message(now(), a, batch(vec![op("a", 2, 0)])).unwrap(), Control::Continue);
+        assert_eq!(
+            h.handle_message(now(), a, batch(vec![op("a", 2, 0)]))
+                .unwrap(),
+            Control::Continue
+        );
         assert_eq!(h.version_vector().total(), 2);
         // A gap: ops before it are kept, the rest refused.
-        let ctl = h.handle_message(now(), a, batch(vec![op("a", 3, 0), op("a", 5, 0)])).unwrap();
+        let ctl = h
+            .handle_message(now(), a, batch(vec![op("a", 3, 0), op("a", 5, 0)]))
+            .unwrap();
         assert!(matches!(ctl, Control::Close(_)));
         let msgs = drain(&mut h, a);
-        assert!(matches!(msgs[msgs.len() - 2].body, Some(pb::hub_message::Body::Ack(_))));
+        assert!(matches!(
+            msgs[msgs.len() - 2].body,
+            Some(pb::hub_message::Body::Ack(_))
+        ));
         assert_eq!(error_code(&msgs).as_deref(), Some("seq_gap"));
         assert_eq!(h.version_vector().total(), 3);
         // Clock drift beyond the limit is refused with the numbers.
         let b = session(&mut h, "b", "bidirectional");
-        let ctl = h.handle_message(now(), b, batch(vec![op("b", 1, 60_000)])).unwrap();
+        let ctl = h
+            .handle_message(now(), b, batch(vec![op("b", 1, 60_000)]))
+            .unwrap();
         assert!(matches!(ctl, Control::Close(r) if r.contains("max_clock_drift")));
         let c = session(&mut h, "c", "bidirectional");
-        assert_eq!(h.handle_message(now(), c, batch(vec![op("c", 1, 400)])).unwrap(), Control::Continue);
+        assert_eq!(
+            h.handle_message(now(), c, batch(vec![op("c", 1, 400)]))
+                .unwrap(),
+            Control::Continue
+        );
         // Ops before hello, a second hello, and an empty message.
         let s = h.handle_open();
-        assert!(matches!(h.handle_message(now(), s, batch(vec![])).unwrap(), Control::Close(_)));
+        assert!(matches!(
+            h.handle_message(now(), s, batch(vec![])).unwrap(),
+            Control::Close(_)
+        ));
         assert_eq!(error_code(&drain(&mut h, s)).as_deref(), Some("no_hello"));
-        assert!(matches!(h.handle_message(now(), c, hello("c", "")).unwrap(), Control::Close(_)));
+        assert!(matches!(
+            h.handle_message(now(), c, hello("c", "")).unwrap(),
+            Control::Close(_)
+        ));
         let s = h.handle_open();
         let empty = pb::NodeMessage { body: None };
-        assert!(matches!(h.handle_message(now(), s, empty).unwrap(), Control::Close(_)));
+        assert!(matches!(
+            h.handle_message(now(), s, empty).unwrap(),
+            Control::Close(_)
+        ));
     }
 
     #[test]
@@ -645,11 +690,14 @@ mod tests {
         let mut h = hub();
         let publ = session(&mut h, "p", "publish");
         let sub = session(&mut h, "s", "subscribe");
-        let ctl = h.handle_message(now(), sub, batch(vec![op("s", 1, 0)])).unwrap();
+        let ctl = h
+            .handle_message(now(), sub, batch(vec![op("s", 1, 0)]))
+            .unwrap();
         assert!(matches!(ctl, Control::Close(_)));
         h.handle_close(sub);
         let sub = session(&mut h, "s", "subscribe");
-        h.handle_message(now(), publ, batch(vec![op("p", 1, 0)])).unwrap();
+        h.handle_message(now(), publ, batch(vec![op("p", 1, 0)]))
+            .unwrap();
         let to_pub = drain(&mut h, publ);
         assert_eq!(to_pub.len(), 1, "a publish-only node gets only its ack");
         assert_eq!(drain(&mut h, sub).len(), 1, "a subscriber gets the op");

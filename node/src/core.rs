@@ -230,7 +230,10 @@ impl<S: LogStore> NodeCore<S> {
         for (k, v) in store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)? {
             let rows: Vec<Vec<u8>> = dec(&v, "dirty journal")?;
             dirty.extend(rows.into_iter().map(|r| (r, 1)));
-            let n = k[P_DIRTY.len()..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let n = k[P_DIRTY.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             journal_next = journal_next.max(n + 1);
         }
         let stats = NodeStats {
@@ -672,7 +675,9 @@ impl<S: LogStore> NodeCore<S> {
         let mut out = Vec::new();
         for (k, generation) in self.dirty.iter().take(limit) {
             let (table, key) = split_row_key(k, 0)?;
-            let Some(info) = self.tables.get(&table) else { continue };
+            let Some(info) = self.tables.get(&table) else {
+                continue;
+            };
             let state = self.row_state(&table, &key)?;
             let row = state.visible(&info.rules).map(|mut r| {
                 for (col, val) in info.schema.key.iter().zip(&key) {
@@ -704,7 +709,10 @@ impl<S: LogStore> NodeCore<S> {
             // Everything journaled is in the database now. Not flushed on
             // purpose: losing this only re-applies rows (idempotent).
             let mut batch = WriteBatch::default();
-            for (k, _) in self.store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)? {
+            for (k, _) in self
+                .store
+                .range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)?
+            {
                 batch.remove(k);
             }
             self.store.write(batch)?;
@@ -1017,9 +1025,17 @@ mod tests {
     #[test]
     fn rows_merged_but_not_yet_applied_survive_a_crash() {
         let mut b = core("b");
-        b.handle_captured(t(1000), &[change(1, ChangeKind::Insert, None, row(1, "x", "y"))])
-            .unwrap();
-        let ops: Vec<pb::Op> = b.own_ops(1, 10).unwrap().iter().map(wire::op_to_proto).collect();
+        b.handle_captured(
+            t(1000),
+            &[change(1, ChangeKind::Insert, None, row(1, "x", "y"))],
+        )
+        .unwrap();
+        let ops: Vec<pb::Op> = b
+            .own_ops(1, 10)
+            .unwrap()
+            .iter()
+            .map(wire::op_to_proto)
+            .collect();
         let mut a = connected("a");
         a.handle_message(t(1000), remote_batch(ops)).unwrap();
         // Acked (flushed) but the database write never happened: crash.
@@ -1033,7 +1049,10 @@ mod tests {
         assert!(a.poll_apply(10).unwrap().is_empty());
         let store = a.into_store();
         let mut a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
-        assert!(a.poll_apply(10).unwrap().is_empty(), "the journal was cleared");
+        assert!(
+            a.poll_apply(10).unwrap().is_empty(),
+            "the journal was cleared"
+        );
     }
 
     #[test]
