@@ -32,6 +32,8 @@ if [ -z "${SYNCMESH_TEST_QUICK:-}" ]; then
     cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 
+say "cargo build -p syncmesh (the process-level tests run the binary)"
+cargo build -p syncmesh --locked
+
 say "cargo test (unit, property, end-to-end)"
-# Builds the `syncmesh` binary too: the process-level tests run it.
 cargo test --workspace --locked --no-fail-fast

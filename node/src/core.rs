@@ -504,7 +504,19 @@ impl<S: LogStore> NodeCore<S> {
                     )));
                 }
                 let hub_vv = wire::vv_from_proto(h.version_vector)?;
-                let has = hub_vv.get(&self.settings.name).min(self.seq);
+                let hub_has = hub_vv.get(&self.settings.name);
+                if hub_has > self.seq {
+                    // New ops would reuse sequence numbers the hub already
+                    // holds and be dropped as retries: refuse to go on.
+                    return Err(Error::Store {
+                        path: self.settings.name.to_string(),
+                        message: format!(
+                            "the hub holds {hub_has} ops from node {} but this node's log has only {}: its data_dir was reset or restored from an old backup; restore the latest data_dir, or give the database a new node name",
+                            self.settings.name, self.seq
+                        ),
+                    });
+                }
+                let has = hub_has;
                 self.stats.own_acked = has;
                 self.conn = Conn::Connected {
                     hub_acked_own: has,
@@ -1052,6 +1064,27 @@ mod tests {
         assert!(
             a.poll_apply(10).unwrap().is_empty(),
             "the journal was cleared"
+        );
+    }
+
+    #[test]
+    fn a_node_whose_log_is_behind_the_hub_refuses_to_reuse_sequence_numbers() {
+        let mut a = core("a");
+        a.poll_connect(0);
+        a.handle_connected(0);
+        let mut vv = VersionVector::default();
+        vv.set(NodeId::new("a").unwrap(), 5);
+        let reply = pb::HubMessage {
+            body: Some(pb::hub_message::Body::Hello(pb::HelloReply {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                hub: "hub".into(),
+                version_vector: Some(wire::vv_to_proto(&vv)),
+            })),
+        };
+        let err = a.handle_message(t(1000), reply).unwrap_err().to_string();
+        assert!(
+            err.contains("holds 5 ops") && err.contains("data_dir"),
+            "{err}"
         );
     }
 

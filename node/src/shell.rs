@@ -272,7 +272,11 @@ impl Shell {
                     let ctl = match msg {
                         Ok(Some(m)) => {
                             let now = Ntp64::from_unix_millis(now_ms());
-                            self.core.handle_message(now, m)?
+                            let started = std::time::Instant::now();
+                            let ctl = self.core.handle_message(now, m)?;
+                            let ms = started.elapsed().as_millis() as u64;
+                            tracing::debug!(node = %self.core.name(), ms, "hub message merged");
+                            ctl
                         }
                         Ok(None) => Control::Reconnect("the hub closed the stream".into()),
                         Err(s) => Control::Reconnect(format!("stream error: {}", s.message())),
@@ -327,11 +331,15 @@ impl Shell {
                 return Ok(());
             }
             let n = changes.len();
+            let started = std::time::Instant::now();
             let cp = self
                 .core
                 .handle_captured(Ntp64::from_unix_millis(now_ms()), &changes)?;
+            let logged_ms = started.elapsed().as_millis() as u64;
             // The ops are flushed: only now may the change rows go.
             self.db.delete_changes_through(cp).await?;
+            let total_ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(node = %self.core.name(), changes = n, logged_ms, total_ms, "captured");
             if n < self.batch_size {
                 return Ok(());
             }
@@ -344,9 +352,12 @@ impl Shell {
             if pending.is_empty() {
                 return Ok(());
             }
+            let started = std::time::Instant::now();
             let writes: Vec<_> = pending.iter().map(|p| p.write.clone()).collect();
             let watermark = self.db.apply(&self.schemas, &writes).await?;
             self.core.handle_applied(&pending, watermark)?;
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(node = %self.core.name(), rows = writes.len(), ms, "applied");
         }
     }
 

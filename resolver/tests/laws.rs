@@ -70,6 +70,14 @@ fn history(script: &[(usize, u8, i64, u8)]) -> Vec<Op> {
     ops
 }
 
+/// 2,000 cases per law by default; `SYNCMESH_PROPTEST_CASES=100000` for a sweep.
+fn cases() -> u32 {
+    std::env::var("SYNCMESH_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 fn merge(ops: &[Op]) -> RowState {
     let mut r = RowState::default();
     for op in ops {
@@ -83,7 +91,7 @@ fn script() -> impl Strategy<Value = Vec<(usize, u8, i64, u8)>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn any_permutation_gives_identical_bytes(s in script(), perm_seed in any::<u64>()) {

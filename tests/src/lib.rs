@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Path of the `syncmesh` binary built next to this test binary.
+/// Path of the `syncmesh` binary: `$SYNCMESH_BIN`, or the one built next to
+/// this test binary (`scripts/test.sh` builds it first).
 pub fn syncmesh_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SYNCMESH_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/syncmesh
     let bin = exe
