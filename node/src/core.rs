@@ -912,6 +912,17 @@ mod tests {
         }
     }
 
+    /// The ops node `b` makes from `changes`, as the hub would relay them.
+    fn ops_from_b(changes: &[CapturedChange]) -> Vec<pb::Op> {
+        let mut b = core("b");
+        b.handle_captured(t(1000), changes).unwrap();
+        b.own_ops(1, 100)
+            .unwrap()
+            .iter()
+            .map(wire::op_to_proto)
+            .collect()
+    }
+
     fn connected(name: &str) -> NodeCore<MemStore> {
         let mut c = core(name);
         assert!(c.poll_connect(0));
@@ -994,21 +1005,10 @@ mod tests {
 
     #[test]
     fn remote_ops_are_merged_once_acked_after_flush_and_gaps_are_refused() {
-        let mut b = core("b");
-        b.handle_captured(
-            t(1000),
-            &[
-                change(1, ChangeKind::Insert, None, row(1, "x", "y")),
-                change(2, ChangeKind::Update, row(1, "x", "y"), row(1, "bx", "y")),
-            ],
-        )
-        .unwrap();
-        let ops: Vec<pb::Op> = b
-            .own_ops(1, 10)
-            .unwrap()
-            .iter()
-            .map(wire::op_to_proto)
-            .collect();
+        let ops = ops_from_b(&[
+            change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+            change(2, ChangeKind::Update, row(1, "x", "y"), row(1, "bx", "y")),
+        ]);
         let mut a = connected("a");
         let flushes = a.store().flushes;
         assert_eq!(
@@ -1036,18 +1036,7 @@ mod tests {
 
     #[test]
     fn rows_merged_but_not_yet_applied_survive_a_crash() {
-        let mut b = core("b");
-        b.handle_captured(
-            t(1000),
-            &[change(1, ChangeKind::Insert, None, row(1, "x", "y"))],
-        )
-        .unwrap();
-        let ops: Vec<pb::Op> = b
-            .own_ops(1, 10)
-            .unwrap()
-            .iter()
-            .map(wire::op_to_proto)
-            .collect();
+        let ops = ops_from_b(&[change(1, ChangeKind::Insert, None, row(1, "x", "y"))]);
         let mut a = connected("a");
         a.handle_message(t(1000), remote_batch(ops)).unwrap();
         // Acked (flushed) but the database write never happened: crash.
@@ -1090,18 +1079,7 @@ mod tests {
 
     #[test]
     fn local_change_overwritten_by_an_apply_is_written_back() {
-        let mut b = core("b");
-        b.handle_captured(
-            t(1000),
-            &[change(1, ChangeKind::Insert, None, row(1, "remote", "y"))],
-        )
-        .unwrap();
-        let ops: Vec<pb::Op> = b
-            .own_ops(1, 10)
-            .unwrap()
-            .iter()
-            .map(wire::op_to_proto)
-            .collect();
+        let ops = ops_from_b(&[change(1, ChangeKind::Insert, None, row(1, "remote", "y"))]);
         let mut a = connected("a");
         a.handle_message(t(1000), remote_batch(ops)).unwrap();
         let applies = a.poll_apply(10).unwrap();
