@@ -209,7 +209,11 @@ async fn run_actor(
                         let _ = reply.send(sid);
                     }
                     Cmd::Msg(sid, msg) => {
-                        match core.handle_message(wall_now(), sid, msg)? {
+                        let started = std::time::Instant::now();
+                        let ctl = core.handle_message(wall_now(), sid, msg)?;
+                        let ms = started.elapsed().as_millis() as u64;
+                        tracing::debug!(session = sid, ms, "message handled");
+                        match ctl {
                             Control::Continue => {}
                             Control::Close(reason) => {
                                 tracing::warn!(session = sid, %reason, "closing a sync stream");

@@ -247,7 +247,7 @@ impl Shell {
             tokio::select! {
                 _ = tick.tick() => {
                     if self.capture {
-                        self.capture_all().await?;
+                        self.capture_all(link.as_ref()).await?;
                     }
                     self.apply_all().await?;
                 }
@@ -321,7 +321,9 @@ impl Shell {
         }
     }
 
-    async fn capture_all(&mut self) -> Result<()> {
+    /// Captures every pending change, batch by batch, sending each batch
+    /// to the hub (when connected) before reading the next.
+    async fn capture_all(&mut self, link: Option<&Link>) -> Result<()> {
         loop {
             let changes = self
                 .db
@@ -340,6 +342,9 @@ impl Shell {
             self.db.delete_changes_through(cp).await?;
             let total_ms = started.elapsed().as_millis() as u64;
             tracing::debug!(node = %self.core.name(), changes = n, logged_ms, total_ms, "captured");
+            if let Some(l) = link {
+                self.pump(l)?;
+            }
             if n < self.batch_size {
                 return Ok(());
             }
