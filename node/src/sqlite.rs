@@ -669,6 +669,10 @@ impl SqliteAdapter {
         }
         let mut planned: Vec<(String, Vec<&Value>)> = Vec::with_capacity(writes.len());
         let mut sql_cache: HashMap<(&str, bool), String> = HashMap::new();
+        // Consecutive upserts of one table go out as multi-row statements:
+        // one round trip to the SQLite worker per chunk, not per row.
+        let mut chunk: UpsertChunk = None;
+        let mut checked: Vec<&str> = Vec::new();
         for w in writes {
             let Some(schema) = schemas.iter().find(|s| s.name == w.table) else {
                 return Err(schema_err(
@@ -677,7 +681,10 @@ impl SqliteAdapter {
                      sender",
                 ));
             };
-            check_schema_names(schema)?;
+            if !checked.contains(&schema.name.as_str()) {
+                check_schema_names(schema)?;
+                checked.push(&schema.name);
+            }
             if w.key.len() != schema.key.len() {
                 return Err(schema_err(
                     &w.table,
@@ -689,18 +696,15 @@ impl SqliteAdapter {
                     ),
                 ));
             }
-            let sql = sql_cache
-                .entry((schema.name.as_str(), w.row.is_some()))
-                .or_insert_with(|| {
-                    if w.row.is_some() {
-                        upsert_sql(schema)
-                    } else {
-                        delete_sql(schema)
-                    }
-                })
-                .clone();
-            let params = match &w.row {
-                None => w.key.iter().collect(),
+            match &w.row {
+                None => {
+                    flush_upserts(&mut chunk, &mut planned);
+                    let sql = sql_cache
+                        .entry((schema.name.as_str(), false))
+                        .or_insert_with(|| delete_sql(schema))
+                        .clone();
+                    planned.push((sql, w.key.iter().collect()));
+                }
                 Some(row) => {
                     if let Some(unknown) = row
                         .keys()
@@ -714,18 +718,27 @@ impl SqliteAdapter {
                             ),
                         ));
                     }
-                    schema
-                        .columns
-                        .iter()
-                        .map(|col| match schema.key.iter().position(|k| k == &col.name) {
+                    let same_table = chunk
+                        .as_ref()
+                        .is_some_and(|(s, _, _)| s.name == schema.name);
+                    let full = chunk
+                        .as_ref()
+                        .is_some_and(|(s, rows, _)| *rows >= rows_per_statement(s));
+                    if !same_table || full {
+                        flush_upserts(&mut chunk, &mut planned);
+                    }
+                    let (_, rows, params) = chunk.get_or_insert_with(|| (schema, 0, Vec::new()));
+                    *rows += 1;
+                    params.extend(schema.columns.iter().map(|col| {
+                        match schema.key.iter().position(|k| k == &col.name) {
                             Some(i) => w.key.get(i).unwrap_or(&Value::Null),
                             None => row.get(&col.name).unwrap_or(&Value::Null),
-                        })
-                        .collect()
+                        }
+                    }));
                 }
-            };
-            planned.push((sql, params));
+            }
         }
+        flush_upserts(&mut chunk, &mut planned);
 
         let mut tx = self
             .pool
@@ -1090,13 +1103,31 @@ fn trigger_sql(schema: &TableSchema) -> Vec<String> {
     ]
 }
 
-fn upsert_sql(schema: &TableSchema) -> String {
+/// Consecutive upserts of one table waiting to go out as one statement:
+/// the schema, the number of rows, and their parameters.
+type UpsertChunk<'a> = Option<(&'a TableSchema, usize, Vec<&'a Value>)>;
+
+fn flush_upserts<'a>(chunk: &mut UpsertChunk<'a>, planned: &mut Vec<(String, Vec<&'a Value>)>) {
+    if let Some((schema, rows, params)) = chunk.take() {
+        planned.push((upsert_rows_sql(schema, rows), params));
+    }
+}
+
+/// Rows per multi-row upsert: at most 200, and within SQLite's limit of
+/// 32,766 bound parameters per statement.
+fn rows_per_statement(schema: &TableSchema) -> usize {
+    (32_766 / schema.columns.len().max(1)).clamp(1, 200)
+}
+
+/// `INSERT … VALUES (…), (…) … ON CONFLICT (key) DO UPDATE` for `rows` rows.
+fn upsert_rows_sql(schema: &TableSchema, rows: usize) -> String {
     let cols: Vec<String> = schema
         .columns
         .iter()
         .map(|c| quote_ident(&c.name))
         .collect();
-    let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    let one = format!("({})", vec!["?"; cols.len()].join(", "));
+    let params = vec![one; rows.max(1)].join(", ");
     let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
     let updates: Vec<String> = schema
         .columns
@@ -1113,10 +1144,10 @@ fn upsert_sql(schema: &TableSchema) -> String {
         format!("UPDATE SET {}", updates.join(", "))
     };
     format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {action}",
         quote_ident(&schema.name),
         cols.join(", "),
-        params.join(", "),
+        params,
         key.join(", "),
     )
 }
@@ -1370,8 +1401,10 @@ mod tests {
             ],
             key: vec!["i\"d".into()],
         };
-        let up = upsert_sql(&schema);
-        assert!(up.starts_with("INSERT INTO \"we\"\"ird 'tbl'\" (\"i\"\"d\", \"v'al\")"));
+        let up = upsert_rows_sql(&schema, 2);
+        assert!(up.starts_with(
+            "INSERT INTO \"we\"\"ird 'tbl'\" (\"i\"\"d\", \"v'al\") VALUES (?, ?), (?, ?) ON"
+        ));
         assert!(
             up.ends_with("ON CONFLICT (\"i\"\"d\") DO UPDATE SET \"v'al\" = excluded.\"v'al\"")
         );

@@ -1118,3 +1118,71 @@ async fn apply_returns_the_change_watermark_and_works_without_capture() {
     assert!(next[0].change_id > ids[1]);
     assert_eq!(a.change_watermark().await.unwrap(), next[0].change_id);
 }
+
+/// Many upserts across two tables, interleaved with deletes, go out as
+/// multi-row statements in order: the result is exactly the writes applied
+/// one by one, and none of them is captured.
+#[tokio::test]
+async fn large_mixed_apply_is_chunked_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, u, schemas) = setup(
+        dir.path(),
+        &[
+            "CREATE TABLE t1 (id INTEGER PRIMARY KEY, v TEXT)",
+            "CREATE TABLE t2 (a INTEGER, b TEXT, w REAL, PRIMARY KEY (a, b))",
+            "INSERT INTO t1 VALUES (5, 'old'), (7, 'gone')",
+        ],
+        &[("t1", &[]), ("t2", &[])],
+    )
+    .await;
+    exec(&u, "DELETE FROM _syncmesh_changes").await;
+    let mut writes = Vec::new();
+    for i in 0..450i64 {
+        writes.push(RowWrite {
+            table: "t1".into(),
+            key: vec![Value::Int(i)],
+            row: Some(row(&[
+                ("id", Value::Int(i)),
+                ("v", Value::Text(format!("v{i}"))),
+            ])),
+        });
+        if i % 3 == 0 {
+            writes.push(RowWrite {
+                table: "t2".into(),
+                key: vec![Value::Int(i), Value::Text("k".into())],
+                row: Some(row(&[("w", Value::Float(i as f64 / 4.0))])),
+            });
+        }
+        if i == 100 {
+            writes.push(RowWrite {
+                table: "t1".into(),
+                key: vec![Value::Int(7)],
+                row: None,
+            });
+        }
+    }
+    // Row 7 is upserted (i = 7) before it is deleted (at i = 100): the
+    // delete must come out after the chunk holding the upsert.
+    a.apply(&schemas, &writes).await.unwrap();
+    let t1 = a.dump_table(&schemas[0]).await.unwrap();
+    assert_eq!(
+        t1.len(),
+        449,
+        "450 upserted, row 7 deleted after its upsert"
+    );
+    assert!(t1.iter().all(|r| r["id"] != Value::Int(7)));
+    assert_eq!(
+        t1[5]["v"],
+        Value::Text("v5".into()),
+        "upsert replaced the old row"
+    );
+    let t2 = a.dump_table(&schemas[1]).await.unwrap();
+    assert_eq!(t2.len(), 150);
+    assert_eq!(t2[2]["w"], Value::Float(1.5));
+    assert_eq!(t2[2]["b"], Value::Text("k".into()));
+    assert_eq!(
+        a.pending_changes().await.unwrap(),
+        0,
+        "applies are not captured"
+    );
+}
