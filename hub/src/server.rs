@@ -111,6 +111,8 @@ pub struct HubHandle {
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<()>>,
     actor: tokio::task::JoinHandle<Result<()>>,
+    /// Set once `wait` saw a task end: the handles must not be polled again.
+    stopped: bool,
 }
 
 impl HubHandle {
@@ -124,6 +126,9 @@ impl HubHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if self.stopped {
+            return Ok(());
+        }
         self.server.abort();
         let _ = (&mut self.server).await;
         match self.actor.await {
@@ -134,10 +139,23 @@ impl HubHandle {
 
     /// Waits until the hub stops by itself (an error) or forever.
     pub async fn wait(&mut self) -> Result<()> {
-        match (&mut self.server).await {
-            Ok(r) => r,
-            Err(e) => Err(Error::Server(format!("hub server task failed: {e}"))),
+        if self.stopped {
+            return Ok(());
         }
+        let res = tokio::select! {
+            r = &mut self.server => match r {
+                Ok(r) => r,
+                Err(e) => Err(Error::Server(format!("hub server task failed: {e}"))),
+            },
+            // The actor only stops on a store error or after shutdown.
+            r = &mut self.actor => match r {
+                Ok(Ok(())) => Err(Error::Server("the hub core stopped".into())),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Server(format!("hub actor failed: {e}"))),
+            },
+        };
+        self.stopped = true;
+        res
     }
 }
 
@@ -181,6 +199,7 @@ pub async fn start_hub(
     });
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle {
+        stopped: false,
         addr,
         shutdown: Some(shutdown_tx),
         server,

@@ -230,6 +230,8 @@ impl Shell {
         let mut tick = tokio::time::interval(Duration::from_millis(CAPTURE_INTERVAL_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
+        let mut db_backoff_ms = 0u64;
+        let mut db_retry_at_ms = 0u64;
         loop {
             if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms())
             {
@@ -246,10 +248,27 @@ impl Shell {
             let _ = self.stats.send(self.core.stats());
             tokio::select! {
                 _ = tick.tick() => {
-                    if self.capture {
-                        self.capture_all(link.as_ref()).await?;
+                    if now_ms() >= db_retry_at_ms {
+                        let mut res = Ok(());
+                        if self.capture {
+                            res = self.capture_all(link.as_ref()).await;
+                        }
+                        if res.is_ok() {
+                            res = self.apply_all().await;
+                        }
+                        match res {
+                            Ok(()) => db_backoff_ms = 0,
+                            // The database is busy, locked or away: nothing
+                            // is lost (changes wait in the change table,
+                            // merged rows in the journal); retry with backoff.
+                            Err(e @ Error::Database { .. }) => {
+                                db_backoff_ms = (db_backoff_ms * 2).clamp(250, 30_000);
+                                db_retry_at_ms = now_ms() + db_backoff_ms;
+                                tracing::warn!(node = %self.core.name(), retry_in_ms = db_backoff_ms, "{e}");
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
-                    self.apply_all().await?;
                 }
                 res = connected(&mut connecting) => {
                     connecting = None;
