@@ -141,6 +141,8 @@ pub async fn start_node(
         batch_size: sync.batch_size,
         capture: cfg.mode != Mode::Subscribe,
         stats: stats_tx,
+        db_backoff_ms: 0,
+        db_retry_at_ms: 0,
     };
     let join = tokio::spawn(shell.run(cmd_rx));
     Ok(NodeHandle {
@@ -166,6 +168,8 @@ struct Shell {
     batch_size: usize,
     capture: bool,
     stats: watch::Sender<NodeStats>,
+    db_backoff_ms: u64,
+    db_retry_at_ms: u64,
 }
 
 async fn connect(url: String) -> Result<Link> {
@@ -230,8 +234,6 @@ impl Shell {
         let mut tick = tokio::time::interval(Duration::from_millis(CAPTURE_INTERVAL_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
-        let mut db_backoff_ms = 0u64;
-        let mut db_retry_at_ms = 0u64;
         loop {
             if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms())
             {
@@ -248,27 +250,8 @@ impl Shell {
             let _ = self.stats.send(self.core.stats());
             tokio::select! {
                 _ = tick.tick() => {
-                    if now_ms() >= db_retry_at_ms {
-                        let mut res = Ok(());
-                        if self.capture {
-                            res = self.capture_all(link.as_ref()).await;
-                        }
-                        if res.is_ok() {
-                            res = self.apply_all().await;
-                        }
-                        match res {
-                            Ok(()) => db_backoff_ms = 0,
-                            // The database is busy, locked or away: nothing
-                            // is lost (changes wait in the change table,
-                            // merged rows in the journal); retry with backoff.
-                            Err(e @ Error::Database { .. }) => {
-                                db_backoff_ms = (db_backoff_ms * 2).clamp(250, 30_000);
-                                db_retry_at_ms = now_ms() + db_backoff_ms;
-                                tracing::warn!(node = %self.core.name(), retry_in_ms = db_backoff_ms, "{e}");
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    let capture = self.capture;
+                    self.db_step(link.as_ref(), capture).await?;
                 }
                 res = connected(&mut connecting) => {
                     connecting = None;
@@ -305,7 +288,7 @@ impl Shell {
                         link = None;
                         self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
                     }
-                    self.apply_all().await?;
+                    self.db_step(link.as_ref(), false).await?;
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(ShellCmd::SetOnline(on)) => {
@@ -323,6 +306,36 @@ impl Shell {
         }
         self.db.close().await;
         Ok(())
+    }
+
+    /// Captures (if `capture`) and applies. A database error (busy, locked,
+    /// away) is logged and retried with backoff: nothing is lost, changes
+    /// wait in the change table and merged rows in the journal. Any other
+    /// error stops the node.
+    async fn db_step(&mut self, link: Option<&Link>, capture: bool) -> Result<()> {
+        if now_ms() < self.db_retry_at_ms {
+            return Ok(());
+        }
+        let mut res = Ok(());
+        if capture {
+            res = self.capture_all(link).await;
+        }
+        if res.is_ok() {
+            res = self.apply_all().await;
+        }
+        match res {
+            Ok(()) => {
+                self.db_backoff_ms = 0;
+                Ok(())
+            }
+            Err(e @ Error::Database { .. }) => {
+                self.db_backoff_ms = (self.db_backoff_ms * 2).clamp(250, 30_000);
+                self.db_retry_at_ms = now_ms() + self.db_backoff_ms;
+                tracing::warn!(node = %self.core.name(), retry_in_ms = self.db_backoff_ms, "{e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends what the core has while the stream has room; false if it closed.

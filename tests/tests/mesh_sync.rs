@@ -247,3 +247,33 @@ async fn local_write_racing_remote_apply_is_not_lost() -> Result<()> {
     );
     mesh.stop().await
 }
+
+/// A user holds edge-a's database locked for longer than the busy timeout
+/// while remote changes arrive: the apply fails, the node keeps running and
+/// retries, and everything lands once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_delays_but_does_not_stop_the_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = Mesh::start(dir.path(), 100).await?;
+    let mut conn = mesh.dbs[0].1.pool().acquire().await?;
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await?;
+    sqlx::query("UPDATE orders SET qty = 0 WHERE id = -1")
+        .execute(&mut *conn)
+        .await?;
+    mesh.exec(1, "INSERT INTO orders VALUES (1, 'while-locked', 1, 'new')")
+        .await?;
+    // Longer than the adapter's 5 s busy timeout.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    assert!(
+        rows(&mesh, 0).await?.is_empty(),
+        "edge-a could not apply while locked"
+    );
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    drop(conn);
+    mesh.wait_converged().await?;
+    assert_eq!(
+        rows(&mesh, 0).await?,
+        vec![row(1, "while-locked", 1, "new")]
+    );
+    mesh.stop().await
+}
