@@ -12,5 +12,6 @@
 
 pub mod bench;
 pub mod check;
+pub mod conflicts;
 pub mod demo;
 pub mod mesh;

@@ -1,6 +1,6 @@
 //! `syncmesh`: the one user-facing binary (hub, node, check, status, demo, bench).
 
-use syncmesh::{bench, check, demo, mesh};
+use syncmesh::{bench, check, conflicts, demo, mesh};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +69,21 @@ enum Command {
         /// Hub URL, e.g. http://127.0.0.1:7700
         #[arg(long)]
         hub: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the conflict records a hub holds, newest first.
+    Conflicts {
+        /// Hub URL, e.g. http://127.0.0.1:7700
+        #[arg(long)]
+        hub: String,
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+        /// Only since this time: 90m, 24h, 7d, an RFC 3339 time, or Unix ms.
+        #[arg(long)]
+        since: Option<String>,
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
@@ -165,6 +180,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Check { config, name } => {
             init_logs(cli.log_format, "warn");
             check::run(&config, name.as_deref()).await
+        }
+        Command::Conflicts {
+            hub,
+            table,
+            since,
+            json,
+        } => {
+            init_logs(cli.log_format, "warn");
+            let since_ms = match since {
+                Some(s) => conflicts::parse_since(&s, std::time::SystemTime::now())?,
+                None => 0,
+            };
+            let reply = conflicts::fetch(&hub, table.as_deref(), since_ms).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&conflicts::to_json(&reply))
+                        .context("encoding conflicts")?
+                );
+            } else {
+                conflicts::print(&reply);
+            }
+            Ok(true)
         }
         Command::Status { hub, json } => {
             init_logs(cli.log_format, "warn");

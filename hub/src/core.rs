@@ -14,6 +14,12 @@ use crate::Result;
 const P_OPS: &[u8] = b"o/";
 const P_VV: &[u8] = b"v/";
 const P_NODE: &[u8] = b"n/";
+const P_CONFLICT: &[u8] = b"c/";
+
+/// Conflict records returned by one query when the caller sets no limit.
+pub const DEFAULT_CONFLICT_LIMIT: usize = 1000;
+/// Default retention of conflict records.
+pub const DEFAULT_CONFLICT_RETENTION_DAYS: u32 = 90;
 
 /// Most op batches in flight (sent, not acknowledged) per session.
 pub const MAX_INFLIGHT_BATCHES: u64 = 4;
@@ -75,6 +81,7 @@ pub struct HubCore<S: LogStore> {
     next_session: SessionId,
     to_close: VecDeque<(SessionId, String)>,
     errors_total: u64,
+    conflict_retention_days: u32,
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -123,7 +130,82 @@ impl<S: LogStore> HubCore<S> {
             next_session: 1,
             to_close: VecDeque::new(),
             errors_total: 0,
+            conflict_retention_days: DEFAULT_CONFLICT_RETENTION_DAYS,
         })
+    }
+
+    /// Keeps conflict records for `days` (at least 1).
+    pub fn set_conflict_retention_days(&mut self, days: u32) {
+        self.conflict_retention_days = days.max(1);
+    }
+
+    /// Stores a conflict record. Its key is derived from its content, so the
+    /// same conflict stored twice is one record.
+    pub fn record_conflict(&mut self, batch: &mut WriteBatch, c: &pb::ConflictRecord) {
+        let mut k = P_CONFLICT.to_vec();
+        let hlc = c.hlc.as_ref().map(|h| h.time).unwrap_or(0);
+        k.extend_from_slice(&hlc.to_be_bytes());
+        k.extend_from_slice(c.table.as_bytes());
+        k.push(0);
+        let ident = pb::ConflictRecord {
+            hlc: None,
+            table: String::new(),
+            key: c.key.clone(),
+            field: c.field.clone(),
+            candidates: c
+                .candidates
+                .iter()
+                .map(|x| pb::ConflictCandidate {
+                    op: x.op.clone(),
+                    hlc: None,
+                    value: None,
+                })
+                .collect(),
+            strategy: String::new(),
+            result: None,
+        };
+        k.extend_from_slice(&ident.encode_to_vec());
+        batch.put(k, c.encode_to_vec());
+    }
+
+    /// Conflict records, newest first, filtered as the request asks.
+    pub fn conflicts(&self, req: &pb::ConflictsRequest) -> Result<pb::ConflictsReply> {
+        let mut start = P_CONFLICT.to_vec();
+        start.extend_from_slice(&Ntp64::from_unix_millis(req.since_unix_ms).0.to_be_bytes());
+        let all = self
+            .store
+            .range(&start, &prefix_end(P_CONFLICT), usize::MAX)?;
+        let total = all.len() as u64;
+        let limit = if req.limit == 0 {
+            DEFAULT_CONFLICT_LIMIT
+        } else {
+            req.limit as usize
+        };
+        let conflicts = all
+            .iter()
+            .rev()
+            .filter_map(|(_, v)| pb::ConflictRecord::decode(v.as_slice()).ok())
+            .filter(|c| req.table.is_empty() || c.table == req.table)
+            .take(limit)
+            .collect();
+        Ok(pb::ConflictsReply { conflicts, total })
+    }
+
+    /// Periodic housekeeping: drops conflict records past their retention.
+    pub fn handle_tick(&mut self, now: Ntp64) -> Result<()> {
+        let keep_ms = u64::from(self.conflict_retention_days) * 86_400_000;
+        let cutoff = Ntp64::from_unix_millis(now.as_unix_millis().saturating_sub(keep_ms));
+        let mut end = P_CONFLICT.to_vec();
+        end.extend_from_slice(&cutoff.0.to_be_bytes());
+        let old = self.store.range(P_CONFLICT, &end, 10_000)?;
+        if !old.is_empty() {
+            let mut batch = WriteBatch::default();
+            for (k, _) in old {
+                batch.remove(k);
+            }
+            self.store.write(batch)?;
+        }
+        Ok(())
     }
 
     /// The mesh's version vector as held by this hub.
@@ -683,6 +765,70 @@ mod tests {
             h.handle_message(now(), s, empty).unwrap(),
             Control::Close(_)
         ));
+    }
+
+    fn conflict(table: &str, at_ms: u64, ids: &[u64]) -> pb::ConflictRecord {
+        let hlc = |ms: u64| {
+            Some(pb::Hlc {
+                time: Ntp64::from_unix_millis(ms).0,
+                id: vec![1],
+            })
+        };
+        pb::ConflictRecord {
+            hlc: hlc(at_ms),
+            table: table.into(),
+            key: vec![wire::value_to_proto(&Value::Int(1))],
+            field: "status".into(),
+            candidates: ids
+                .iter()
+                .map(|s| pb::ConflictCandidate {
+                    op: Some(pb::OpId {
+                        origin: "a".into(),
+                        seq: *s,
+                    }),
+                    hlc: hlc(at_ms),
+                    value: Some(wire::value_to_proto(&Value::Int(*s as i64))),
+                })
+                .collect(),
+            strategy: "last_write_wins".into(),
+            result: Some(wire::value_to_proto(&Value::Int(1))),
+        }
+    }
+
+    #[test]
+    fn conflict_records_are_deduplicated_filtered_and_expire() {
+        let mut h = hub();
+        h.set_conflict_retention_days(1);
+        let mut b = WriteBatch::default();
+        h.record_conflict(&mut b, &conflict("orders", 1_000, &[1, 2]));
+        h.record_conflict(&mut b, &conflict("orders", 1_000, &[1, 2]));
+        h.record_conflict(&mut b, &conflict("orders", 5_000, &[3, 4]));
+        h.record_conflict(&mut b, &conflict("items", 90_000_000, &[5, 6]));
+        h.store.write(b).unwrap();
+        let all = h.conflicts(&pb::ConflictsRequest::default()).unwrap();
+        assert_eq!(all.total, 3, "the same conflict twice is one record");
+        assert_eq!(all.conflicts[0].table, "items", "newest first");
+        let orders = h
+            .conflicts(&pb::ConflictsRequest {
+                table: "orders".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(orders.conflicts.len(), 2);
+        let recent = h
+            .conflicts(&pb::ConflictsRequest {
+                since_unix_ms: 2_000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(recent.conflicts.len(), 2);
+        // A day and a bit later, only the newest survives retention.
+        h.handle_tick(Ntp64::from_unix_millis(86_400_000 + 10_000))
+            .unwrap();
+        assert_eq!(
+            h.conflicts(&pb::ConflictsRequest::default()).unwrap().total,
+            1
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ enum Cmd {
     Msg(SessionId, pb::NodeMessage),
     Closed(SessionId),
     Status(oneshot::Sender<pb::StatusReply>),
+    Conflicts(
+        pb::ConflictsRequest,
+        oneshot::Sender<Result<pb::ConflictsReply>>,
+    ),
 }
 
 fn wall_now() -> Ntp64 {
@@ -88,6 +92,22 @@ impl pb::sync_server::Sync for Service {
             let _ = cmds.send(Cmd::Closed(sid)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn conflicts(
+        &self,
+        request: Request<pb::ConflictsRequest>,
+    ) -> Result<Response<pb::ConflictsReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        let unavailable = || Status::unavailable("hub is shutting down; retry later");
+        self.cmds
+            .send(Cmd::Conflicts(request.into_inner(), tx))
+            .await
+            .map_err(|_| unavailable())?;
+        match rx.await.map_err(|_| unavailable())? {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn status(
@@ -215,10 +235,17 @@ async fn run_actor(
     let mut outs: HashMap<SessionId, Out> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_housekeeping = std::time::Instant::now();
+    core.handle_tick(wall_now())?;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                if last_housekeeping.elapsed() >= Duration::from_secs(60) {
+                    last_housekeeping = std::time::Instant::now();
+                    core.handle_tick(wall_now())?;
+                }
+            }
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
@@ -248,6 +275,9 @@ async fn run_actor(
                     }
                     Cmd::Status(reply) => {
                         let _ = reply.send(core.status());
+                    }
+                    Cmd::Conflicts(req, reply) => {
+                        let _ = reply.send(core.conflicts(&req));
                     }
                 }
             }
