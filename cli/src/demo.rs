@@ -19,10 +19,18 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orders (
     item TEXT NOT NULL,
     qty INTEGER NOT NULL DEFAULT 0,
     status TEXT)";
+/// The demo's `tables:` section.
+pub const TABLES_YAML: &str = "tables:\n  - name: orders\n    key: [id]\n    deletes: delete_wins\n    resolve:\n      default: last_write_wins\n";
+
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Writes the demo's config (hub on `port`) into `dir`.
-pub fn write_config(dir: &Path, port: u16, batch_size: usize) -> Result<PathBuf> {
+pub fn write_config(
+    dir: &Path,
+    port: u16,
+    batch_size: usize,
+    tables_yaml: &str,
+) -> Result<PathBuf> {
     let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./data/hub\nnodes:\n");
     for (i, n) in NODES.iter().enumerate() {
         yaml.push_str(&format!(
@@ -30,8 +38,9 @@ pub fn write_config(dir: &Path, port: u16, batch_size: usize) -> Result<PathBuf>
             i + 1
         ));
     }
+    yaml.push_str(tables_yaml);
     yaml.push_str(&format!(
-        "tables:\n  - name: orders\n    key: [id]\n    deletes: delete_wins\n    resolve:\n      default: last_write_wins\nsync:\n  batch_size: {batch_size}\n  max_clock_drift: 500ms\n"
+        "sync:\n  batch_size: {batch_size}\n  max_clock_drift: 500ms\n"
     ));
     let path = dir.join("syncmesh.yaml");
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
@@ -51,6 +60,17 @@ pub struct Mesh {
 impl Mesh {
     /// Creates the databases and starts hub and nodes under `dir`.
     pub async fn start(dir: &Path, batch_size: usize) -> Result<Mesh> {
+        Self::start_with(dir, batch_size, &[SCHEMA], TABLES_YAML).await
+    }
+
+    /// Like [`Mesh::start`] with your own DDL (run on every database) and
+    /// `tables:` section; `schemas` holds the configured tables in order.
+    pub async fn start_with(
+        dir: &Path,
+        batch_size: usize,
+        ddl: &[&str],
+        tables_yaml: &str,
+    ) -> Result<Mesh> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         for n in NODES {
@@ -59,29 +79,35 @@ impl Mesh {
                 true,
             )
             .await?;
-            sqlx::query(SCHEMA).execute(db.pool()).await?;
+            for d in ddl {
+                sqlx::query(sqlx::AssertSqlSafe(d.to_string()))
+                    .execute(db.pool())
+                    .await?;
+            }
             db.close().await;
         }
         // Bind the hub first on a free port, then write the config with it.
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = probe.local_addr()?.port();
         drop(probe);
-        let cfg = Config::load(&write_config(&dir, port, batch_size)?)?;
+        let cfg = Config::load(&write_config(&dir, port, batch_size, tables_yaml)?)?;
         let hub = mesh::start_hub_from(&cfg, cfg.hub()?).await?;
         let mut nodes = Vec::new();
         let mut dbs = Vec::new();
         for n in NODES {
             let node_cfg = cfg.node(n)?;
-            nodes.push(start_node(node_cfg, &cfg.tables, &cfg.sync, &cfg.source).await?);
+            nodes.push(start_node(&cfg, n).await?);
             dbs.push((
                 n.to_owned(),
                 SqliteAdapter::open(node_cfg.database.url.expose(), false).await?,
             ));
         }
-        let schemas = dbs[0]
-            .1
-            .introspect(&[("orders".into(), vec!["id".into()])])
-            .await?;
+        let wanted: Vec<_> = cfg
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.key.clone()))
+            .collect();
+        let schemas = dbs[0].1.introspect(&wanted).await?;
         Ok(Mesh {
             hub_url: hub.url(),
             hub: Some(hub),

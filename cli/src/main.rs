@@ -167,9 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             init_logs(cli.log_format, "info");
             let cfg = Config::load(&config)?;
             let node_cfg = cfg.node(&name)?;
-            let mut node =
-                syncmesh_node::shell::start_node(node_cfg, &cfg.tables, &cfg.sync, &cfg.source)
-                    .await?;
+            let mut node = syncmesh_node::shell::start_node(&cfg, &name).await?;
             tracing::info!(node = %name, hub = %node_cfg.hub, "node running; Ctrl-C to stop");
             tokio::select! {
                 r = node.wait() => r?,

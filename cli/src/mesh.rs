@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use syncmesh_hub::core::HubSettings;
-use syncmesh_hub::server::{HubHandle, start_hub};
+use syncmesh_hub::server::{HubHandle, HubOptions, start_hub};
 use syncmesh_node::adapter::TableSchema;
 use syncmesh_node::config::{Config, HubConfig};
 use syncmesh_node::shell::NodeHandle;
@@ -24,7 +24,16 @@ pub async fn start_hub_from(cfg: &Config, hub: &HubConfig) -> Result<HubHandle> 
         batch_size: cfg.sync.batch_size,
         max_clock_drift_ms: cfg.sync.max_clock_drift_ms,
     };
-    Ok(start_hub(settings, &hub.data_dir, hub.listen).await?)
+    let priorities = cfg.priorities();
+    let options = HubOptions {
+        tables: cfg
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.rules(&priorities)))
+            .collect(),
+        conflict_retention_days: cfg.conflicts.retention_days,
+    };
+    Ok(start_hub(settings, options, &hub.data_dir, hub.listen).await?)
 }
 
 /// Asks the hub at `url` for its status (5 s timeout).

@@ -4,10 +4,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use syncmesh_node::core::row_key;
 use syncmesh_node::store::{LogStore, WriteBatch, prefix_end};
 use syncmesh_node::wire;
 use syncmesh_proto::v1 as pb;
-use syncmesh_resolver::{HlcClock, NodeId, Ntp64, VersionVector};
+use syncmesh_resolver::{HlcClock, NodeId, Ntp64, Op, RowState, TableRules, VersionVector};
 
 use crate::Result;
 
@@ -15,6 +16,8 @@ const P_OPS: &[u8] = b"o/";
 const P_VV: &[u8] = b"v/";
 const P_NODE: &[u8] = b"n/";
 const P_CONFLICT: &[u8] = b"c/";
+const P_ROW: &[u8] = b"r/";
+const P_ROW_CONFLICTS: &[u8] = b"x/";
 
 /// Conflict records returned by one query when the caller sets no limit.
 pub const DEFAULT_CONFLICT_LIMIT: usize = 1000;
@@ -82,6 +85,9 @@ pub struct HubCore<S: LogStore> {
     to_close: VecDeque<(SessionId, String)>,
     errors_total: u64,
     conflict_retention_days: u32,
+    tables: BTreeMap<String, TableRules>,
+    /// Conflict keys per row written in the batch being built.
+    row_conflicts: BTreeMap<Vec<u8>, Vec<Vec<u8>>>,
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -131,7 +137,95 @@ impl<S: LogStore> HubCore<S> {
             to_close: VecDeque::new(),
             errors_total: 0,
             conflict_retention_days: DEFAULT_CONFLICT_RETENTION_DAYS,
+            tables: BTreeMap::new(),
+            row_conflicts: BTreeMap::new(),
         })
+    }
+
+    /// The tables whose ops the hub merges into its own row state to find
+    /// conflicts (ops of other tables are stored and relayed only).
+    pub fn set_tables(&mut self, tables: BTreeMap<String, TableRules>) {
+        self.tables = tables;
+    }
+
+    /// Merges `op` into the hub's row state (in `rows`, flushed with the
+    /// batch) and records every complete conflict of that row.
+    fn merge(
+        &mut self,
+        op: &Op,
+        rows: &mut BTreeMap<Vec<u8>, RowState>,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        let Some(rules) = self.tables.get(&op.table).cloned() else {
+            return Ok(());
+        };
+        let rk = row_key(P_ROW, &op.table, &op.key)?;
+        if !rows.contains_key(&rk) {
+            let state = match self.store.get(&rk)? {
+                Some(b) => postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
+                    path: "<hub>".into(),
+                    message: format!(
+                        "corrupt row state in the hub store: {e}; restore the hub data_dir"
+                    ),
+                })?,
+                None => RowState::default(),
+            };
+            rows.insert(rk.clone(), state);
+        }
+        let Some(row) = rows.get_mut(&rk) else {
+            return Ok(());
+        };
+        row.apply(op);
+        let conflicts = row.conflicts(&rules);
+        // The row's records are exactly its current conflicts: a set that
+        // grew (a third concurrent write arrived) replaces the smaller one.
+        let xk = row_key(P_ROW_CONFLICTS, &op.table, &op.key)?;
+        let before = match self.row_conflicts.remove(&xk) {
+            Some(keys) => keys,
+            None => match self.store.get(&xk)? {
+                Some(b) => postcard::from_bytes::<Vec<Vec<u8>>>(&b).unwrap_or_default(),
+                None => Vec::new(),
+            },
+        };
+        let mut now_keys = Vec::new();
+        for c in conflicts.into_iter().filter(|c| c.is_complete()) {
+            let record = pb::ConflictRecord {
+                hlc: c.hlc.map(|h| pb::Hlc {
+                    time: h.time,
+                    id: h.id_bytes(),
+                }),
+                table: op.table.clone(),
+                key: op.key.iter().map(wire::value_to_proto).collect(),
+                field: c.field.clone(),
+                candidates: c
+                    .candidates
+                    .iter()
+                    .map(|x| pb::ConflictCandidate {
+                        op: Some(pb::OpId {
+                            origin: x.op.origin.as_str().to_owned(),
+                            seq: x.op.seq,
+                        }),
+                        hlc: x.hlc.map(|h| pb::Hlc {
+                            time: h.time,
+                            id: h.id_bytes(),
+                        }),
+                        value: x.value.as_ref().map(wire::value_to_proto),
+                    })
+                    .collect(),
+                strategy: c.strategy.clone(),
+                result: c.value.as_ref().map(wire::value_to_proto),
+            };
+            now_keys.push(self.record_conflict(batch, &record));
+        }
+        for k in before.iter().filter(|k| !now_keys.contains(k)) {
+            batch.remove(k.clone());
+        }
+        batch.put(
+            xk.clone(),
+            postcard::to_allocvec(&now_keys).unwrap_or_default(),
+        );
+        self.row_conflicts.insert(xk, now_keys);
+        Ok(())
     }
 
     /// Keeps conflict records for `days` (at least 1).
@@ -141,7 +235,7 @@ impl<S: LogStore> HubCore<S> {
 
     /// Stores a conflict record. Its key is derived from its content, so the
     /// same conflict stored twice is one record.
-    pub fn record_conflict(&mut self, batch: &mut WriteBatch, c: &pb::ConflictRecord) {
+    pub fn record_conflict(&mut self, batch: &mut WriteBatch, c: &pb::ConflictRecord) -> Vec<u8> {
         let mut k = P_CONFLICT.to_vec();
         let hlc = c.hlc.as_ref().map(|h| h.time).unwrap_or(0);
         k.extend_from_slice(&hlc.to_be_bytes());
@@ -165,7 +259,8 @@ impl<S: LogStore> HubCore<S> {
             result: None,
         };
         k.extend_from_slice(&ident.encode_to_vec());
-        batch.put(k, c.encode_to_vec());
+        batch.put(k.clone(), c.encode_to_vec());
+        k
     }
 
     /// Conflict records, newest first, filtered as the request asks.
@@ -403,6 +498,8 @@ impl<S: LogStore> HubCore<S> {
             ));
         }
         let mut batch = WriteBatch::default();
+        let mut rows: BTreeMap<Vec<u8>, RowState> = BTreeMap::new();
+        self.row_conflicts.clear();
         let mut have = self.vv.get(&node);
         let start = have;
         let mut control = Control::Continue;
@@ -440,10 +537,20 @@ impl<S: LogStore> HubCore<S> {
                 control = self.reject(sid, "clock_drift", e.to_string(), raw_id);
                 break;
             }
+            self.merge(&op, &mut rows, &mut batch)?;
             batch.put(op_key(&node, op.id.seq), raw.encode_to_vec());
             have = op.id.seq;
         }
         if have > start {
+            for (k, row) in rows {
+                batch.put(
+                    k,
+                    postcard::to_allocvec(&row).map_err(|e| syncmesh_node::Error::Store {
+                        path: "<hub>".into(),
+                        message: format!("cannot encode row state: {e}"),
+                    })?,
+                );
+            }
             let mut k = P_VV.to_vec();
             k.extend_from_slice(node.as_str().as_bytes());
             batch.put(k, have.to_be_bytes().to_vec());

@@ -2,7 +2,7 @@
 //! `Sync` stream becomes a session whose messages are fed to the core, and
 //! whose outgoing queue is filled from [`HubCore::poll_transmit`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use futures::Stream;
 use syncmesh_node::store::SledStore;
 use syncmesh_proto::v1 as pb;
 use syncmesh_proto::v1::sync_server::SyncServer;
-use syncmesh_resolver::Ntp64;
+use syncmesh_resolver::{Ntp64, TableRules};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -179,14 +179,28 @@ impl HubHandle {
     }
 }
 
+/// What a hub knows beyond its [`HubSettings`].
+#[derive(Clone, Debug, Default)]
+pub struct HubOptions {
+    /// Tables whose ops the hub merges to find conflicts.
+    pub tables: BTreeMap<String, TableRules>,
+    /// How long conflict records are kept (0 = the default of 90 days).
+    pub conflict_retention_days: u32,
+}
+
 /// Opens the store in `data_dir`, binds `listen` and serves.
 pub async fn start_hub(
     settings: HubSettings,
+    options: HubOptions,
     data_dir: &Path,
     listen: SocketAddr,
 ) -> Result<HubHandle> {
     let store = SledStore::open(data_dir)?;
-    let core = HubCore::open(settings, store)?;
+    let mut core = HubCore::open(settings, store)?;
+    core.set_tables(options.tables);
+    if options.conflict_retention_days > 0 {
+        core.set_conflict_retention_days(options.conflict_retention_days);
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Bind {

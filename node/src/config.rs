@@ -272,34 +272,30 @@ pub struct TableConfig {
 }
 
 impl TableConfig {
-    /// The resolver rules of this table. `source` names the config file in
-    /// errors.
-    ///
-    /// Only `last_write_wins` is implemented in the resolver so far: any other
-    /// strategy gives an [`Error::Config`] naming the table and field.
-    pub fn rules(&self, source: &str) -> Result<TableRules> {
-        let convert = |spec: &StrategySpec, what: &str| match spec {
-            StrategySpec::LastWriteWins => Ok(Strategy::LastWriteWins),
-            other => Err(Error::Config {
-                path: source.to_owned(),
-                message: format!(
-                    "table {}, {what}: strategy `{}` is not implemented in this version yet; use last_write_wins",
-                    self.name,
-                    other.name()
-                ),
-            }),
+    /// The resolver rules of this table; `priorities` ranks the nodes for
+    /// `source_priority` and `merge` (see [`Config::priorities`]).
+    pub fn rules(&self, priorities: &BTreeMap<NodeId, i64>) -> TableRules {
+        let convert = |spec: &StrategySpec| match spec {
+            StrategySpec::LastWriteWins => Strategy::LastWriteWins,
+            StrategySpec::SourcePriority => Strategy::SourcePriority,
+            StrategySpec::Merge => Strategy::Merge,
+            StrategySpec::Max => Strategy::Max,
+            StrategySpec::Min => Strategy::Min,
+            StrategySpec::Sum => Strategy::Sum,
+            StrategySpec::PriorityOrder(list) => Strategy::PriorityOrder(list.clone()),
         };
-        let default_strategy = convert(&self.resolve.default, "resolve.default")?;
-        let mut fields = BTreeMap::new();
-        for (field, spec) in &self.resolve.fields {
-            fields.insert(field.clone(), convert(spec, &format!("field {field}"))?);
-        }
-        Ok(TableRules {
+        TableRules {
             deletes: self.deletes,
             granularity: self.granularity,
-            default_strategy,
-            fields,
-        })
+            default_strategy: convert(&self.resolve.default),
+            fields: self
+                .resolve
+                .fields
+                .iter()
+                .map(|(f, spec)| (f.clone(), convert(spec)))
+                .collect(),
+            priorities: priorities.clone(),
+        }
     }
 }
 
@@ -588,6 +584,14 @@ impl Config {
             path: self.source.clone(),
             message: "no `hub:` section: add one with listen and data_dir to run a hub".to_owned(),
         })
+    }
+
+    /// Every node's `priority`, for `source_priority` and `merge`.
+    pub fn priorities(&self) -> BTreeMap<NodeId, i64> {
+        self.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.priority))
+            .collect()
     }
 
     /// The table named `name`, if configured.
@@ -2278,48 +2282,28 @@ conflicts:
     }
 
     #[test]
-    fn rules_only_last_write_wins_for_now() {
+    fn rules_map_every_strategy_and_node_priorities() {
         let c = parse(EXAMPLE).unwrap();
-        let e = c
-            .table("orders")
-            .unwrap()
-            .rules("x.yaml")
-            .unwrap_err()
-            .to_string();
-        // `last_login: max` sorts before `quantity: sum`.
+        let prios = c.priorities();
+        let rules = c.table("orders").unwrap().rules(&prios);
+        assert_eq!(rules.strategy("quantity"), &Strategy::Sum);
+        assert_eq!(rules.strategy("last_login"), &Strategy::Max);
         assert_eq!(
-            e,
-            "config x.yaml: table orders, field last_login: strategy `max` is not implemented in this version yet; use last_write_wins"
+            rules.strategy("status"),
+            &Strategy::PriorityOrder(vec!["active".into(), "pending".into(), "inactive".into()])
         );
-        let mut t = c.table("orders").unwrap().clone();
-        t.resolve.fields.retain(|k, _| k == "quantity");
-        let e = t.rules("x.yaml").unwrap_err().to_string();
-        assert!(
-            e.contains("table orders, field quantity: strategy `sum` is not implemented"),
-            "{e}"
-        );
-        t.resolve.fields.clear();
-        t.resolve.default = StrategySpec::PriorityOrder(vec!["a".into()]);
-        let e = t.rules("x.yaml").unwrap_err().to_string();
-        assert!(
-            e.contains("resolve.default: strategy `priority_order`"),
-            "{e}"
-        );
+        assert_eq!(rules.strategy("other"), &Strategy::LastWriteWins);
+        assert_eq!(rules.priorities, prios);
+        assert!(!prios.is_empty());
 
         let c = parse(
             "tables:\n  - name: t\n    deletes: update_wins\n    granularity: row\n    resolve: { default: last_write_wins }\n",
         )
         .unwrap();
-        let rules = c.tables[0].rules("x").unwrap();
+        let rules = c.tables[0].rules(&BTreeMap::new());
         assert_eq!(rules.deletes, DeletePolicy::UpdateWins);
         assert_eq!(rules.granularity, Granularity::Row);
         assert_eq!(rules.default_strategy, Strategy::LastWriteWins);
-        let c = parse("tables:\n  - name: t\n    resolve:\n      fields: { x: last_write_wins }\n")
-            .unwrap();
-        assert_eq!(
-            c.tables[0].rules("x").unwrap().strategy("x"),
-            &Strategy::LastWriteWins
-        );
     }
 
     #[test]

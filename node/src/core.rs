@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
-    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, TableRules, Value,
-    VersionVector, VisibleRow,
+    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, Strategy, TableRules,
+    Value, VersionVector, VisibleRow,
 };
 
 use crate::adapter::{CapturedChange, ChangeKind, RowWrite, TableSchema};
@@ -55,6 +55,64 @@ pub struct TableInfo {
     pub schema: TableSchema,
     /// Merge rules.
     pub rules: TableRules,
+}
+
+impl TableInfo {
+    /// Checks that `rules` fit the table's columns: every configured field
+    /// exists, and `sum` fields are numeric columns.
+    pub fn new(schema: TableSchema, rules: TableRules, source: &str) -> Result<Self> {
+        let err = |message: String| Error::Config {
+            path: source.to_owned(),
+            message,
+        };
+        for (field, strategy) in &rules.fields {
+            let Some(col) = schema.columns.iter().find(|c| &c.name == field) else {
+                return Err(err(format!(
+                    "table {}: resolve.fields names `{field}`, which is not a column of the table; columns are {}",
+                    schema.name,
+                    schema
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            if *strategy == Strategy::Sum && !numeric_decl_type(&col.decl_type) {
+                return Err(err(format!(
+                    "table {}, field {field}: strategy `sum` needs a numeric column (INTEGER, REAL, NUMERIC, DECIMAL) but it is declared {:?}; change the column type or use last_write_wins",
+                    schema.name, col.decl_type
+                )));
+            }
+        }
+        let untyped_counter = schema.columns.iter().find(|c| {
+            rules.default_strategy == Strategy::Sum
+                && !schema.key.contains(&c.name)
+                && !rules.fields.contains_key(&c.name)
+                && !numeric_decl_type(&c.decl_type)
+        });
+        if let Some(col) = untyped_counter {
+            return Err(err(format!(
+                "table {}: resolve.default is `sum` but column {} is declared {:?}; give it its own strategy or change its type",
+                schema.name, col.name, col.decl_type
+            )));
+        }
+        Ok(TableInfo { schema, rules })
+    }
+
+    fn is_sum(&self, field: &str) -> bool {
+        !self.schema.key.iter().any(|k| k == field) && *self.rules.strategy(field) == Strategy::Sum
+    }
+}
+
+/// SQLite-style affinity: is a declared type numeric (INTEGER, REAL or
+/// NUMERIC affinity)?
+fn numeric_decl_type(decl: &str) -> bool {
+    let d = decl.to_ascii_uppercase();
+    if d.contains("CHAR") || d.contains("CLOB") || d.contains("TEXT") || d.contains("BLOB") {
+        return false;
+    }
+    !d.trim().is_empty()
 }
 
 /// Static settings of a node core.
@@ -382,7 +440,13 @@ impl<S: LogStore> NodeCore<S> {
                 ));
                 continue;
             };
-            for (key, fields, expected) in split_change(&info, ch)? {
+            for split in split_change(&info, ch)? {
+                let SplitOp {
+                    key,
+                    fields,
+                    insert,
+                    expected,
+                } = split;
                 let rk = row_key(P_ROW, &info.schema.name, &key)?;
                 let mut row = self.load_row(&mut ov, &rk)?;
                 self.seq += 1;
@@ -391,21 +455,34 @@ impl<S: LogStore> NodeCore<S> {
                 let op = match fields {
                     None => Op::delete(id, hlc, &info.schema.name, key.clone(), row.delete_pred()),
                     Some(fields) => {
-                        let writes = fields
-                            .into_iter()
-                            .map(|(name, value)| FieldWrite {
+                        let mut writes = Vec::with_capacity(fields.len());
+                        for (name, value, delta) in fields {
+                            if delta.is_none() && info.is_sum(&name) {
+                                self.warn(format!(
+                                    "table {}, field {name}: a sum field got the non-numeric value {value}; it is stored but does not count toward the total: write numbers only",
+                                    info.schema.name
+                                ));
+                            }
+                            writes.push(FieldWrite {
                                 pred: row.field_pred(&name),
                                 name,
                                 value,
-                                delta: None,
-                            })
-                            .collect();
+                                delta,
+                            });
+                        }
                         let mut op = Op::upsert(id, hlc, &info.schema.name, key.clone(), writes);
-                        op.row_pred = row.tombstone_pred();
+                        // An insert means the row was absent here: it
+                        // supersedes everything this node saw of the key.
+                        op.row_pred = if insert {
+                            row.insert_pred(&self.vv)
+                        } else {
+                            row.tombstone_pred()
+                        };
                         op
                     }
                 };
                 row.apply(&op);
+                self.vv.set(self.settings.name.clone(), self.seq);
                 let mut lk = P_LOG.to_vec();
                 lk.extend_from_slice(&self.seq.to_be_bytes());
                 ov.batch.put(lk, enc(&op)?);
@@ -733,14 +810,48 @@ impl<S: LogStore> NodeCore<S> {
     }
 }
 
-type Fields = Option<Vec<(String, Value)>>;
+/// One field of an op to make: name, new value, and for `sum` fields the
+/// delta (new − old as this node saw it).
+type FieldChange = (String, Value, Option<Value>);
 
-/// One op to make from a captured change: key, fields (`None` = delete),
-/// and the row the database holds afterwards.
-type SplitOp = (Vec<Value>, Fields, Option<VisibleRow>);
+/// One op to make from a captured change.
+struct SplitOp {
+    key: Vec<Value>,
+    /// `None` for a delete.
+    fields: Option<Vec<FieldChange>>,
+    /// True when the row did not exist before (an insert supersedes
+    /// everything this node had seen of the key).
+    insert: bool,
+    /// The row the database holds afterwards.
+    expected: Option<VisibleRow>,
+}
 
-/// Splits one captured change into per-key ops: `(key, fields or None for a
-/// delete, the row the database holds afterwards)`.
+/// `new − old` for counter fields: exact for integers (an i64 overflow
+/// becomes an exact decimal), IEEE for floats; NULL counts as zero. `None`
+/// when either side is not a number (a type mismatch the caller reports).
+fn delta(old: &Value, new: &Value) -> Option<Value> {
+    let num = |v: &Value| match v {
+        Value::Null => Some(Value::Int(0)),
+        Value::Int(_) | Value::Float(_) => Some(v.clone()),
+        _ => None,
+    };
+    Some(match (num(old)?, num(new)?) {
+        (Value::Int(a), Value::Int(b)) => match b.checked_sub(a) {
+            Some(d) => Value::Int(d),
+            None => Value::Decimal((i128::from(b) - i128::from(a)).to_string()),
+        },
+        (a, b) => {
+            let f = |v: &Value| match v {
+                Value::Int(i) => *i as f64,
+                Value::Float(x) => *x,
+                _ => 0.0,
+            };
+            Value::Float(f(&b) - f(&a))
+        }
+    })
+}
+
+/// Splits one captured change into per-key ops.
 fn split_change(info: &TableInfo, ch: &CapturedChange) -> Result<Vec<SplitOp>> {
     let schema = &info.schema;
     let missing = |what: &str| Error::Schema {
@@ -750,28 +861,50 @@ fn split_change(info: &TableInfo, ch: &CapturedChange) -> Result<Vec<SplitOp>> {
             ch.change_id
         ),
     };
-    let full = |row: &VisibleRow| -> Vec<(String, Value)> {
+    let get = |row: Option<&VisibleRow>, c: &str| {
+        row.and_then(|r| r.get(c)).cloned().unwrap_or(Value::Null)
+    };
+    // Every column (or only changed ones), with deltas for counters.
+    let fields = |old: Option<&VisibleRow>, new: &VisibleRow, only_changed: bool| {
         schema
             .columns
             .iter()
-            .map(|c| {
-                (
-                    c.name.clone(),
-                    row.get(&c.name).cloned().unwrap_or(Value::Null),
-                )
+            .filter_map(|c| {
+                let (before, after) = (get(old, &c.name), get(Some(new), &c.name));
+                if only_changed && before == after {
+                    return None;
+                }
+                let d = info
+                    .is_sum(&c.name)
+                    .then(|| delta(&before, &after))
+                    .flatten();
+                Some((c.name.clone(), after, d))
             })
-            .collect()
+            .collect::<Vec<_>>()
+    };
+    let insert = |key: Vec<Value>, new: &VisibleRow| SplitOp {
+        key,
+        fields: Some(fields(None, new, false)),
+        insert: true,
+        expected: Some(new.clone()),
+    };
+    let delete = |key: Vec<Value>| SplitOp {
+        key,
+        fields: None,
+        insert: false,
+        expected: None,
     };
     Ok(match ch.kind {
         ChangeKind::Insert => {
             let new = ch.new.as_ref().ok_or_else(|| missing("new"))?;
-            let key = schema.key_of(new).ok_or_else(|| missing("new"))?;
-            vec![(key, Some(full(new)), Some(new.clone()))]
+            vec![insert(
+                schema.key_of(new).ok_or_else(|| missing("new"))?,
+                new,
+            )]
         }
         ChangeKind::Delete => {
             let old = ch.old.as_ref().ok_or_else(|| missing("old"))?;
-            let key = schema.key_of(old).ok_or_else(|| missing("old"))?;
-            vec![(key, None, None)]
+            vec![delete(schema.key_of(old).ok_or_else(|| missing("old"))?)]
         }
         ChangeKind::Update => {
             let old = ch.old.as_ref().ok_or_else(|| missing("old"))?;
@@ -779,23 +912,19 @@ fn split_change(info: &TableInfo, ch: &CapturedChange) -> Result<Vec<SplitOp>> {
             let old_key = schema.key_of(old).ok_or_else(|| missing("old"))?;
             let new_key = schema.key_of(new).ok_or_else(|| missing("new"))?;
             if old_key != new_key {
-                vec![
-                    (old_key, None, None),
-                    (new_key, Some(full(new)), Some(new.clone())),
-                ]
+                vec![delete(old_key), insert(new_key, new)]
             } else {
-                let fields: Vec<(String, Value)> = if info.rules.granularity == Granularity::Row {
-                    full(new)
-                } else {
-                    full(new)
-                        .into_iter()
-                        .filter(|(c, v)| old.get(c).unwrap_or(&Value::Null) != v)
-                        .collect()
-                };
-                if fields.is_empty() {
+                let row_level = info.rules.granularity == Granularity::Row;
+                let changed = fields(Some(old), new, !row_level);
+                if changed.is_empty() {
                     Vec::new()
                 } else {
-                    vec![(new_key, Some(fields), Some(new.clone()))]
+                    vec![SplitOp {
+                        key: new_key,
+                        fields: Some(changed),
+                        insert: false,
+                        expected: Some(new.clone()),
+                    }]
                 }
             }
         }

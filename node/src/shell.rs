@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
-use crate::config::{DatabaseKind, Mode, NodeConfig, SyncConfig, TableConfig};
+use crate::config::{Config, DatabaseKind, Mode};
 use crate::core::{Control, Event, NodeCore, NodeSettings, NodeStats, TableInfo};
 use crate::sqlite::SqliteAdapter;
 use crate::store::SledStore;
@@ -90,12 +90,10 @@ fn now_ms() -> u64 {
 /// Opens the database, checks the tables, installs capture, opens the log
 /// and starts the node. Errors here are configuration or environment
 /// problems and are returned before anything runs.
-pub async fn start_node(
-    cfg: &NodeConfig,
-    tables: &[TableConfig],
-    sync: &SyncConfig,
-    source: &str,
-) -> Result<NodeHandle> {
+pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
+    let cfg = config.node(name)?;
+    let (tables, sync, source) = (&config.tables, &config.sync, config.source.as_str());
+    let priorities = config.priorities();
     if cfg.database.kind != DatabaseKind::Sqlite {
         return Err(Error::Config {
             path: source.to_owned(),
@@ -113,10 +111,7 @@ pub async fn start_node(
     let schemas = db.introspect(&wanted).await?;
     let mut infos = Vec::new();
     for (schema, t) in schemas.into_iter().zip(tables) {
-        infos.push(TableInfo {
-            schema,
-            rules: t.rules(source)?,
-        });
+        infos.push(TableInfo::new(schema, t.rules(&priorities), source)?);
     }
     if cfg.mode != Mode::Subscribe {
         let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();

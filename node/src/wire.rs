@@ -156,9 +156,19 @@ pub fn op_from_proto(op: pb::Op) -> Result<Op> {
             f.value
                 .ok_or_else(|| bad(format!("op {id}: field {} has no value", f.name)))?,
         )?;
+        let delta = f.delta.map(value_from_proto).transpose()?;
+        if let Some(d) = &delta
+            && !matches!(d, Value::Int(_) | Value::Float(_) | Value::Decimal(_))
+        {
+            return Err(bad(format!(
+                "op {id}: field {} has a {} delta; counter deltas are int, float or decimal",
+                f.name,
+                d.kind_name()
+            )));
+        }
         fields.push(FieldWrite {
             pred: ids_from_proto(f.pred, &id)?,
-            delta: f.delta.map(value_from_proto).transpose()?,
+            delta,
             name: f.name,
             value,
         });

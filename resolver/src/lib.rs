@@ -12,9 +12,19 @@
 //!   names the writes it supersedes (`pred`), so concurrency is detected
 //!   causally, not guessed from timestamps.
 //! - [`RowState`]: per field, the set of writes no later write superseded (a
-//!   multi-value register), plus live tombstones. [`RowState::apply`] is
-//!   commutative, associative and idempotent; [`RowState::visible`] picks the
-//!   visible row with the table's [`TableRules`].
+//!   multi-value register), counter contributions, live tombstones and the
+//!   memory needed for conflict records. [`RowState::apply`] is commutative,
+//!   associative and idempotent; [`RowState::visible`] picks the visible row
+//!   with the table's [`TableRules`] and its per-field [`Strategy`];
+//!   [`RowState::conflicts`] lists the [`Conflict`]s, a pure function of the
+//!   op set too; [`RowState::collect_garbage`] forgets what a causally stable
+//!   cut makes useless.
+//!
+//! The exact semantics — supersession, counters, the conflict definition and
+//! the conditions of garbage collection — are in the docs of [`RowState`];
+//! how each strategy picks, and how `sum` adds, in the docs of [`Strategy`].
+//! `resolver/testdata/strategies.txt` is a table of worked cases, checked in
+//! every order by `tests/golden.rs`; `tests/laws.rs` holds the property laws.
 //!
 //! ```
 //! use syncmesh_resolver::*;
@@ -32,14 +42,19 @@
 
 #![forbid(unsafe_code)]
 
+mod conflict;
+mod decimal;
 mod error;
 mod hlc;
 mod op;
 mod row;
+mod rules;
 mod value;
 
+pub use conflict::{Candidate, Conflict};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, HlcClock, Ntp64};
 pub use op::{FieldWrite, NodeId, Op, OpId, OpKind, VersionVector};
-pub use row::{DeletePolicy, Granularity, RowState, Strategy, TableRules, VisibleRow};
+pub use row::{Entry, RowState, VisibleRow};
+pub use rules::{DeletePolicy, Granularity, Strategy, TableRules};
 pub use value::Value;

@@ -95,7 +95,11 @@ pub struct FieldWrite {
     pub value: Value,
     /// The writes of this field the origin saw, which this write supersedes.
     pub pred: Vec<OpId>,
-    /// For counter fields: new minus old as the origin saw it.
+    /// For `sum` (counter) fields, on every write: new minus old as the
+    /// origin saw it (an insert's delta is its value), as `Int`, `Float` or
+    /// `Decimal`. A write with a delta is a counted write: its delta counts
+    /// until a `row_pred` supersedes it, whatever later writes' `pred` say.
+    /// `None` for every other field.
     pub delta: Option<Value>,
 }
 
@@ -126,8 +130,12 @@ pub struct Op {
     pub kind: OpKind,
     /// Fields written (upserts only).
     pub fields: Vec<FieldWrite>,
-    /// Delete: every write of the row the origin saw. Upsert: the tombstones
-    /// it supersedes (a re-insert after a delete).
+    /// Row-wide predecessors. Each id `(O, s)` supersedes every write,
+    /// counter contribution and tombstone of this row from origin `O` with
+    /// `seq <= s` (ops arrive gap-free per origin, so the origin had seen
+    /// them all). Delete: [`RowState::delete_pred`](crate::RowState::delete_pred).
+    /// Update: the live tombstones it supersedes. Insert (the row was absent
+    /// at the origin): [`RowState::insert_pred`](crate::RowState::insert_pred).
     pub row_pred: Vec<OpId>,
 }
 

@@ -1,60 +1,16 @@
-//! Row state: multi-value registers per field, tombstones, and the rules that
-//! pick the visible row.
+//! Row state: multi-value registers per field, counter contributions,
+//! tombstones, conflict memory and garbage collection. The semantics are
+//! documented on [`RowState`].
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 
-use crate::{Hlc, Op, OpId, OpKind, Value};
-
-/// How concurrent writes of a field are resolved.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Strategy {
-    /// The write with the highest HLC wins.
-    #[default]
-    LastWriteWins,
-}
-
-/// What an update concurrent with a delete does.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeletePolicy {
-    /// The row stays deleted.
-    #[default]
-    DeleteWins,
-    /// The concurrently updated row comes back with the fields written
-    /// concurrently with the delete; the others read as NULL.
-    UpdateWins,
-}
-
-/// Whether fields or whole rows are the unit of conflict.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Granularity {
-    /// Each field is its own register.
-    #[default]
-    Field,
-    /// The whole row is one register: every upsert writes every column, so
-    /// all fields share one set of concurrent writes and one winner.
-    Row,
-}
-
-/// Per-table merge rules.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableRules {
-    /// Delete policy.
-    pub deletes: DeletePolicy,
-    /// Field or row granularity.
-    pub granularity: Granularity,
-    /// Strategy of fields not listed in `fields`.
-    pub default_strategy: Strategy,
-    /// Per-field strategies.
-    pub fields: BTreeMap<String, Strategy>,
-}
-
-impl TableRules {
-    /// The strategy of `field`.
-    pub fn strategy(&self, field: &str) -> &Strategy {
-        self.fields.get(field).unwrap_or(&self.default_strategy)
-    }
-}
+use crate::rules::{Cand, pick, sum};
+use crate::{
+    Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
+    TableRules, Value, VersionVector,
+};
 
 /// A visible row: column name to value (columns without a live write are
 /// absent and read as NULL).
@@ -69,90 +25,389 @@ pub struct Entry {
     pub value: Value,
 }
 
-/// What a superseded id covers: every write of that op in this row, or only
-/// its write of one field.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-enum Scope {
-    Row,
-    Field(String),
+/// The ops that superseded something, as the lowest seq per origin (enough
+/// to tell whether any of them is covered by a stable cut).
+type Killers = BTreeMap<NodeId, u64>;
+
+/// A superseded, non-counted write kept for conflict records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Dead {
+    hlc: Hlc,
+    value: Value,
+    by: Killers,
+}
+
+/// The inner map of `key`, created if absent (allocates the key only then).
+fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
+fn note(by: &mut Killers, id: &OpId) {
+    let e = by.entry(id.origin.clone()).or_insert(id.seq);
+    *e = (*e).min(id.seq);
+}
+
+fn join(into: &mut Killers, from: &Killers) {
+    for (origin, seq) in from {
+        let e = into.entry(origin.clone()).or_insert(*seq);
+        *e = (*e).min(*seq);
+    }
+}
+
+fn covered(id: &OpId, stable: &VersionVector) -> bool {
+    id.seq <= stable.get(&id.origin)
+}
+
+fn any_covered(by: &Killers, stable: &VersionVector) -> bool {
+    by.iter().any(|(origin, seq)| *seq <= stable.get(origin))
+}
+
+/// Every op id of `origin` with `seq <= upto`.
+fn prefix(origin: &NodeId, upto: u64) -> RangeInclusive<OpId> {
+    OpId::new(origin.clone(), 0)..=OpId::new(origin.clone(), upto)
 }
 
 /// The merged state of one row: a pure function of the set of ops applied.
 ///
-/// Per field, the writes that no applied op lists in its `pred` (a
-/// multi-value register); the deletes no later upsert superseded; and the ids
-/// already superseded, so a write that arrives after its successor is
-/// discarded on arrival. [`RowState::apply`] is commutative, associative and
-/// idempotent.
+/// [`RowState::apply`] is commutative, associative and idempotent: any order
+/// and any duplication of the same ops gives byte-identical state.
+///
+/// # Supersession
+///
+/// An op supersedes earlier writes in two ways:
+///
+/// - **Field `pred`** (exact): a write of field `f` listing op id `x`
+///   supersedes `x`'s write of `f`, and nothing else.
+/// - **`row_pred`** (prefix): an id `(O, s)` in an op's `row_pred` supersedes
+///   every write, counter contribution and tombstone of this row *from origin
+///   `O` with `seq <= s`*. Ops reach every replica gap-free per origin, so
+///   an origin that names `(O, s)` has seen all of `O`'s ops up to `s`; the
+///   ones it did not list were already superseded there by an op in its
+///   causal past. Reading the id as a prefix therefore gives the same result
+///   on every causally complete op set as listing every id, and it lets a
+///   delete name a counter's contributions with one id per origin instead of
+///   one per increment.
+///
+/// A write or tombstone is **live** when nothing in the op set supersedes it.
+/// Supersession is remembered, so a write that arrives after its successor
+/// is dead on arrival.
+///
+/// # Counters (`sum`)
+///
+/// Every write that carries a `delta` is a **counted write** (capture sets
+/// `delta` exactly on the writes of `sum` fields). Its
+/// **contribution** (the delta) stays until a `row_pred` supersedes it (a
+/// delete, or an insert made with [`RowState::insert_pred`]); field `pred`
+/// does not remove it, so sequential and concurrent increments all count. A
+/// `sum` field reads as the exact sum of its live contributions in op-id
+/// order (overflow and decimal rules: [`Strategy::Sum`]). Contributions are
+/// keyed by op id, so an op applied twice counts once. A `sum` field with no counted contribution falls back to
+/// last-write-wins over its register (e.g. rows written before the field
+/// became a counter). Counted writes are not remembered once superseded, so
+/// they never appear as known candidates of a resolved conflict.
+///
+/// # Conflicts
+///
+/// For a field `f` whose strategy is not `sum`, the conflicts of a row are
+/// the distinct **candidate sets** (sets of ≥ 2 op ids) from two sources:
+///
+/// 1. the live writes of `f`, when there are at least two;
+/// 2. the `pred` of `f` of every non-counted write of `f` in the op set
+///    (live, superseded, or dead on arrival) that lists at least two distinct
+///    ids — those were live at the same time at the writer's origin, i.e. a
+///    conflict that was resolved later.
+///
+/// The same set seen through (1) at one moment and (2) later is one record.
+/// Each candidate is **known** when its op is in the op set and writes `f`,
+/// without a delta or still live: the state keeps the HLC and value of every
+/// superseded write without a delta (until garbage collection) precisely so
+/// that this does not depend on the order ops arrived in. A candidate named only by
+/// someone's `pred` is unknown (`hlc`/`value` `None`); the record's `winner`
+/// is the strategy's pick among the candidates once all are known. So
+/// [`RowState::conflicts`] is a pure function of the op set (and the rules):
+/// every replica that has seen the same ops reports the same records.
+///
+/// # Garbage collection
+///
+/// [`RowState::collect_garbage`] forgets what no future op can need, given a
+/// **stable cut** `stable` (a version vector) that satisfies:
+///
+/// - **(P1)** every op covered by `stable` (`seq <= stable[origin]`) has been
+///   applied to this state;
+/// - **(P2)** every op applied to this state afterwards is not covered by
+///   `stable` and was written by an origin that had already applied every
+///   covered op.
+///
+/// "Every node has seen it" is not enough for (P2): a node may have written
+/// an op before it saw a covered op, and that op may still be in flight. A
+/// cut that satisfies both: take every node `N`'s version vector `V_N` as
+/// reported at some moment (including `V_N[N]`, its own last seq); let
+/// `stable = min_N V_N` (componentwise). It is valid at a replica as soon as
+/// that replica holds, for every `N`, all of `N`'s ops up to `V_N[N]`: every
+/// op of `N` it has not applied yet was written after that report.
+///
+/// What it drops:
+/// - supersession memory of covered ids (covered ops are never applied
+///   again: callers deduplicate by version vector);
+/// - superseded values and resolved candidate sets once settled: a write is
+///   **settled** when it is covered and some covered op superseded it — every
+///   future op's origin has then seen it superseded, so no future `pred` can
+///   name it. A candidate set is dropped when all its candidates are
+///   settled; values are kept while a remaining set needs them;
+/// - covered live tombstones, but only when the row has no live write and no
+///   live contribution: they hide nothing now, and by (P2) every future op
+///   was written by an origin that had seen them, so it supersedes them
+///   (it names them, or it is an insert carrying [`RowState::insert_pred`],
+///   or its causal past holds such an op).
+///
+/// Live writes and live contributions are never dropped (future ops name
+/// them), so a counter keeps one contribution per counted write until a
+/// delete; and until garbage collection runs, a row keeps the HLC and value
+/// of every superseded write and the id of every superseded op.
+///
+/// A dropped tombstone can no longer be named by this replica's future ops,
+/// while other replicas may still hold it. So once garbage collection is
+/// used, every upsert that (re)creates a row — the row was absent from the
+/// origin's database — must carry [`RowState::insert_pred`] as `row_pred`:
+/// it names the origin's whole version vector as prefixes, which supersedes
+/// every tombstone it had seen, dropped or not. Updates carry
+/// [`RowState::tombstone_pred`], deletes [`RowState::delete_pred`]. With
+/// that, replicas that collect garbage at different times converge to the
+/// rows of the union of all ops (`tests/laws.rs`,
+/// `replicas_collecting_garbage_while_writing_converge_to_the_union`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowState {
+    /// Live writes per field (the multi-value register).
     fields: BTreeMap<String, BTreeMap<OpId, Entry>>,
+    /// Live counter contributions per field: op id to delta.
+    counters: BTreeMap<String, BTreeMap<OpId, Value>>,
+    /// Live deletes.
     tombstones: BTreeMap<OpId, Hlc>,
-    superseded: BTreeSet<(OpId, Scope)>,
+    /// Superseded non-counted writes per field, for conflict records.
+    history: BTreeMap<String, BTreeMap<OpId, Dead>>,
+    /// Field-scope supersession: field, superseded id, by whom.
+    field_dead: BTreeMap<String, BTreeMap<OpId, Killers>>,
+    /// Row-scope supersession: origin, seq `s` (every op of the origin up to
+    /// `s` is superseded), by whom.
+    row_dead: BTreeMap<NodeId, BTreeMap<u64, Killers>>,
+    /// Candidate sets named by `pred`s of two or more ids, per field.
+    pred_sets: BTreeMap<String, BTreeSet<Vec<OpId>>>,
 }
 
 impl RowState {
-    fn is_superseded(&self, id: &OpId, field: Option<&str>) -> bool {
-        // Range over all scopes of `id`: (id, Row) sorts before (id, Field(_)).
-        if self.superseded.contains(&(id.clone(), Scope::Row)) {
-            return true;
-        }
-        match field {
-            Some(f) => self
-                .superseded
-                .contains(&(id.clone(), Scope::Field(f.to_owned()))),
-            None => false,
-        }
-    }
-
     /// Merges one op into the row. Applying the same op again changes nothing.
+    ///
+    /// Malformed ops are read deterministically: an op that writes one field
+    /// twice writes it once, with its last write of that field; an op never
+    /// supersedes itself or its origin's later ops (an id of its own origin
+    /// in `row_pred` counts up to the op's seq − 1, its own id in a field
+    /// `pred` is ignored).
     pub fn apply(&mut self, op: &Op) {
+        // Row predecessors as prefixes: the highest seq per origin says it all.
+        let mut upto: BTreeMap<&NodeId, u64> = BTreeMap::new();
+        for p in &op.row_pred {
+            let seq = if p.origin == op.id.origin {
+                p.seq.min(op.id.seq.saturating_sub(1))
+            } else {
+                p.seq
+            };
+            let e = upto.entry(&p.origin).or_insert(0);
+            *e = (*e).max(seq);
+        }
+        for (origin, seq) in upto {
+            if seq > 0 {
+                self.kill_row(&OpId::new(origin.clone(), seq), &op.id);
+            }
+        }
         match op.kind {
             OpKind::Upsert => {
+                let mut writes: BTreeMap<&str, &FieldWrite> = BTreeMap::new();
                 for w in &op.fields {
-                    let entries = self.fields.entry(w.name.clone()).or_default();
-                    for p in &w.pred {
-                        entries.remove(p);
-                        self.superseded
-                            .insert((p.clone(), Scope::Field(w.name.clone())));
+                    writes.insert(&w.name, w);
+                }
+                for w in writes.values() {
+                    if w.delta.is_none() && w.pred.len() >= 2 {
+                        let set: BTreeSet<&OpId> = w.pred.iter().filter(|p| **p != op.id).collect();
+                        if set.len() >= 2 {
+                            slot(&mut self.pred_sets, &w.name)
+                                .insert(set.into_iter().cloned().collect());
+                        }
+                    }
+                    for p in w.pred.iter().filter(|p| **p != op.id) {
+                        self.kill_field(&w.name, p, &op.id);
                     }
                 }
-                for p in &op.row_pred {
-                    self.supersede_row(p);
-                }
-                for w in &op.fields {
-                    if !self.is_superseded(&op.id, Some(&w.name)) {
-                        self.fields.entry(w.name.clone()).or_default().insert(
-                            op.id.clone(),
-                            Entry {
-                                hlc: op.hlc,
-                                value: w.value.clone(),
-                            },
-                        );
-                    }
+                for w in writes.values() {
+                    self.add_write(op, w);
                 }
             }
             OpKind::Delete => {
-                for p in &op.row_pred {
-                    self.supersede_row(p);
-                }
-                if !self.is_superseded(&op.id, None) {
+                if self.row_killers(&op.id).is_none() {
                     self.tombstones.insert(op.id.clone(), op.hlc);
                 }
             }
         }
-        self.fields.retain(|_, e| !e.is_empty());
+        // Only these can lose entries here.
+        self.fields.retain(|_, m| !m.is_empty());
+        self.counters.retain(|_, m| !m.is_empty());
     }
 
-    fn supersede_row(&mut self, p: &OpId) {
-        for entries in self.fields.values_mut() {
-            entries.remove(p);
+    /// Who superseded `id` row-wide, if anyone did.
+    fn row_killers(&self, id: &OpId) -> Option<Killers> {
+        let marks = self.row_dead.get(&id.origin)?;
+        let mut by = Killers::new();
+        for (_, k) in marks.range(id.seq..) {
+            join(&mut by, k);
         }
-        self.tombstones.remove(p);
-        self.superseded.insert((p.clone(), Scope::Row));
+        (!by.is_empty()).then_some(by)
     }
 
-    /// The ids a new write of `field` at this replica supersedes.
+    /// Who superseded `id`'s write of `field`, by field `pred` or row-wide.
+    fn killers(&self, field: &str, id: &OpId) -> Killers {
+        let mut by = self.row_killers(id).unwrap_or_default();
+        if let Some(k) = self.field_dead.get(field).and_then(|m| m.get(id)) {
+            join(&mut by, k);
+        }
+        by
+    }
+
+    fn is_counted(&self, field: &str, id: &OpId) -> bool {
+        self.counters.get(field).is_some_and(|c| c.contains_key(id))
+    }
+
+    /// Moves a live write to history (unless it is counted).
+    fn bury(&mut self, field: &str, id: &OpId, entry: Entry) {
+        if self.is_counted(field, id) {
+            return;
+        }
+        let by = self.killers(field, id);
+        slot(&mut self.history, field).insert(
+            id.clone(),
+            Dead {
+                hlc: entry.hlc,
+                value: entry.value,
+                by,
+            },
+        );
+    }
+
+    fn kill_field(&mut self, field: &str, x: &OpId, by: &OpId) {
+        let dead = slot(&mut self.field_dead, field);
+        match dead.get_mut(x) {
+            Some(k) => note(k, by),
+            None => {
+                let mut k = Killers::new();
+                note(&mut k, by);
+                dead.insert(x.clone(), k);
+            }
+        }
+        if let Some(entry) = self.fields.get_mut(field).and_then(|m| m.remove(x)) {
+            self.bury(field, x, entry);
+        } else if let Some(d) = self.history.get_mut(field).and_then(|h| h.get_mut(x)) {
+            note(&mut d.by, by);
+        }
+    }
+
+    fn kill_row(&mut self, p: &OpId, by: &OpId) {
+        note(
+            self.row_dead
+                .entry(p.origin.clone())
+                .or_default()
+                .entry(p.seq)
+                .or_default(),
+            by,
+        );
+        let range = prefix(&p.origin, p.seq);
+        let mut buried: Vec<(String, OpId, Entry)> = Vec::new();
+        for (field, live) in &mut self.fields {
+            let ids: Vec<OpId> = live.range(range.clone()).map(|(k, _)| k.clone()).collect();
+            for id in ids {
+                if let Some(e) = live.remove(&id) {
+                    buried.push((field.clone(), id, e));
+                }
+            }
+        }
+        for (field, id, e) in buried {
+            self.bury(&field, &id, e);
+        }
+        for h in self.history.values_mut() {
+            for (_, d) in h.range_mut(range.clone()) {
+                note(&mut d.by, by);
+            }
+        }
+        for c in self.counters.values_mut() {
+            let ids: Vec<OpId> = c.range(range.clone()).map(|(k, _)| k.clone()).collect();
+            for id in ids {
+                c.remove(&id);
+            }
+        }
+        let ids: Vec<OpId> = self
+            .tombstones
+            .range(range)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ids {
+            self.tombstones.remove(&id);
+        }
+    }
+
+    fn add_write(&mut self, op: &Op, w: &FieldWrite) {
+        let row = self.row_killers(&op.id);
+        if row.is_none()
+            && let Some(delta) = &w.delta
+        {
+            slot(&mut self.counters, &w.name).insert(op.id.clone(), delta.clone());
+        }
+        let field = self.field_dead.get(&w.name).and_then(|m| m.get(&op.id));
+        if row.is_none() && field.is_none() {
+            slot(&mut self.fields, &w.name).insert(
+                op.id.clone(),
+                Entry {
+                    hlc: op.hlc,
+                    value: w.value.clone(),
+                },
+            );
+        } else if w.delta.is_none() {
+            let mut by = row.unwrap_or_default();
+            if let Some(k) = field {
+                join(&mut by, k);
+            }
+            let h = slot(&mut self.history, &w.name);
+            match h.get_mut(&op.id) {
+                Some(d) => {
+                    d.hlc = op.hlc;
+                    d.value = w.value.clone();
+                    join(&mut d.by, &by);
+                }
+                None => {
+                    h.insert(
+                        op.id.clone(),
+                        Dead {
+                            hlc: op.hlc,
+                            value: w.value.clone(),
+                            by,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Drops empty inner maps so equal op sets give equal bytes.
+    fn prune(&mut self) {
+        self.fields.retain(|_, m| !m.is_empty());
+        self.counters.retain(|_, m| !m.is_empty());
+        self.history.retain(|_, m| !m.is_empty());
+        self.field_dead.retain(|_, m| !m.is_empty());
+        self.row_dead.retain(|_, m| !m.is_empty());
+        self.pred_sets.retain(|_, s| !s.is_empty());
+    }
+
+    /// The ids a new write of `field` at this replica supersedes (its live
+    /// writes).
     pub fn field_pred(&self, field: &str) -> Vec<OpId> {
         self.fields
             .get(field)
@@ -160,18 +415,52 @@ impl RowState {
             .unwrap_or_default()
     }
 
-    /// The live tombstones (what a re-insert supersedes).
+    /// The live tombstones: the `row_pred` of an update.
     pub fn tombstone_pred(&self) -> Vec<OpId> {
         self.tombstones.keys().cloned().collect()
     }
 
-    /// Every live write and tombstone of the row (what a delete supersedes).
+    /// The `row_pred` of a delete: every live write and tombstone of the row,
+    /// and for counter contributions the highest live one per origin (a
+    /// `row_pred` id stands for its origin's prefix, see [`RowState`]).
     pub fn delete_pred(&self) -> Vec<OpId> {
         let mut ids: BTreeSet<OpId> = self.tombstones.keys().cloned().collect();
         for entries in self.fields.values() {
             ids.extend(entries.keys().cloned());
         }
+        let mut top: BTreeMap<&NodeId, u64> = BTreeMap::new();
+        for c in self.counters.values() {
+            for id in c.keys() {
+                let e = top.entry(&id.origin).or_insert(0);
+                *e = (*e).max(id.seq);
+            }
+        }
+        ids.extend(top.into_iter().map(|(o, s)| OpId::new(o.clone(), s)));
         ids.into_iter().collect()
+    }
+
+    /// The `row_pred` of an upsert that (re)creates the row — the row was
+    /// absent from the origin's database: it supersedes everything of the row
+    /// the origin has seen. `seen` is the origin's version vector (or at
+    /// least the last cut it collected garbage at). One id per origin: the
+    /// highest of `seen[origin]` and the origin's live ids of this row.
+    ///
+    /// Without it, a re-insert after a delete keeps the writes and counter
+    /// contributions that were concurrent with the delete (hidden under
+    /// `delete_wins`, but still there), and tombstones dropped by garbage
+    /// collection could not be superseded at replicas that still hold them.
+    pub fn insert_pred(&self, seen: &VersionVector) -> Vec<OpId> {
+        let mut top: BTreeMap<NodeId, u64> = seen
+            .0
+            .iter()
+            .filter(|(_, s)| **s > 0)
+            .map(|(o, s)| (o.clone(), *s))
+            .collect();
+        for id in self.delete_pred() {
+            let e = top.entry(id.origin).or_insert(0);
+            *e = (*e).max(id.seq);
+        }
+        top.into_iter().map(|(o, s)| OpId::new(o, s)).collect()
     }
 
     /// Live writes of `field` (more than one means concurrent writes).
@@ -184,26 +473,182 @@ impl RowState {
         !self.tombstones.is_empty()
     }
 
+    /// True when the state holds nothing at all (as `RowState::default()`).
+    pub fn is_empty(&self) -> bool {
+        *self == RowState::default()
+    }
+
     /// The visible row under `rules`, or `None` when the row does not exist.
+    ///
+    /// `delete_wins` hides a row with any live tombstone. Otherwise each
+    /// field with a live write (or, for `sum`, a live contribution) shows its
+    /// strategy's value; `update_wins` therefore shows the fields written
+    /// concurrently with a delete, and the others read NULL. A row with no
+    /// such field does not exist.
     pub fn visible(&self, rules: &TableRules) -> Option<VisibleRow> {
-        if self.fields.is_empty() {
-            return None;
-        }
         if self.has_tombstone() && rules.deletes == DeletePolicy::DeleteWins {
             return None;
         }
+        let names: BTreeSet<&String> = self.fields.keys().chain(self.counters.keys()).collect();
         let mut row = VisibleRow::new();
-        for (name, entries) in &self.fields {
-            let winner = match rules.strategy(name) {
-                Strategy::LastWriteWins => entries
-                    .iter()
-                    .max_by(|a, b| (a.1.hlc, a.0).cmp(&(b.1.hlc, b.0))),
+        for name in names {
+            let strategy = rules.strategy(name);
+            let counted = match strategy {
+                Strategy::Sum => self.counters.get(name).and_then(|c| sum(c.values())),
+                _ => None,
             };
-            if let Some((_, e)) = winner {
-                row.insert(name.clone(), e.value.clone());
+            let value = counted.or_else(|| {
+                let live = self.fields.get(name)?;
+                let cands = live.iter().map(|(op, e)| Cand {
+                    op,
+                    hlc: &e.hlc,
+                    value: &e.value,
+                });
+                pick(strategy, rules, cands).map(|c| c.value.clone())
+            });
+            if let Some(v) = value {
+                row.insert(name.clone(), v);
             }
         }
-        Some(row)
+        (!row.is_empty()).then_some(row)
+    }
+
+    /// The conflict records of this row under `rules`, sorted by field and
+    /// candidate ids (exact definition in the [`RowState`] docs). Fields whose
+    /// strategy is `sum` never conflict.
+    pub fn conflicts(&self, rules: &TableRules) -> Vec<Conflict> {
+        let names: BTreeSet<&String> = self.fields.keys().chain(self.pred_sets.keys()).collect();
+        let mut out = Vec::new();
+        for name in names {
+            let strategy = rules.strategy(name);
+            if *strategy == Strategy::Sum {
+                continue;
+            }
+            let mut sets = self.pred_sets.get(name).cloned().unwrap_or_default();
+            if let Some(live) = self.fields.get(name)
+                && live.len() >= 2
+            {
+                sets.insert(live.keys().cloned().collect());
+            }
+            for ids in sets {
+                out.push(self.conflict(name, strategy, rules, ids));
+            }
+        }
+        out
+    }
+
+    /// The HLC and value of `id`'s write of `field`, if the op set has it.
+    fn known(&self, field: &str, id: &OpId) -> Option<(&Hlc, &Value)> {
+        if let Some(e) = self.fields.get(field).and_then(|m| m.get(id)) {
+            return Some((&e.hlc, &e.value));
+        }
+        self.history
+            .get(field)
+            .and_then(|h| h.get(id))
+            .map(|d| (&d.hlc, &d.value))
+    }
+
+    fn conflict(
+        &self,
+        field: &str,
+        strategy: &Strategy,
+        rules: &TableRules,
+        ids: Vec<OpId>,
+    ) -> Conflict {
+        let mut known = Vec::new();
+        let mut candidates = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let k = self.known(field, id);
+            if let Some((hlc, value)) = k {
+                known.push(Cand { op: id, hlc, value });
+            }
+            candidates.push(Candidate {
+                op: id.clone(),
+                hlc: k.map(|(h, _)| *h),
+                value: k.map(|(_, v)| v.clone()),
+            });
+        }
+        let hlc = known.iter().map(|c| *c.hlc).max();
+        let winner = if known.len() == ids.len() {
+            pick(strategy, rules, known.iter().copied())
+        } else {
+            None
+        };
+        Conflict {
+            field: field.to_owned(),
+            candidates,
+            strategy: strategy.name().to_owned(),
+            winner: winner.map(|c| c.op.clone()),
+            value: winner.map(|c| c.value.clone()),
+            hlc,
+        }
+    }
+
+    /// True when `id`'s write of `field` is covered and was superseded by a
+    /// covered op (no future `pred` can name it).
+    fn settled(&self, field: &str, id: &OpId, stable: &VersionVector) -> bool {
+        if !covered(id, stable) || self.fields.get(field).is_some_and(|m| m.contains_key(id)) {
+            return false;
+        }
+        let mut by = self.killers(field, id);
+        if let Some(d) = self.history.get(field).and_then(|h| h.get(id)) {
+            join(&mut by, &d.by);
+        }
+        any_covered(&by, stable)
+    }
+
+    /// Forgets what no future op can need, given a stable cut (conditions
+    /// (P1) and (P2) in the [`RowState`] docs — the caller must guarantee
+    /// them).
+    /// Returns true when the row is now empty: the caller may delete it, and
+    /// a later op starts from `RowState::default()` with the same result.
+    ///
+    /// Never changes the visible row, and not the visible row after any
+    /// further ops that respect (P2) either; [`RowState::conflicts`] loses
+    /// exactly the records whose candidates are all settled.
+    pub fn collect_garbage(&mut self, stable: &VersionVector) -> bool {
+        // Candidate sets: keep those with an unsettled candidate.
+        let mut kept: BTreeMap<String, BTreeSet<Vec<OpId>>> = BTreeMap::new();
+        for (field, sets) in &self.pred_sets {
+            for ids in sets {
+                if !ids.iter().all(|id| self.settled(field, id, stable)) {
+                    kept.entry(field.clone()).or_default().insert(ids.clone());
+                }
+            }
+        }
+        let needed: BTreeSet<(&String, &OpId)> = kept
+            .iter()
+            .flat_map(|(f, sets)| sets.iter().flatten().map(move |id| (f, id)))
+            .collect();
+        // Superseded values: drop the settled ones no kept set names.
+        let mut history = BTreeMap::new();
+        for (field, h) in &self.history {
+            let keep: BTreeMap<OpId, Dead> = h
+                .iter()
+                .filter(|(id, d)| {
+                    needed.contains(&(field, *id))
+                        || !(covered(id, stable) && any_covered(&d.by, stable))
+                })
+                .map(|(id, d)| (id.clone(), d.clone()))
+                .collect();
+            history.insert(field.clone(), keep);
+        }
+        self.history = history;
+        self.pred_sets = kept;
+        // Supersession memory of covered ids.
+        for m in self.field_dead.values_mut() {
+            m.retain(|id, _| !covered(id, stable));
+        }
+        for (origin, marks) in &mut self.row_dead {
+            let upto = stable.get(origin);
+            marks.retain(|seq, _| *seq > upto);
+        }
+        // Covered tombstones of a row with nothing live.
+        if self.fields.is_empty() && self.counters.is_empty() {
+            self.tombstones.retain(|id, _| !covered(id, stable));
+        }
+        self.prune();
+        self.is_empty()
     }
 }
 
@@ -227,25 +672,31 @@ mod tests {
             delta: None,
         }
     }
+    fn inc(name: &str, value: i64, delta: i64, pred: Vec<OpId>) -> FieldWrite {
+        FieldWrite {
+            name: name.into(),
+            value: Value::Int(value),
+            pred,
+            delta: Some(Value::Int(delta)),
+        }
+    }
+    fn up(n: &str, s: u64, t: u64, fields: Vec<FieldWrite>) -> Op {
+        Op::upsert(id(n, s), hlc(t), "t", vec![], fields)
+    }
+    fn merge(ops: &[&Op]) -> RowState {
+        let mut r = RowState::default();
+        for op in ops {
+            r.apply(op);
+        }
+        r
+    }
 
     #[test]
     fn sequential_write_replaces_concurrent_write_resolves_by_hlc() {
         let rules = TableRules::default();
-        let a1 = Op::upsert(id("a", 1), hlc(10), "t", vec![], vec![w("x", 1, vec![])]);
-        let b1 = Op::upsert(
-            id("b", 1),
-            hlc(20),
-            "t",
-            vec![],
-            vec![w("x", 2, vec![id("a", 1)])],
-        );
-        let c1 = Op::upsert(
-            id("c", 1),
-            hlc(15),
-            "t",
-            vec![],
-            vec![w("x", 3, vec![id("a", 1)])],
-        );
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let b1 = up("b", 1, 20, vec![w("x", 2, vec![id("a", 1)])]);
+        let c1 = up("c", 1, 15, vec![w("x", 3, vec![id("a", 1)])]);
         let mut r = RowState::default();
         r.apply(&a1);
         r.apply(&b1);
@@ -257,14 +708,8 @@ mod tests {
 
     #[test]
     fn late_predecessor_is_discarded() {
-        let a1 = Op::upsert(id("a", 1), hlc(30), "t", vec![], vec![w("x", 1, vec![])]);
-        let b1 = Op::upsert(
-            id("b", 1),
-            hlc(20),
-            "t",
-            vec![],
-            vec![w("x", 2, vec![id("a", 1)])],
-        );
+        let a1 = up("a", 1, 30, vec![w("x", 1, vec![])]);
+        let b1 = up("b", 1, 20, vec![w("x", 2, vec![id("a", 1)])]);
         let mut r = RowState::default();
         r.apply(&b1);
         r.apply(&a1);
@@ -275,42 +720,211 @@ mod tests {
     }
 
     #[test]
+    fn sequential_pending_replaces_active_even_under_priority_order() {
+        let mut rules = TableRules::default();
+        rules.fields.insert(
+            "s".into(),
+            Strategy::PriorityOrder(vec!["active".into(), "pending".into()]),
+        );
+        let t = |s: &str| Value::Text(s.into());
+        let mut a1 = up("a", 1, 10, vec![]);
+        a1.fields.push(FieldWrite::new("s", t("active")));
+        let mut b1 = up("b", 1, 20, vec![]);
+        b1.fields.push(FieldWrite {
+            pred: vec![id("a", 1)],
+            ..FieldWrite::new("s", t("pending"))
+        });
+        let r = merge(&[&b1, &a1]);
+        assert_eq!(r.visible(&rules).unwrap()["s"], t("pending"));
+        assert!(r.conflicts(&rules).is_empty());
+    }
+
+    #[test]
     fn delete_wins_against_concurrent_update_and_reinsert_resurrects() {
         let mut rules = TableRules::default();
-        let a1 = Op::upsert(
-            id("a", 1),
-            hlc(10),
-            "t",
-            vec![],
-            vec![w("x", 1, vec![]), w("y", 1, vec![])],
-        );
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![]), w("y", 1, vec![])]);
         let del = Op::delete(id("b", 1), hlc(20), "t", vec![], vec![id("a", 1)]);
-        let upd = Op::upsert(
-            id("c", 1),
-            hlc(30),
-            "t",
-            vec![],
-            vec![w("y", 5, vec![id("a", 1)])],
-        );
-        let mut r = RowState::default();
-        for op in [&a1, &del, &upd] {
-            r.apply(op);
-        }
+        let upd = up("c", 1, 30, vec![w("y", 5, vec![id("a", 1)])]);
+        let mut r = merge(&[&a1, &del, &upd]);
         assert_eq!(r.visible(&rules), None);
         rules.deletes = DeletePolicy::UpdateWins;
         let v = r.visible(&rules).unwrap();
         assert_eq!(v.get("y"), Some(&Value::Int(5)));
         assert_eq!(v.get("x"), None);
-        let mut re = Op::upsert(
-            id("a", 2),
-            hlc(40),
-            "t",
-            vec![],
+        let mut re = up(
+            "a",
+            2,
+            40,
             vec![w("x", 9, r.field_pred("x")), w("y", 9, r.field_pred("y"))],
         );
         re.row_pred = r.tombstone_pred();
         r.apply(&re);
         rules.deletes = DeletePolicy::DeleteWins;
         assert_eq!(r.visible(&rules).unwrap()["y"], Value::Int(9));
+    }
+
+    #[test]
+    fn row_pred_is_a_prefix_per_origin() {
+        // a2 wrote y only; a delete naming a#2 also supersedes a#1's write of x.
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let a2 = up("a", 2, 11, vec![w("y", 2, vec![])]);
+        let b1 = up("b", 1, 12, vec![w("z", 3, vec![])]);
+        let del = Op::delete(id("c", 1), hlc(20), "t", vec![], vec![id("a", 2)]);
+        let r = merge(&[&del, &a1, &b1, &a2]);
+        let rules = TableRules {
+            deletes: DeletePolicy::UpdateWins,
+            ..TableRules::default()
+        };
+        let v = r.visible(&rules).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v["z"], Value::Int(3));
+    }
+
+    #[test]
+    fn counter_contributions_survive_pred_and_die_by_delete() {
+        let mut rules = TableRules::default();
+        rules.fields.insert("n".into(), Strategy::Sum);
+        let a1 = up("a", 1, 10, vec![inc("n", 5, 5, vec![])]);
+        let a2 = up("a", 2, 11, vec![inc("n", 7, 2, vec![id("a", 1)])]);
+        let b1 = up("b", 1, 12, vec![inc("n", 15, 10, vec![id("a", 1)])]);
+        let r = merge(&[&a2, &b1, &a1]);
+        assert_eq!(r.visible(&rules).unwrap()["n"], Value::Int(17));
+        assert!(r.conflicts(&rules).is_empty(), "sum never conflicts");
+        // Applying again counts once.
+        let mut again = r.clone();
+        again.apply(&b1);
+        assert_eq!(again, r);
+        // A delete that saw a1, a2 but not b1 leaves b1's increment.
+        let del = Op::delete(id("c", 1), hlc(20), "t", vec![], vec![id("a", 2)]);
+        let mut d = r.clone();
+        d.apply(&del);
+        rules.deletes = DeletePolicy::UpdateWins;
+        assert_eq!(d.visible(&rules).unwrap()["n"], Value::Int(10));
+        // A re-insert with insert_pred starts from its own delta.
+        let mut vv = VersionVector::default();
+        vv.set(NodeId::new("a").unwrap(), 2);
+        vv.set(NodeId::new("b").unwrap(), 1);
+        vv.set(NodeId::new("c").unwrap(), 1);
+        let mut re = up("c", 2, 30, vec![inc("n", 4, 4, d.field_pred("n"))]);
+        re.row_pred = d.insert_pred(&vv);
+        assert_eq!(re.row_pred.len(), 3, "one id per origin");
+        d.apply(&re);
+        rules.deletes = DeletePolicy::DeleteWins;
+        assert_eq!(d.visible(&rules).unwrap()["n"], Value::Int(4));
+        assert_eq!(d.delete_pred(), vec![id("c", 2)]);
+    }
+
+    #[test]
+    fn sum_field_without_counted_writes_falls_back_to_last_write() {
+        let mut rules = TableRules::default();
+        rules.fields.insert("n".into(), Strategy::Sum);
+        let a1 = up("a", 1, 10, vec![w("n", 5, vec![])]);
+        let b1 = up("b", 1, 12, vec![w("n", 6, vec![])]);
+        let r = merge(&[&a1, &b1]);
+        assert_eq!(r.visible(&rules).unwrap()["n"], Value::Int(6));
+        let a2 = up(
+            "a",
+            2,
+            13,
+            vec![inc("n", 8, 2, vec![id("a", 1), id("b", 1)])],
+        );
+        let r = merge(&[&a1, &b1, &a2]);
+        assert_eq!(
+            r.visible(&rules).unwrap()["n"],
+            Value::Int(2),
+            "only counted writes count once one exists"
+        );
+    }
+
+    #[test]
+    fn resolved_conflict_is_remembered_with_values_in_any_order() {
+        let rules = TableRules::default();
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let b1 = up("b", 1, 20, vec![w("x", 2, vec![])]);
+        // c saw a1 and b1 live, then wrote: resolves the conflict.
+        let c1 = up("c", 1, 30, vec![w("x", 3, vec![id("a", 1), id("b", 1)])]);
+        // A delete that saw a1 and b1 but not c1.
+        let d1 = Op::delete(
+            id("d", 1),
+            hlc(25),
+            "t",
+            vec![],
+            vec![id("a", 1), id("b", 1)],
+        );
+        let all = [&a1, &b1, &c1, &d1];
+        let expect = merge(&all).conflicts(&rules);
+        assert_eq!(expect.len(), 1);
+        let c = &expect[0];
+        assert!(c.is_complete());
+        assert_eq!(c.winner, Some(id("b", 1)));
+        assert_eq!(c.value, Some(Value::Int(2)));
+        assert_eq!(c.hlc, Some(hlc(20)));
+        // Every order gives the same record (24 permutations).
+        let mut idx = [0usize, 1, 2, 3];
+        for _ in 0..24 {
+            let ops: Vec<&Op> = idx.iter().map(|i| all[*i]).collect();
+            assert_eq!(merge(&ops).conflicts(&rules), expect, "{idx:?}");
+            next_permutation(&mut idx);
+        }
+        // Before a1 arrives the candidate is unknown and there is no winner.
+        let partial = merge(&[&c1, &b1]).conflicts(&rules);
+        assert_eq!(partial[0].candidates[0].value, None);
+        assert_eq!(partial[0].winner, None);
+        assert!(!partial[0].is_complete());
+    }
+
+    fn next_permutation(v: &mut [usize]) {
+        let Some(i) = (1..v.len()).rev().find(|&i| v[i - 1] < v[i]) else {
+            v.reverse();
+            return;
+        };
+        let j = (i..v.len()).rev().find(|&j| v[j] > v[i - 1]).unwrap();
+        v.swap(i - 1, j);
+        v[i..].reverse();
+    }
+
+    #[test]
+    fn an_op_never_supersedes_itself() {
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let mut a2 = up("a", 2, 20, vec![w("y", 2, vec![id("a", 2)])]);
+        a2.row_pred = vec![id("a", 5)];
+        let r = merge(&[&a2, &a1]);
+        assert_eq!(r, merge(&[&a1, &a2]));
+        let v = r.visible(&TableRules::default()).unwrap();
+        assert_eq!(v.get("x"), None, "a#1 is superseded");
+        assert_eq!(v["y"], Value::Int(2), "a#2 is not");
+    }
+
+    #[test]
+    fn garbage_collection_of_a_deleted_row_empties_it() {
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let b1 = up("b", 1, 20, vec![w("x", 2, vec![])]);
+        let c1 = up("c", 1, 30, vec![w("x", 3, vec![id("a", 1), id("b", 1)])]);
+        let d = Op::delete(id("a", 2), hlc(40), "t", vec![], vec![id("c", 1)]);
+        let mut r = merge(&[&a1, &b1, &c1, &d]);
+        let mut cut = VersionVector::default();
+        cut.set(NodeId::new("a").unwrap(), 1);
+        cut.set(NodeId::new("b").unwrap(), 1);
+        cut.set(NodeId::new("c").unwrap(), 1);
+        assert!(!r.collect_garbage(&cut), "the tombstone a#2 is not covered");
+        assert_eq!(r.conflicts(&TableRules::default()), vec![], "settled");
+        assert!(r.has_tombstone());
+        cut.set(NodeId::new("a").unwrap(), 2);
+        assert!(r.collect_garbage(&cut));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn tombstone_is_kept_while_a_concurrent_write_is_live() {
+        let a1 = up("a", 1, 10, vec![w("x", 1, vec![])]);
+        let d = Op::delete(id("b", 1), hlc(20), "t", vec![], vec![id("a", 1)]);
+        let c1 = up("c", 1, 15, vec![w("y", 1, vec![])]);
+        let mut r = merge(&[&a1, &d, &c1]);
+        let mut cut = VersionVector::default();
+        for n in ["a", "b", "c"] {
+            cut.set(NodeId::new(n).unwrap(), 1);
+        }
+        assert!(!r.collect_garbage(&cut));
+        assert_eq!(r.visible(&TableRules::default()), None);
     }
 }

@@ -81,7 +81,13 @@ async fn forged_and_malformed_input_is_refused_and_the_hub_keeps_serving() -> Re
         batch_size: 100,
         max_clock_drift_ms: 500,
     };
-    let hub = start_hub(settings, dir.path(), "127.0.0.1:0".parse()?).await?;
+    let hub = start_hub(
+        settings,
+        Default::default(),
+        dir.path(),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
     let url = hub.url();
 
     let cases: Vec<(&str, Vec<pb::NodeMessage>)> = vec![

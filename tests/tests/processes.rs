@@ -225,7 +225,24 @@ async fn bad_input_gives_one_clear_line_and_non_zero_exit() -> Result<()> {
         "cannot reach the hub",
     );
 
+    // Strategies: an unknown name, `sum` on a text column, and
+    // `priority_order` without a list.
+    let cfg = write_config(dir, port, "    resolve: { default: newest_wins }\n")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "node-a"])?;
+    assert_one_line_error("unknown strategy", ok, &out, &err, "newest_wins");
+    let cfg = write_config(dir, port, "    resolve: { fields: { item: sum } }\n")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "node-a"])?;
+    assert_one_line_error("sum on text", ok, &out, &err, "numeric column");
+    let cfg = write_config(
+        dir,
+        port,
+        "    resolve: { fields: { status: { priority_order: [] } } }\n",
+    )?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "node-a"])?;
+    assert_one_line_error("empty priority_order", ok, &out, &err, "priority_order");
+
     // Unknown node name.
+    let cfg = write_config(dir, port, "")?;
     let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "node-z"])?;
     assert_one_line_error("unknown node", ok, &out, &err, "node-z");
     Ok(())
