@@ -220,10 +220,12 @@ impl<S: LogStore> HubCore<S> {
         for k in before.iter().filter(|k| !now_keys.contains(k)) {
             batch.remove(k.clone());
         }
-        batch.put(
-            xk.clone(),
-            postcard::to_allocvec(&now_keys).unwrap_or_default(),
-        );
+        if now_keys != before {
+            batch.put(
+                xk.clone(),
+                postcard::to_allocvec(&now_keys).unwrap_or_default(),
+            );
+        }
         self.row_conflicts.insert(xk, now_keys);
         Ok(())
     }
