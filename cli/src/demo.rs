@@ -142,6 +142,23 @@ impl Mesh {
         Ok(())
     }
 
+    /// Waits until `node` captured every local write (its change table is
+    /// empty), so the HLC order of writes on different nodes follows the
+    /// order they were made in.
+    pub async fn wait_captured(&self, node: usize) -> Result<()> {
+        let start = std::time::Instant::now();
+        while self.dbs[node].1.pending_changes().await? > 0 {
+            if start.elapsed() > CONVERGE_TIMEOUT {
+                anyhow::bail!(
+                    "{} did not capture its writes within {CONVERGE_TIMEOUT:?}",
+                    self.dbs[node].0
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     pub async fn wait_converged(&self) -> Result<Duration> {
         let nodes: Vec<&NodeHandle> = self.nodes.iter().collect();
         mesh::wait_converged(
@@ -243,8 +260,10 @@ pub async fn run(dir: Option<PathBuf>) -> Result<bool> {
     }
     mesh.exec(0, "UPDATE orders SET qty = 10 WHERE id = 1")
         .await?;
+    mesh.wait_captured(0).await?;
     mesh.exec(1, "UPDATE orders SET status = 'paid' WHERE id = 1")
         .await?;
+    mesh.wait_captured(1).await?;
     mesh.exec(
         2,
         "UPDATE orders SET qty = 30, item = 'item-1-renamed' WHERE id = 1",

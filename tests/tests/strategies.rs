@@ -76,8 +76,12 @@ async fn every_strategy_resolves_a_partition_as_configured() -> Result<()> {
 
     offline_all(&mesh, false).await;
     mesh.exec(0, "UPDATE accounts SET balance = balance + 5, last_login = 50, status = 'inactive', owner = 'from-a', note = 'note-a' WHERE id = 1").await?;
+    // Capture stamps the HLC: let each node capture before the next writes,
+    // so "later" in wall time is later in HLC order too.
+    mesh.wait_captured(0).await?;
     mesh.exec(1, "UPDATE accounts SET balance = balance + 7, last_login = 40, status = 'active', owner = 'from-b', note = 'note-b' WHERE id = 1").await?;
     mesh.exec(1, "DELETE FROM items WHERE id = 1").await?;
+    mesh.wait_captured(1).await?;
     mesh.exec(2, "UPDATE accounts SET balance = balance - 2, last_login = 30, owner = 'from-c', note = 'note-c' WHERE id = 1").await?;
     mesh.exec(2, "UPDATE items SET name = 'y' WHERE id = 1")
         .await?;
