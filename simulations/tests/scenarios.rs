@@ -1,0 +1,69 @@
+//! Targeted fault mixes that the short default sweep produces rarely.
+
+use simulations::{Overrides, SimConfig, run};
+
+fn quiet() -> Overrides {
+    Overrides {
+        nodes: Some(3),
+        loss: Some(0.0),
+        dup: Some(0.0),
+        partitions_per_min: Some(0.0),
+        node_crashes_per_min: Some(0.0),
+        hub_crashes_per_min: Some(0.0),
+        clock_jumps_per_min: Some(0.0),
+        crash_points: Some(0.0),
+        writes_per_sec: Some(1.0),
+        ..Overrides::default()
+    }
+}
+
+#[test]
+fn long_partitions_are_noticed_by_keepalive_and_heal() {
+    let mut timeouts = 0;
+    for seed in 0..3 {
+        let mut cfg = SimConfig::new(seed, 1.5);
+        cfg.overrides = Overrides {
+            partitions_per_min: Some(6.0),
+            ..quiet()
+        };
+        let o = run(cfg);
+        assert!(o.failure.is_none(), "seed {seed}: {:?}", o.failure);
+        timeouts += o.stats.keepalive_timeouts;
+    }
+    assert!(timeouts > 0, "no partition outlived the keepalive");
+}
+
+#[test]
+fn clocks_beyond_the_drift_are_refused_and_nothing_is_lost() {
+    let mut refusals = 0;
+    for seed in 0..3 {
+        let mut cfg = SimConfig::new(seed, 0.5);
+        cfg.overrides = Overrides {
+            clock_jumps_per_min: Some(30.0),
+            skew_ms: Some(250),
+            beyond_drift_ms: Some(500),
+            writes_per_sec: Some(3.0),
+            ..quiet()
+        };
+        let o = run(cfg);
+        assert!(o.failure.is_none(), "seed {seed}: {:?}", o.failure);
+        refusals += o.stats.drift_refusals;
+    }
+    assert!(refusals > 0, "no op was ever refused for clock drift");
+}
+
+#[test]
+fn crashes_at_every_interesting_point_lose_nothing() {
+    for seed in 0..3 {
+        let mut cfg = SimConfig::new(seed, 0.3);
+        cfg.overrides = Overrides {
+            crash_points: Some(0.2),
+            node_crashes_per_min: Some(1.0),
+            writes_per_sec: Some(4.0),
+            ..quiet()
+        };
+        let o = run(cfg);
+        assert!(o.failure.is_none(), "seed {seed}: {:?}", o.failure);
+        assert!(o.stats.node_crashes > 5);
+    }
+}
