@@ -116,14 +116,13 @@
 //!
 //! Random inserts, updates (some changing nothing, some changing the
 //! primary key), `INSERT OR REPLACE`s and deletes, 1-6 per second per node,
-//! sometimes 2-3 rows in one transaction, over three small tables (see
+//! sometimes 2-3 rows in one transaction, over four small tables (see
 //! [`workload`]): `last_write_wins` with `delete_wins`, with `update_wins`,
-//! and with row granularity. Some writes are aimed at a row between
+//! and with row granularity, and a `counters` table with one field per
+//! other strategy (`sum` increments, `max`, `min`, `priority_order`,
+//! `source_priority`, `merge`). Some writes are aimed at a row between
 //! `poll_apply` and its apply transaction. A node may be publish-only or
-//! subscribe-only. Every table uses `last_write_wins`: the other strategies
-//! (`source_priority`, `merge`, `max`, `min`, `priority_order`, `sum` with
-//! deltas) reached the resolver while this crate was written and are not
-//! simulated yet, nor is the "sum equals the true total" invariant.
+//! subscribe-only.
 //!
 //! # Invariants (checked after the heal, once the mesh is quiet)
 //!
@@ -151,7 +150,11 @@
 //!    remote ops its node held when the user wrote it (a field `pred` id
 //!    exactly; a `row_pred` prefix `(O, s)` must not cover an op of `O` on
 //!    that row the node did not hold yet).
-//! 7. During the run: no `Err` from any core, no protocol anomaly (a hub
+//! 7. **Exact counters**: every applying replica shows each counter's
+//!    `total` as the sum of every increment (new − old as the user's
+//!    database saw it) any user made; each op's `delta` is checked against
+//!    its change too.
+//! 8. During the run: no `Err` from any core, no protocol anomaly (a hub
 //!    error other than `clock_drift`, a gap, a malformed op), no unexpected
 //!    warning, no panic; after the heal the mesh must make progress (ops
 //!    stored, merged or applied) at least every 60 simulated seconds until
