@@ -23,6 +23,18 @@ if ! command -v cc >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
 
+# Servers the end-to-end tests start as throwaway instances on 127.0.0.1.
+need_pkgs=()
+[ -x /usr/bin/redis-server ] || need_pkgs+=(redis-server)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian starts a system redis-server on 6379 after install; the tests use
+# their own instances on free ports, so it is not needed.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 if [ -z "${SYNCMESH_TEST_QUICK:-}" ]; then

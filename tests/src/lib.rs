@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod redis;
+
 /// Path of the `syncmesh` binary: `$SYNCMESH_BIN`, or the one built next to
 /// this test binary (`scripts/test.sh` builds it first).
 pub fn syncmesh_bin() -> PathBuf {
