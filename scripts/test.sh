@@ -4,10 +4,11 @@
 #   bash scripts/test.sh            # format check, clippy, every test
 #   SYNCMESH_TEST_QUICK=1 bash scripts/test.sh   # tests only (no fmt/clippy)
 #
-# Tests run against real SQLite files and real gRPC on 127.0.0.1 only. They
-# need no server today; when an engine needs one (PostgreSQL, MariaDB, Redis),
-# this script installs it from Debian packages and the tests start throwaway
-# instances in temporary directories.
+# Tests run against real SQLite files, real gRPC on 127.0.0.1 and real
+# PostgreSQL 15 servers: this script installs `postgresql-15` from Debian
+# when its server binaries are missing, and the tests start throwaway
+# clusters (initdb in a temp dir, 127.0.0.1, wal_level=logical) as the
+# `postgres` system user the package creates (see tests/src/pg.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,11 @@ fi
 if ! command -v cc >/dev/null 2>&1; then
     say "installing a C compiler (for the bundled SQLite)"
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+fi
+
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+    say "installing PostgreSQL 15 (the tests start throwaway clusters)"
+    apt-get update -qq && apt-get install -y -qq postgresql-15 >/dev/null
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
