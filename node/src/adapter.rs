@@ -82,6 +82,8 @@ pub enum Db {
     Sqlite(crate::sqlite::SqliteAdapter),
     /// A PostgreSQL database.
     Postgres(Box<crate::postgres::PostgresAdapter>),
+    /// A Redis cache (a target only: nothing is captured).
+    Redis(crate::redis::RedisTarget),
 }
 
 impl Db {
@@ -101,10 +103,18 @@ impl Db {
                 )
                 .await?,
             ))),
+            DatabaseKind::Redis => Ok(Db::Redis(
+                crate::redis::RedisTarget::open(
+                    db.url.expose(),
+                    db.key_prefix.as_deref(),
+                    db.ttl_seconds,
+                )
+                .await?,
+            )),
             other => Err(crate::Error::Database {
                 database: db.url.redacted(),
                 message: format!(
-                    "database type {other} is not supported by this version yet; use type: sqlite or postgresql"
+                    "database type {other} is not supported by this version yet; use type: sqlite, postgresql or redis"
                 ),
             }),
         }
@@ -118,6 +128,31 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.introspect(tables).await,
             Db::Postgres(d) => d.introspect(tables).await,
+            // Redis has no schema: the key comes from the config, and the
+            // shell adds the configured fields.
+            Db::Redis(_) => tables
+                .iter()
+                .map(|(name, key)| {
+                    if key.is_empty() {
+                        return Err(crate::Error::Schema {
+                            table: name.clone(),
+                            message: "a redis node has no schema to read the primary key from: set `key: [..]` on the table in the config".into(),
+                        });
+                    }
+                    Ok(TableSchema {
+                        name: name.clone(),
+                        columns: key
+                            .iter()
+                            .map(|k| ColumnInfo {
+                                name: k.clone(),
+                                decl_type: "TEXT".into(),
+                                not_null: true,
+                            })
+                            .collect(),
+                        key: key.clone(),
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -126,6 +161,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.install_capture(schemas).await,
             Db::Postgres(d) => d.install_capture(schemas).await,
+            Db::Redis(_) => Ok(()),
         }
     }
 
@@ -134,6 +170,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.change_watermark().await,
             Db::Postgres(d) => d.change_watermark().await,
+            Db::Redis(_) => Ok(0),
         }
     }
 
@@ -146,6 +183,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.read_changes(after, limit).await,
             Db::Postgres(d) => d.read_changes(after, limit).await,
+            Db::Redis(_) => Ok(Vec::new()),
         }
     }
 
@@ -155,6 +193,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.delete_changes_through(checkpoint).await,
             Db::Postgres(d) => d.delete_changes_through(checkpoint).await,
+            Db::Redis(_) => Ok(()),
         }
     }
 
@@ -163,6 +202,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.apply(schemas, writes).await,
             Db::Postgres(d) => d.apply(schemas, writes).await,
+            Db::Redis(d) => d.apply(writes).await.map(|()| 0),
         }
     }
 
@@ -174,6 +214,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.dump_table(schema).await,
             Db::Postgres(d) => d.dump_table(schema).await,
+            Db::Redis(d) => d.dump_table(&schema.name).await,
         }
     }
 
@@ -182,6 +223,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.close().await,
             Db::Postgres(d) => d.close().await,
+            Db::Redis(_) => {}
         }
     }
 }

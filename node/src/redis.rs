@@ -16,6 +16,7 @@
 //! start the node's log is empty, so the hub sends it every op it holds and
 //! the cache is filled from the whole data set (the snapshot).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -36,6 +37,16 @@ pub struct RedisTarget {
     prefix: String,
     ttl_seconds: Option<u64>,
     url: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisTarget {
@@ -66,7 +77,7 @@ impl RedisTarget {
                 "cannot connect ({e}); is redis-server running and the password right?"
             ))
         })?;
-        let mut target = RedisTarget {
+        let target = RedisTarget {
             conn,
             prefix: key_prefix.unwrap_or("").to_owned(),
             ttl_seconds,
@@ -89,7 +100,8 @@ impl RedisTarget {
     /// Writes `rows` in transactions of at most
     /// [`MAX_ROWS_PER_TRANSACTION`] rows: each visible row replaces its
     /// hash, each absent row deletes its key.
-    pub async fn apply(&mut self, rows: &[RowWrite]) -> Result<()> {
+    pub async fn apply(&self, rows: &[RowWrite]) -> Result<()> {
+        let mut conn = self.conn.clone();
         for chunk in rows.chunks(MAX_ROWS_PER_TRANSACTION) {
             let mut pipe = redis::pipe();
             pipe.atomic();
@@ -114,7 +126,7 @@ impl RedisTarget {
                 }
             }
             let what = format!("a transaction of {} rows", chunk.len());
-            let fut = pipe.query_async::<()>(&mut self.conn);
+            let fut = pipe.query_async::<()>(&mut conn);
             tokio::time::timeout(Duration::from_millis(COMMAND_TIMEOUT_MS), fut)
                 .await
                 .map_err(|_| {
@@ -127,8 +139,45 @@ impl RedisTarget {
         Ok(())
     }
 
-    async fn run<T: redis::FromRedisValue>(&mut self, cmd: redis::Cmd, what: &str) -> Result<T> {
-        let fut = cmd.query_async::<T>(&mut self.conn);
+    /// Every row of `table` in the cache, as text values, ordered by key.
+    pub async fn dump_table(&self, table: &str) -> Result<Vec<BTreeMap<String, Value>>> {
+        let mut pattern = redis_key(&self.prefix, table, &[]);
+        pattern.push_str(":*");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) = self.run(cmd, "SCAN").await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let mut rows = Vec::with_capacity(keys.len());
+        for k in keys {
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(&k);
+            let h: BTreeMap<String, Vec<u8>> = self.run(cmd, "HGETALL").await?;
+            rows.push(
+                h.into_iter()
+                    .map(|(f, v)| (f, Value::Text(String::from_utf8_lossy(&v).into_owned())))
+                    .collect(),
+            );
+        }
+        Ok(rows)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd, what: &str) -> Result<T> {
+        let mut conn = self.conn.clone();
+        let fut = cmd.query_async::<T>(&mut conn);
         tokio::time::timeout(Duration::from_millis(COMMAND_TIMEOUT_MS), fut)
             .await
             .map_err(|_| self.err(format!("{what} got no answer within 10 s")))?

@@ -101,8 +101,26 @@ pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
         .collect();
     let schemas = db.introspect(&wanted).await?;
     let mut infos = Vec::new();
-    for (schema, t) in schemas.into_iter().zip(tables) {
-        infos.push(TableInfo::new(schema, t.rules(&priorities), source)?);
+    for (mut schema, t) in schemas.into_iter().zip(tables) {
+        let rules = t.rules(&priorities);
+        if matches!(db, Db::Redis(_)) {
+            // No schema to read: the configured fields are the columns
+            // the rules may name (a cache stores whatever the rows hold).
+            for (field, strategy) in &rules.fields {
+                if !schema.columns.iter().any(|c| &c.name == field) {
+                    schema.columns.push(crate::adapter::ColumnInfo {
+                        name: field.clone(),
+                        decl_type: if *strategy == syncmesh_resolver::Strategy::Sum {
+                            "NUMERIC".into()
+                        } else {
+                            "TEXT".into()
+                        },
+                        not_null: false,
+                    });
+                }
+            }
+        }
+        infos.push(TableInfo::new(schema, rules, source)?);
     }
     if cfg.mode != Mode::Subscribe {
         let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();

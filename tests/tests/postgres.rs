@@ -111,6 +111,7 @@ impl PgMesh {
                     .await
                     .with_context(|| format!("{}: {sql}", NODES[node]))?;
             }
+            Db::Redis(_) => anyhow::bail!("{}: no SQL on a redis node", NODES[node]),
         }
         Ok(())
     }
