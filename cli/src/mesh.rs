@@ -18,6 +18,12 @@ use syncmesh_resolver::{NodeId, Value};
 
 /// Starts the hub described by `hub` in `cfg`.
 pub async fn start_hub_from(cfg: &Config, hub: &HubConfig) -> Result<HubHandle> {
+    let (settings, options) = hub_settings_from(cfg, hub)?;
+    Ok(start_hub(settings, options, &hub.data_dir, hub.listen).await?)
+}
+
+/// The core settings and options of the hub described by `hub` in `cfg`.
+pub fn hub_settings_from(cfg: &Config, hub: &HubConfig) -> Result<(HubSettings, HubOptions)> {
     let settings = HubSettings {
         name: NodeId::new(hub.name.clone())
             .with_context(|| format!("config {}: hub.name", cfg.source))?,
@@ -33,7 +39,7 @@ pub async fn start_hub_from(cfg: &Config, hub: &HubConfig) -> Result<HubHandle> 
             .collect(),
         conflict_retention_days: cfg.conflicts.retention_days,
     };
-    Ok(start_hub(settings, options, &hub.data_dir, hub.listen).await?)
+    Ok((settings, options))
 }
 
 /// Asks the hub at `url` for its status (5 s timeout).

@@ -195,12 +195,7 @@ pub async fn start_hub(
     data_dir: &Path,
     listen: SocketAddr,
 ) -> Result<HubHandle> {
-    let store = SledStore::open(data_dir)?;
-    let mut core = HubCore::open(settings, store)?;
-    core.set_tables(options.tables);
-    if options.conflict_retention_days > 0 {
-        core.set_conflict_retention_days(options.conflict_retention_days);
-    }
+    let core = open_core(settings, options, data_dir)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Bind {
@@ -211,6 +206,58 @@ pub async fn start_hub(
         addr: listen.to_string(),
         message: e.to_string(),
     })?;
+    Ok(serve(core, TcpListenerStream::new(listener), addr))
+}
+
+/// Like [`start_hub`], serving the connections `incoming` yields instead of
+/// binding a TCP port (a simulated network in tests; `addr` is only
+/// reported).
+pub async fn start_hub_with_incoming<I, IO, IE>(
+    settings: HubSettings,
+    options: HubOptions,
+    data_dir: &Path,
+    incoming: I,
+    addr: SocketAddr,
+) -> Result<HubHandle>
+where
+    I: Stream<Item = std::result::Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let core = open_core(settings, options, data_dir)?;
+    Ok(serve(core, incoming, addr))
+}
+
+fn open_core(
+    settings: HubSettings,
+    options: HubOptions,
+    data_dir: &Path,
+) -> Result<HubCore<SledStore>> {
+    let store = SledStore::open(data_dir)?;
+    let mut core = HubCore::open(settings, store)?;
+    core.set_tables(options.tables);
+    if options.conflict_retention_days > 0 {
+        core.set_conflict_retention_days(options.conflict_retention_days);
+    }
+    Ok(core)
+}
+
+fn serve<I, IO, IE>(core: HubCore<SledStore>, incoming: I, addr: SocketAddr) -> HubHandle
+where
+    I: Stream<Item = std::result::Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
@@ -224,7 +271,7 @@ pub async fn start_hub(
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })
             .await;
@@ -232,13 +279,13 @@ pub async fn start_hub(
         res.map_err(|e| Error::Server(e.to_string()))
     });
     tracing::info!(%addr, "hub listening");
-    Ok(HubHandle {
+    HubHandle {
         stopped: false,
         addr,
         shutdown: Some(shutdown_tx),
         server,
         actor,
-    })
+    }
 }
 
 async fn run_actor(

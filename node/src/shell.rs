@@ -12,13 +12,26 @@ use syncmesh_resolver::Ntp64;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::adapter::Db;
 use crate::config::{Config, Mode};
 use crate::core::{Control, Event, NodeCore, NodeSettings, NodeStats, TableInfo};
 use crate::store::SledStore;
 use crate::{Error, Result};
+
+/// Opens the gRPC channel to the hub for a configured endpoint. The
+/// default dials TCP (`Endpoint::connect`); tests that run the shell over a
+/// simulated network (turmoil) pass their own.
+pub type Dialer = std::sync::Arc<
+    dyn Fn(
+            Endpoint,
+        ) -> futures::future::BoxFuture<
+            'static,
+            std::result::Result<Channel, tonic::transport::Error>,
+        > + Send
+        + Sync,
+>;
 
 /// How often the change table is polled when idle.
 pub const CAPTURE_INTERVAL_MS: u64 = 50;
@@ -91,6 +104,15 @@ fn now_ms() -> u64 {
 /// and starts the node. Errors here are configuration or environment
 /// problems and are returned before anything runs.
 pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
+    start_node_with_dialer(config, name, None).await
+}
+
+/// Like [`start_node`], opening the hub channel with `dialer` when given.
+pub async fn start_node_with_dialer(
+    config: &Config,
+    name: &str,
+    dialer: Option<Dialer>,
+) -> Result<NodeHandle> {
     let cfg = config.node(name)?;
     let (tables, sync, source) = (&config.tables, &config.sync, config.source.as_str());
     let priorities = config.priorities();
@@ -142,6 +164,8 @@ pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
         db,
         schemas: infos.into_iter().map(|i| i.schema).collect(),
         hub_url: cfg.hub.clone(),
+        dialer,
+        started: tokio::time::Instant::now(),
         batch_size: sync.batch_size,
         capture: cfg.mode != Mode::Subscribe,
         stats: stats_tx,
@@ -169,6 +193,10 @@ struct Shell {
     db: Db,
     schemas: Vec<crate::adapter::TableSchema>,
     hub_url: String,
+    dialer: Option<Dialer>,
+    /// Backoff and retry deadlines are ms since this (tokio's clock, so a
+    /// simulated runtime controls them); HLCs read the wall clock.
+    started: tokio::time::Instant,
     batch_size: usize,
     capture: bool,
     stats: watch::Sender<NodeStats>,
@@ -176,7 +204,7 @@ struct Shell {
     db_retry_at_ms: u64,
 }
 
-async fn connect(url: String) -> Result<Link> {
+async fn connect(url: String, dialer: Option<Dialer>) -> Result<Link> {
     let hub_err = |message: String| Error::Hub {
         url: url.clone(),
         message,
@@ -188,7 +216,11 @@ async fn connect(url: String) -> Result<Link> {
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| {
+    let channel = match dialer {
+        Some(dial) => dial(endpoint).await,
+        None => endpoint.connect().await,
+    };
+    let channel = channel.map_err(|e| {
         hub_err(format!("cannot connect ({e}); is the hub running? changes stay queued and are sent on reconnect"))
     })?;
     let mut client = SyncClient::new(channel)
@@ -231,6 +263,10 @@ async fn connected(c: &mut Option<Connecting>) -> Result<Link> {
 }
 
 impl Shell {
+    fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     async fn run(mut self, mut cmds: mpsc::Receiver<ShellCmd>) -> Result<()> {
         let mut link: Option<Link> = None;
         let mut connecting: Option<Connecting> = None;
@@ -239,16 +275,22 @@ impl Shell {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
-            if online && link.is_none() && connecting.is_none() && self.core.poll_connect(now_ms())
+            if online
+                && link.is_none()
+                && connecting.is_none()
+                && self.core.poll_connect(self.mono_ms())
             {
-                connecting = Some(tokio::spawn(connect(self.hub_url.clone())));
+                connecting = Some(tokio::spawn(connect(
+                    self.hub_url.clone(),
+                    self.dialer.clone(),
+                )));
             }
             if let Some(l) = &link
                 && !self.pump(l)?
             {
                 link = None;
                 self.core
-                    .handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                    .handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
             }
             self.log_events();
             let _ = self.stats.send(self.core.stats());
@@ -262,7 +304,7 @@ impl Shell {
                     match res {
                         Ok(l) => {
                             failures = 0;
-                            self.core.handle_connected(now_ms());
+                            self.core.handle_connected(self.mono_ms());
                             link = Some(l);
                         }
                         Err(e) => {
@@ -270,7 +312,7 @@ impl Shell {
                             if failures == 1 || failures.is_multiple_of(20) {
                                 tracing::warn!(node = %self.core.name(), attempts = failures, "{e}");
                             }
-                            self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                            self.core.handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
                         }
                     }
                 }
@@ -290,7 +332,7 @@ impl Shell {
                     if let Control::Reconnect(reason) = ctl {
                         tracing::warn!(node = %self.core.name(), hub = %self.hub_url, "disconnected: {reason}; reconnecting with backoff");
                         link = None;
-                        self.core.handle_disconnected(now_ms(), rand::rng().random_range(0..100));
+                        self.core.handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
                     }
                     self.db_step(link.as_ref(), false).await?;
                 }
@@ -300,7 +342,7 @@ impl Shell {
                         if !on {
                             link = None;
                             if let Some(c) = connecting.take() { c.abort(); }
-                            self.core.handle_disconnected(now_ms(), 0);
+                            self.core.handle_disconnected(self.mono_ms(), 0);
                             tracing::info!(node = %self.core.name(), "taken offline");
                         }
                     }
@@ -317,7 +359,7 @@ impl Shell {
     /// wait in the change table and merged rows in the journal. Any other
     /// error stops the node.
     async fn db_step(&mut self, link: Option<&Link>, capture: bool) -> Result<()> {
-        if now_ms() < self.db_retry_at_ms {
+        if self.mono_ms() < self.db_retry_at_ms {
             return Ok(());
         }
         let mut res = Ok(());
@@ -334,7 +376,7 @@ impl Shell {
             }
             Err(e @ Error::Database { .. }) => {
                 self.db_backoff_ms = (self.db_backoff_ms * 2).clamp(250, 30_000);
-                self.db_retry_at_ms = now_ms() + self.db_backoff_ms;
+                self.db_retry_at_ms = self.mono_ms() + self.db_backoff_ms;
                 tracing::warn!(node = %self.core.name(), retry_in_ms = self.db_backoff_ms, "{e}");
                 Ok(())
             }
