@@ -187,6 +187,8 @@ pub struct NodeStats {
     pub dirty_rows: u64,
     /// Warnings raised.
     pub warnings: u64,
+    /// Remote ops made durable here, by (table, operation: upsert | delete).
+    pub records_synced: BTreeMap<(String, String), u64>,
 }
 
 /// The node state machine. See the module docs.
@@ -212,6 +214,11 @@ pub struct NodeCore<S: LogStore> {
     applied_marks: HashMap<Vec<u8>, i64>,
     restart_mark: i64,
     stats: NodeStats,
+    /// The database engine named in the hello (for the hub's status).
+    engine: String,
+    /// Remote ops made durable by the last call, per table: the oldest
+    /// capture HLC (NTP64 time); taken by the shell to measure lag.
+    durable: BTreeMap<String, u64>,
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -323,7 +330,21 @@ impl<S: LogStore> NodeCore<S> {
             applied_marks: HashMap::new(),
             restart_mark,
             stats,
+            engine: String::new(),
+            durable: BTreeMap::new(),
         })
+    }
+
+    /// Names the database engine in the hello (shown by the hub's status).
+    pub fn set_engine(&mut self, engine: &str) {
+        self.engine = engine.to_owned();
+    }
+
+    /// Per table, the oldest capture HLC (NTP64 time) of the remote ops made
+    /// durable since the last call. The shell stamps them with its clock
+    /// right after the flushing call: lag from capture to durable here.
+    pub fn take_durable(&mut self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.durable)
     }
 
     /// This node's name.
@@ -547,6 +568,7 @@ impl<S: LogStore> NodeCore<S> {
                 node: self.settings.name.as_str().to_owned(),
                 version_vector: Some(wire::vv_to_proto(&self.vv)),
                 mode: self.settings.mode.as_str().to_owned(),
+                engine: self.engine.clone(),
             })),
         });
     }
@@ -636,6 +658,7 @@ impl<S: LogStore> NodeCore<S> {
         let mut ov = Overlay::default();
         let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut control = Control::Continue;
+        let mut merged: Vec<(String, &'static str, u64)> = Vec::new();
         for raw in batch.ops {
             let op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
@@ -693,6 +716,12 @@ impl<S: LogStore> NodeCore<S> {
             let mut row = self.load_row(&mut ov, &rk)?;
             let before = row.visible(&info.rules);
             row.apply(&op);
+            let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
+                "delete"
+            } else {
+                "upsert"
+            };
+            merged.push((op.table.clone(), kind, op.hlc.time));
             if row.visible(&info.rules) != before && self.settings.mode != Mode::Publish {
                 self.mark_dirty(&mut ov, &op.table, &op.key)?;
             }
@@ -705,6 +734,15 @@ impl<S: LogStore> NodeCore<S> {
             self.vv.set(origin.clone(), *seq);
         }
         self.commit(ov)?;
+        for (table, kind, hlc) in merged {
+            *self
+                .stats
+                .records_synced
+                .entry((table.clone(), kind.to_owned()))
+                .or_insert(0) += 1;
+            let oldest = self.durable.entry(table).or_insert(hlc);
+            *oldest = (*oldest).min(hlc);
+        }
         // Durable now: acknowledge.
         self.outbox.push_back(pb::NodeMessage {
             body: Some(pb::node_message::Body::Ack(pb::Ack {

@@ -118,40 +118,40 @@ impl Series {
         first..=last
     }
 
-    /// Throughput now, on average and at its peak.
+    /// Throughput now, on average and at its peak. Each bucket's rate is
+    /// over the part of it covered since the start (at least a second).
     pub fn throughput(&self, now_ms: u64) -> Throughput {
         let last = now_ms / BUCKET_MS;
-        let cur = self.get(last).map(|b| b.records).unwrap_or(0);
-        let prev_covered = last > self.started_ms / BUCKET_MS;
-        let prev = if prev_covered {
-            self.get(last - 1).map(|b| b.records).unwrap_or(0)
-        } else {
-            0
+        let span = |i: u64| {
+            let from = (i * BUCKET_MS).max(self.started_ms);
+            let to = ((i + 1) * BUCKET_MS).min(now_ms);
+            to.saturating_sub(from).max(1_000)
         };
-        let into_cur_ms = (now_ms % BUCKET_MS).max(1);
-        let now_span_ms = if prev_covered {
-            BUCKET_MS + into_cur_ms
+        let records = |i: u64| self.get(i).map(|b| b.records).unwrap_or(0);
+        let first = self.range(now_ms, BUCKETS as u64 * BUCKET_MS);
+        let now_rate = if last > *first.start() {
+            (records(last) + records(last - 1)) as f64 * 1000.0
+                / (span(last) + span(last - 1)) as f64
         } else {
-            now_ms.saturating_sub(self.started_ms).max(1)
+            records(last) as f64 * 1000.0 / span(last) as f64
         };
-        let now_rate = (cur + prev) as f64 * 1000.0 / now_span_ms as f64;
         let mut total = 0u64;
-        let mut peak = 0f64;
-        for i in self.range(now_ms, BUCKETS as u64 * BUCKET_MS) {
-            if let Some(b) = self.get(i) {
-                total += b.records;
-                if i < last {
-                    peak = peak.max(b.records as f64 * 1000.0 / BUCKET_MS as f64);
-                }
+        let mut peak = now_rate;
+        for i in first {
+            total += records(i);
+            if i < last {
+                peak = peak.max(records(i) as f64 * 1000.0 / span(i) as f64);
             }
         }
         let covered_ms = now_ms
             .saturating_sub(self.started_ms)
-            .clamp(1, BUCKETS as u64 * BUCKET_MS);
+            .clamp(1_000, BUCKETS as u64 * BUCKET_MS);
+        let average = total as f64 * 1000.0 / covered_ms as f64;
         Throughput {
             now_records_per_second: now_rate,
-            average_records_per_second: total as f64 * 1000.0 / covered_ms as f64,
-            peak_records_per_second: peak.max(now_rate),
+            average_records_per_second: average,
+            // The highest 10-second rate is never below the average.
+            peak_records_per_second: peak.max(average),
         }
     }
 

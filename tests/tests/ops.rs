@@ -1,0 +1,423 @@
+//! Operations end to end: a real hub and three real SQLite nodes on
+//! 127.0.0.1 with `hub.metrics` (and a node's `metrics`) configured. Checks
+//! `/metrics` as Prometheus text against the ops actually synced, the
+//! status dashboard (library, `syncmesh status` and `--json`), a stopped
+//! node reported down, conflict alerts posted to a local webhook, and the
+//! live status page rendered by real headless Chromium.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use syncmesh::demo::{Mesh, NODES, TABLES_YAML};
+use syncmesh::mesh::{self, hub_status};
+use syncmesh_node::config::Config;
+use syncmesh_node::shell::start_node;
+use syncmesh_node::sqlite::SqliteAdapter;
+use syncmesh_tests::{ORDERS, free_port, run_syncmesh, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts hub and nodes like `Mesh::start`, with the hub's metrics (and
+/// edge-a's) on free ports and `extra` appended to the config.
+async fn start(dir: &Path, extra: &str) -> Result<Mesh> {
+    let dir = dir.canonicalize()?;
+    for n in NODES {
+        let url = format!("sqlite://{}", dir.join(format!("{n}.db")).display());
+        let db = SqliteAdapter::open(&url, true).await?;
+        sqlx::query(sqlx::AssertSqlSafe(ORDERS.to_owned()))
+            .execute(db.pool())
+            .await?;
+        db.close().await;
+    }
+    let port = free_port();
+    let mut yaml = format!(
+        "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./data/hub\n  metrics: 127.0.0.1:0\nnodes:\n"
+    );
+    for (i, n) in NODES.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./data/{n}\n    priority: {}\n    database: {{ type: sqlite, url: \"sqlite://./{n}.db\" }}\n",
+            i + 1
+        ));
+        if i == 0 {
+            yaml.push_str("    metrics: 127.0.0.1:0\n");
+        }
+    }
+    yaml.push_str(TABLES_YAML);
+    yaml.push_str("sync:\n  batch_size: 200\n  max_clock_drift: 500ms\n");
+    yaml.push_str(extra);
+    let path = dir.join("syncmesh.yaml");
+    std::fs::write(&path, yaml)?;
+    let cfg = Config::load(&path)?;
+    let hub = mesh::start_hub_from(&cfg, cfg.hub()?).await?;
+    let mut nodes = Vec::new();
+    let mut dbs = Vec::new();
+    for n in NODES {
+        nodes.push(start_node(&cfg, n).await?);
+        dbs.push((
+            n.to_owned(),
+            SqliteAdapter::open(cfg.node(n)?.database.url.expose(), false).await?,
+        ));
+    }
+    let wanted: Vec<_> = cfg
+        .tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    let schemas = dbs[0].1.introspect(&wanted).await?;
+    Ok(Mesh {
+        hub_url: hub.url(),
+        hub: Some(hub),
+        cfg,
+        nodes,
+        dbs,
+        schemas,
+    })
+}
+
+fn metrics_addr(mesh: &Mesh) -> SocketAddr {
+    mesh.hub.as_ref().unwrap().metrics_addr.unwrap()
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status code")?
+        .parse()?;
+    Ok((code, body.to_owned()))
+}
+
+type Samples = BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>;
+
+/// Parses Prometheus text exposition strictly: every line is a `# HELP`,
+/// `# TYPE` or a sample `name{label="value",...} number`; returns the
+/// samples by name and the declared types.
+fn parse_prometheus(text: &str) -> Result<(Samples, BTreeMap<String, String>)> {
+    let mut samples: Samples = BTreeMap::new();
+    let mut types = BTreeMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').context("TYPE without a type")?;
+            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                bail!("bad type in {line:?}");
+            }
+            types.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').context("sample without value")?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .with_context(|| format!("bad value in {line:?}"))?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').context("unclosed labels")?;
+                let mut labels = BTreeMap::new();
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let (k, after) = rest.split_once("=\"").context("bad label")?;
+                    let mut val = String::new();
+                    let mut chars = after.char_indices();
+                    let end = loop {
+                        match chars.next() {
+                            Some((i, '"')) => break i,
+                            Some((_, '\\')) => match chars.next() {
+                                Some((_, 'n')) => val.push('\n'),
+                                Some((_, c)) => val.push(c),
+                                None => bail!("bad escape in {line:?}"),
+                            },
+                            Some((_, c)) => val.push(c),
+                            None => bail!("unterminated label value in {line:?}"),
+                        }
+                    };
+                    if !valid_name(k) {
+                        bail!("bad label name in {line:?}");
+                    }
+                    labels.insert(k.to_owned(), val);
+                    rest = after[end + 1..].trim_start_matches(',');
+                }
+                (name, labels)
+            }
+        };
+        if !valid_name(name) {
+            bail!("bad metric name in {line:?}");
+        }
+        samples
+            .entry(name.to_owned())
+            .or_default()
+            .push((labels, value));
+    }
+    Ok((samples, types))
+}
+
+fn sum(samples: &Samples, name: &str, filter: &[(&str, &str)]) -> f64 {
+    samples
+        .get(name)
+        .map(|v| {
+            v.iter()
+                .filter(|(l, _)| {
+                    filter
+                        .iter()
+                        .all(|(k, want)| l.get(*k).map(String::as_str) == Some(*want))
+                })
+                .map(|(_, v)| *v)
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn scrape(addr: SocketAddr) -> Result<(Samples, BTreeMap<String, String>)> {
+    let (code, body) = http_get(addr, "/metrics").await?;
+    if code != 200 {
+        bail!("/metrics answered {code}: {body}");
+    }
+    parse_prometheus(&body).with_context(|| format!("parsing /metrics:\n{body}"))
+}
+
+/// Inserts, updates and deletes on every node; returns (writes, deletes).
+async fn load(mesh: &Mesh) -> Result<(u64, u64)> {
+    let (mut writes, mut deletes) = (0, 0);
+    for round in 0..3 {
+        for node in 0..3 {
+            for k in 1..=40 {
+                let id = node as i64 * 1000 + round * 100 + k;
+                mesh.exec(
+                    node,
+                    &format!("INSERT INTO orders VALUES ({id}, 'i{id}', {k}, 'new')"),
+                )
+                .await?;
+                writes += 1;
+            }
+            let base = node as i64 * 1000 + round * 100;
+            mesh.exec(
+                node,
+                &format!(
+                    "UPDATE orders SET qty = qty + 1 WHERE id BETWEEN {} AND {}",
+                    base + 1,
+                    base + 10
+                ),
+            )
+            .await?;
+            writes += 10;
+            mesh.exec(
+                node,
+                &format!(
+                    "DELETE FROM orders WHERE id BETWEEN {} AND {}",
+                    base + 11,
+                    base + 15
+                ),
+            )
+            .await?;
+            writes += 5;
+            deletes += 5;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((writes, deletes))
+}
+
+/// Under load: `/metrics` of hub and node parse as Prometheus text and
+/// count exactly the ops synced; lag is present, finite and ≥ 0 for every
+/// node; the status dashboard shows the same numbers and plausible
+/// throughput, through the library, `syncmesh status` and `--json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_count_what_was_synced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = start(dir.path(), "").await?;
+    let (writes, deletes) = load(&mesh).await?;
+    mesh.wait_converged().await?;
+    let addr = metrics_addr(&mesh);
+    // Counters are published when the hub handles the ops: once converged
+    // they must equal the writes exactly (no more, no less).
+    let (samples, types) = scrape(addr).await?;
+    assert_eq!(
+        types.get("records_synced_total").map(String::as_str),
+        Some("counter")
+    );
+    assert_eq!(
+        types.get("sync_lag_seconds").map(String::as_str),
+        Some("gauge")
+    );
+    assert_eq!(
+        sum(&samples, "records_synced_total", &[("table", "orders")]),
+        writes as f64
+    );
+    assert_eq!(
+        sum(&samples, "records_synced_total", &[("operation", "delete")]),
+        deletes as f64
+    );
+    assert_eq!(
+        sum(&samples, "records_synced_total", &[("operation", "upsert")]),
+        (writes - deletes) as f64
+    );
+    assert_eq!(hub_status(&mesh.hub_url).await?.total_ops, writes);
+    for node in NODES.iter().copied().chain(["hub"]) {
+        let lag = samples["sync_lag_seconds"]
+            .iter()
+            .find(|(l, _)| l["node"] == node && l["table"] == "orders")
+            .map(|(_, v)| *v)
+            .with_context(|| format!("no sync_lag_seconds for {node}: {samples:?}"))?;
+        assert!(lag.is_finite() && lag >= 0.0, "lag at {node}: {lag}");
+    }
+    assert_eq!(sum(&samples, "sync_errors_total", &[]), 0.0);
+    assert!(sum(&samples, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(samples.contains_key("process_cpu_seconds_total"));
+    assert!(samples.contains_key("process_open_fds"));
+
+    // edge-a's own endpoint: the ops of edge-b and edge-c it made durable.
+    let node_addr = mesh.nodes[0].metrics_addr.unwrap();
+    let (node_samples, _) = scrape(node_addr).await?;
+    assert_eq!(
+        sum(
+            &node_samples,
+            "records_synced_total",
+            &[("table", "orders")]
+        ),
+        (writes / 3 * 2) as f64,
+        "edge-a merged every op of the two other nodes"
+    );
+    let lag = sum(
+        &node_samples,
+        "sync_lag_seconds",
+        &[("table", "orders"), ("node", "edge-a")],
+    );
+    assert!(lag.is_finite() && lag >= 0.0);
+    assert!(node_samples["sync_lag_seconds"].len() == 1);
+
+    // The dashboard data.
+    let st = hub_status(&mesh.hub_url).await?;
+    assert_eq!(st.health, "healthy", "{}", st.health_reason);
+    let orders = st.tables.iter().find(|t| t.table == "orders").unwrap();
+    assert_eq!(orders.state, "synced", "{}", orders.detail);
+    assert_eq!(orders.records_total, writes);
+    assert!(orders.lag_seconds.is_finite() && orders.lag_seconds >= 0.0);
+    let tp = st.throughput.unwrap();
+    assert!(tp.average_records_per_second > 0.0, "{tp:?}");
+    assert!(
+        tp.peak_records_per_second >= tp.average_records_per_second,
+        "{tp:?}"
+    );
+    assert!(tp.peak_records_per_second.is_finite());
+    assert_eq!(st.last_24h.unwrap().records, writes);
+    for n in &st.nodes {
+        assert!(n.connected);
+        assert_eq!(n.engine, "sqlite");
+        assert!(n.lag_seconds.is_finite() && n.lag_seconds >= 0.0);
+    }
+
+    // The binary: dashboard and JSON.
+    let (ok, out, err) = run_syncmesh(&["status", "--hub", &mesh.hub_url])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("HEALTHY"), "{out}");
+    assert!(out.contains("throughput  now"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .context(out.clone())?;
+    assert!(
+        line.contains("synced") && line.contains(&writes.to_string()),
+        "{line}"
+    );
+    for n in NODES {
+        let l = out
+            .lines()
+            .find(|l| l.starts_with(n))
+            .context(out.clone())?;
+        assert!(
+            l.contains(" up ") && l.contains("sqlite") && l.contains("bidirectional"),
+            "{l}"
+        );
+    }
+    let (ok, out, err) = run_syncmesh(&["status", "--hub", &mesh.hub_url, "--json"])?;
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(json["health"], "healthy");
+    assert_eq!(json["tables"][0]["records_total"], writes);
+    assert_eq!(json["last_24h"]["records"], writes);
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    mesh.stop().await
+}
+
+/// A node that stops is reported down, by name and since when; the table it
+/// lacks new ops of is `behind`; an unreachable hub is one line, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_node_is_named_down_and_unreachable_hub_fails() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut mesh = start(dir.path(), "").await?;
+    mesh.exec(0, "INSERT INTO orders VALUES (1, 'a', 1, 'new')")
+        .await?;
+    mesh.wait_converged().await?;
+    let c = mesh.nodes.remove(2);
+    c.shutdown().await?;
+    wait_until("edge-c reported down", LIMIT, || async {
+        let st = hub_status(&mesh.hub_url).await?;
+        Ok(st.nodes.iter().any(|n| n.node == "edge-c" && !n.connected))
+    })
+    .await?;
+    mesh.exec(0, "INSERT INTO orders VALUES (2, 'b', 1, 'new')")
+        .await?;
+    wait_until("orders behind at edge-c", LIMIT, || async {
+        let st = hub_status(&mesh.hub_url).await?;
+        Ok(st.tables.iter().any(|t| t.state == "behind"))
+    })
+    .await?;
+    let st = hub_status(&mesh.hub_url).await?;
+    assert_eq!(st.health, "degraded");
+    assert!(
+        st.health_reason.contains("edge-c down since 20"),
+        "{}",
+        st.health_reason
+    );
+    let orders = &st.tables[0];
+    assert!(orders.detail.contains("edge-c (down)"), "{}", orders.detail);
+    let (ok, out, err) = run_syncmesh(&["status", "--hub", &mesh.hub_url])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("DEGRADED - edge-c down since"), "{out}");
+    let l = out
+        .lines()
+        .find(|l| l.starts_with("edge-c"))
+        .context(out.clone())?;
+    assert!(l.contains(" down ") && l.contains("down since"), "{l}");
+    mesh.stop().await?;
+
+    // Nothing listens there.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let (ok, out, err) = run_syncmesh(&["status", "--hub", &url])?;
+    assert!(!ok, "status of an unreachable hub must fail");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach the hub at"), "{err}");
+    Ok(())
+}
