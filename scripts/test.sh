@@ -23,6 +23,12 @@ if ! command -v cc >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
 
+# Debian's chromium renders the hub's status page in tests/tests/ops.rs.
+if [ ! -x /usr/bin/chromium ]; then
+    say "installing chromium (for the status page test)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 if [ -z "${SYNCMESH_TEST_QUICK:-}" ]; then

@@ -421,3 +421,230 @@ async fn stopped_node_is_named_down_and_unreachable_hub_fails() -> Result<()> {
     assert!(err.contains("cannot reach the hub at"), "{err}");
     Ok(())
 }
+
+/// A one-shot-per-connection HTTP receiver on 127.0.0.1: answers 200 and
+/// hands over (request line, body) of at most `max` requests.
+async fn webhook_receiver(
+    max: usize,
+) -> Result<(SocketAddr, tokio::sync::mpsc::Receiver<(String, String)>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(max);
+    tokio::spawn(async move {
+        for _ in 0..max {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let request = loop {
+                let Ok(n) = s.read(&mut chunk).await else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        let line = head.lines().next().unwrap_or("").to_owned();
+                        break Some((line, body[..len].to_owned()));
+                    }
+                }
+            };
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            if let Some(r) = request
+                && tx.send(r).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok((addr, rx))
+}
+
+/// Concurrent edits of two rows while partitioned make two conflicts; with
+/// `conflicts.alert.per_hour: 2` the hub posts one JSON alert to the
+/// webhook, and metrics and status count the conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_alert_is_posted_to_the_webhook() -> Result<()> {
+    let (hook, mut alerts) = webhook_receiver(4).await?;
+    let dir = tempfile::tempdir()?;
+    let mesh = start(
+        dir.path(),
+        &format!(
+            "conflicts:\n  alert: {{ per_hour: 2, webhook: \"http://{hook}/alerts/T0KEN\" }}\n"
+        ),
+    )
+    .await?;
+    mesh.exec(
+        0,
+        "INSERT INTO orders VALUES (1, 'a', 1, 'new'), (2, 'b', 1, 'new')",
+    )
+    .await?;
+    mesh.wait_converged().await?;
+    for n in &mesh.nodes {
+        n.set_online(false).await;
+    }
+    mesh.exec(0, "UPDATE orders SET status = 'from-a' WHERE id IN (1, 2)")
+        .await?;
+    mesh.wait_captured(0).await?;
+    mesh.exec(1, "UPDATE orders SET status = 'from-b' WHERE id IN (1, 2)")
+        .await?;
+    mesh.wait_captured(1).await?;
+    for n in &mesh.nodes {
+        n.set_online(true).await;
+    }
+    mesh.wait_converged().await?;
+    let (line, body) = tokio::time::timeout(LIMIT, alerts.recv())
+        .await
+        .context("no alert reached the webhook")?
+        .context("webhook receiver stopped")?;
+    assert_eq!(line, "POST /alerts/T0KEN HTTP/1.1");
+    let alert: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(alert["alert"], "conflict_rate", "{alert}");
+    assert_eq!(alert["threshold_per_hour"], 2);
+    assert_eq!(alert["conflicts_last_hour"], 2, "{alert}");
+    assert_eq!(alert["tables"]["orders"], 2, "{alert}");
+    assert!(alert["hub"].is_string());
+
+    let reply = syncmesh::conflicts::fetch(&mesh.hub_url, None, 0).await?;
+    assert_eq!(reply.total, 2, "the hub holds two conflict records");
+    let (samples, types) = scrape(metrics_addr(&mesh)).await?;
+    assert_eq!(
+        types.get("conflict_count").map(String::as_str),
+        Some("counter")
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "conflict_count",
+            &[
+                ("table", "orders"),
+                ("resolution_strategy", "last_write_wins")
+            ]
+        ),
+        2.0
+    );
+    let st = hub_status(&mesh.hub_url).await?;
+    assert_eq!(st.last_24h.unwrap().conflicts, 2);
+    assert_eq!(st.tables[0].conflicts_total, 2);
+    // Still one alert: the next is due an hour later at the earliest.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alerts.try_recv().is_err(), "a second alert was posted");
+    mesh.stop().await
+}
+
+fn chromium() -> std::path::PathBuf {
+    let path = std::env::var_os("SYNCMESH_CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    assert!(
+        path.exists(),
+        "{} not found: the status page test needs Debian's chromium (bash scripts/test.sh installs it: apt-get install -y chromium)",
+        path.display()
+    );
+    path
+}
+
+/// The hub's web page in real headless Chromium: the DOM after its scripts
+/// ran shows the live numbers from the mesh (records synced, health, nodes)
+/// and draws the chart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_live_numbers_in_chromium() -> Result<()> {
+    let browser = chromium();
+    let dir = tempfile::tempdir()?;
+    let mesh = start(dir.path(), "").await?;
+    let mut writes = 0;
+    for (node, n) in [(0usize, 37i64), (1, 25)] {
+        for k in 1..=n {
+            let id = node as i64 * 1000 + k;
+            mesh.exec(
+                node,
+                &format!("INSERT INTO orders VALUES ({id}, 'x', {k}, 'new')"),
+            )
+            .await?;
+            writes += 1;
+        }
+    }
+    mesh.wait_converged().await?;
+    let addr = metrics_addr(&mesh);
+    let (code, html) = http_get(addr, "/").await?;
+    assert_eq!(code, 200);
+    assert!(
+        !html.contains("<script src") && !html.contains("<link") && !html.contains("https://"),
+        "the page must not load external assets"
+    );
+    let profile = tempfile::tempdir()?;
+    let out = tokio::time::timeout(
+        LIMIT,
+        tokio::process::Command::new(&browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                &format!("--user-data-dir={}", profile.path().display()),
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                &format!("http://{addr}/"),
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("chromium did not finish within a minute")?
+    .with_context(|| format!("cannot start {}", browser.display()))?;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cell = format!("<td class=\"num records\">{writes}</td>");
+    assert!(
+        dom.contains(&cell),
+        "no {cell} in the rendered page:\n{dom}"
+    );
+    assert!(
+        dom.contains(&format!("id=\"records-24h\">{writes}<")),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("class=\"healthy\">healthy: all 3 nodes connected"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<td>orders</td><td class=\"synced\">synced</td>"),
+        "{dom}"
+    );
+    for n in NODES {
+        assert!(
+            dom.contains(&format!(
+                "<td>{n}</td><td class=\"synced\">up</td><td>sqlite</td>"
+            )),
+            "{dom}"
+        );
+    }
+    assert!(
+        dom.contains("id=\"rps-line\""),
+        "the chart was not drawn:\n{dom}"
+    );
+    mesh.stop().await
+}
