@@ -564,7 +564,7 @@ impl<S: LogStore> HubCore<S> {
         let mut have = self.vv.get(&node);
         let start = have;
         let mut control = Control::Continue;
-        let mut stored: Vec<(String, &'static str, u64)> = Vec::new();
+        let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
         for raw in b.ops {
             self.metrics.current_table.clone_from(&raw.table);
             let raw_id = raw.id.clone();
@@ -608,7 +608,7 @@ impl<S: LogStore> HubCore<S> {
             } else {
                 "upsert"
             };
-            stored.push((op.table.clone(), kind, op.hlc.time));
+            stored.push((op.table.clone(), kind, op.hlc.time, op.id.seq));
         }
         self.metrics.current_table.clear();
         if have > start {
@@ -626,7 +626,7 @@ impl<S: LogStore> HubCore<S> {
             batch.put(k, have.to_be_bytes().to_vec());
             self.store.write(batch)?;
             self.store.flush()?;
-            for (table, kind, hlc) in stored {
+            for (table, kind, hlc, seq) in stored {
                 *self
                     .metrics
                     .records_synced
@@ -638,7 +638,7 @@ impl<S: LogStore> HubCore<S> {
                     .table_heads
                     .entry(table)
                     .or_default()
-                    .advance(&node, have);
+                    .advance(&node, seq);
             }
             self.vv.set(node.clone(), have);
             if let Some(s) = self.sessions.get_mut(&sid) {
@@ -737,6 +737,11 @@ impl<S: LogStore> HubCore<S> {
         Ok(Some(pb::HubMessage {
             body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })),
         }))
+    }
+
+    /// The node a session belongs to (after its hello).
+    pub fn session_node(&self, sid: SessionId) -> Option<&NodeId> {
+        self.sessions.get(&sid).and_then(|s| s.node.as_ref())
     }
 
     /// Every open session.

@@ -362,6 +362,7 @@ async fn run_actor(
                     }
                     Cmd::Msg(sid, msg) => {
                         let started = std::time::Instant::now();
+                        let node = core.session_node(sid).map(|n| n.to_string());
                         let ctl = core.handle_message(wall_now(), sid, msg)?;
                         // Flushed: lag samples end now.
                         obs.telemetry.update(wall_ms(), core.metrics_mut());
@@ -370,7 +371,8 @@ async fn run_actor(
                         match ctl {
                             Control::Continue => {}
                             Control::Close(reason) => {
-                                tracing::warn!(session = sid, %reason, "closing a sync stream");
+                                let node = node.as_deref().unwrap_or("(before hello)");
+                                tracing::warn!(session = sid, node, "closing the sync stream: {reason}");
                                 pump(&mut core, sid, &outs)?;
                                 outs.remove(&sid);
                                 core.handle_close(sid);

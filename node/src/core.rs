@@ -189,6 +189,8 @@ pub struct NodeStats {
     pub warnings: u64,
     /// Remote ops made durable here, by (table, operation: upsert | delete).
     pub records_synced: BTreeMap<(String, String), u64>,
+    /// Remote ops the hub held at the last handshake (catch-up target).
+    pub remote_ops_at_hub: u64,
 }
 
 /// The node state machine. See the module docs.
@@ -617,6 +619,7 @@ impl<S: LogStore> NodeCore<S> {
                 }
                 let has = hub_has;
                 self.stats.own_acked = has;
+                self.stats.remote_ops_at_hub = hub_vv.total().saturating_sub(hub_has);
                 self.conn = Conn::Connected {
                     hub_acked_own: has,
                     sent_own: has,

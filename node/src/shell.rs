@@ -186,6 +186,8 @@ pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
         metrics,
         errors: BTreeMap::new(),
         published: None,
+        download: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "catching up"),
+        upload: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "sending queued changes"),
     };
     let join = tokio::spawn(shell.run(cmd_rx));
     Ok(NodeHandle {
@@ -221,6 +223,9 @@ struct Shell {
     errors: BTreeMap<(String, String), u64>,
     /// The stats last copied into `metrics`.
     published: Option<NodeStats>,
+    /// Catch-up progress: remote ops coming in, own ops going out.
+    download: syncmesh_ops::progress::Progress,
+    upload: syncmesh_ops::progress::Progress,
 }
 
 async fn connect(url: String) -> Result<Link> {
@@ -300,6 +305,12 @@ impl Shell {
             self.log_events();
             let stats = self.core.stats();
             self.publish(&stats);
+            if stats.connected {
+                let now = now_ms();
+                self.download
+                    .observe(now, stats.remote_ops, stats.remote_ops_at_hub);
+                self.upload.observe(now, stats.own_acked, stats.own_ops);
+            }
             let _ = self.stats.send(stats);
             tokio::select! {
                 _ = tick.tick() => {

@@ -9,12 +9,15 @@
 //!   average and peak, 24-hour totals and the chart of the last hour.
 //! - [`alert`]: the conflicts-per-hour threshold and the webhook sender
 //!   (bounded queue and retries; never blocks sync).
+//! - [`progress`]: progress of long work (catch-up after offline): a bar on
+//!   a terminal, periodic log lines otherwise.
 //!
 //! Nothing here knows about the sync cores: they count, the shells publish.
 
 pub mod alert;
 pub mod http;
 pub mod page;
+pub mod progress;
 pub mod prom;
 pub mod series;
 

@@ -18,7 +18,7 @@ use syncmesh::mesh::{self, hub_status};
 use syncmesh_node::config::Config;
 use syncmesh_node::shell::start_node;
 use syncmesh_node::sqlite::SqliteAdapter;
-use syncmesh_tests::{ORDERS, free_port, run_syncmesh, wait_until};
+use syncmesh_tests::{ORDERS, Proc, create_db, free_port, run_syncmesh, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -647,4 +647,109 @@ async fn status_page_shows_live_numbers_in_chromium() -> Result<()> {
         "the chart was not drawn:\n{dom}"
     );
     mesh.stop().await
+}
+
+/// Real processes with `--log-format json`: a node that joins late catches
+/// up on 1,500 ops and reports its progress (stderr is not a terminal, so
+/// as log lines with the node's name); every log line is JSON and the
+/// webhook token never appears in a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_progress_is_logged_as_json_lines() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let port = free_port();
+    let yaml = format!(
+        "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\n\
+         nodes:\n\
+         \x20 - name: node-a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./node-a\n    database: {{ type: sqlite, url: \"sqlite://./a.db\" }}\n\
+         \x20 - name: node-b\n    hub: http://127.0.0.1:{port}\n    data_dir: ./node-b\n    database: {{ type: sqlite, url: \"sqlite://./b.db\" }}\n\
+         tables:\n  - name: orders\n    key: [id]\n\
+         sync:\n  batch_size: 500\n\
+         conflicts:\n  alert: {{ per_hour: 1, webhook: \"http://127.0.0.1:1/hooks/S3CRET-T0KEN\" }}\n"
+    );
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, yaml)?;
+    let cfg = cfg.display().to_string();
+    let url_a = create_db(&dir.join("a.db"), ORDERS).await?;
+    let url_b = create_db(&dir.join("b.db"), ORDERS).await?;
+    let hub_url = format!("http://127.0.0.1:{port}");
+    let json = ["--log-format", "json"];
+    let _hub = Proc::spawn(
+        dir,
+        "hub",
+        &[&json[..], &["hub", "--config", &cfg]].concat(),
+    )?;
+    let _a = Proc::spawn(
+        dir,
+        "node-a",
+        &[&json[..], &["node", "--config", &cfg, "--name", "node-a"]].concat(),
+    )?;
+    // Capture is installed once the node runs: wait for it to connect.
+    wait_until("node-a connected", LIMIT, || async {
+        Ok(hub_status(&hub_url)
+            .await
+            .is_ok_and(|s| s.nodes.iter().any(|n| n.connected)))
+    })
+    .await?;
+    let db_a = SqliteAdapter::open(&url_a, false).await?;
+    let mut tx = db_a.pool().begin().await?;
+    for id in 1..=1500 {
+        sqlx::query("INSERT INTO orders VALUES (?, 'x', 1, 'new')")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    wait_until("the hub holds 1500 ops", LIMIT, || async {
+        Ok(hub_status(&hub_url)
+            .await
+            .is_ok_and(|s| s.total_ops == 1500))
+    })
+    .await?;
+    let _b = Proc::spawn(
+        dir,
+        "node-b",
+        &[&json[..], &["node", "--config", &cfg, "--name", "node-b"]].concat(),
+    )?;
+    let db_b = SqliteAdapter::open(&url_b, false).await?;
+    wait_until("node-b caught up", LIMIT, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(db_b.pool())
+            .await?;
+        Ok(n == 1500)
+    })
+    .await?;
+    let log_b = dir.join("node-b.log");
+    wait_until("the catch-up is reported done", LIMIT, || async {
+        Ok(std::fs::read_to_string(&log_b)?.contains("catching up done"))
+    })
+    .await?;
+    let mut lines = Vec::new();
+    for name in ["hub", "node-a", "node-b"] {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.log")))?;
+        assert!(
+            !text.contains("S3CRET"),
+            "the webhook token was logged:\n{text}"
+        );
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{name}.log: not a JSON line: {line}"))?;
+            lines.push(v);
+        }
+    }
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let started = lines
+        .iter()
+        .find(|v| message(v).starts_with("catching up: 1500 ops to go"))
+        .context("no progress start line")?;
+    assert_eq!(started["fields"]["node"], "node-b");
+    let done = lines
+        .iter()
+        .find(|v| message(v).starts_with("catching up done: 1500 ops in"))
+        .context("no progress end line")?;
+    assert_eq!(done["fields"]["node"], "node-b");
+    assert_eq!(done["fields"]["ops"], 1500);
+    db_a.close().await;
+    db_b.close().await;
+    Ok(())
 }
