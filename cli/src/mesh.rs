@@ -119,7 +119,7 @@ pub fn render_status(s: &pb::StatusReply) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<16} {:<5} {:<10} {:<14} {:>9} {:>9}  last seen",
+        "{:<16} {:<5} {:<10} {:<14} {:>9} {:>9}  LAST SEEN",
         "NODE", "STATE", "ENGINE", "MODE", "LAG (s)", "PENDING"
     );
     for n in &s.nodes {
@@ -143,7 +143,7 @@ pub fn render_status(s: &pb::StatusReply) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<20} {:<7} {:>9} {:>10} {:>7} {:>9}  detail",
+        "{:<20} {:<7} {:>9} {:>10} {:>7} {:>9}  DETAIL",
         "TABLE", "STATUS", "LAG (s)", "RECORDS", "ERRORS", "CONFLICTS"
     );
     for t in &s.tables {

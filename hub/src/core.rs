@@ -566,7 +566,13 @@ impl<S: LogStore> HubCore<S> {
         let mut control = Control::Continue;
         let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
         for raw in b.ops {
-            self.metrics.current_table.clone_from(&raw.table);
+            // Only configured tables label errors: hostile input must not
+            // grow the metrics with made-up table names.
+            self.metrics.current_table = if self.tables.contains_key(&raw.table) {
+                raw.table.clone()
+            } else {
+                String::new()
+            };
             let raw_id = raw.id.clone();
             let op = match wire::op_from_proto(raw.clone()) {
                 Ok(op) => op,

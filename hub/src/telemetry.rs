@@ -179,8 +179,8 @@ impl Telemetry {
                 .fold(0.0, f64::max);
         }
         let mut names: Vec<String> = tables.to_vec();
-        for (t, _) in m.records_synced.keys() {
-            if !names.contains(t) {
+        for (t, _) in m.records_synced.keys().chain(m.errors.keys()) {
+            if !t.is_empty() && !names.contains(t) {
                 names.push(t.clone());
             }
         }

@@ -118,15 +118,19 @@ impl Series {
         first..=last
     }
 
+    /// The part of bucket `i` covered between the start and `now_ms`
+    /// (at least a second).
+    fn span_ms(&self, i: u64, now_ms: u64) -> u64 {
+        let from = (i * BUCKET_MS).max(self.started_ms);
+        let to = ((i + 1) * BUCKET_MS).min(now_ms);
+        to.saturating_sub(from).max(1_000)
+    }
+
     /// Throughput now, on average and at its peak. Each bucket's rate is
     /// over the part of it covered since the start (at least a second).
     pub fn throughput(&self, now_ms: u64) -> Throughput {
         let last = now_ms / BUCKET_MS;
-        let span = |i: u64| {
-            let from = (i * BUCKET_MS).max(self.started_ms);
-            let to = ((i + 1) * BUCKET_MS).min(now_ms);
-            to.saturating_sub(from).max(1_000)
-        };
+        let span = |i: u64| self.span_ms(i, now_ms);
         let records = |i: u64| self.get(i).map(|b| b.records).unwrap_or(0);
         let first = self.range(now_ms, BUCKETS as u64 * BUCKET_MS);
         let now_rate = if last > *first.start() {
@@ -176,7 +180,7 @@ impl Series {
                 Point {
                     at_unix_ms: i * BUCKET_MS,
                     records_per_second: b.map(|b| b.records).unwrap_or(0) as f64 * 1000.0
-                        / BUCKET_MS as f64,
+                        / self.span_ms(i, now_ms) as f64,
                     lag_seconds: b.map(|b| b.lag_max_seconds).filter(|l| *l >= 0.0),
                 }
             })

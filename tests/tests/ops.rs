@@ -15,9 +15,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use syncmesh::demo::{Mesh, NODES, TABLES_YAML};
 use syncmesh::mesh::{self, hub_status};
+use syncmesh_hub::core::HubSettings;
+use syncmesh_hub::server::{HubOptions, start_hub};
 use syncmesh_node::config::Config;
 use syncmesh_node::shell::start_node;
 use syncmesh_node::sqlite::SqliteAdapter;
+use syncmesh_node::wire;
+use syncmesh_proto::v1 as pb;
+use syncmesh_proto::v1::sync_client::SyncClient;
+use syncmesh_resolver::{FieldWrite, Hlc, NodeId, Ntp64, Op, OpId, TableRules, Value};
 use syncmesh_tests::{ORDERS, Proc, create_db, free_port, run_syncmesh, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -751,5 +757,116 @@ async fn catch_up_progress_is_logged_as_json_lines() -> Result<()> {
     assert_eq!(done["fields"]["ops"], 1500);
     db_a.close().await;
     db_b.close().await;
+    Ok(())
+}
+
+/// Sends `hello(node)` and then `op` on one stream; waits until the hub
+/// closes it.
+async fn forged(url: &str, node: &str, op: Option<pb::Op>) -> Result<()> {
+    let mut client = SyncClient::connect(url.to_owned()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    if !node.is_empty() {
+        tx.send(pb::NodeMessage {
+            body: Some(pb::node_message::Body::Hello(pb::Hello {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                node: node.into(),
+                version_vector: None,
+                mode: "bidirectional".into(),
+                engine: "sqlite".into(),
+            })),
+        })
+        .await?;
+    }
+    if let Some(op) = op {
+        tx.send(pb::NodeMessage {
+            body: Some(pb::node_message::Body::Ops(pb::OpBatch { ops: vec![op] })),
+        })
+        .await?;
+    }
+    let mut inbound = client
+        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Ok(Some(_)) = tokio::time::timeout(LIMIT, inbound.message()).await? {}
+    Ok(())
+}
+
+fn op_of(origin: &str, table: &str) -> pb::Op {
+    let o = NodeId::new(origin).unwrap();
+    let hlc = Hlc {
+        time: Ntp64::from_unix_millis(syncmesh_ops::unix_now_ms()).0,
+        id: o.hlc_id(),
+    };
+    wire::op_to_proto(&Op::upsert(
+        OpId::new(o, 1),
+        hlc,
+        table,
+        vec![Value::Int(1)],
+        vec![FieldWrite::new("qty", Value::Int(5))],
+    ))
+}
+
+/// Refused input is counted in `sync_errors_total` by table (configured
+/// tables only: made-up names do not grow the metrics) and error type, and
+/// puts the table in state `error`; `status --watch` redraws in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_input_is_counted_by_table_and_watch_redraws() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let options = HubOptions {
+        tables: BTreeMap::from([("orders".to_owned(), TableRules::default())]),
+        metrics: Some("127.0.0.1:0".parse()?),
+        ..Default::default()
+    };
+    let settings = HubSettings {
+        name: NodeId::new("hub")?,
+        batch_size: 100,
+        max_clock_drift_ms: 500,
+    };
+    let hub = start_hub(settings, options, dir.path(), "127.0.0.1:0".parse()?).await?;
+    let url = hub.url();
+    // mallory sends alice's ops: refused, nothing stored.
+    forged(&url, "mallory", Some(op_of("alice", "orders"))).await?;
+    forged(&url, "mallory", Some(op_of("alice", "made_up_table"))).await?;
+    forged(&url, "", Some(op_of("alice", "orders"))).await?;
+    let (samples, _) = scrape(hub.metrics_addr.unwrap()).await?;
+    let errors = |table: &str, kind: &str| {
+        sum(
+            &samples,
+            "sync_errors_total",
+            &[("table", table), ("error_type", kind)],
+        )
+    };
+    assert_eq!(errors("orders", "origin_mismatch"), 1.0, "{samples:?}");
+    assert_eq!(errors("", "origin_mismatch"), 1.0, "{samples:?}");
+    assert_eq!(errors("", "no_hello"), 1.0, "{samples:?}");
+    assert_eq!(sum(&samples, "sync_errors_total", &[]), 3.0);
+    assert!(!samples.contains_key("records_synced_total"));
+    let st = hub_status(&url).await?;
+    assert_eq!(st.total_ops, 0);
+    assert_eq!(st.tables.len(), 1, "{:?}", st.tables);
+    let orders = &st.tables[0];
+    assert_eq!(
+        (orders.table.as_str(), orders.state.as_str()),
+        ("orders", "error")
+    );
+    assert_eq!(orders.errors_total, 1);
+    assert_eq!(st.last_24h.unwrap().errors, 3);
+    assert_eq!(st.health, "down", "{}", st.health_reason);
+    assert!(
+        st.health_reason.contains("mallory down since"),
+        "{}",
+        st.health_reason
+    );
+
+    let mut watch = Proc::spawn(dir.path(), "watch", &["status", "--hub", &url, "--watch"])?;
+    let log = dir.path().join("watch.log");
+    wait_until("two frames of status --watch", LIMIT, || async {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text.matches("\x1b[H").count() >= 2 && text.matches("DOWN - no node").count() >= 2)
+    })
+    .await?;
+    watch.assert_running(dir.path())?;
+    watch.kill9();
+    hub.shutdown().await?;
     Ok(())
 }
