@@ -870,3 +870,59 @@ async fn refused_input_is_counted_by_table_and_watch_redraws() -> Result<()> {
     hub.shutdown().await?;
     Ok(())
 }
+
+/// A metrics address already in use: `syncmesh hub` and `syncmesh node`
+/// exit non-zero with one line naming the address and what to do.
+#[test]
+fn metrics_address_in_use_is_one_clear_line() -> Result<()> {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let busy_port = busy.local_addr()?.port();
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let yaml = format!(
+        "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\n  metrics: 127.0.0.1:{busy_port}\n\
+         nodes:\n  - name: a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./a\n    metrics: 127.0.0.1:{busy_port}\n    database: {{ type: sqlite, url: \"sqlite://./a.db\" }}\n\
+         tables:\n  - name: orders\n"
+    );
+    let cfg = dir.path().join("mesh.yaml");
+    std::fs::write(&cfg, yaml)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(create_db(&dir.path().join("a.db"), ORDERS))?;
+    let cfg = cfg.display().to_string();
+    for args in [
+        vec!["hub", "--config", &cfg],
+        vec!["node", "--config", &cfg, "--name", "a"],
+    ] {
+        let mut child = std::process::Command::new(syncmesh_tests::syncmesh_bin())
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if start.elapsed() > LIMIT {
+                let _ = child.kill();
+                bail!("syncmesh {args:?} kept running with its metrics address in use");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.trim().lines().last().unwrap_or("").to_owned();
+        assert!(!status.success(), "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            last.starts_with("error: ")
+                && last.contains(&format!("cannot serve metrics on 127.0.0.1:{busy_port}"))
+                && last.contains("change the metrics address"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    drop(busy);
+    Ok(())
+}
