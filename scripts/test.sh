@@ -4,10 +4,11 @@
 #   bash scripts/test.sh            # format check, clippy, every test
 #   SYNCMESH_TEST_QUICK=1 bash scripts/test.sh   # tests only (no fmt/clippy)
 #
-# Tests run against real SQLite files and real gRPC on 127.0.0.1 only. They
-# need no server today; when an engine needs one (PostgreSQL, MariaDB, Redis),
-# this script installs it from Debian packages and the tests start throwaway
-# instances in temporary directories.
+# Tests run against real SQLite files, real gRPC on 127.0.0.1 and real
+# PostgreSQL 15 servers: this script installs `postgresql-15` from Debian
+# when its server binaries are missing, and the tests start throwaway
+# clusters (initdb in a temp dir, 127.0.0.1, wal_level=logical) as the
+# `postgres` system user the package creates (see tests/src/pg.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +24,21 @@ if ! command -v cc >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
 
-# Debian's chromium renders the hub's status page in tests/tests/ops.rs.
-if [ ! -x /usr/bin/chromium ]; then
-    say "installing chromium (for the status page test)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# Servers the end-to-end tests start as throwaway instances on 127.0.0.1.
+need_pkgs=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_pkgs+=(postgresql-15)
+[ -x /usr/bin/redis-server ] || need_pkgs+=(redis-server)
+# chromium renders the hub's status page in tests/tests/ops.rs.
+[ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian starts system services after install; the tests use their own
+# instances on free ports, so those are not needed.
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl stop redis-server postgresql >/dev/null 2>&1 || true
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use anyhow::Result;
-use syncmesh_node::config::{Config, DatabaseKind, Mode};
+use syncmesh_node::config::{Config, DatabaseKind, Mode, NodeConfig};
+use syncmesh_node::postgres::PostgresAdapter;
 use syncmesh_node::sqlite::SqliteAdapter;
 
 use crate::mesh;
@@ -25,48 +26,53 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
     };
     for n in nodes {
         let db = n.database.url.redacted();
-        if n.database.kind != DatabaseKind::Sqlite {
+        if n.database.kind == DatabaseKind::Postgresql {
+            ok &= check_postgres(&cfg, n).await;
+        } else if n.database.kind != DatabaseKind::Sqlite {
             println!(
-                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite",
+                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite or postgresql",
                 n.name, n.database.kind
             );
             ok = false;
             continue;
-        }
-        match SqliteAdapter::open(n.database.url.expose(), false).await {
-            Err(e) => {
-                println!("FAIL node {}: {e}", n.name);
-                ok = false;
-            }
-            Ok(adapter) => {
-                let wanted: Vec<_> = cfg
-                    .tables
-                    .iter()
-                    .map(|t| (t.name.clone(), t.key.clone()))
-                    .collect();
-                match adapter.introspect(&wanted).await {
-                    Err(e) => {
-                        println!("FAIL node {}: {e}", n.name);
-                        ok = false;
-                    }
-                    Ok(schemas) => {
-                        for s in schemas {
-                            let how = match n.mode {
-                                Mode::Subscribe => "not captured (subscribe mode), applied",
-                                Mode::Publish => "captured by triggers, not applied (publish mode)",
-                                Mode::Bidirectional => "captured by triggers and applied",
-                            };
-                            println!(
-                                "ok   node {}: {db} table {} key [{}], {} columns: {how}",
-                                n.name,
-                                s.name,
-                                s.key.join(", "),
-                                s.columns.len()
-                            );
+        } else {
+            match SqliteAdapter::open(n.database.url.expose(), false).await {
+                Err(e) => {
+                    println!("FAIL node {}: {e}", n.name);
+                    ok = false;
+                }
+                Ok(adapter) => {
+                    let wanted: Vec<_> = cfg
+                        .tables
+                        .iter()
+                        .map(|t| (t.name.clone(), t.key.clone()))
+                        .collect();
+                    match adapter.introspect(&wanted).await {
+                        Err(e) => {
+                            println!("FAIL node {}: {e}", n.name);
+                            ok = false;
+                        }
+                        Ok(schemas) => {
+                            for s in schemas {
+                                let how = match n.mode {
+                                    Mode::Subscribe => "not captured (subscribe mode), applied",
+                                    Mode::Publish => {
+                                        "captured by triggers, not applied (publish mode)"
+                                    }
+                                    Mode::Bidirectional => "captured by triggers and applied",
+                                };
+                                println!(
+                                    "ok   node {}: {db} table {} key [{}], {} columns: {how}",
+                                    n.name,
+                                    s.name,
+                                    s.key.join(", "),
+                                    s.columns.len()
+                                );
+                            }
                         }
                     }
+                    adapter.close().await;
                 }
-                adapter.close().await;
             }
         }
         match mesh::hub_status(&n.hub).await {
@@ -84,4 +90,152 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
         println!("check failed: fix the lines marked FAIL and run `syncmesh check` again");
     }
     Ok(ok)
+}
+
+/// Above this much WAL retained by the slot, `check` warns.
+pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
+
+/// The PostgreSQL checks of one node: connection, wal_level, privileges,
+/// tables and their REPLICA IDENTITY, the slot (in use? retained WAL) and
+/// orphan syncmesh slots. Prints one line each; true when all passed.
+async fn check_postgres(cfg: &Config, n: &NodeConfig) -> bool {
+    let db = n.database.url.redacted();
+    let fail = |m: String| {
+        println!("FAIL node {}: {m}", n.name);
+        false
+    };
+    let mut adapter = match PostgresAdapter::open(
+        n.database.url.expose(),
+        n.database.slot.as_deref(),
+        n.database.publication.as_deref(),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut ok = true;
+    if n.mode.captures() {
+        match adapter.check_wal_level().await {
+            Ok(()) => println!("ok   node {}: {db} wal_level = logical", n.name),
+            Err(e) => ok = fail(e.to_string()),
+        }
+    }
+    let privileges: Result<(bool, bool), _> = sqlx::query_as(
+        "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(adapter.pool())
+    .await;
+    match privileges {
+        Ok((sup, repl)) if sup || repl => println!(
+            "ok   node {}: {db} user may decode the WAL ({})",
+            n.name,
+            if sup { "superuser" } else { "REPLICATION" }
+        ),
+        Ok(_) => {
+            ok = fail(format!(
+                "{db}: the user has neither REPLICATION nor superuser; run `ALTER ROLE <user> REPLICATION` and grant EXECUTE on the pg_replication_origin_* functions"
+            ))
+        }
+        Err(e) => ok = fail(format!("{db}: reading the user's privileges: {e}")),
+    }
+    let wanted: Vec<_> = cfg
+        .tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    match adapter.introspect(&wanted).await {
+        Err(e) => ok = fail(e.to_string()),
+        Ok(schemas) => {
+            let not_full = adapter
+                .tables_without_full_identity(&schemas)
+                .await
+                .unwrap_or_default();
+            for s in &schemas {
+                let how = match n.mode {
+                    Mode::Subscribe => "not captured (subscribe mode), applied".to_owned(),
+                    m => {
+                        let ident = if not_full.contains(&s.name) {
+                            "REPLICA IDENTITY will be set to FULL at node start"
+                        } else {
+                            "REPLICA IDENTITY FULL"
+                        };
+                        let apply = if m == Mode::Publish {
+                            "not applied (publish mode)"
+                        } else {
+                            "applied"
+                        };
+                        format!("captured by logical decoding ({ident}), {apply}")
+                    }
+                };
+                println!(
+                    "ok   node {}: {db} table {} key [{}], {} columns: {how}",
+                    n.name,
+                    s.name,
+                    s.key.join(", "),
+                    s.columns.len()
+                );
+            }
+        }
+    }
+    if n.mode.captures() {
+        match adapter.slot_holder().await {
+            Err(e) => ok = fail(e.to_string()),
+            Ok(None) => println!(
+                "ok   node {}: {db} slot {} does not exist yet; the node creates it",
+                n.name,
+                adapter.slot()
+            ),
+            Ok(Some(Some(pid))) => {
+                ok = fail(format!(
+                    "{db}: replication slot {} is in use by another consumer (backend PID {pid}); stop that consumer or give this node its own `slot:`",
+                    adapter.slot()
+                ))
+            }
+            Ok(Some(None)) => {
+                let retained = adapter.retained_wal_bytes().await.unwrap_or(0);
+                if retained > RETAINED_WAL_WARN_BYTES {
+                    println!(
+                        "warn node {}: {db} slot {} retains {} MiB of WAL; is the node running? a stopped node keeps WAL forever: start it or drop the slot",
+                        n.name,
+                        adapter.slot(),
+                        retained >> 20
+                    );
+                } else {
+                    println!(
+                        "ok   node {}: {db} slot {} free, retains {} KiB of WAL",
+                        n.name,
+                        adapter.slot(),
+                        retained >> 10
+                    );
+                }
+            }
+        }
+        let configured: Vec<String> = cfg
+            .nodes
+            .iter()
+            .filter(|m| m.database.kind == DatabaseKind::Postgresql)
+            .map(|m| m.database.slot.clone().unwrap_or_else(|| "syncmesh".into()))
+            .collect();
+        let others: Result<Vec<(String, Option<i64>)>, _> = sqlx::query_as(
+            "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+             FROM pg_replication_slots WHERE plugin = 'pgoutput' AND database = current_database() \
+             AND active_pid IS NULL",
+        )
+        .fetch_all(adapter.pool())
+        .await;
+        if let Ok(others) = others {
+            for (slot, retained) in others {
+                if !configured.contains(&slot) {
+                    println!(
+                        "warn node {}: {db} orphan slot {slot} (no configured node uses it) retains {} KiB of WAL; drop it with SELECT pg_drop_replication_slot('{slot}') if nothing else needs it",
+                        n.name,
+                        retained.unwrap_or(0) >> 10
+                    );
+                }
+            }
+        }
+    }
+    adapter.close().await;
+    ok
 }

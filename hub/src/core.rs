@@ -71,6 +71,10 @@ struct Session {
     subscribe_only: bool,
     sent: VersionVector,
     inflight: u64,
+    /// Which origin the next batch starts with: rotates per batch so a
+    /// lagging node gets every origin's backlog interleaved, not one
+    /// origin's whole backlog before the next origin's first op.
+    next_origin: usize,
     outbox: VecDeque<pb::HubMessage>,
     /// Batches sent and not yet acknowledged (for lag at the node).
     sent_batches: VecDeque<SentBatch>,
@@ -695,14 +699,21 @@ impl<S: LogStore> HubCore<S> {
         let mut bytes = 0usize;
         let mut sent = s.sent.clone();
         let mut record = SentBatch::default();
-        'origins: for (origin, &held) in &self.vv.0 {
-            if *origin == node {
-                continue;
-            }
+        let lagging: Vec<(&NodeId, u64)> = self
+            .vv
+            .0
+            .iter()
+            .filter(|(origin, held)| **origin != node && sent.get(origin) < **held)
+            .map(|(origin, held)| (origin, *held))
+            .collect();
+        if lagging.is_empty() {
+            return Ok(None);
+        }
+        let start = s.next_origin % lagging.len();
+        s.next_origin = s.next_origin.wrapping_add(1);
+        let rotated = lagging[start..].iter().chain(&lagging[..start]);
+        'origins: for &(origin, held) in rotated {
             let from = sent.get(origin);
-            if from >= held {
-                continue;
-            }
             let end = op_key(origin, held + 1);
             for (_, v) in self
                 .store

@@ -73,3 +73,115 @@ pub struct RowWrite {
     /// `None` when the row must not exist.
     pub row: Option<BTreeMap<String, Value>>,
 }
+
+/// The database of a node, whichever engine it is: the shell drives capture
+/// and apply through this.
+#[derive(Debug)]
+pub enum Db {
+    /// A SQLite file.
+    Sqlite(crate::sqlite::SqliteAdapter),
+    /// A PostgreSQL database.
+    Postgres(Box<crate::postgres::PostgresAdapter>),
+}
+
+impl Db {
+    /// Opens the database a node is configured with (the file must exist
+    /// for SQLite).
+    pub async fn open(db: &crate::config::DatabaseConfig) -> crate::Result<Db> {
+        use crate::config::DatabaseKind;
+        match db.kind {
+            DatabaseKind::Sqlite => Ok(Db::Sqlite(
+                crate::sqlite::SqliteAdapter::open(db.url.expose(), false).await?,
+            )),
+            DatabaseKind::Postgresql => Ok(Db::Postgres(Box::new(
+                crate::postgres::PostgresAdapter::open(
+                    db.url.expose(),
+                    db.slot.as_deref(),
+                    db.publication.as_deref(),
+                )
+                .await?,
+            ))),
+            other => Err(crate::Error::Database {
+                database: db.url.redacted(),
+                message: format!(
+                    "database type {other} is not supported by this version yet; use type: sqlite or postgresql"
+                ),
+            }),
+        }
+    }
+
+    /// See [`crate::sqlite::SqliteAdapter::introspect`].
+    pub async fn introspect(
+        &mut self,
+        tables: &[(String, Vec<String>)],
+    ) -> crate::Result<Vec<TableSchema>> {
+        match self {
+            Db::Sqlite(d) => d.introspect(tables).await,
+            Db::Postgres(d) => d.introspect(tables).await,
+        }
+    }
+
+    /// Installs (or refreshes) capture of `schemas`.
+    pub async fn install_capture(&self, schemas: &[TableSchema]) -> crate::Result<()> {
+        match self {
+            Db::Sqlite(d) => d.install_capture(schemas).await,
+            Db::Postgres(d) => d.install_capture(schemas).await,
+        }
+    }
+
+    /// The capture position now (change-table id or WAL position).
+    pub async fn change_watermark(&self) -> crate::Result<i64> {
+        match self {
+            Db::Sqlite(d) => d.change_watermark().await,
+            Db::Postgres(d) => d.change_watermark().await,
+        }
+    }
+
+    /// Captured changes after checkpoint `after`, about `limit` at a time.
+    pub async fn read_changes(
+        &mut self,
+        after: i64,
+        limit: usize,
+    ) -> crate::Result<Vec<CapturedChange>> {
+        match self {
+            Db::Sqlite(d) => d.read_changes(after, limit).await,
+            Db::Postgres(d) => d.read_changes(after, limit).await,
+        }
+    }
+
+    /// Lets the database forget changes through `checkpoint` (call only
+    /// after the ops are flushed).
+    pub async fn delete_changes_through(&mut self, checkpoint: i64) -> crate::Result<()> {
+        match self {
+            Db::Sqlite(d) => d.delete_changes_through(checkpoint).await,
+            Db::Postgres(d) => d.delete_changes_through(checkpoint).await,
+        }
+    }
+
+    /// Writes rows in one transaction without echo; returns the watermark.
+    pub async fn apply(&self, schemas: &[TableSchema], writes: &[RowWrite]) -> crate::Result<i64> {
+        match self {
+            Db::Sqlite(d) => d.apply(schemas, writes).await,
+            Db::Postgres(d) => d.apply(schemas, writes).await,
+        }
+    }
+
+    /// Every row of a table, ordered by key.
+    pub async fn dump_table(
+        &self,
+        schema: &TableSchema,
+    ) -> crate::Result<Vec<BTreeMap<String, Value>>> {
+        match self {
+            Db::Sqlite(d) => d.dump_table(schema).await,
+            Db::Postgres(d) => d.dump_table(schema).await,
+        }
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(d) => d.close().await,
+            Db::Postgres(d) => d.close().await,
+        }
+    }
+}

@@ -1676,8 +1676,9 @@ fn resolve_sqlite_url(url: &str, base: &Path) -> String {
 // Redaction
 // ---------------------------------------------------------------------------
 
+/// `s` with any password in it replaced by `***` (safe to log):
 /// `scheme://user:***@host/path?***`; `***` when `s` is not a URL.
-fn redact_url(s: &str) -> String {
+pub fn redact_url(s: &str) -> String {
     if let Some(rest) = s.strip_prefix("sqlite:")
         && !rest.starts_with("//")
     {

@@ -38,6 +38,7 @@ const P_VV: &[u8] = b"v/";
 const P_LOG: &[u8] = b"l/";
 const P_ROW: &[u8] = b"r/";
 const P_DIRTY: &[u8] = b"d/";
+const P_VIEW: &[u8] = b"w/";
 
 /// Most op batches sent to the hub and not yet acknowledged.
 pub const MAX_INFLIGHT_BATCHES: u64 = 4;
@@ -215,12 +216,46 @@ pub struct NodeCore<S: LogStore> {
     /// commit: a captured change at or below it was overwritten.
     applied_marks: HashMap<Vec<u8>, i64>,
     restart_mark: i64,
+    /// What the database shows of rows that have remote merges it may not
+    /// reflect yet (bidirectional nodes only), oldest first. A captured
+    /// change computes its `pred` from the newest view older than it, so
+    /// it supersedes only what its user could have seen. See
+    /// [`DbView`].
+    db_views: HashMap<Vec<u8>, Vec<DbView>>,
+    /// Rows with more than one view (waiting for capture to pass them).
+    lingering: BTreeSet<Vec<u8>>,
+    /// The state each row handed out by `poll_apply` was taken from,
+    /// becoming a view once its apply commits.
+    apply_snaps: HashMap<Vec<u8>, DbView>,
     stats: NodeStats,
     /// The database engine named in the hello (for the hub's status).
     engine: String,
     /// Remote ops made durable by the last call, per table: the oldest
     /// capture HLC (NTP64 time); taken by the shell to measure lag.
     durable: BTreeMap<String, u64>,
+}
+
+/// A state of one row as the database showed it from change-table id
+/// `from` (exclusive) on: local writes with a higher change id were made
+/// by a user looking at it.
+///
+/// Without it a captured write would compute its `pred` from the merged
+/// row state at *capture* time, which may hold remote ops merged after the
+/// user wrote (between two capture ticks, or while an apply was pending),
+/// and so claim to supersede writes it never saw.
+///
+/// A view holds remote ops only: this node's own ops are always seen by
+/// its later writes. The first view of a row (made by the remote merge
+/// that dirtied it) is persisted in that merge's dirty-journal record, so
+/// it survives a crash before the apply. A row whose apply committed while
+/// older local changes still wait in the change table keeps several views;
+/// those are written under `w/<table>\0<key>` in the apply's batch, before
+/// the journal is cleared, so a crash keeps either both or the journal.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct DbView {
+    from: i64,
+    state: RowState,
+    seen: VersionVector,
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -271,6 +306,8 @@ fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
 struct Overlay {
     rows: HashMap<Vec<u8>, RowState>,
     dirty: BTreeSet<Vec<u8>>,
+    /// Views made by remote merges in this batch (journaled with the row).
+    views: BTreeMap<Vec<u8>, DbView>,
     batch: WriteBatch,
 }
 
@@ -293,10 +330,25 @@ impl<S: LogStore> NodeCore<S> {
             vv.set(node, u64::from_be_bytes(v.try_into().unwrap_or([0; 8])));
         }
         let mut dirty = BTreeMap::new();
+        let mut db_views = HashMap::new();
         let mut journal_next = 0;
         for (k, v) in store.range(P_DIRTY, &prefix_end(P_DIRTY), usize::MAX)? {
-            let rows: Vec<Vec<u8>> = dec(&v, "dirty journal")?;
-            dirty.extend(rows.into_iter().map(|r| (r, 1)));
+            let rows: Vec<(Vec<u8>, Option<DbView>)> = match postcard::from_bytes(&v) {
+                Ok(rows) => rows,
+                // A journal written before views existed.
+                Err(_) => dec::<Vec<Vec<u8>>>(&v, "dirty journal")?
+                    .into_iter()
+                    .map(|r| (r, None))
+                    .collect(),
+            };
+            for (r, view) in rows {
+                if let Some(view) = view {
+                    let mut rk = P_ROW.to_vec();
+                    rk.extend_from_slice(&r);
+                    db_views.insert(rk, vec![view]);
+                }
+                dirty.insert(r, 1);
+            }
             let n = k[P_DIRTY.len()..]
                 .try_into()
                 .map(u64::from_be_bytes)
@@ -309,7 +361,13 @@ impl<S: LogStore> NodeCore<S> {
             dirty_rows: dirty.len() as u64,
             ..NodeStats::default()
         };
-        Ok(NodeCore {
+        for (k, v) in store.range(P_VIEW, &prefix_end(P_VIEW), usize::MAX)? {
+            let views: Vec<DbView> = dec(&v, "database views")?;
+            let mut rk = P_ROW.to_vec();
+            rk.extend_from_slice(&k[P_VIEW.len()..]);
+            db_views.insert(rk, views);
+        }
+        let mut core = NodeCore {
             tables: tables
                 .into_iter()
                 .map(|t| (t.schema.name.clone(), t))
@@ -331,10 +389,24 @@ impl<S: LogStore> NodeCore<S> {
             events: VecDeque::new(),
             applied_marks: HashMap::new(),
             restart_mark,
+            db_views,
+            lingering: BTreeSet::new(),
+            apply_snaps: HashMap::new(),
             stats,
             engine: String::new(),
             durable: BTreeMap::new(),
-        })
+        };
+        let mut batch = WriteBatch::default();
+        let loaded: Vec<Vec<u8>> = core.db_views.keys().cloned().collect();
+        for rk in loaded {
+            let persisted = core.db_views.get(&rk).is_some_and(|v| v.len() > 1);
+            if persisted {
+                core.lingering.insert(rk.clone());
+            }
+            core.prune_view(&rk, &mut batch)?;
+        }
+        core.store.write(batch)?;
+        Ok(core)
     }
 
     /// Names the database engine in the hello (shown by the hub's status).
@@ -435,7 +507,9 @@ impl<S: LogStore> NodeCore<S> {
         if !ov.dirty.is_empty() {
             let mut jk = P_DIRTY.to_vec();
             jk.extend_from_slice(&self.journal_next.to_be_bytes());
-            batch.put(jk, enc(&ov.dirty.iter().collect::<Vec<_>>())?);
+            let record: Vec<(&Vec<u8>, Option<&DbView>)> =
+                ov.dirty.iter().map(|k| (k, ov.views.get(k))).collect();
+            batch.put(jk, enc(&record)?);
             self.journal_next += 1;
         }
         self.store.write(batch)?;
@@ -475,8 +549,38 @@ impl<S: LogStore> NodeCore<S> {
                 self.seq += 1;
                 let id = OpId::new(self.settings.name.clone(), self.seq);
                 let hlc = self.clock.tick(now);
+                // What the user saw: the newest database view older than
+                // the change, or the merged state when the database shows
+                // every merged op of the row.
+                let view = self.db_views.get(&rk).map(|vs| {
+                    let v = vs
+                        .iter()
+                        .rev()
+                        .find(|v| v.from < ch.change_id)
+                        .unwrap_or(&vs[0]);
+                    let mut seen = v.seen.clone();
+                    seen.set(self.settings.name.clone(), self.seq - 1);
+                    (v.state.clone(), seen)
+                });
+                let me = self.settings.name.clone();
+                // Remote ids from the view, own ids (always seen) from the
+                // merged state.
+                let seen = |of: &dyn Fn(&RowState) -> Vec<OpId>| match &view {
+                    None => of(&row),
+                    Some((state, _)) => {
+                        let mut ids: BTreeSet<OpId> = of(state).into_iter().collect();
+                        ids.extend(of(&row).into_iter().filter(|i| i.origin == me));
+                        ids.into_iter().collect::<Vec<_>>()
+                    }
+                };
                 let op = match fields {
-                    None => Op::delete(id, hlc, &info.schema.name, key.clone(), row.delete_pred()),
+                    None => Op::delete(
+                        id,
+                        hlc,
+                        &info.schema.name,
+                        key.clone(),
+                        seen(&|r| r.delete_pred()),
+                    ),
                     Some(fields) => {
                         let mut writes = Vec::with_capacity(fields.len());
                         for (name, value, delta) in fields {
@@ -487,7 +591,7 @@ impl<S: LogStore> NodeCore<S> {
                                 ));
                             }
                             writes.push(FieldWrite {
-                                pred: row.field_pred(&name),
+                                pred: seen(&|r| r.field_pred(&name)),
                                 name,
                                 value,
                                 delta,
@@ -497,15 +601,20 @@ impl<S: LogStore> NodeCore<S> {
                         // An insert means the row was absent here: it
                         // supersedes everything this node saw of the key.
                         op.row_pred = if insert {
-                            row.insert_pred(&self.vv)
+                            match &view {
+                                // `vv` holds every own op: prefixes cover them.
+                                Some((state, vv)) => state.insert_pred(vv),
+                                None => row.insert_pred(&self.vv),
+                            }
                         } else {
-                            row.tombstone_pred()
+                            seen(&|r| r.tombstone_pred())
                         };
                         op
                     }
                 };
                 row.apply(&op);
                 self.vv.set(self.settings.name.clone(), self.seq);
+
                 let mut lk = P_LOG.to_vec();
                 lk.extend_from_slice(&self.seq.to_be_bytes());
                 ov.batch.put(lk, enc(&op)?);
@@ -538,6 +647,12 @@ impl<S: LogStore> NodeCore<S> {
         self.commit(ov)?;
         let cp = self.checkpoint;
         self.applied_marks.retain(|_, mark| *mark > cp);
+        let mut batch = WriteBatch::default();
+        for rk in self.lingering.clone() {
+            self.prune_view(&rk, &mut batch)?;
+        }
+        // Not flushed: a lost update keeps views that `open` prunes again.
+        self.store.write(batch)?;
         Ok(cp)
     }
 
@@ -718,6 +833,26 @@ impl<S: LogStore> NodeCore<S> {
             let rk = row_key(P_ROW, &op.table, &op.key)?;
             let mut row = self.load_row(&mut ov, &rk)?;
             let before = row.visible(&info.rules);
+            if self.settings.mode == Mode::Bidirectional && !self.db_views.contains_key(&rk) {
+                // The database shows this row as merged so far; keep that
+                // view until an apply makes the new op visible there.
+                let mut seen = self.vv.clone();
+                for (o, s) in &changed_vv {
+                    if *o != op.id.origin {
+                        seen.set(o.clone(), *s);
+                    } else {
+                        seen.set(o.clone(), s.saturating_sub(1));
+                    }
+                }
+                let views = vec![DbView {
+                    from: i64::MIN,
+                    state: row.clone(),
+                    seen,
+                }];
+                ov.views
+                    .insert(rk[P_ROW.len()..].to_vec(), views[0].clone());
+                self.db_views.insert(rk.clone(), views);
+            }
             row.apply(&op);
             let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
                 "delete"
@@ -725,7 +860,13 @@ impl<S: LogStore> NodeCore<S> {
                 "upsert"
             };
             merged.push((op.table.clone(), kind, op.hlc.time));
-            if row.visible(&info.rules) != before && self.settings.mode != Mode::Publish {
+            // A bidirectional node rewrites the row even when its visible
+            // state did not change: the apply's watermark tells later
+            // local writes that they saw the op.
+            let changed = row.visible(&info.rules) != before;
+            if (changed && self.settings.mode == Mode::Subscribe)
+                || self.settings.mode == Mode::Bidirectional
+            {
                 self.mark_dirty(&mut ov, &op.table, &op.key)?;
             }
             ov.rows.insert(rk, row);
@@ -800,6 +941,41 @@ impl<S: LogStore> NodeCore<S> {
         }))
     }
 
+    /// Drops the views of `rk` no future capture can need: a view is needed
+    /// while a change older than the next view may still be captured, and
+    /// the last one while remote merges wait to be applied.
+    /// Views of rows in `lingering` are persisted; `batch` gets the puts
+    /// and removals that keep it so.
+    fn prune_view(&mut self, rk: &[u8], batch: &mut WriteBatch) -> Result<()> {
+        let was_persisted = self.lingering.remove(rk);
+        let mut vkey = P_VIEW.to_vec();
+        vkey.extend_from_slice(&rk[P_ROW.len().min(rk.len())..]);
+        let Some(vs) = self.db_views.get_mut(rk) else {
+            if was_persisted {
+                batch.remove(vkey);
+            }
+            return Ok(());
+        };
+        while vs.len() > 1 && vs[1].from <= self.checkpoint {
+            vs.remove(0);
+        }
+        if vs.len() > 1 {
+            batch.put(vkey, enc(&*vs)?);
+            self.lingering.insert(rk.to_vec());
+            return Ok(());
+        }
+        if was_persisted {
+            batch.remove(vkey);
+        }
+        if !self.dirty.contains_key(&rk[P_ROW.len()..]) {
+            // Nothing waits to be applied: the database shows every merged
+            // remote op of the row.
+            self.db_views.remove(rk);
+            self.apply_snaps.remove(rk);
+        }
+        Ok(())
+    }
+
     /// Up to `limit` rows whose visible state must be written to the database.
     pub fn poll_apply(&mut self, limit: usize) -> Result<Vec<PendingApply>> {
         let mut out = Vec::new();
@@ -815,6 +991,18 @@ impl<S: LogStore> NodeCore<S> {
                 }
                 r
             });
+            let mut rk = P_ROW.to_vec();
+            rk.extend_from_slice(k);
+            if self.db_views.contains_key(&rk) {
+                self.apply_snaps.insert(
+                    rk,
+                    DbView {
+                        from: 0,
+                        state,
+                        seen: self.vv.clone(),
+                    },
+                );
+            }
             out.push(PendingApply {
                 write: RowWrite { table, key, row },
                 token: (k.clone(), *generation),
@@ -826,6 +1014,7 @@ impl<S: LogStore> NodeCore<S> {
     /// The shell wrote `done` in one transaction that committed with the
     /// change table at `watermark` (its highest id so far).
     pub fn handle_applied(&mut self, done: &[PendingApply], watermark: i64) -> Result<()> {
+        let mut views = WriteBatch::default();
         for p in done {
             let (k, generation) = &p.token;
             if self.dirty.get(k) == Some(generation) {
@@ -833,8 +1022,16 @@ impl<S: LogStore> NodeCore<S> {
             }
             let mut rk = P_ROW.to_vec();
             rk.extend_from_slice(k);
+            if let Some(mut snap) = self.apply_snaps.remove(&rk)
+                && let Some(vs) = self.db_views.get_mut(&rk)
+            {
+                snap.from = watermark;
+                vs.push(snap);
+            }
+            self.prune_view(&rk, &mut views)?;
             self.applied_marks.insert(rk, watermark);
         }
+        self.store.write(views)?;
         if self.dirty.is_empty() && self.journal_next > 0 {
             // Everything journaled is in the database now. Not flushed on
             // purpose: losing this only re-applies rows (idempotent).

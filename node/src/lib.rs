@@ -2,8 +2,11 @@
 //!
 //! Layout (sans-IO core, thin shell):
 //! - [`config`]: the YAML configuration shared by every process.
-//! - [`adapter`] and [`sqlite`]: database adapters; capture by triggers into
-//!   a change table, apply of visible rows in one transaction without echo.
+//! - [`adapter`], [`sqlite`] and [`postgres`]: database adapters. SQLite
+//!   captures by triggers into a change table, PostgreSQL by logical
+//!   decoding (`pgoutput`); both apply visible rows in one transaction
+//!   without echo. [`adapter::Db`] picks one by the configured engine.
+//! - [`redis`]: Redis as a cache target (apply only).
 //! - [`store`]: the [`store::LogStore`] trait, its sled implementation and an
 //!   in-memory one (used by tests and the simulator, which can crash it).
 //! - [`wire`]: conversion between resolver types and protocol v1 messages,
@@ -17,6 +20,8 @@ pub mod adapter;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod postgres;
+pub mod redis;
 pub mod shell;
 pub mod sqlite;
 pub mod store;

@@ -17,9 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
-use crate::config::{Config, DatabaseKind, Mode};
+use crate::adapter::Db;
+use crate::config::{Config, Mode};
 use crate::core::{Control, Event, NodeCore, NodeSettings, NodeStats, TableInfo};
-use crate::sqlite::SqliteAdapter;
 use crate::store::SledStore;
 use crate::{Error, Result};
 
@@ -120,16 +120,7 @@ pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
     let cfg = config.node(name)?;
     let (tables, sync, source) = (&config.tables, &config.sync, config.source.as_str());
     let priorities = config.priorities();
-    if cfg.database.kind != DatabaseKind::Sqlite {
-        return Err(Error::Config {
-            path: source.to_owned(),
-            message: format!(
-                "node {}: database type {:?} is not supported by this version yet; use type: sqlite",
-                cfg.name, cfg.database.kind
-            ),
-        });
-    }
-    let db = SqliteAdapter::open(cfg.database.url.expose(), false).await?;
+    let mut db = Db::open(&cfg.database).await?;
     let wanted: Vec<(String, Vec<String>)> = tables
         .iter()
         .map(|t| (t.name.clone(), t.key.clone()))
@@ -209,7 +200,7 @@ type Connecting = tokio::task::JoinHandle<Result<Link>>;
 
 struct Shell {
     core: NodeCore<SledStore>,
-    db: SqliteAdapter,
+    db: Db,
     schemas: Vec<crate::adapter::TableSchema>,
     hub_url: String,
     batch_size: usize,

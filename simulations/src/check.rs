@@ -16,15 +16,15 @@ use syncmesh_node::store::LogStore;
 use syncmesh_node::wire;
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
-    DeletePolicy, NodeId, Ntp64, Op, OpId, OpKind, RowState, TableRules, Value, VersionVector,
-    VisibleRow,
+    DeletePolicy, NodeId, Ntp64, Op, OpId, OpKind, RowState, Strategy, TableRules, Value,
+    VersionVector, VisibleRow,
 };
 
 use crate::db::{Row, Rows, SimDb};
 use crate::rng::Rng;
 use crate::sim::Failure;
 use crate::store::Shared;
-use crate::workload::{ExpectedOp, same_bits};
+use crate::workload::{COUNTERS, ExpectedOp, TOTAL, same_bits};
 
 /// What the checks need to see of one node.
 pub struct NodeView<'a> {
@@ -111,9 +111,16 @@ fn expected_tables(
 /// on the row with `seq <= s` (an id of the op's own origin only up to the
 /// op's seq − 1); a field `pred` id supersedes exactly that op's write of
 /// that field. A write or delete is live when nothing supersedes it;
-/// delete_wins hides a row with a live delete; each field shows its live
-/// write with the highest `(HLC, op id)` (last_write_wins, the only
-/// strategy the workload uses).
+/// delete_wins hides a row with a live delete; each field shows its
+/// strategy's pick among its live writes, written here from the strategy
+/// docs for the values the workload writes (integers, text, NULL): the
+/// highest `(HLC, op id)` (`last_write_wins`); the highest node rank, then
+/// time (`source_priority`, `merge`); the greatest value (`max`); the least
+/// non-NULL value (`min`); the earliest listed value, unlisted last
+/// (`priority_order`); each then by time. A `sum` field shows the exact
+/// sum of the deltas of every upsert no `row_pred` supersedes (a field
+/// `pred` does not remove a contribution), or, with none, its
+/// last-write-wins value.
 pub fn reference_row(ops: &[&Op], rules: &TableRules) -> (Option<VisibleRow>, Vec<OpId>) {
     let mut row_upto: BTreeMap<&NodeId, u64> = BTreeMap::new();
     let mut field_sup: BTreeSet<(&OpId, &str)> = BTreeSet::new();
@@ -139,31 +146,64 @@ pub fn reference_row(ops: &[&Op], rules: &TableRules) -> (Option<VisibleRow>, Ve
         .filter(|o| o.kind == OpKind::Delete && !row_dead(&o.id))
         .map(|o| o.id.clone())
         .collect();
-    let mut best: BTreeMap<&str, (&Op, &Value)> = BTreeMap::new();
+    let mut live: BTreeMap<&str, Vec<(&Op, &Value)>> = BTreeMap::new();
+    let mut sums: BTreeMap<&str, i128> = BTreeMap::new();
     for op in ops {
         if op.kind != OpKind::Upsert || row_dead(&op.id) {
             continue;
         }
         for w in &op.fields {
-            if field_sup.contains(&(&op.id, w.name.as_str())) {
-                continue;
+            if *rules.strategy(&w.name) == Strategy::Sum
+                && let Some(Value::Int(d)) = &w.delta
+            {
+                *sums.entry(&w.name).or_insert(0) += i128::from(*d);
             }
-            let better = match best.get(w.name.as_str()) {
-                None => true,
-                Some((b, _)) => (op.hlc, &op.id) > (b.hlc, &b.id),
-            };
-            if better {
-                best.insert(&w.name, (op, &w.value));
+            if !field_sup.contains(&(&op.id, w.name.as_str())) {
+                live.entry(&w.name).or_default().push((op, &w.value));
             }
         }
     }
-    if best.is_empty() || (!live_deletes.is_empty() && rules.deletes == DeletePolicy::DeleteWins) {
+    let by_time =
+        |a: &(&Op, &Value), b: &(&Op, &Value)| (a.0.hlc, &a.0.id).cmp(&(b.0.hlc, &b.0.id));
+    let rank = |list: &[String], v: &Value| match v {
+        Value::Text(t) => list.iter().position(|e| e == t).unwrap_or(list.len()),
+        _ => list.len(),
+    };
+    let mut row: VisibleRow = VisibleRow::new();
+    let names: BTreeSet<&str> = live.keys().chain(sums.keys()).copied().collect();
+    for name in names {
+        let strategy = rules.strategy(name);
+        if *strategy == Strategy::Sum
+            && let Some(total) = sums.get(name)
+        {
+            let clamped = (*total).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            row.insert(name.to_owned(), Value::Int(clamped));
+            continue;
+        }
+        let Some(cands) = live.get(name) else {
+            continue;
+        };
+        let best = cands.iter().max_by(|a, b| {
+            let primary = match strategy {
+                Strategy::LastWriteWins | Strategy::Sum => std::cmp::Ordering::Equal,
+                Strategy::SourcePriority | Strategy::Merge => rules
+                    .priority(&a.0.id.origin)
+                    .cmp(&rules.priority(&b.0.id.origin)),
+                Strategy::Max => a.1.cmp(b.1),
+                Strategy::Min => (!a.1.is_null())
+                    .cmp(&!b.1.is_null())
+                    .then_with(|| b.1.cmp(a.1)),
+                Strategy::PriorityOrder(list) => rank(list, b.1).cmp(&rank(list, a.1)),
+            };
+            primary.then_with(|| by_time(a, b))
+        });
+        if let Some((_, v)) = best {
+            row.insert(name.to_owned(), (*v).clone());
+        }
+    }
+    if row.is_empty() || (!live_deletes.is_empty() && rules.deletes == DeletePolicy::DeleteWins) {
         return (None, live_deletes);
     }
-    let row = best
-        .into_iter()
-        .map(|(k, (_, v))| (k.to_owned(), v.clone()))
-        .collect();
     (Some(row), live_deletes)
 }
 
@@ -708,6 +748,33 @@ pub fn check_all(
                         format!("{}: {t}[{key:?}] state differs from the oracle", n.name),
                     ));
                 }
+            }
+        }
+    }
+    // 5. Exact counters: every replica that applies shows, for each
+    //    counter, the sum of every increment any user made (counters are
+    //    never deleted, so nothing may be lost or counted twice).
+    let mut totals: BTreeMap<&Vec<Value>, i64> = BTreeMap::new();
+    for n in nodes {
+        for e in n.expected.iter().filter(|e| e.table == COUNTERS) {
+            if let Some(d) = e.deltas.get(TOTAL) {
+                *totals.entry(&e.key).or_insert(0) += d;
+            }
+        }
+    }
+    for n in nodes.iter().filter(|n| n.mode.applies()) {
+        let empty = Rows::new();
+        let rows = n.db.rows(COUNTERS).unwrap_or(&empty);
+        for (key, total) in &totals {
+            let got = rows.get(*key).and_then(|r| r.get(TOTAL));
+            if got != Some(&Value::Int(*total)) {
+                return Err(Failure::new(
+                    "sum: a counter equals the total of every increment",
+                    format!(
+                        "{}: {COUNTERS}[{key:?}].{TOTAL} is {got:?}, the users' increments add up to {total}",
+                        n.name
+                    ),
+                ));
             }
         }
     }

@@ -9,15 +9,23 @@
 //! | `items`    | `id`          | `TableRules::default()` (delete wins)  |
 //! | `notes`    | `owner`, `n`  | `DeletePolicy::UpdateWins`             |
 //! | `profiles` | `id`          | delete wins, `Granularity::Row`        |
+//! | `counters` | `id`          | every other strategy, see below        |
 //!
-//! Every field uses `last_write_wins`; the resolver's other strategies
-//! (`sum` increments, `max`, `merge`, priorities) are not simulated yet.
+//! `items`, `notes` and `profiles` use `last_write_wins`. `counters` has one
+//! field per remaining strategy: `total` is a `sum` (users increment it),
+//! `hi` `max`, `lo` `min`, `status` `priority_order: [active, pending,
+//! inactive]`, `owner` `source_priority` and `note` `merge` (node `nI` has
+//! rank `I`). Its rows are never deleted or re-keyed, so the true total of
+//! a counter is the sum of every increment any user made
+//! ([`crate::check`] checks it on every replica).
 
 use std::collections::BTreeMap;
 
 use syncmesh_node::adapter::{CapturedChange, ChangeKind, ColumnInfo, TableSchema};
 use syncmesh_node::core::TableInfo;
-use syncmesh_resolver::{DeletePolicy, Granularity, Op, OpKind, TableRules, Value, VersionVector};
+use syncmesh_resolver::{
+    DeletePolicy, Granularity, NodeId, Op, OpKind, Strategy, TableRules, Value, VersionVector,
+};
 
 use crate::db::{Row, SimDb};
 use crate::rng::Rng;
@@ -70,8 +78,52 @@ pub fn tables() -> Vec<TableInfo> {
                 ..TableRules::default()
             },
         },
+        TableInfo {
+            schema: TableSchema {
+                name: COUNTERS.into(),
+                columns: vec![
+                    col("id", "INTEGER"),
+                    col("total", "INTEGER"),
+                    col("hi", "INTEGER"),
+                    col("lo", "INTEGER"),
+                    col("status", "TEXT"),
+                    col("owner", "TEXT"),
+                    col("note", "TEXT"),
+                ],
+                key: vec!["id".into()],
+            },
+            rules: TableRules {
+                fields: [
+                    ("total", Strategy::Sum),
+                    ("hi", Strategy::Max),
+                    ("lo", Strategy::Min),
+                    (
+                        "status",
+                        Strategy::PriorityOrder(vec![
+                            "active".into(),
+                            "pending".into(),
+                            "inactive".into(),
+                        ]),
+                    ),
+                    ("owner", Strategy::SourcePriority),
+                    ("note", Strategy::Merge),
+                ]
+                .into_iter()
+                .map(|(f, s)| (f.to_owned(), s))
+                .collect(),
+                priorities: (0..8)
+                    .filter_map(|i| Some((NodeId::new(format!("n{i}")).ok()?, i)))
+                    .collect(),
+                ..TableRules::default()
+            },
+        },
     ]
 }
+
+/// The table whose `total` column is a counter.
+pub const COUNTERS: &str = "counters";
+/// The counter column of [`COUNTERS`].
+pub const TOTAL: &str = "total";
 
 /// Every key of `table` the workload uses.
 fn key_space(table: &str) -> Vec<Vec<Value>> {
@@ -81,6 +133,7 @@ fn key_space(table: &str) -> Vec<Vec<Value>> {
             .iter()
             .flat_map(|o| (1..=3).map(move |n| vec![Value::Text((*o).into()), Value::Int(n)]))
             .collect(),
+        COUNTERS => (1..=4).map(|i| vec![Value::Int(i)]).collect(),
         _ => (1..=5).map(|i| vec![Value::Int(i)]).collect(),
     }
 }
@@ -93,6 +146,25 @@ fn random_value(r: &mut Rng, column: &str) -> Value {
             } else {
                 const WORDS: [&str; 8] = ["ant", "bee", "cat", "dog", "eel", "fox", "", "ünï"];
                 Value::Text(WORDS[r.index(WORDS.len())].into())
+            }
+        }
+        "owner" | "note" => {
+            const WORDS: [&str; 4] = ["ann", "bob", "cy", "dee"];
+            Value::Text(WORDS[r.index(WORDS.len())].into())
+        }
+        "status" => {
+            const STATES: [&str; 4] = ["active", "pending", "inactive", "other"];
+            if r.chance(0.1) {
+                Value::Null
+            } else {
+                Value::Text(STATES[r.index(STATES.len())].into())
+            }
+        }
+        "hi" | "lo" => {
+            if r.chance(0.1) {
+                Value::Null
+            } else {
+                Value::Int(r.below(50) as i64)
             }
         }
         "tag" => {
@@ -139,6 +211,9 @@ pub struct ExpectedOp {
     /// The ops of other origins the node held when the user wrote: the
     /// most this write can have seen.
     pub seen: VersionVector,
+    /// For each `sum` field the op writes: new − old as the user's
+    /// database saw it (NULL counts as 0).
+    pub deltas: BTreeMap<String, i64>,
 }
 
 impl ExpectedOp {
@@ -151,11 +226,11 @@ impl ExpectedOp {
             (None, OpKind::Delete) => op.fields.is_empty(),
             (Some(f), OpKind::Upsert) => {
                 op.fields.len() == f.len()
-                    && op
-                        .fields
-                        .iter()
-                        .zip(f)
-                        .all(|(w, (n, v))| &w.name == n && same_bits(&w.value, v))
+                    && op.fields.iter().zip(f).all(|(w, (n, v))| {
+                        &w.name == n
+                            && same_bits(&w.value, v)
+                            && w.delta == self.deltas.get(n).map(|d| Value::Int(*d))
+                    })
             }
             _ => false,
         }
@@ -200,19 +275,32 @@ pub fn expected_ops(
             })
             .collect()
     };
-    let op = |key, fields| ExpectedOp {
+    let int = |r: Option<&Row>, c: &str| match r.and_then(|r| r.get(c)) {
+        Some(Value::Int(i)) => *i,
+        _ => 0,
+    };
+    let op = |key, fields: Option<Vec<(String, Value)>>, old: Option<&Row>| ExpectedOp {
         change_id: ch.change_id,
         table: s.name.clone(),
         key,
+        deltas: fields
+            .iter()
+            .flatten()
+            .filter(|(c, _)| *info.rules.strategy(c) == Strategy::Sum)
+            .map(|(c, _)| (c.clone(), int(ch.new.as_ref(), c) - int(old, c)))
+            .collect(),
         fields,
         seen: seen.clone(),
     };
     match (ch.kind, &ch.old, &ch.new) {
-        (ChangeKind::Insert, _, Some(new)) => vec![op(key_of(new), Some(full(new)))],
-        (ChangeKind::Delete, Some(old), _) => vec![op(key_of(old), None)],
+        (ChangeKind::Insert, _, Some(new)) => vec![op(key_of(new), Some(full(new)), None)],
+        (ChangeKind::Delete, Some(old), _) => vec![op(key_of(old), None, Some(old))],
         (ChangeKind::Update, Some(old), Some(new)) => {
             if key_of(old) != key_of(new) {
-                vec![op(key_of(old), None), op(key_of(new), Some(full(new)))]
+                vec![
+                    op(key_of(old), None, Some(old)),
+                    op(key_of(new), Some(full(new)), None),
+                ]
             } else {
                 let fields: Vec<_> = if info.rules.granularity == Granularity::Row {
                     full(new)
@@ -225,7 +313,7 @@ pub fn expected_ops(
                 if fields.is_empty() {
                     Vec::new()
                 } else {
-                    vec![op(key_of(new), Some(fields))]
+                    vec![op(key_of(new), Some(fields), Some(old))]
                 }
             }
         }
@@ -268,6 +356,27 @@ pub fn random_write(
     let existing = db.get(&s.name, &key).cloned();
     let (res, what, key_written) = match existing {
         None => (db.insert(&s.name, &random_row(r, s, &key)), "insert", key),
+        // Counters are never deleted or re-keyed: users increment them and
+        // edit the other fields.
+        Some(old) if s.name == COUNTERS => {
+            let mut new = old.clone();
+            let total = match old.get(TOTAL) {
+                Some(Value::Int(t)) => *t,
+                _ => 0,
+            };
+            new.insert(TOTAL.into(), Value::Int(total + r.below(9) as i64 - 3));
+            let what = if r.chance(0.5) {
+                "increment"
+            } else {
+                for c in ["hi", "lo", "status", "owner", "note"] {
+                    if r.chance(0.4) {
+                        new.insert(c.into(), random_value(r, c));
+                    }
+                }
+                "update"
+            };
+            (db.update(&s.name, &key, &new), what, key)
+        }
         Some(old) => {
             let roll = r.below(100);
             if roll < 10 {

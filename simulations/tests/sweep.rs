@@ -12,8 +12,7 @@ const SEEDS: u64 = 220;
 /// Simulated minutes of faults and writes per seed (then the heal).
 const MINUTES: f64 = 0.25;
 /// Seeds left out of the default sweep because they hit a known core bug
-/// that fails the run (listed in the crate docs). None today: the one known
-/// bug (capture causality) is counted, not fatal, unless strict.
+/// that fails the run (listed in the crate docs). None today.
 const EXCLUDED: &[u64] = &[];
 
 fn threads() -> usize {
@@ -38,7 +37,6 @@ fn sweep_of_seeds_holds_every_invariant() {
     let outcomes = sweep(configs, threads(), |_| {});
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     let t = total(&outcomes);
-    let known = outcomes.iter().filter(|o| o.known_issue.is_some()).count();
     println!(
         "{} seeds in {wall:.1} s: {:.0} simulated s per wall s, {:.0} seeds per minute; {} ops, {} events; slowest heal {:.1} s",
         outcomes.len(),
@@ -49,7 +47,6 @@ fn sweep_of_seeds_holds_every_invariant() {
         t.heal_ms as f64 / 1000.0
     );
     println!("{}", t.faults_line());
-    println!("{known} seeds show the known capture-causality issue (not fatal here)");
     let failures: Vec<String> = outcomes
         .iter()
         .filter(|o| o.failure.is_some())

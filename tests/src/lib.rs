@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: locating the `syncmesh` binary,
 //! running it as a child process, free loopback ports, SQLite fixtures and
-//! polling with a deadline (never asserting on wall-clock time).
+//! polling with a deadline (never asserting on wall-clock time), and
+//! throwaway PostgreSQL clusters ([`pg`]).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -10,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub mod pg;
+pub mod redis;
 
 /// Path of the `syncmesh` binary: `$SYNCMESH_BIN`, or the one built next to
 /// this test binary (`scripts/test.sh` builds it first).

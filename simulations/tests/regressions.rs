@@ -1,14 +1,16 @@
-//! Regression tests of known core bugs. They FAIL until the bugs are fixed,
-//! so they only run with `cargo test -p simulations --features known-bugs`.
+//! Regression tests of core bugs the simulator found, each the minimal case.
 //!
-//! Bug: `NodeCore::handle_captured` (node/src/core.rs) builds a captured
-//! write's `pred` / `row_pred` from the row state merged *at capture time*.
-//! A remote op merged between the user's write and the next capture tick
-//! (≤ 50 ms, or much longer while the node is down) is recorded as "seen"
-//! by a write that never saw it. A concurrent delete then loses to an
-//! update under `delete_wins` (the row comes back), and a concurrent update
-//! loses to a delete under `update_wins`.
-#![cfg(feature = "known-bugs")]
+//! 1. Capture causality (node/src/core.rs `handle_captured`): a captured
+//!    write's `pred` / `row_pred` came from the row state merged *at capture
+//!    time*, so a remote op merged between the user's write and the next
+//!    capture tick was recorded as "seen" by a write that never saw it. A
+//!    concurrent delete then lost to an update under `delete_wins` (the row
+//!    came back), and a concurrent update lost to a delete under
+//!    `update_wins`. Fixed by the core's database views (`DbView`).
+//! 2. Origin starvation (hub/src/core.rs `poll_transmit`): every batch for a
+//!    lagging node started with the first origin by name, so later origins
+//!    waited for the whole backlog of earlier ones. Fixed by rotating the
+//!    first origin per batch.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;

@@ -1,0 +1,1600 @@
+//! The PostgreSQL adapter: capture by logical decoding (`pgoutput` read
+//! through `pg_logical_slot_peek_binary_changes` on a normal connection),
+//! apply of visible rows in one transaction under a replication origin, so
+//! the node never captures its own writes.
+//!
+//! # Capture
+//!
+//! [`PostgresAdapter::install_capture`] (idempotent) checks `wal_level`,
+//! sets `REPLICA IDENTITY FULL` on every synced table that does not have it
+//! (logged: updates then carry the whole old row, which `sum` deltas and
+//! field-level merges need, and unchanged TOASTed values can be taken from
+//! it), creates or re-targets the publication (`FOR TABLE` exactly the
+//! synced tables), creates the logical slot (`pgoutput`) and the
+//! replication origin `syncmesh_<slot>` when missing, and refuses a slot
+//! that another consumer holds.
+//!
+//! [`PostgresAdapter::read_changes`] peeks (never consumes) decoded
+//! transactions and turns every row change into a [`CapturedChange`] whose
+//! `change_id` is the transaction's **end LSN** (all changes of one
+//! transaction share it; pgoutput returns whole transactions, in commit
+//! order). Transactions whose end LSN is at or below the caller's checkpoint
+//! were captured already (the slot is advanced only after the ops are
+//! flushed, so a crash in between re-reads them) and are skipped, as are
+//! transactions carrying our own origin (the `O` message after `B`): those
+//! are this node's applies. [`PostgresAdapter::delete_changes_through`]
+//! advances the slot (`pg_replication_slot_advance`) to the checkpoint the
+//! core returned, i.e. only after the ops are flushed in sled. A peek that
+//! found only skipped transactions advances past them at once.
+//!
+//! `TRUNCATE` of a synced table cannot be expressed as row ops: it is an
+//! error that stops capture with what to do. An update whose new tuple says
+//! a TOASTed column is unchanged (`u`) takes the value from the old tuple
+//! (present with `REPLICA IDENTITY FULL`); without an old tuple it is an
+//! error, never a NULL.
+//!
+//! # Type mapping
+//!
+//! Values travel in PostgreSQL's text format (the adapter's sessions use
+//! `TimeZone=UTC`, `DateStyle=ISO`, `extra_float_digits=1`,
+//! `bytea_output=hex`, so the text is exact and stable):
+//!
+//! | PostgreSQL                                 | [`Value`]                               |
+//! |--------------------------------------------|-----------------------------------------|
+//! | `boolean`                                  | `Bool`                                  |
+//! | `smallint`, `integer`, `bigint`            | `Int`                                   |
+//! | `real`, `double precision`                 | `Float` (shortest exact text)           |
+//! | `numeric`                                  | `Decimal` (the text, never a float)     |
+//! | `text`, `varchar`, `char(n)`, `name`       | `Text` (`char(n)` with its padding)     |
+//! | `bytea`                                    | `Bytes`                                 |
+//! | `timestamp`, `timestamptz`                 | `Timestamp` (µs since the epoch, UTC; `timestamp` read as UTC; `±infinity` as `i64::MAX/MIN`) |
+//! | `date`, `time`, `interval`, `uuid`, enums  | `Text` (ISO text)                       |
+//! | `json`, `jsonb`                            | `Json` (the text as PostgreSQL prints it) |
+//! | arrays of any of these                     | `Text`: the array literal, e.g. `{1,NULL,3}` |
+//!
+//! Any other type is refused by [`PostgresAdapter::introspect`] with an
+//! error naming the column. Writing binds every value as text with an
+//! explicit cast to the column's declared type (`$1::numeric(10,2)`), so
+//! PostgreSQL's own input functions parse it: exact for every type above,
+//! also for values that went through another engine (a `Timestamp` or an
+//! integer of microseconds into `timestamptz`, `0`/`1` into `boolean`).
+//!
+//! # Apply and the race with local writes
+//!
+//! [`PostgresAdapter::apply`] writes a batch in one transaction on a
+//! dedicated connection that ran `pg_replication_origin_session_setup`, with
+//! multi-row `INSERT … ON CONFLICT (key) DO UPDATE` and `DELETE`. It returns
+//! `pg_current_wal_insert_lsn()` read right after `COMMIT` as the
+//! watermark: every local transaction that committed before the apply (and
+//! so may have been overwritten by it, row locks serialise the two) has an
+//! end LSN below it, so the core writes such a change back once captured.
+//! A local transaction committing just after the apply may also fall below
+//! it; it is then written back once more, which is harmless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Executor, Row};
+use syncmesh_resolver::Value;
+
+use crate::adapter::{CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema};
+use crate::{Error, Result};
+
+/// Prefix of the replication origin's name (followed by the slot name).
+pub const ORIGIN_PREFIX: &str = "syncmesh_";
+/// Most rows per multi-row upsert statement.
+const ROWS_PER_STATEMENT: usize = 500;
+/// PostgreSQL's limit of bound parameters per statement.
+const MAX_PARAMS: usize = 65_535;
+
+/// How a column's text is read and written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PgKind {
+    /// `boolean`.
+    Bool,
+    /// `smallint`, `integer`, `bigint`.
+    Int,
+    /// `real`.
+    Float4,
+    /// `double precision`.
+    Float8,
+    /// `numeric`.
+    Numeric,
+    /// Text-like and ISO-text types (`text`, `date`, `uuid`, arrays, ...).
+    Text,
+    /// `bytea`.
+    Bytea,
+    /// `timestamp without time zone`.
+    Timestamp,
+    /// `timestamp with time zone`.
+    Timestamptz,
+    /// `date` (text, but accepts a `Timestamp`).
+    Date,
+    /// `json`, `jsonb`.
+    Json,
+}
+
+/// The kind of a type OID (with its category and element type for
+/// arrays), or `None` when syncmesh does not support it yet.
+fn kind_of(oid: u32, category: &str, elem: u32) -> Option<PgKind> {
+    Some(match oid {
+        16 => PgKind::Bool,
+        20 | 21 | 23 => PgKind::Int,
+        700 => PgKind::Float4,
+        701 => PgKind::Float8,
+        1700 => PgKind::Numeric,
+        17 => PgKind::Bytea,
+        1114 => PgKind::Timestamp,
+        1184 => PgKind::Timestamptz,
+        1082 => PgKind::Date,
+        114 | 3802 => PgKind::Json,
+        // text, varchar, bpchar, name, time, timetz, interval, uuid
+        25 | 1043 | 1042 | 19 | 1083 | 1266 | 1186 | 2950 => PgKind::Text,
+        _ if category == "E" => PgKind::Text,
+        _ if category == "A" && elem != 0 => {
+            kind_of(elem, "", 0)?;
+            PgKind::Text
+        }
+        _ => return None,
+    })
+}
+
+/// One column of a relation as pgoutput describes it.
+#[derive(Clone, Debug)]
+struct RelColumn {
+    name: String,
+    type_oid: u32,
+}
+
+/// A relation announced by a pgoutput `R` message.
+#[derive(Clone, Debug)]
+struct Relation {
+    name: String,
+    columns: Vec<RelColumn>,
+}
+
+/// A PostgreSQL database with syncmesh's capture and apply machinery.
+#[derive(Debug)]
+pub struct PostgresAdapter {
+    pool: PgPool,
+    apply_pool: PgPool,
+    /// The redacted URL, for messages.
+    url: String,
+    slot: String,
+    publication: String,
+    origin: String,
+    /// Relations seen in the decoded stream, by OID.
+    relations: HashMap<u32, Relation>,
+    /// Column kinds of the synced tables (`table` → `column` → kind), from
+    /// introspection; decoding uses the relation's type OIDs.
+    kinds: HashMap<String, HashMap<String, PgKind>>,
+    /// After a peek: (end LSN of its last captured change, end LSN of the
+    /// last transaction it decoded). Once the first is checkpointed the slot
+    /// may move to the second.
+    tail: Option<(i64, i64)>,
+}
+
+/// The session settings that make the text format exact and stable.
+fn session_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.application_name("syncmesh").options([
+        ("TimeZone", "UTC"),
+        ("DateStyle", "ISO, MDY"),
+        ("IntervalStyle", "postgres"),
+        ("extra_float_digits", "1"),
+        ("bytea_output", "hex"),
+    ])
+}
+
+impl PostgresAdapter {
+    /// Connects to the database at `url` (`postgres://` / `postgresql://`)
+    /// and checks that logical decoding is possible. `slot` and
+    /// `publication` default to `syncmesh`. Creates the replication origin
+    /// if it is missing.
+    pub async fn open(url: &str, slot: Option<&str>, publication: Option<&str>) -> Result<Self> {
+        let redacted = crate::config::Secret::new(url).redacted();
+        let slot = slot.unwrap_or("syncmesh").to_owned();
+        let publication = publication.unwrap_or("syncmesh").to_owned();
+        let origin = format!("{ORIGIN_PREFIX}{slot}");
+        let options = PgConnectOptions::from_str(url).map_err(|e| Error::Database {
+            database: redacted.clone(),
+            message: format!(
+                "invalid PostgreSQL URL ({}); use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                redact_error(&e.to_string(), url)
+            ),
+        })?;
+        let options = session_options(options);
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| Error::Database {
+                database: redacted.clone(),
+                message: connect_failure(&e, url),
+            })?;
+        let adapter_origin = origin.clone();
+        let apply_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                let origin = adapter_origin.clone();
+                Box::pin(async move {
+                    sqlx::query("SELECT pg_replication_origin_session_setup($1)")
+                        .bind(origin)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options);
+        let adapter = PostgresAdapter {
+            pool,
+            apply_pool,
+            url: redacted,
+            slot,
+            publication,
+            origin,
+            relations: HashMap::new(),
+            kinds: HashMap::new(),
+            tail: None,
+        };
+        adapter.ensure_origin().await?;
+        Ok(adapter)
+    }
+
+    /// The general-purpose pool (tests write through it like a user would).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The replication slot's name.
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.apply_pool.close().await;
+        self.pool.close().await;
+    }
+
+    fn db_err(&self, what: &str, e: &sqlx::Error) -> Error {
+        Error::Database {
+            database: self.url.clone(),
+            message: format!("{what}: {}{}", e, hint_for(e)),
+        }
+    }
+
+    async fn ensure_origin(&self) -> Result<()> {
+        sqlx::query(
+            "SELECT pg_replication_origin_create($1) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+        )
+        .bind(&self.origin)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.db_err(&format!("creating replication origin {}", self.origin), &e))?;
+        Ok(())
+    }
+
+    /// `wal_level`, or an error saying how to enable logical decoding.
+    pub async fn check_wal_level(&self) -> Result<()> {
+        let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading wal_level", &e))?;
+        if level != "logical" {
+            return Err(Error::Database {
+                database: self.url.clone(),
+                message: format!(
+                    "wal_level is {level} but capture needs logical decoding: run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Introspects the configured tables: `(name, configured key columns)`,
+    /// an empty key meaning "use the primary key". Fails with
+    /// [`Error::Schema`] naming the table (missing, a view, no primary key,
+    /// a key that is not unique) or the column (an unsupported type).
+    pub async fn introspect(
+        &mut self,
+        tables: &[(String, Vec<String>)],
+    ) -> Result<Vec<TableSchema>> {
+        let mut out = Vec::with_capacity(tables.len());
+        for (name, key) in tables {
+            out.push(self.introspect_one(name, key).await?);
+        }
+        Ok(out)
+    }
+
+    async fn introspect_one(&mut self, name: &str, configured: &[String]) -> Result<TableSchema> {
+        let schema_err = |message: String| Error::Schema {
+            table: name.to_owned(),
+            message,
+        };
+        let found: Option<(i64, String)> = sqlx::query_as(
+            "SELECT c.oid::int8, c.relkind::text FROM pg_class c \
+             WHERE c.relname = $1 AND pg_table_is_visible(c.oid) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading the schema", &e))?;
+        let Some((oid, relkind)) = found else {
+            return Err(schema_err(
+                "does not exist in the search_path of this database; create it or fix `tables:` in the config".into(),
+            ));
+        };
+        if relkind != "r" && relkind != "p" {
+            return Err(schema_err(format!(
+                "is not a plain table (relkind {relkind}); capture needs a real table, sync the underlying table instead"
+            )));
+        }
+        let cols = sqlx::query(
+            "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS decl, \
+                    a.attnotnull AS not_null, a.atttypid::int8 AS oid, t.typcategory::text AS cat, \
+                    t.typelem::int8 AS elem \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
+               AND a.attgenerated = '' ORDER BY a.attnum",
+        )
+        .bind(oid)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading the columns", &e))?;
+        let mut columns = Vec::with_capacity(cols.len());
+        let mut kinds = HashMap::new();
+        for c in &cols {
+            let get_s = |k: &str| -> Result<String> {
+                c.try_get::<String, _>(k)
+                    .map_err(|e| self.db_err("reading the columns", &e))
+            };
+            let col_name = get_s("name")?;
+            let decl = get_s("decl")?;
+            let cat = get_s("cat")?;
+            let not_null: bool = c
+                .try_get("not_null")
+                .map_err(|e| self.db_err("reading the columns", &e))?;
+            let toid: i64 = c
+                .try_get("oid")
+                .map_err(|e| self.db_err("reading the columns", &e))?;
+            let elem: i64 = c
+                .try_get("elem")
+                .map_err(|e| self.db_err("reading the columns", &e))?;
+            let Some(kind) = kind_of(toid as u32, &cat, elem as u32) else {
+                return Err(schema_err(format!(
+                    "column {col_name} has type {decl}, which syncmesh does not support yet; supported: boolean, smallint, integer, bigint, real, double precision, numeric, text, varchar, char, bytea, date, time, timestamp, timestamptz, interval, uuid, json, jsonb, enums and arrays of these"
+                )));
+            };
+            kinds.insert(col_name.clone(), kind);
+            columns.push(ColumnInfo {
+                name: col_name,
+                decl_type: decl,
+                not_null,
+            });
+        }
+        let pk: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+        )
+        .bind(oid)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading the primary key", &e))?;
+        let key = if configured.is_empty() {
+            if pk.is_empty() {
+                return Err(schema_err(
+                    "has no primary key; add one (ALTER TABLE ... ADD PRIMARY KEY) or configure `key:` naming a unique index's columns".into(),
+                ));
+            }
+            pk
+        } else {
+            for k in configured {
+                if !columns.iter().any(|c| &c.name == k) {
+                    return Err(schema_err(format!(
+                        "key column {k} does not exist; fix `key:` in the config"
+                    )));
+                }
+            }
+            let mut wanted = configured.to_vec();
+            wanted.sort();
+            let uniques: Vec<Vec<String>> = sqlx::query_scalar(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1::int8::oid AND i.indisunique AND i.indpred IS NULL \
+                 GROUP BY i.indexrelid",
+            )
+            .bind(oid)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading the unique indexes", &e))?;
+            if !uniques.contains(&wanted) {
+                return Err(schema_err(format!(
+                    "configured key [{}] is neither the primary key nor a unique index; add a unique index on it or fix `key:`",
+                    configured.join(", ")
+                )));
+            }
+            configured.to_vec()
+        };
+        self.kinds.insert(name.to_owned(), kinds);
+        Ok(TableSchema {
+            name: name.to_owned(),
+            columns,
+            key,
+        })
+    }
+
+    /// Tables among `schemas` whose REPLICA IDENTITY is not FULL.
+    pub async fn tables_without_full_identity(
+        &self,
+        schemas: &[TableSchema],
+    ) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for s in schemas {
+            let ident: String = sqlx::query_scalar(
+                "SELECT relreplident::text FROM pg_class WHERE relname = $1 AND pg_table_is_visible(oid)",
+            )
+            .bind(&s.name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading REPLICA IDENTITY", &e))?;
+            if ident != "f" {
+                out.push(s.name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Who holds the slot: `None` if it does not exist, `Some(None)` if it
+    /// is free, `Some(Some(pid))` if a consumer is attached.
+    pub async fn slot_holder(&self) -> Result<Option<Option<i32>>> {
+        let row: Option<(Option<i32>, String, Option<String>)> = sqlx::query_as(
+            "SELECT active_pid, plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading pg_replication_slots", &e))?;
+        let Some((pid, plugin, database)) = row else {
+            return Ok(None);
+        };
+        let current: String = sqlx::query_scalar("SELECT current_database()::text")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading the database name", &e))?;
+        if plugin != "pgoutput" || database.as_deref() != Some(current.as_str()) {
+            return Err(Error::Database {
+                database: self.url.clone(),
+                message: format!(
+                    "replication slot {} exists but is not a pgoutput slot of database {current} (plugin {plugin}, database {}); configure another `slot:` or drop it with pg_drop_replication_slot",
+                    self.slot,
+                    database.unwrap_or_else(|| "none (physical)".into())
+                ),
+            });
+        }
+        Ok(Some(pid))
+    }
+
+    /// Installs capture (see the module docs): wal_level check, REPLICA
+    /// IDENTITY FULL, publication, slot and origin.
+    pub async fn install_capture(&self, schemas: &[TableSchema]) -> Result<()> {
+        self.check_wal_level().await?;
+        for t in self.tables_without_full_identity(schemas).await? {
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {} REPLICA IDENTITY FULL",
+                quote_ident(&t)
+            )))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(&format!("setting REPLICA IDENTITY FULL on {t}"), &e))?;
+            tracing::info!(database = %self.url, table = %t, "set REPLICA IDENTITY FULL (updates carry the old row: needed for sum deltas, field merges and unchanged TOAST values)");
+        }
+        let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(&self.publication)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.db_err("reading pg_publication", &e))?;
+        let sql = if exists {
+            format!(
+                "ALTER PUBLICATION {} SET TABLE {}",
+                quote_ident(&self.publication),
+                list.join(", ")
+            )
+        } else {
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&self.publication),
+                list.join(", ")
+            )
+        };
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(&format!("creating publication {}", self.publication), &e))?;
+        // A consumer killed a moment ago may still hold the slot briefly.
+        let mut holder = self.slot_holder().await?;
+        for _ in 0..20 {
+            match holder {
+                Some(Some(_)) => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    holder = self.slot_holder().await?;
+                }
+                _ => break,
+            }
+        }
+        match holder {
+            None => {
+                sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+                    .bind(&self.slot)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| {
+                        self.db_err(&format!("creating replication slot {}", self.slot), &e)
+                    })?;
+                tracing::info!(database = %self.url, slot = %self.slot, "created logical replication slot (pgoutput)");
+            }
+            Some(Some(pid)) => {
+                return Err(Error::Database {
+                    database: self.url.clone(),
+                    message: format!(
+                        "replication slot {} is in use by another consumer (backend PID {pid}); stop that consumer or give this node its own `slot:`",
+                        self.slot
+                    ),
+                });
+            }
+            Some(None) => {}
+        }
+        self.ensure_origin().await
+    }
+
+    /// The current WAL insert position: changes at or below it committed
+    /// before now.
+    pub async fn change_watermark(&self) -> Result<i64> {
+        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading the WAL position", &e))?;
+        parse_lsn(&lsn).ok_or_else(|| Error::Database {
+            database: self.url.clone(),
+            message: format!("unparsable LSN {lsn:?}"),
+        })
+    }
+
+    /// Bytes of WAL the slot retains (0 if the slot does not exist).
+    pub async fn retained_wal_bytes(&self) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading the slot's retained WAL", &e))?
+        .flatten();
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Decoded changes committed after `after_lsn` (an end LSN), whole
+    /// transactions, about `limit` messages at a time. Skips this node's
+    /// own applies. See the module docs.
+    pub async fn read_changes(
+        &mut self,
+        after_lsn: i64,
+        limit: usize,
+    ) -> Result<Vec<CapturedChange>> {
+        let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
+             $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
+        )
+        .bind(&self.slot)
+        .bind(limit)
+        .bind(&self.publication)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.peek_err(&e))?;
+        let mut out = Vec::new();
+        let mut tx: Option<Tx> = None;
+        let mut last_end = after_lsn;
+        let mut last_captured = after_lsn;
+        for row in &rows {
+            let data: Vec<u8> = row
+                .try_get("data")
+                .map_err(|e| self.db_err("reading decoded changes", &e))?;
+            let msg = parse_message(&data).map_err(|m| Error::Database {
+                database: self.url.clone(),
+                message: format!(
+                    "malformed pgoutput message from slot {}: {m}; this is a bug, please report it",
+                    self.slot
+                ),
+            })?;
+            match msg {
+                Message::Begin => {
+                    tx = Some(Tx::default());
+                }
+                Message::Origin(name) => {
+                    if let Some(t) = tx.as_mut() {
+                        t.ours |= name == self.origin;
+                    }
+                }
+                Message::Relation(oid, rel) => {
+                    self.relations.insert(oid, rel);
+                }
+                Message::Commit { end_lsn } => {
+                    let end = end_lsn as i64;
+                    if let Some(t) = tx.take() {
+                        last_end = last_end.max(end);
+                        if t.ours || end <= after_lsn {
+                            continue;
+                        }
+                        if let Some(e) = t.error {
+                            return Err(e);
+                        }
+                        for mut c in t.changes {
+                            c.change_id = end;
+                            out.push(c);
+                        }
+                        last_captured = end;
+                    }
+                }
+                Message::Change(change) => {
+                    let Some(t) = tx.as_mut() else { continue };
+                    if t.ours || t.error.is_some() {
+                        continue;
+                    }
+                    match self.decode_change(change) {
+                        Ok(c) => t.changes.push(c),
+                        Err(e) => t.error = Some(e),
+                    }
+                }
+                Message::Truncate(oids) => {
+                    let Some(t) = tx.as_mut() else { continue };
+                    if t.ours || t.error.is_some() {
+                        continue;
+                    }
+                    let names: Vec<String> = oids
+                        .iter()
+                        .filter_map(|o| self.relations.get(o).map(|r| r.name.clone()))
+                        .collect();
+                    t.error = Some(Error::Schema {
+                        table: names.join(", "),
+                        message: format!(
+                            "was truncated; syncmesh cannot sync TRUNCATE (it carries no row changes): use DELETE instead. To go on, re-create the rows and move the slot past it with `SELECT pg_replication_slot_advance('{}', pg_current_wal_lsn())` while the node is stopped",
+                            self.slot
+                        ),
+                    });
+                }
+                Message::Other => {}
+            }
+        }
+        if out.is_empty() {
+            if last_end > after_lsn {
+                // Only own applies or already captured transactions.
+                self.advance_slot(last_end).await?;
+            }
+            self.tail = None;
+        } else {
+            self.tail = Some((last_captured, last_end));
+        }
+        Ok(out)
+    }
+
+    fn peek_err(&self, e: &sqlx::Error) -> Error {
+        let text = e.to_string();
+        let message = if text.contains("is active for PID") {
+            format!(
+                "replication slot {} is in use by another consumer ({text}); stop that consumer or give this node its own `slot:`",
+                self.slot
+            )
+        } else if text.contains("does not exist") && text.contains("slot") {
+            format!(
+                "replication slot {} does not exist ({text}); restart the node to re-create it (changes made meanwhile are not captured)",
+                self.slot
+            )
+        } else {
+            format!("reading decoded changes from slot {}: {text}", self.slot)
+        };
+        Error::Database {
+            database: self.url.clone(),
+            message,
+        }
+    }
+
+    fn decode_change(&self, change: RawChange) -> Result<CapturedChange> {
+        let oid = change.rel;
+        let Some(rel) = self.relations.get(&oid) else {
+            return Err(Error::Database {
+                database: self.url.clone(),
+                message: format!(
+                    "pgoutput sent a change of relation {oid} before describing it; this is a bug, please report it"
+                ),
+            });
+        };
+        let to_row = |tuple: &[Cell], base: Option<&BTreeMap<String, Value>>| {
+            decode_tuple(rel, tuple, base).map_err(|m| Error::Schema {
+                table: rel.name.clone(),
+                message: m,
+            })
+        };
+        let old = match &change.old {
+            Some((_, t)) => Some(to_row(t, None)?),
+            None => None,
+        };
+        let full_old = matches!(change.old, Some((b'O', _)));
+        let new = match &change.new {
+            Some(t) => Some(to_row(t, if full_old { old.as_ref() } else { None })?),
+            None => None,
+        };
+        if change.kind == ChangeKind::Update && !full_old {
+            return Err(Error::Schema {
+                table: rel.name.clone(),
+                message: "an update was captured without its old row: REPLICA IDENTITY is not FULL; run `ALTER TABLE ... REPLICA IDENTITY FULL` (the node sets it at start, someone changed it) — this update cannot be merged correctly".into(),
+            });
+        }
+        Ok(CapturedChange {
+            change_id: 0,
+            table: rel.name.clone(),
+            kind: change.kind,
+            old,
+            new,
+        })
+    }
+
+    async fn advance_slot(&self, to: i64) -> Result<()> {
+        let confirmed: Option<String> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.db_err("reading the slot position", &e))?
+        .flatten();
+        let current = confirmed.as_deref().and_then(parse_lsn).unwrap_or(0);
+        if to <= current {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
+            .bind(&self.slot)
+            .bind(format_lsn(to))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.peek_err(&e))?;
+        Ok(())
+    }
+
+    /// Consumes the slot through `through_lsn`, the checkpoint the core
+    /// returned after flushing the ops (plus own applies right after it).
+    pub async fn delete_changes_through(&mut self, through_lsn: i64) -> Result<()> {
+        let to = match self.tail.take() {
+            Some((captured, end)) if through_lsn >= captured => end.max(through_lsn),
+            _ => through_lsn,
+        };
+        self.advance_slot(to).await
+    }
+
+    /// Writes `writes` in one transaction under the replication origin and
+    /// returns the watermark (see the module docs).
+    pub async fn apply(&self, schemas: &[TableSchema], writes: &[RowWrite]) -> Result<i64> {
+        if writes.is_empty() {
+            return self.change_watermark().await;
+        }
+        let mut statements: Vec<(String, Vec<Option<String>>)> = Vec::new();
+        let mut i = 0;
+        while i < writes.len() {
+            let w = &writes[i];
+            let Some(schema) = schemas.iter().find(|s| s.name == w.table) else {
+                return Err(Error::Schema {
+                    table: w.table.clone(),
+                    message: "is not a synced table of this database; add it to `tables:` or check the sender".into(),
+                });
+            };
+            if w.key.len() != schema.key.len() {
+                return Err(Error::Schema {
+                    table: w.table.clone(),
+                    message: format!(
+                        "write has {} key values but the key ({}) has {} columns",
+                        w.key.len(),
+                        schema.key.join(", "),
+                        schema.key.len()
+                    ),
+                });
+            }
+            if w.row.is_none() {
+                let mut params = Vec::new();
+                for (k, v) in schema.key.iter().zip(&w.key) {
+                    params.push(self.encode(schema, k, v)?);
+                }
+                statements.push((delete_sql(schema), params));
+                i += 1;
+                continue;
+            }
+            let per = (MAX_PARAMS / schema.columns.len().max(1)).clamp(1, ROWS_PER_STATEMENT);
+            let mut params = Vec::new();
+            let mut rows = 0;
+            while i < writes.len() && rows < per {
+                let w = &writes[i];
+                let Some(row) = (w.table == schema.name).then_some(w.row.as_ref()).flatten() else {
+                    break;
+                };
+                if w.key.len() != schema.key.len() {
+                    break;
+                }
+                if let Some(unknown) = row
+                    .keys()
+                    .find(|c| !schema.columns.iter().any(|col| &col.name == *c))
+                {
+                    return Err(Error::Schema {
+                        table: w.table.clone(),
+                        message: format!(
+                            "write names column `{unknown}`, which the table does not have; add the column or check the sender"
+                        ),
+                    });
+                }
+                for col in &schema.columns {
+                    let v = match schema.key.iter().position(|k| k == &col.name) {
+                        Some(p) => w.key.get(p).unwrap_or(&Value::Null),
+                        None => row.get(&col.name).unwrap_or(&Value::Null),
+                    };
+                    params.push(self.encode(schema, &col.name, v)?);
+                }
+                rows += 1;
+                i += 1;
+            }
+            statements.push((upsert_sql(schema, rows), params));
+        }
+        let mut conn = self
+            .apply_pool
+            .acquire()
+            .await
+            .map_err(|e| self.db_err("opening the apply session", &e))?;
+        let result: std::result::Result<i64, sqlx::Error> = async {
+            conn.execute("BEGIN").await?;
+            for (sql, params) in &statements {
+                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+                for p in params {
+                    q = q.bind(p.clone());
+                }
+                q.execute(&mut *conn).await?;
+            }
+            conn.execute("COMMIT").await?;
+            let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(parse_lsn(&lsn).unwrap_or(i64::MAX))
+        }
+        .await;
+        match result {
+            Ok(mark) => Ok(mark),
+            Err(e) => {
+                let _ = conn.execute("ROLLBACK").await;
+                Err(self.db_err("applying rows (rolled back)", &e))
+            }
+        }
+    }
+
+    fn encode(&self, schema: &TableSchema, column: &str, v: &Value) -> Result<Option<String>> {
+        let kind = self
+            .kinds
+            .get(&schema.name)
+            .and_then(|k| k.get(column))
+            .copied()
+            .unwrap_or(PgKind::Text);
+        encode_value(kind, v).map_err(|m| Error::Schema {
+            table: schema.name.clone(),
+            message: format!("column {column}: {m}"),
+        })
+    }
+
+    /// Every row of a table, ordered by key, decoded like captured rows.
+    pub async fn dump_table(&self, schema: &TableSchema) -> Result<Vec<BTreeMap<String, Value>>> {
+        let cols: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+            .collect();
+        // Qualified: a bare name would sort by the text output column.
+        let order: Vec<String> = schema
+            .key
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(k)))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} AS t ORDER BY {}",
+            cols.join(", "),
+            quote_ident(&schema.name),
+            order.join(", ")
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
+        let kinds = self.kinds.get(&schema.name);
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut map = BTreeMap::new();
+            for (i, col) in schema.columns.iter().enumerate() {
+                let text: Option<String> = row
+                    .try_get(i)
+                    .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
+                let kind = kinds
+                    .and_then(|k| k.get(&col.name))
+                    .copied()
+                    .unwrap_or(PgKind::Text);
+                let v = match text {
+                    None => Value::Null,
+                    Some(t) => decode_text(kind, &t).map_err(|m| Error::Schema {
+                        table: schema.name.clone(),
+                        message: format!("column {}: {m}", col.name),
+                    })?,
+                };
+                map.insert(col.name.clone(), v);
+            }
+            out.push(map);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+struct Tx {
+    ours: bool,
+    changes: Vec<CapturedChange>,
+    error: Option<Error>,
+}
+
+/// A cell of a pgoutput tuple.
+#[derive(Debug, PartialEq)]
+enum Cell {
+    Null,
+    Unchanged,
+    Text(Vec<u8>),
+}
+
+/// An insert, update or delete before decoding its values.
+#[derive(Debug)]
+struct RawChange {
+    rel: u32,
+    kind: ChangeKind,
+    /// `K` (key only) or `O` (full old row), with the tuple.
+    old: Option<(u8, Vec<Cell>)>,
+    new: Option<Vec<Cell>>,
+}
+
+#[derive(Debug)]
+enum Message {
+    Begin,
+    Commit { end_lsn: u64 },
+    Origin(String),
+    Relation(u32, Relation),
+    Change(RawChange),
+    Truncate(Vec<u32>),
+    Other,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(format!(
+                "message truncated at byte {} (needed {n} more)",
+                self.pos
+            ));
+        };
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn i16(&mut self) -> std::result::Result<i16, String> {
+        let b = self.take(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn cstr(&mut self) -> std::result::Result<String, String> {
+        let rest = &self.buf[self.pos..];
+        let Some(nul) = rest.iter().position(|b| *b == 0) else {
+            return Err("unterminated string".into());
+        };
+        let s = String::from_utf8(rest[..nul].to_vec()).map_err(|_| "string is not UTF-8")?;
+        self.pos += nul + 1;
+        Ok(s)
+    }
+    fn tuple(&mut self) -> std::result::Result<Vec<Cell>, String> {
+        let n = self.i16()?;
+        let mut cells = Vec::with_capacity(n.max(0) as usize);
+        for _ in 0..n {
+            cells.push(match self.u8()? {
+                b'n' => Cell::Null,
+                b'u' => Cell::Unchanged,
+                b't' => {
+                    let len = self.u32()? as usize;
+                    Cell::Text(self.take(len)?.to_vec())
+                }
+                other => return Err(format!("unknown tuple cell kind {:?}", other as char)),
+            });
+        }
+        Ok(cells)
+    }
+}
+
+/// Parses one pgoutput (protocol version 1) message.
+fn parse_message(buf: &[u8]) -> std::result::Result<Message, String> {
+    let mut r = Reader { buf, pos: 0 };
+    Ok(match r.u8()? {
+        b'B' => {
+            r.take(20)?;
+            Message::Begin
+        }
+        b'C' => {
+            r.u8()?;
+            r.u64()?;
+            let end_lsn = r.u64()?;
+            r.u64()?;
+            Message::Commit { end_lsn }
+        }
+        b'O' => {
+            r.u64()?;
+            Message::Origin(r.cstr()?)
+        }
+        b'R' => {
+            let oid = r.u32()?;
+            let _namespace = r.cstr()?;
+            let name = r.cstr()?;
+            let _ident = r.u8()?;
+            let n = r.i16()?;
+            let mut columns = Vec::with_capacity(n.max(0) as usize);
+            for _ in 0..n {
+                let _flags = r.u8()?;
+                let name = r.cstr()?;
+                let type_oid = r.u32()?;
+                let _typmod = r.u32()?;
+                columns.push(RelColumn { name, type_oid });
+            }
+            Message::Relation(oid, Relation { name, columns })
+        }
+        b'I' => {
+            let rel = r.u32()?;
+            if r.u8()? != b'N' {
+                return Err("insert without a new tuple".into());
+            }
+            Message::Change(RawChange {
+                rel,
+                kind: ChangeKind::Insert,
+                old: None,
+                new: Some(r.tuple()?),
+            })
+        }
+        b'U' => {
+            let rel = r.u32()?;
+            let mut tag = r.u8()?;
+            let mut old = None;
+            if tag == b'K' || tag == b'O' {
+                old = Some((tag, r.tuple()?));
+                tag = r.u8()?;
+            }
+            if tag != b'N' {
+                return Err(format!("update with unexpected part {:?}", tag as char));
+            }
+            Message::Change(RawChange {
+                rel,
+                kind: ChangeKind::Update,
+                old,
+                new: Some(r.tuple()?),
+            })
+        }
+        b'D' => {
+            let rel = r.u32()?;
+            let tag = r.u8()?;
+            if tag != b'K' && tag != b'O' {
+                return Err(format!("delete with unexpected part {:?}", tag as char));
+            }
+            Message::Change(RawChange {
+                rel,
+                kind: ChangeKind::Delete,
+                old: Some((tag, r.tuple()?)),
+                new: None,
+            })
+        }
+        b'T' => {
+            let n = r.u32()?;
+            r.u8()?;
+            let mut oids = Vec::new();
+            for _ in 0..n {
+                oids.push(r.u32()?);
+            }
+            Message::Truncate(oids)
+        }
+        _ => Message::Other,
+    })
+}
+
+/// Decodes a tuple by the relation's column types; an unchanged (TOASTed)
+/// cell takes its value from `base` (the old row) and is an error without.
+fn decode_tuple(
+    rel: &Relation,
+    cells: &[Cell],
+    base: Option<&BTreeMap<String, Value>>,
+) -> std::result::Result<BTreeMap<String, Value>, String> {
+    if cells.len() != rel.columns.len() {
+        return Err(format!(
+            "decoded tuple has {} columns but the relation has {}",
+            cells.len(),
+            rel.columns.len()
+        ));
+    }
+    let mut row = BTreeMap::new();
+    for (col, cell) in rel.columns.iter().zip(cells) {
+        let v = match cell {
+            Cell::Null => Value::Null,
+            Cell::Unchanged => match base.and_then(|b| b.get(&col.name)) {
+                Some(v) => v.clone(),
+                None => {
+                    return Err(format!(
+                        "column {}: an update left this TOASTed value unchanged and no old row was sent (REPLICA IDENTITY is not FULL); run `ALTER TABLE ... REPLICA IDENTITY FULL`",
+                        col.name
+                    ));
+                }
+            },
+            Cell::Text(bytes) => {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| format!("column {}: text is not UTF-8", col.name))?;
+                let kind = kind_of(col.type_oid, "", 0).unwrap_or(PgKind::Text);
+                decode_text(kind, text).map_err(|m| format!("column {}: {m}", col.name))?
+            }
+        };
+        row.insert(col.name.clone(), v);
+    }
+    Ok(row)
+}
+
+/// Parses PostgreSQL's text output of a value of `kind`.
+pub fn decode_text(kind: PgKind, text: &str) -> std::result::Result<Value, String> {
+    Ok(match kind {
+        PgKind::Bool => match text {
+            "t" | "true" => Value::Bool(true),
+            "f" | "false" => Value::Bool(false),
+            _ => return Err(format!("unexpected boolean text {text:?}")),
+        },
+        PgKind::Int => Value::Int(
+            text.parse()
+                .map_err(|_| format!("unexpected integer text {text:?}"))?,
+        ),
+        PgKind::Float4 => Value::Float(f64::from(
+            text.parse::<f32>()
+                .map_err(|_| format!("unexpected real text {text:?}"))?,
+        )),
+        PgKind::Float8 => Value::Float(
+            text.parse()
+                .map_err(|_| format!("unexpected double text {text:?}"))?,
+        ),
+        PgKind::Numeric => Value::Decimal(text.to_owned()),
+        PgKind::Text | PgKind::Date => Value::Text(text.to_owned()),
+        PgKind::Json => Value::Json(text.to_owned()),
+        PgKind::Bytea => {
+            let hex = text
+                .strip_prefix("\\x")
+                .ok_or_else(|| format!("bytea text is not hex: {text:?}"))?;
+            Value::Bytes(decode_hex(hex).ok_or("bytea text has invalid hex digits")?)
+        }
+        PgKind::Timestamp | PgKind::Timestamptz => Value::Timestamp(
+            parse_timestamp(text).ok_or_else(|| format!("unexpected timestamp text {text:?}"))?,
+        ),
+    })
+}
+
+/// The text to bind for `v` into a column of `kind` (`None` for NULL).
+pub fn encode_value(kind: PgKind, v: &Value) -> std::result::Result<Option<String>, String> {
+    Ok(Some(match (kind, v) {
+        (_, Value::Null) => return Ok(None),
+        (PgKind::Bool, Value::Bool(b)) => if *b { "t" } else { "f" }.to_owned(),
+        (PgKind::Int | PgKind::Numeric | PgKind::Float4 | PgKind::Float8, Value::Bool(b)) => {
+            if *b { "1" } else { "0" }.to_owned()
+        }
+        (PgKind::Timestamp, Value::Timestamp(us) | Value::Int(us)) => format_timestamp(*us, false),
+        (PgKind::Timestamptz, Value::Timestamp(us) | Value::Int(us)) => format_timestamp(*us, true),
+        (PgKind::Date, Value::Timestamp(us)) => {
+            let ts = format_timestamp(*us, false);
+            ts.split(' ').next().unwrap_or(&ts).to_owned()
+        }
+        (PgKind::Bytea, Value::Bytes(b)) => {
+            let mut s = String::with_capacity(2 + b.len() * 2);
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            s
+        }
+        (_, Value::Bytes(b)) => String::from_utf8(b.clone()).map_err(|_| {
+            "bytes that are not UTF-8 cannot be written to a non-bytea column; use bytea".to_owned()
+        })?,
+        (_, Value::Bool(b)) => b.to_string(),
+        (_, Value::Int(i)) => i.to_string(),
+        (_, Value::Float(f)) => float_text(*f),
+        (_, Value::Timestamp(us)) => format_timestamp(*us, true),
+        (_, Value::Decimal(s) | Value::Text(s) | Value::Json(s)) => s.clone(),
+    }))
+}
+
+/// A double as text PostgreSQL parses back to the same bits.
+fn float_text(f: f64) -> String {
+    if f.is_nan() {
+        "NaN".into()
+    } else if f == f64::INFINITY {
+        "Infinity".into()
+    } else if f == f64::NEG_INFINITY {
+        "-Infinity".into()
+    } else {
+        format!("{f:?}")
+    }
+}
+
+const US_PER_DAY: i64 = 86_400_000_000;
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (year 0 = 1 BC).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number (inverse of [`days_from_civil`]).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Parses `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM[:SS]]][ BC]`, `infinity`
+/// and `-infinity` into microseconds since the epoch (UTC).
+fn parse_timestamp(text: &str) -> Option<i64> {
+    match text {
+        "infinity" => return Some(i64::MAX),
+        "-infinity" => return Some(i64::MIN),
+        _ => {}
+    }
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    let (date, time) = text.split_once(' ')?;
+    let mut dp = date.splitn(3, '-');
+    let year: i64 = dp.next()?.parse().ok()?;
+    let month: i64 = dp.next()?.parse().ok()?;
+    let day: i64 = dp.next()?.parse().ok()?;
+    let year = if bc { 1 - year } else { year };
+    // Offset: a sign after the seconds.
+    let off_at = time.find(['+', '-']);
+    let (clock, offset) = match off_at {
+        Some(i) => (&time[..i], Some(&time[i..])),
+        None => (time, None),
+    };
+    let mut cp = clock.splitn(3, ':');
+    let h: i64 = cp.next()?.parse().ok()?;
+    let mi: i64 = cp.next()?.parse().ok()?;
+    let sec = cp.next()?;
+    let (s, frac) = match sec.split_once('.') {
+        Some((s, f)) => (s, f),
+        None => (sec, ""),
+    };
+    let s: i64 = s.parse().ok()?;
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let us_frac: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
+    let mut off_s = 0i64;
+    if let Some(o) = offset {
+        let sign = if o.starts_with('-') { -1 } else { 1 };
+        let mut parts = o[1..].split(':');
+        let oh: i64 = parts.next()?.parse().ok()?;
+        let om: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+        let os: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+        off_s = sign * (oh * 3600 + om * 60 + os);
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = h * 3600 + mi * 60 + s - off_s;
+    days.checked_mul(US_PER_DAY)?
+        .checked_add(secs.checked_mul(1_000_000)?)?
+        .checked_add(us_frac)
+}
+
+/// Formats microseconds since the epoch as PostgreSQL input text (UTC).
+fn format_timestamp(us: i64, with_zone: bool) -> String {
+    match us {
+        i64::MAX => return "infinity".into(),
+        i64::MIN => return "-infinity".into(),
+        _ => {}
+    }
+    let days = us.div_euclid(US_PER_DAY);
+    let rem = us.rem_euclid(US_PER_DAY);
+    let (y, m, d) = civil_from_days(days);
+    let (h, mi, s, f) = (
+        rem / 3_600_000_000,
+        rem / 60_000_000 % 60,
+        rem / 1_000_000 % 60,
+        rem % 1_000_000,
+    );
+    let (year, bc) = if y <= 0 { (1 - y, " BC") } else { (y, "") };
+    let zone = if with_zone { "+00" } else { "" };
+    format!("{year:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}.{f:06}{zone}{bc}")
+}
+
+/// Parses `X/Y` (hex) into a 64-bit position.
+pub fn parse_lsn(text: &str) -> Option<i64> {
+    let (hi, lo) = text.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    i64::try_from((hi << 32) | lo).ok()
+}
+
+/// Formats a 64-bit position as `X/Y`.
+pub fn format_lsn(lsn: i64) -> String {
+    let v = lsn as u64;
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    b.chunks_exact(2)
+        .map(|p| Some((nib(p[0])? << 4) | nib(p[1])?))
+        .collect()
+}
+
+/// Quotes an identifier for PostgreSQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn casts(schema: &TableSchema, col: &str) -> String {
+    schema
+        .columns
+        .iter()
+        .find(|c| c.name == col)
+        .map(|c| c.decl_type.clone())
+        .unwrap_or_else(|| "text".into())
+}
+
+fn upsert_sql(schema: &TableSchema, rows: usize) -> String {
+    let cols: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let n = schema.columns.len();
+    let mut values = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let one: Vec<String> = schema
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("${}::{}", r * n + i + 1, c.decl_type))
+            .collect();
+        values.push(format!("({})", one.join(", ")));
+    }
+    let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
+    let updates: Vec<String> = schema
+        .columns
+        .iter()
+        .filter(|c| !schema.key.contains(&c.name))
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            format!("{q} = EXCLUDED.{q}")
+        })
+        .collect();
+    let action = if updates.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES {} ON CONFLICT ({}) DO {action}",
+        quote_ident(&schema.name),
+        cols.join(", "),
+        values.join(", "),
+        key.join(", ")
+    )
+}
+
+fn delete_sql(schema: &TableSchema) -> String {
+    let conds: Vec<String> = schema
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} = ${}::{}", quote_ident(k), i + 1, casts(schema, k)))
+        .collect();
+    format!(
+        "DELETE FROM {} WHERE {}",
+        quote_ident(&schema.name),
+        conds.join(" AND ")
+    )
+}
+
+/// Removes the password of `url` from an error text.
+fn redact_error(text: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw)
+        .filter(|pw| !pw.is_empty());
+    match password {
+        Some(pw) => text.replace(pw, "***"),
+        None => text.to_owned(),
+    }
+}
+
+/// A one-line explanation of a failed connection.
+fn connect_failure(e: &sqlx::Error, url: &str) -> String {
+    let text = redact_error(&e.to_string(), url);
+    if text.contains("password authentication failed") {
+        format!("cannot connect: {text}; check the user and password in the URL")
+    } else if text.contains("does not exist") {
+        format!("cannot connect: {text}; create the database or role, or fix the URL")
+    } else if text.contains("Connection refused") || text.contains("connection refused") {
+        format!(
+            "cannot connect ({text}); is PostgreSQL running and listening on that host and port?"
+        )
+    } else if text.contains("no pg_hba.conf entry") {
+        format!("cannot connect: {text}; allow this host and user in pg_hba.conf")
+    } else {
+        format!("cannot connect: {text}; check the URL and that PostgreSQL is reachable")
+    }
+}
+
+/// What to do about common errors.
+fn hint_for(e: &sqlx::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("permission denied")
+        || text.contains("must be superuser")
+        || text.contains("must be owner")
+    {
+        "; the user needs the REPLICATION attribute (or superuser), ownership of the synced tables and EXECUTE on the pg_replication_origin_* functions"
+    } else if text.contains("is already active for PID") {
+        "; another syncmesh node uses the same slot's replication origin: give each node its own `slot:`"
+    } else if text.contains("wal_level") {
+        "; set wal_level = logical and restart PostgreSQL"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("x"), None);
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_text() {
+        for us in [
+            0i64,
+            1,
+            -1,
+            1_700_000_000_123_456,
+            -62_135_596_800_000_000,
+            -62_167_219_200_000_000,
+            253_402_300_799_999_999,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let t = format_timestamp(us, true);
+            assert_eq!(parse_timestamp(&t), Some(us), "{t}");
+        }
+        assert_eq!(
+            parse_timestamp("2024-02-29 12:00:00+02"),
+            parse_timestamp("2024-02-29 10:00:00+00")
+        );
+        assert_eq!(parse_timestamp("1970-01-01 00:00:00.5"), Some(500_000));
+        assert_eq!(
+            format_timestamp(-62_167_219_200_000_000, false),
+            "0001-01-01 00:00:00.000000 BC"
+        );
+        assert_eq!(parse_timestamp("nonsense"), None);
+    }
+
+    #[test]
+    fn values_encode_per_column_kind() {
+        assert_eq!(
+            encode_value(PgKind::Bool, &Value::Int(1)).unwrap(),
+            Some("1".into())
+        );
+        assert_eq!(
+            encode_value(PgKind::Timestamptz, &Value::Int(0)).unwrap(),
+            Some("1970-01-01 00:00:00.000000+00".into())
+        );
+        assert_eq!(
+            encode_value(PgKind::Bytea, &Value::Bytes(vec![0, 255])).unwrap(),
+            Some("\\x00ff".into())
+        );
+        assert_eq!(
+            encode_value(PgKind::Float8, &Value::Float(-0.0)).unwrap(),
+            Some("-0.0".into())
+        );
+        assert_eq!(encode_value(PgKind::Int, &Value::Null).unwrap(), None);
+        assert!(encode_value(PgKind::Text, &Value::Bytes(vec![0xff])).is_err());
+        assert_eq!(
+            decode_text(PgKind::Float4, "0.1").unwrap(),
+            Value::Float(f64::from(0.1f32))
+        );
+        assert_eq!(
+            decode_text(PgKind::Bytea, "\\x00ff").unwrap(),
+            Value::Bytes(vec![0, 255])
+        );
+        assert!(decode_text(PgKind::Int, "1.5").is_err());
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        for bad in [
+            &b""[..],
+            b"C",
+            b"R\0\0\0\x01",
+            b"I\0\0\0\x01X",
+            b"U\0\0\0\x01N\0\x01z",
+        ] {
+            assert!(parse_message(bad).is_err(), "{bad:?}");
+        }
+        let mut ins = b"I\0\0\0\x07N\0\x02n".to_vec();
+        ins.extend_from_slice(b"t\0\0\0\x0212");
+        match parse_message(&ins).unwrap() {
+            Message::Change(c) => {
+                assert_eq!(c.rel, 7);
+                assert_eq!(c.new.unwrap(), vec![Cell::Null, Cell::Text(b"12".to_vec())]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
