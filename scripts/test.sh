@@ -28,6 +28,8 @@ fi
 need_pkgs=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_pkgs+=(postgresql-15)
 [ -x /usr/bin/redis-server ] || need_pkgs+=(redis-server)
+# chromium renders the hub's status page in tests/tests/ops.rs.
+[ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
     apt-get update -qq

@@ -64,7 +64,9 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Show the hub's view of the mesh.
+    /// The dashboard: health, nodes, per-table status, lag, throughput and
+    /// the last 24 hours, as the hub sees them. Exits non-zero if the hub
+    /// cannot be reached.
     Status {
         /// Hub URL, e.g. http://127.0.0.1:7700
         #[arg(long)]
@@ -72,6 +74,9 @@ enum Command {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh in place every two seconds until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// List the conflict records a hub holds, newest first.
     Conflicts {
@@ -202,7 +207,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Status { hub, json } => {
+        Command::Status {
+            hub,
+            json,
+            watch: true,
+        } => {
+            init_logs(cli.log_format, "warn");
+            mesh::watch_status(&hub, json, shutdown_signal()).await?;
+            Ok(true)
+        }
+        Command::Status {
+            hub,
+            json,
+            watch: false,
+        } => {
             init_logs(cli.log_format, "warn");
             let status = mesh::hub_status(&hub).await?;
             if json {

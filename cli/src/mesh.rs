@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
 use syncmesh_hub::core::HubSettings;
 use syncmesh_hub::server::{HubHandle, HubOptions, start_hub};
 use syncmesh_node::adapter::TableSchema;
@@ -38,6 +37,8 @@ pub fn hub_settings_from(cfg: &Config, hub: &HubConfig) -> Result<(HubSettings, 
             .map(|t| (t.name.clone(), t.rules(&priorities)))
             .collect(),
         conflict_retention_days: cfg.conflicts.retention_days,
+        metrics: hub.metrics,
+        alert: cfg.conflicts.alert.clone(),
     };
     Ok((settings, options))
 }
@@ -60,80 +61,155 @@ pub async fn hub_status(url: &str) -> Result<pb::StatusReply> {
     Ok(reply.into_inner())
 }
 
-fn vv_map(vv: &Option<pb::VersionVector>) -> BTreeMap<String, u64> {
-    vv.as_ref()
-        .map(|v| v.entries.iter().map(|(k, v)| (k.clone(), *v)).collect())
-        .unwrap_or_default()
-}
-
-/// The status as JSON.
+/// The status as JSON (the same document the hub's web page renders).
 pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
-    json!({
-        "hub": s.hub,
-        "health": health(s).0,
-        "reason": health(s).1,
-        "total_ops": s.total_ops,
-        "errors_total": s.errors_total,
-        "version_vector": vv_map(&s.version_vector),
-        "nodes": s.nodes.iter().map(|n| json!({
-            "node": n.node,
-            "connected": n.connected,
-            "mode": n.mode,
-            "pending_ops": n.pending_ops,
-            "last_seen_unix_ms": n.last_seen_unix_ms,
-            "acked": vv_map(&n.acked),
-        })).collect::<Vec<_>>(),
-    })
+    let mut s = s.clone();
+    fill_health(&mut s);
+    syncmesh_hub::telemetry::status_json(&s)
 }
 
-fn health(s: &pb::StatusReply) -> (&'static str, String) {
-    let down: Vec<&str> = s
-        .nodes
-        .iter()
-        .filter(|n| !n.connected)
-        .map(|n| n.node.as_str())
-        .collect();
-    if s.nodes.is_empty() {
-        ("degraded", "no node has connected yet".into())
-    } else if !down.is_empty() {
-        ("degraded", format!("not connected: {}", down.join(", ")))
-    } else if s.nodes.iter().any(|n| n.pending_ops > 0) {
-        ("healthy", "catching up".into())
-    } else {
-        ("healthy", "all nodes connected and in sync".into())
+/// A hub older than the dashboard sends no health: derive it here.
+fn fill_health(s: &mut pb::StatusReply) {
+    if s.health.is_empty() {
+        let (h, reason) = syncmesh_hub::telemetry::health(s, unix_ms());
+        s.health = h.to_owned();
+        s.health_reason = reason;
     }
 }
 
-/// Prints the status as a small dashboard.
-pub fn print_status(s: &pb::StatusReply) {
-    let (h, reason) = health(s);
-    println!("hub {}: {h} ({reason})", s.hub);
-    println!("ops held: {}   errors: {}", s.total_ops, s.errors_total);
-    println!(
-        "{:<16} {:<10} {:<14} {:>12}  last seen",
-        "node", "state", "mode", "pending ops"
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lag(seconds: f64, known: bool) -> String {
+    if known && seconds.is_finite() {
+        format!("{seconds:.3}")
+    } else {
+        "-".to_owned()
+    }
+}
+
+/// The dashboard as text: health, throughput, last 24 hours, nodes, tables.
+pub fn render_status(s: &pb::StatusReply) -> String {
+    use std::fmt::Write;
+    let mut s = s.clone();
+    fill_health(&mut s);
+    let now = if s.now_unix_ms > 0 {
+        s.now_unix_ms
+    } else {
+        unix_ms()
+    };
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "hub {}: {} - {}",
+        s.hub,
+        s.health.to_uppercase(),
+        s.health_reason
+    );
+    let tp = s.throughput.unwrap_or_default();
+    let day = s.last_24h.unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "throughput  now {:.1} rec/s   average {:.1} rec/s   peak {:.1} rec/s",
+        tp.now_records_per_second, tp.average_records_per_second, tp.peak_records_per_second
+    );
+    let _ = writeln!(
+        o,
+        "last 24 h   records {}   errors {}   conflicts {}   (ops held {}, errors since start {})",
+        day.records, day.errors, day.conflicts, s.total_ops, s.errors_total
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:<5} {:<10} {:<14} {:>9} {:>9}  LAST SEEN",
+        "NODE", "STATE", "ENGINE", "MODE", "LAG (s)", "PENDING"
     );
     for n in &s.nodes {
-        let ago = if n.last_seen_unix_ms == 0 {
-            "never".to_owned()
+        let seen = syncmesh_hub::telemetry::when(n.last_seen_unix_ms, now);
+        let seen = if n.connected {
+            seen
         } else {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            format!(
-                "{:.1}s ago",
-                now.saturating_sub(n.last_seen_unix_ms) as f64 / 1000.0
-            )
+            format!("down since {seen}")
         };
-        println!(
-            "{:<16} {:<10} {:<14} {:>12}  {ago}",
+        let _ = writeln!(
+            o,
+            "{:<16} {:<5} {:<10} {:<14} {:>9} {:>9}  {seen}",
             n.node,
-            if n.connected { "connected" } else { "down" },
+            if n.connected { "up" } else { "down" },
+            if n.engine.is_empty() { "?" } else { &n.engine },
             n.mode,
-            n.pending_ops
+            lag(n.lag_seconds, n.lag_seconds > 0.0),
+            n.pending_ops,
         );
     }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<20} {:<7} {:>9} {:>10} {:>7} {:>9}  DETAIL",
+        "TABLE", "STATUS", "LAG (s)", "RECORDS", "ERRORS", "CONFLICTS"
+    );
+    for t in &s.tables {
+        let _ = writeln!(
+            o,
+            "{:<20} {:<7} {:>9} {:>10} {:>7} {:>9}  {}",
+            t.table,
+            t.state,
+            lag(t.lag_seconds, t.records_total > 0),
+            t.records_total,
+            t.errors_total,
+            t.conflicts_total,
+            t.detail
+        );
+    }
+    o
+}
+
+/// `status --watch`: redraws the dashboard (or prints a JSON line) every
+/// two seconds until `stop` completes; an unreachable hub is shown as down
+/// and retried.
+pub async fn watch_status(
+    url: &str,
+    json: bool,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    use std::io::Write;
+    tokio::pin!(stop);
+    if !json {
+        print!("\x1b[2J");
+    }
+    loop {
+        let text = match hub_status(url).await {
+            Ok(s) if json => format!("{}\n", status_json(&s)),
+            Ok(s) => render_status(&s),
+            Err(e) if json => format!(
+                "{}\n",
+                serde_json::json!({"health": "down", "reason": format!("{e:#}")})
+            ),
+            Err(e) => format!("DOWN - {e:#}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        if json {
+            out.write_all(text.as_bytes())?;
+        } else {
+            // Home, draw, clear what is left of the previous frame.
+            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))?;
+        }
+        out.flush()?;
+        drop(out);
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Prints the dashboard.
+pub fn print_status(s: &pb::StatusReply) {
+    print!("{}", render_status(s));
 }
 
 /// Dumps every table of every replica.

@@ -11,6 +11,7 @@ use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{HlcClock, NodeId, Ntp64, Op, RowState, TableRules, VersionVector};
 
 use crate::Result;
+use crate::stats::HubMetrics;
 
 const P_OPS: &[u8] = b"o/";
 const P_VV: &[u8] = b"v/";
@@ -75,6 +76,17 @@ struct Session {
     /// origin's whole backlog before the next origin's first op.
     next_origin: usize,
     outbox: VecDeque<pb::HubMessage>,
+    /// Batches sent and not yet acknowledged (for lag at the node).
+    sent_batches: VecDeque<SentBatch>,
+}
+
+/// What the hub remembers of a sent batch until the node acknowledges it.
+#[derive(Debug, Default)]
+struct SentBatch {
+    /// Highest seq per origin in the batch.
+    upto: Vec<(NodeId, u64)>,
+    /// Oldest capture HLC (NTP64 time) per table in the batch.
+    oldest: BTreeMap<String, u64>,
 }
 
 /// The hub state machine.
@@ -92,6 +104,7 @@ pub struct HubCore<S: LogStore> {
     tables: BTreeMap<String, TableRules>,
     /// Conflict keys per row written in the batch being built.
     row_conflicts: BTreeMap<Vec<u8>, Vec<Vec<u8>>>,
+    metrics: HubMetrics,
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -143,7 +156,18 @@ impl<S: LogStore> HubCore<S> {
             conflict_retention_days: DEFAULT_CONFLICT_RETENTION_DAYS,
             tables: BTreeMap::new(),
             row_conflicts: BTreeMap::new(),
+            metrics: HubMetrics::default(),
         })
+    }
+
+    /// Counters for `/metrics` and the status dashboard.
+    pub fn metrics(&self) -> &HubMetrics {
+        &self.metrics
+    }
+
+    /// Mutable counters, for [`HubMetrics::take_durable`].
+    pub fn metrics_mut(&mut self) -> &mut HubMetrics {
+        &mut self.metrics
     }
 
     /// The tables whose ops the hub merges into its own row state to find
@@ -192,7 +216,9 @@ impl<S: LogStore> HubCore<S> {
             },
         };
         let mut now_keys = Vec::new();
+        let mut strategies = Vec::new();
         for c in conflicts.into_iter().filter(|c| c.is_complete()) {
+            strategies.push(c.strategy.clone());
             let record = pb::ConflictRecord {
                 hlc: c.hlc.map(|h| pb::Hlc {
                     time: h.time,
@@ -220,6 +246,21 @@ impl<S: LogStore> HubCore<S> {
                 result: c.value.as_ref().map(wire::value_to_proto),
             };
             now_keys.push(self.record_conflict(batch, &record));
+        }
+        // New records, less those they replace (a set that grew).
+        let replaced = before.iter().filter(|k| !now_keys.contains(k)).count();
+        let added: Vec<&String> = now_keys
+            .iter()
+            .zip(&strategies)
+            .filter(|(k, _)| !before.contains(k))
+            .map(|(_, s)| s)
+            .collect();
+        for strategy in added.into_iter().skip(replaced) {
+            *self
+                .metrics
+                .conflicts
+                .entry((op.table.clone(), strategy.clone()))
+                .or_insert(0) += 1;
         }
         for k in before.iter().filter(|k| !now_keys.contains(k)) {
             batch.remove(k.clone());
@@ -341,6 +382,7 @@ impl<S: LogStore> HubCore<S> {
         op: Option<pb::OpId>,
     ) -> Control {
         self.errors_total += 1;
+        self.metrics.error(code);
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.outbox.push_back(error_msg(code, message.clone(), op));
         }
@@ -384,6 +426,19 @@ impl<S: LogStore> HubCore<S> {
                 let acked = wire::vv_from_proto(a.version_vector)?;
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     s.inflight = s.inflight.saturating_sub(1);
+                }
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    while s
+                        .sent_batches
+                        .front()
+                        .is_some_and(|b| b.upto.iter().all(|(o, q)| acked.get(o) >= *q))
+                    {
+                        if let Some(b) = s.sent_batches.pop_front() {
+                            for (table, hlc) in b.oldest {
+                                self.metrics.durable(&table, n.as_str(), hlc);
+                            }
+                        }
+                    }
                 }
                 let rec = self.nodes.entry(n.clone()).or_default();
                 for (o, v) in acked.0 {
@@ -464,6 +519,9 @@ impl<S: LogStore> HubCore<S> {
         }
         let rec = rec.clone();
         self.save_node(&node, &rec)?;
+        if !h.engine.is_empty() {
+            self.metrics.engines.insert(node.clone(), h.engine.clone());
+        }
         let reply = pb::HubMessage {
             body: Some(pb::hub_message::Body::Hello(pb::HelloReply {
                 protocol_version: syncmesh_proto::PROTOCOL_VERSION,
@@ -477,6 +535,7 @@ impl<S: LogStore> HubCore<S> {
             s.subscribe_only = subscribe_only;
             s.sent = node_vv;
             s.inflight = 0;
+            s.sent_batches.clear();
             s.outbox.push_back(reply);
         }
         Ok(Control::Continue)
@@ -509,7 +568,15 @@ impl<S: LogStore> HubCore<S> {
         let mut have = self.vv.get(&node);
         let start = have;
         let mut control = Control::Continue;
+        let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
         for raw in b.ops {
+            // Only configured tables label errors: hostile input must not
+            // grow the metrics with made-up table names.
+            self.metrics.current_table = if self.tables.contains_key(&raw.table) {
+                raw.table.clone()
+            } else {
+                String::new()
+            };
             let raw_id = raw.id.clone();
             let op = match wire::op_from_proto(raw.clone()) {
                 Ok(op) => op,
@@ -546,7 +613,14 @@ impl<S: LogStore> HubCore<S> {
             self.merge(&op, &mut rows, &mut batch)?;
             batch.put(op_key(&node, op.id.seq), raw.encode_to_vec());
             have = op.id.seq;
+            let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
+                "delete"
+            } else {
+                "upsert"
+            };
+            stored.push((op.table.clone(), kind, op.hlc.time, op.id.seq));
         }
+        self.metrics.current_table.clear();
         if have > start {
             for (k, row) in rows {
                 batch.put(
@@ -562,6 +636,20 @@ impl<S: LogStore> HubCore<S> {
             batch.put(k, have.to_be_bytes().to_vec());
             self.store.write(batch)?;
             self.store.flush()?;
+            for (table, kind, hlc, seq) in stored {
+                *self
+                    .metrics
+                    .records_synced
+                    .entry((table.clone(), kind.to_owned()))
+                    .or_insert(0) += 1;
+                self.metrics
+                    .durable(&table, self.settings.name.as_str(), hlc);
+                self.metrics
+                    .table_heads
+                    .entry(table)
+                    .or_default()
+                    .advance(&node, seq);
+            }
             self.vv.set(node.clone(), have);
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.sent.advance(&node, have);
@@ -610,6 +698,7 @@ impl<S: LogStore> HubCore<S> {
         let mut ops = Vec::new();
         let mut bytes = 0usize;
         let mut sent = s.sent.clone();
+        let mut record = SentBatch::default();
         let lagging: Vec<(&NodeId, u64)> = self
             .vv
             .0
@@ -636,6 +725,13 @@ impl<S: LogStore> HubCore<S> {
                 })?;
                 bytes += op.encoded_len();
                 let seq = op.id.as_ref().map(|i| i.seq).unwrap_or(0);
+                let hlc = op.hlc.as_ref().map(|h| h.time).unwrap_or(0);
+                let oldest = record.oldest.entry(op.table.clone()).or_insert(hlc);
+                *oldest = (*oldest).min(hlc);
+                match record.upto.last_mut() {
+                    Some((o, q)) if o == origin => *q = seq,
+                    _ => record.upto.push((origin.clone(), seq)),
+                }
                 ops.push(op);
                 sent.advance(origin, seq);
                 if ops.len() >= budget || bytes >= MAX_BATCH_BYTES {
@@ -649,10 +745,20 @@ impl<S: LogStore> HubCore<S> {
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.sent = sent;
             s.inflight += 1;
+            // Bounded: the node acks every batch; a lost ack only loses a sample.
+            if s.sent_batches.len() as u64 >= 2 * MAX_INFLIGHT_BATCHES {
+                s.sent_batches.pop_front();
+            }
+            s.sent_batches.push_back(record);
         }
         Ok(Some(pb::HubMessage {
             body: Some(pb::hub_message::Body::Ops(pb::OpBatch { ops })),
         }))
+    }
+
+    /// The node a session belongs to (after its hello).
+    pub fn session_node(&self, sid: SessionId) -> Option<&NodeId> {
+        self.sessions.get(&sid).and_then(|s| s.node.as_ref())
     }
 
     /// Every open session.
@@ -688,6 +794,8 @@ impl<S: LogStore> HubCore<S> {
                     pending_ops: pending,
                     last_seen_unix_ms: rec.last_seen_ms,
                     mode: rec.mode.clone(),
+                    engine: self.metrics.engines.get(n).cloned().unwrap_or_default(),
+                    ..Default::default()
                 }
             })
             .collect();
@@ -697,6 +805,7 @@ impl<S: LogStore> HubCore<S> {
             total_ops: self.vv.total(),
             nodes,
             errors_total: self.errors_total,
+            ..Default::default()
         }
     }
 }
@@ -743,6 +852,7 @@ mod tests {
                 node: node.into(),
                 version_vector: None,
                 mode: mode.into(),
+                engine: "sqlite".into(),
             })),
         }
     }

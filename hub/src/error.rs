@@ -14,6 +14,9 @@ pub enum Error {
     /// The log store or another node-crate facility failed.
     #[error(transparent)]
     Node(#[from] syncmesh_node::Error),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Ops(#[from] syncmesh_ops::Error),
     /// The gRPC server failed.
     #[error("hub server: {0}")]
     Server(String),

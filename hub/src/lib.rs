@@ -11,5 +11,7 @@
 pub mod core;
 pub mod error;
 pub mod server;
+pub mod stats;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::{Control, HubCore, HubSettings, SessionId};
+use crate::telemetry::{Telemetry, status_json};
 use crate::{Error, Result};
 
 /// Depth of each session's outgoing queue (messages).
@@ -39,6 +40,42 @@ enum Cmd {
         pb::ConflictsRequest,
         oneshot::Sender<Result<pb::ConflictsReply>>,
     ),
+    /// Prometheus text for `/metrics`.
+    Metrics(oneshot::Sender<String>),
+    /// The status and chart as JSON for the web page.
+    Page(oneshot::Sender<String>),
+}
+
+/// `/metrics`, `/` and `/status.json` on the metrics address, answered by
+/// the actor.
+struct Endpoints {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl syncmesh_ops::http::Endpoints for Endpoints {
+    fn metrics(&self) -> futures::future::BoxFuture<'static, String> {
+        let cmds = self.cmds.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if cmds.send(Cmd::Metrics(tx)).await.is_err() {
+                return String::new();
+            }
+            rx.await.unwrap_or_default()
+        })
+    }
+
+    fn status_json(&self) -> futures::future::BoxFuture<'static, Option<String>> {
+        let cmds = self.cmds.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            cmds.send(Cmd::Page(tx)).await.ok()?;
+            rx.await.ok()
+        })
+    }
+
+    fn index_html(&self) -> Option<&'static str> {
+        Some(syncmesh_ops::page::INDEX_HTML)
+    }
 }
 
 fn wall_now() -> Ntp64 {
@@ -128,6 +165,9 @@ impl pb::sync_server::Sync for Service {
 pub struct HubHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// Where `/metrics` and the status page are served, if configured.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<syncmesh_ops::http::MetricsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<()>>,
     actor: tokio::task::JoinHandle<Result<()>>,
@@ -143,6 +183,7 @@ impl HubHandle {
 
     /// Stops accepting, closes every stream, and waits for the store to close.
     pub async fn shutdown(mut self) -> Result<()> {
+        self.metrics = None;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -186,6 +227,10 @@ pub struct HubOptions {
     pub tables: BTreeMap<String, TableRules>,
     /// How long conflict records are kept (0 = the default of 90 days).
     pub conflict_retention_days: u32,
+    /// Where to serve `/metrics` and the status page (`hub.metrics`).
+    pub metrics: Option<SocketAddr>,
+    /// `conflicts.alert`: threshold and webhook.
+    pub alert: Option<syncmesh_node::config::AlertConfig>,
 }
 
 /// Opens the store in `data_dir`, binds `listen` and serves.
@@ -195,7 +240,7 @@ pub async fn start_hub(
     data_dir: &Path,
     listen: SocketAddr,
 ) -> Result<HubHandle> {
-    let core = open_core(settings, options, data_dir)?;
+    let opened = open_core(settings, &options, data_dir)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Bind {
@@ -206,7 +251,7 @@ pub async fn start_hub(
         addr: listen.to_string(),
         message: e.to_string(),
     })?;
-    Ok(serve(core, TcpListenerStream::new(listener), addr))
+    serve(opened, &options, TcpListenerStream::new(listener), addr).await
 }
 
 /// Like [`start_hub`], serving the connections `incoming` yields instead of
@@ -229,25 +274,35 @@ where
         + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let core = open_core(settings, options, data_dir)?;
-    Ok(serve(core, incoming, addr))
+    let opened = open_core(settings, &options, data_dir)?;
+    serve(opened, &options, incoming, addr).await
 }
 
-fn open_core(
-    settings: HubSettings,
-    options: HubOptions,
-    data_dir: &Path,
-) -> Result<HubCore<SledStore>> {
+/// A hub core with its name and configured tables.
+struct Opened {
+    core: HubCore<SledStore>,
+    name: String,
+    tables: Vec<String>,
+}
+
+fn open_core(settings: HubSettings, options: &HubOptions, data_dir: &Path) -> Result<Opened> {
     let store = SledStore::open(data_dir)?;
+    let name = settings.name.as_str().to_owned();
     let mut core = HubCore::open(settings, store)?;
-    core.set_tables(options.tables);
+    let tables: Vec<String> = options.tables.keys().cloned().collect();
+    core.set_tables(options.tables.clone());
     if options.conflict_retention_days > 0 {
         core.set_conflict_retention_days(options.conflict_retention_days);
     }
-    Ok(core)
+    Ok(Opened { core, name, tables })
 }
 
-fn serve<I, IO, IE>(core: HubCore<SledStore>, incoming: I, addr: SocketAddr) -> HubHandle
+async fn serve<I, IO, IE>(
+    opened: Opened,
+    options: &HubOptions,
+    incoming: I,
+    addr: SocketAddr,
+) -> Result<HubHandle>
 where
     I: Stream<Item = std::result::Result<IO, IE>> + Send + 'static,
     IO: tokio::io::AsyncRead
@@ -258,10 +313,29 @@ where
         + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    let Opened { core, name, tables } = opened;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
-    let actor = tokio::spawn(run_actor(core, cmd_rx, actor_stop_rx));
+    let metrics = match options.metrics {
+        Some(at) => Some(
+            syncmesh_ops::http::serve(
+                at,
+                std::sync::Arc::new(Endpoints {
+                    cmds: cmd_tx.clone(),
+                }),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let telemetry = Telemetry::new(&name, wall_ms(), options.alert.as_ref());
+    let actor = tokio::spawn(run_actor(
+        core,
+        Observed { telemetry, tables },
+        cmd_rx,
+        actor_stop_rx,
+    ));
     let svc = SyncServer::new(Service { cmds: cmd_tx })
         .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES);
@@ -279,17 +353,41 @@ where
         res.map_err(|e| Error::Server(e.to_string()))
     });
     tracing::info!(%addr, "hub listening");
-    HubHandle {
+    Ok(HubHandle {
         stopped: false,
         addr,
+        metrics_addr: metrics.as_ref().map(|m| m.addr),
+        metrics,
         shutdown: Some(shutdown_tx),
         server,
         actor,
+    })
+}
+
+/// What the actor keeps besides the core: telemetry and the configured tables.
+struct Observed {
+    telemetry: Telemetry,
+    tables: Vec<String>,
+}
+
+impl Observed {
+    fn status(&mut self, core: &mut HubCore<SledStore>) -> pb::StatusReply {
+        let now = wall_ms();
+        self.telemetry.update(now, core.metrics_mut());
+        let mut reply = core.status();
+        self.telemetry
+            .fill_status(&mut reply, core.metrics(), &self.tables, now);
+        reply
     }
+}
+
+fn wall_ms() -> u64 {
+    wall_now().as_unix_millis()
 }
 
 async fn run_actor(
     mut core: HubCore<SledStore>,
+    mut obs: Observed,
     mut cmds: mpsc::Receiver<Cmd>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<()> {
@@ -317,13 +415,17 @@ async fn run_actor(
                     }
                     Cmd::Msg(sid, msg) => {
                         let started = std::time::Instant::now();
+                        let node = core.session_node(sid).map(|n| n.to_string());
                         let ctl = core.handle_message(wall_now(), sid, msg)?;
+                        // Flushed: lag samples end now.
+                        obs.telemetry.update(wall_ms(), core.metrics_mut());
                         let ms = started.elapsed().as_millis() as u64;
                         tracing::debug!(session = sid, ms, "message handled");
                         match ctl {
                             Control::Continue => {}
                             Control::Close(reason) => {
-                                tracing::warn!(session = sid, %reason, "closing a sync stream");
+                                let node = node.as_deref().unwrap_or("(before hello)");
+                                tracing::warn!(session = sid, node, "closing the sync stream: {reason}");
                                 pump(&mut core, sid, &outs)?;
                                 outs.remove(&sid);
                                 core.handle_close(sid);
@@ -335,7 +437,17 @@ async fn run_actor(
                         core.handle_close(sid);
                     }
                     Cmd::Status(reply) => {
-                        let _ = reply.send(core.status());
+                        let _ = reply.send(obs.status(&mut core));
+                    }
+                    Cmd::Metrics(reply) => {
+                        obs.telemetry.update(wall_ms(), core.metrics_mut());
+                        let _ = reply.send(obs.telemetry.metrics().render());
+                    }
+                    Cmd::Page(reply) => {
+                        let status = obs.status(&mut core);
+                        let mut json = status_json(&status);
+                        json["chart"] = obs.telemetry.chart_json(status.now_unix_ms);
+                        let _ = reply.send(json.to_string());
                     }
                     Cmd::Conflicts(req, reply) => {
                         let _ = reply.send(core.conflicts(&req));

@@ -188,6 +188,10 @@ pub struct NodeStats {
     pub dirty_rows: u64,
     /// Warnings raised.
     pub warnings: u64,
+    /// Remote ops made durable here, by (table, operation: upsert | delete).
+    pub records_synced: BTreeMap<(String, String), u64>,
+    /// Remote ops the hub held at the last handshake (catch-up target).
+    pub remote_ops_at_hub: u64,
 }
 
 /// The node state machine. See the module docs.
@@ -224,6 +228,11 @@ pub struct NodeCore<S: LogStore> {
     /// becoming a view once its apply commits.
     apply_snaps: HashMap<Vec<u8>, DbView>,
     stats: NodeStats,
+    /// The database engine named in the hello (for the hub's status).
+    engine: String,
+    /// Remote ops made durable by the last call, per table: the oldest
+    /// capture HLC (NTP64 time); taken by the shell to measure lag.
+    durable: BTreeMap<String, u64>,
 }
 
 /// A state of one row as the database showed it from change-table id
@@ -384,6 +393,8 @@ impl<S: LogStore> NodeCore<S> {
             lingering: BTreeSet::new(),
             apply_snaps: HashMap::new(),
             stats,
+            engine: String::new(),
+            durable: BTreeMap::new(),
         };
         let mut batch = WriteBatch::default();
         let loaded: Vec<Vec<u8>> = core.db_views.keys().cloned().collect();
@@ -396,6 +407,18 @@ impl<S: LogStore> NodeCore<S> {
         }
         core.store.write(batch)?;
         Ok(core)
+    }
+
+    /// Names the database engine in the hello (shown by the hub's status).
+    pub fn set_engine(&mut self, engine: &str) {
+        self.engine = engine.to_owned();
+    }
+
+    /// Per table, the oldest capture HLC (NTP64 time) of the remote ops made
+    /// durable since the last call. The shell stamps them with its clock
+    /// right after the flushing call: lag from capture to durable here.
+    pub fn take_durable(&mut self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.durable)
     }
 
     /// This node's name.
@@ -662,6 +685,7 @@ impl<S: LogStore> NodeCore<S> {
                 node: self.settings.name.as_str().to_owned(),
                 version_vector: Some(wire::vv_to_proto(&self.vv)),
                 mode: self.settings.mode.as_str().to_owned(),
+                engine: self.engine.clone(),
             })),
         });
     }
@@ -710,6 +734,7 @@ impl<S: LogStore> NodeCore<S> {
                 }
                 let has = hub_has;
                 self.stats.own_acked = has;
+                self.stats.remote_ops_at_hub = hub_vv.total().saturating_sub(hub_has);
                 self.conn = Conn::Connected {
                     hub_acked_own: has,
                     sent_own: has,
@@ -751,6 +776,7 @@ impl<S: LogStore> NodeCore<S> {
         let mut ov = Overlay::default();
         let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut control = Control::Continue;
+        let mut merged: Vec<(String, &'static str, u64)> = Vec::new();
         for raw in batch.ops {
             let op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
@@ -828,6 +854,12 @@ impl<S: LogStore> NodeCore<S> {
                 self.db_views.insert(rk.clone(), views);
             }
             row.apply(&op);
+            let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
+                "delete"
+            } else {
+                "upsert"
+            };
+            merged.push((op.table.clone(), kind, op.hlc.time));
             // A bidirectional node rewrites the row even when its visible
             // state did not change: the apply's watermark tells later
             // local writes that they saw the op.
@@ -846,6 +878,15 @@ impl<S: LogStore> NodeCore<S> {
             self.vv.set(origin.clone(), *seq);
         }
         self.commit(ov)?;
+        for (table, kind, hlc) in merged {
+            *self
+                .stats
+                .records_synced
+                .entry((table.clone(), kind.to_owned()))
+                .or_insert(0) += 1;
+            let oldest = self.durable.entry(table).or_insert(hlc);
+            *oldest = (*oldest).min(hlc);
+        }
         // Durable now: acknowledge.
         self.outbox.push_back(pb::NodeMessage {
             body: Some(pb::node_message::Body::Ack(pb::Ack {

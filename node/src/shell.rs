@@ -3,9 +3,12 @@
 //! control channel; it writes what the core asks for (rows to apply,
 //! messages to send). All decisions live in the core.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
+use syncmesh_ops::prom::Metrics;
 use syncmesh_proto::v1 as pb;
 use syncmesh_proto::v1::sync_client::SyncClient;
 use syncmesh_resolver::Ntp64;
@@ -51,6 +54,29 @@ pub struct NodeHandle {
     cmds: mpsc::Sender<ShellCmd>,
     stats: watch::Receiver<NodeStats>,
     join: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// Where `/metrics` is served, if configured.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    _metrics: Option<syncmesh_ops::http::MetricsServer>,
+}
+
+/// `/metrics` of a node.
+struct NodeEndpoints {
+    metrics: Arc<Metrics>,
+}
+
+impl syncmesh_ops::http::Endpoints for NodeEndpoints {
+    fn metrics(&self) -> futures::future::BoxFuture<'static, String> {
+        let text = self.metrics.render();
+        Box::pin(async move { text })
+    }
+
+    fn status_json(&self) -> futures::future::BoxFuture<'static, Option<String>> {
+        Box::pin(async { None })
+    }
+
+    fn index_html(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl NodeHandle {
@@ -156,7 +182,26 @@ pub async fn start_node_with_dialer(
         batch_size: sync.batch_size,
         max_clock_drift_ms: sync.max_clock_drift_ms,
     };
-    let core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    let mut core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    core.set_engine(cfg.database.kind.as_str());
+    let (metrics, server) = match cfg.metrics {
+        Some(addr) => {
+            let metrics = Arc::new(Metrics::new());
+            let server = syncmesh_ops::http::serve(
+                addr,
+                Arc::new(NodeEndpoints {
+                    metrics: metrics.clone(),
+                }),
+            )
+            .await
+            .map_err(|e| Error::Config {
+                path: source.to_owned(),
+                message: format!("node {}: {e}", cfg.name),
+            })?;
+            (Some(metrics), Some(server))
+        }
+        None => (None, None),
+    };
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
     let shell = Shell {
@@ -171,6 +216,11 @@ pub async fn start_node_with_dialer(
         stats: stats_tx,
         db_backoff_ms: 0,
         db_retry_at_ms: 0,
+        metrics,
+        errors: BTreeMap::new(),
+        published: None,
+        download: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "catching up"),
+        upload: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "sending queued changes"),
     };
     let join = tokio::spawn(shell.run(cmd_rx));
     Ok(NodeHandle {
@@ -178,6 +228,8 @@ pub async fn start_node_with_dialer(
         cmds: cmd_tx,
         stats: stats_rx,
         join: Some(join),
+        metrics_addr: server.as_ref().map(|s| s.addr),
+        _metrics: server,
     })
 }
 
@@ -202,6 +254,15 @@ struct Shell {
     stats: watch::Sender<NodeStats>,
     db_backoff_ms: u64,
     db_retry_at_ms: u64,
+    /// The node's Prometheus registry, when `metrics:` is configured.
+    metrics: Option<Arc<Metrics>>,
+    /// Errors by (table, error type) for `sync_errors_total`.
+    errors: BTreeMap<(String, String), u64>,
+    /// The stats last copied into `metrics`.
+    published: Option<NodeStats>,
+    /// Catch-up progress: remote ops coming in, own ops going out.
+    download: syncmesh_ops::progress::Progress,
+    upload: syncmesh_ops::progress::Progress,
 }
 
 async fn connect(url: String, dialer: Option<Dialer>) -> Result<Link> {
@@ -293,7 +354,15 @@ impl Shell {
                     .handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
             }
             self.log_events();
-            let _ = self.stats.send(self.core.stats());
+            let stats = self.core.stats();
+            self.publish(&stats);
+            if stats.connected {
+                let now = now_ms();
+                self.download
+                    .observe(now, stats.remote_ops, stats.remote_ops_at_hub);
+                self.upload.observe(now, stats.own_acked, stats.own_ops);
+            }
+            let _ = self.stats.send(stats);
             tokio::select! {
                 _ = tick.tick() => {
                     let capture = self.capture;
@@ -322,6 +391,7 @@ impl Shell {
                             let now = Ntp64::from_unix_millis(now_ms());
                             let started = std::time::Instant::now();
                             let ctl = self.core.handle_message(now, m)?;
+                            self.publish_lag();
                             let ms = started.elapsed().as_millis() as u64;
                             tracing::debug!(node = %self.core.name(), ms, "hub message merged");
                             ctl
@@ -377,6 +447,7 @@ impl Shell {
             Err(e @ Error::Database { .. }) => {
                 self.db_backoff_ms = (self.db_backoff_ms * 2).clamp(250, 30_000);
                 self.db_retry_at_ms = self.mono_ms() + self.db_backoff_ms;
+                self.count_error("", "database");
                 tracing::warn!(node = %self.core.name(), retry_in_ms = self.db_backoff_ms, "{e}");
                 Ok(())
             }
@@ -444,14 +515,53 @@ impl Shell {
         }
     }
 
+    fn count_error(&mut self, table: &str, error_type: &str) {
+        let Some(m) = &self.metrics else { return };
+        let n = self
+            .errors
+            .entry((table.to_owned(), error_type.to_owned()))
+            .or_insert(0);
+        *n += 1;
+        m.set_sync_errors_total(table, error_type, *n);
+    }
+
+    /// Lag of the remote ops the last call made durable: from their capture
+    /// HLC to now, right after the flush.
+    fn publish_lag(&mut self) {
+        let durable = self.core.take_durable();
+        let Some(m) = &self.metrics else { return };
+        let now = now_ms();
+        for (table, hlc) in durable {
+            let captured = Ntp64(hlc).as_unix_millis();
+            let seconds = now.saturating_sub(captured) as f64 / 1000.0;
+            m.set_sync_lag_seconds(&table, self.core.name().as_str(), seconds);
+        }
+    }
+
+    /// Copies changed counters into the registry.
+    fn publish(&mut self, stats: &NodeStats) {
+        let Some(m) = &self.metrics else { return };
+        if self.published.as_ref() == Some(stats) {
+            return;
+        }
+        for ((table, op), n) in &stats.records_synced {
+            m.set_records_synced_total(table, op, *n);
+        }
+        self.published = Some(stats.clone());
+    }
+
     fn log_events(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::Connected { hub_has_own } => {
                     tracing::info!(node = %self.core.name(), hub = %self.hub_url, hub_has_own, "connected to hub")
                 }
-                Event::Warning(w) => tracing::warn!(node = %self.core.name(), "{w}"),
+                Event::Warning(w) => {
+                    self.count_error("", "warning");
+                    tracing::warn!(node = %self.core.name(), "{w}")
+                }
                 Event::HubError { code, message } => {
+                    self.count_error("", &code);
                     tracing::warn!(node = %self.core.name(), code, "hub error: {message}")
                 }
             }

@@ -220,6 +220,7 @@ fn hub_ops(hub: &mut HubCore<Shared>, now: Ntp64) -> Result<BTreeMap<NodeId, Vec
             node: "sim-audit".into(),
             version_vector: None,
             mode: "subscribe".into(),
+            engine: String::new(),
         })),
     };
     hub.handle_message(now, sid, hello)

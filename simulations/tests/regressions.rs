@@ -199,6 +199,7 @@ fn the_hub_does_not_starve_later_origins_of_a_lagging_node() {
             node: node.into(),
             version_vector: None,
             mode: mode.into(),
+            engine: String::new(),
         })),
     };
     for origin in ["a", "b"] {

@@ -45,6 +45,7 @@ fn hello(node: &str) -> pb::NodeMessage {
         node: node.into(),
         version_vector: None,
         mode: "bidirectional".into(),
+        engine: String::new(),
     }))
 }
 
