@@ -33,6 +33,13 @@
 //! (present with `REPLICA IDENTITY FULL`); without an old tuple it is an
 //! error, never a NULL.
 //!
+//! # Initial snapshot
+//!
+//! A capturing node without a checkpoint (first start) publishes the rows
+//! already in the tables before streaming: [`initial_snapshot`] (see
+//! [`PostgresAdapter::begin_snapshot`] for why it has neither gap nor double
+//! count). A crash during it starts it over at the next start.
+//!
 //! # Type mapping
 //!
 //! Values travel in PostgreSQL's text format (the adapter's sessions use
@@ -893,6 +900,153 @@ impl PostgresAdapter {
         })
     }
 
+    /// Starts an initial snapshot: one `REPEATABLE READ` transaction that
+    /// takes `SHARE` locks on every synced table (waiting for running
+    /// writers, blocking new ones until [`PostgresAdapter::finish_snapshot`])
+    /// and reads the WAL insert position. Every transaction that committed
+    /// changes to these tables before it is in the snapshot and ends at or
+    /// below [`Snapshot::lsn`]; every later one ends above it, so streaming
+    /// from the slot with the checkpoint at that position has neither a gap
+    /// nor a double count.
+    pub async fn begin_snapshot(&self, schemas: &[TableSchema]) -> Result<Snapshot> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.db_err("opening the snapshot session", &e))?;
+        let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
+        let res: std::result::Result<(String, Vec<i64>), sqlx::Error> = async {
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            conn.execute(AssertSqlSafe(format!(
+                "LOCK TABLE {} IN SHARE MODE",
+                list.join(", ")
+            )))
+            .await?;
+            let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            let mut estimates = Vec::new();
+            for s in schemas {
+                let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {}",
+                    quote_ident(&s.name)
+                )))
+                .fetch_one(&mut *conn)
+                .await?;
+                estimates.push(n);
+            }
+            Ok((lsn, estimates))
+        }
+        .await;
+        let (lsn, rows) = res.map_err(|e| self.db_err("starting the initial snapshot", &e))?;
+        Ok(Snapshot {
+            conn,
+            lsn: parse_lsn(&lsn).unwrap_or(0),
+            rows,
+            table: 0,
+            cursor: false,
+        })
+    }
+
+    /// The next chunk of at most `limit` rows of the snapshot, in primary
+    /// key order, table by table, as inserts; `None` when every table is
+    /// done.
+    pub async fn snapshot_chunk(
+        &self,
+        snap: &mut Snapshot,
+        schemas: &[TableSchema],
+        limit: usize,
+    ) -> Result<Option<(String, Vec<CapturedChange>)>> {
+        loop {
+            let Some(schema) = schemas.get(snap.table) else {
+                return Ok(None);
+            };
+            if !snap.cursor {
+                let cols: Vec<String> = schema
+                    .columns
+                    .iter()
+                    .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+                    .collect();
+                let order: Vec<String> = schema
+                    .key
+                    .iter()
+                    .map(|k| format!("t.{}", quote_ident(k)))
+                    .collect();
+                let sql = format!(
+                    "DECLARE _syncmesh_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {} AS t ORDER BY {}",
+                    cols.join(", "),
+                    quote_ident(&schema.name),
+                    order.join(", ")
+                );
+                snap.conn
+                    .execute(AssertSqlSafe(sql))
+                    .await
+                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+                snap.cursor = true;
+            }
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "FETCH {} FROM _syncmesh_snapshot",
+                limit.max(1)
+            )))
+            .fetch_all(&mut *snap.conn)
+            .await
+            .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+            if rows.is_empty() {
+                snap.conn
+                    .execute("CLOSE _syncmesh_snapshot")
+                    .await
+                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+                snap.cursor = false;
+                snap.table += 1;
+                continue;
+            }
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(CapturedChange {
+                    change_id: snap.lsn,
+                    table: schema.name.clone(),
+                    kind: ChangeKind::Insert,
+                    old: None,
+                    new: Some(self.decode_row(schema, row)?),
+                });
+            }
+            return Ok(Some((schema.name.clone(), out)));
+        }
+    }
+
+    /// Ends the snapshot transaction (releasing the table locks).
+    pub async fn finish_snapshot(&self, mut snap: Snapshot) -> Result<()> {
+        snap.conn
+            .execute("COMMIT")
+            .await
+            .map_err(|e| self.db_err("ending the initial snapshot", &e))?;
+        Ok(())
+    }
+
+    fn decode_row(&self, schema: &TableSchema, row: &PgRow) -> Result<BTreeMap<String, Value>> {
+        let kinds = self.kinds.get(&schema.name);
+        let mut map = BTreeMap::new();
+        for (i, col) in schema.columns.iter().enumerate() {
+            let text: Option<String> = row
+                .try_get(i)
+                .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
+            let kind = kinds
+                .and_then(|k| k.get(&col.name))
+                .copied()
+                .unwrap_or(PgKind::Text);
+            let v = match text {
+                None => Value::Null,
+                Some(t) => decode_text(kind, &t).map_err(|m| Error::Schema {
+                    table: schema.name.clone(),
+                    message: format!("column {}: {m}", col.name),
+                })?,
+            };
+            map.insert(col.name.clone(), v);
+        }
+        Ok(map)
+    }
+
     /// Every row of a table, ordered by key, decoded like captured rows.
     pub async fn dump_table(&self, schema: &TableSchema) -> Result<Vec<BTreeMap<String, Value>>> {
         let cols: Vec<String> = schema
@@ -916,31 +1070,73 @@ impl PostgresAdapter {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
-        let kinds = self.kinds.get(&schema.name);
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut map = BTreeMap::new();
-            for (i, col) in schema.columns.iter().enumerate() {
-                let text: Option<String> = row
-                    .try_get(i)
-                    .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
-                let kind = kinds
-                    .and_then(|k| k.get(&col.name))
-                    .copied()
-                    .unwrap_or(PgKind::Text);
-                let v = match text {
-                    None => Value::Null,
-                    Some(t) => decode_text(kind, &t).map_err(|m| Error::Schema {
-                        table: schema.name.clone(),
-                        message: format!("column {}: {m}", col.name),
-                    })?,
-                };
-                map.insert(col.name.clone(), v);
-            }
-            out.push(map);
+            out.push(self.decode_row(schema, row)?);
         }
         Ok(out)
     }
+}
+
+/// An initial snapshot in progress (see
+/// [`PostgresAdapter::begin_snapshot`]).
+pub struct Snapshot {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// The WAL position the snapshot is consistent with.
+    pub lsn: i64,
+    /// Rows per table when the snapshot started (for progress).
+    pub rows: Vec<i64>,
+    table: usize,
+    cursor: bool,
+}
+
+/// Publishes every row of the synced tables as of one consistent point,
+/// then sets the capture checkpoint there (see
+/// [`PostgresAdapter::begin_snapshot`]). Runs when a capturing node starts
+/// with no checkpoint yet (its first start, or after a crash during its
+/// snapshot, which then starts over: rows published already are published
+/// again as inserts of the same values, which changes no visible row and no
+/// `sum` total). Logs progress (rows, rate, ETA) per chunk of `batch` rows.
+pub async fn initial_snapshot<S: crate::store::LogStore>(
+    db: &PostgresAdapter,
+    core: &mut crate::core::NodeCore<S>,
+    schemas: &[TableSchema],
+    batch: usize,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut snap = db.begin_snapshot(schemas).await?;
+    let total: i64 = snap.rows.iter().sum();
+    let lsn = snap.lsn;
+    tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+    let mut done = 0i64;
+    let mut last_log = std::time::Instant::now();
+    while let Some((table, rows)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
+        let now = syncmesh_resolver::Ntp64::from_unix_millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        );
+        core.handle_snapshot(now, &rows)?;
+        done += rows.len() as i64;
+        if last_log.elapsed() >= Duration::from_secs(1) || done == total {
+            last_log = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 {
+                (total - done).max(0) as f64 / rate
+            } else {
+                0.0
+            };
+            tracing::info!(database = %db.url, table = %table, "initial snapshot: {done}/{total} rows ({:.0}%), {rate:.0} rows/s, ETA {eta:.0} s", 100.0 * done as f64 / total.max(1) as f64);
+        }
+    }
+    // The rows are flushed (handle_snapshot); only now does the checkpoint
+    // move to the snapshot's position.
+    core.handle_checkpoint(lsn)?;
+    db.finish_snapshot(snap).await?;
+    tracing::info!(database = %db.url, rows = done, secs = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
+    Ok(())
 }
 
 #[derive(Default)]

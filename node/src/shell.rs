@@ -116,7 +116,14 @@ pub async fn start_node(config: &Config, name: &str) -> Result<NodeHandle> {
         batch_size: sync.batch_size,
         max_clock_drift_ms: sync.max_clock_drift_ms,
     };
-    let core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    let mut core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    if let Db::Postgres(pg) = &db
+        && cfg.mode.captures()
+        && core.capture_checkpoint() == 0
+    {
+        let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
+        crate::postgres::initial_snapshot(pg, &mut core, &schemas, sync.batch_size).await?;
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
     let shell = Shell {
