@@ -696,11 +696,29 @@ async fn sigkill_of_pg_node_during_streaming_loses_and_duplicates_nothing() -> R
             })
             .collect::<String>()
     };
-    wait_until("pg-b to hold every row", LONG, || async {
+    let waited = wait_until("pg-b to hold every row", LONG, || async {
         Ok(count(pool_b.clone()).await? == total)
     })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    .await;
+    if let Err(e) = waited {
+        let a_rows = count(pool_a.clone()).await?;
+        let b_rows = count(pool_b.clone()).await?;
+        let hub_ops = hub_status(&hub_url).await.map(|s| s.total_ops).ok();
+        let slots: Vec<(String, Option<String>, Option<i32>)> = sqlx::query_as(
+            "SELECT slot_name::text, confirmed_flush_lsn::text, active_pid FROM pg_replication_slots",
+        )
+        .fetch_all(&pool_a)
+        .await?;
+        let activity: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT datname::text, state, left(query, 120) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+        )
+        .fetch_all(&pool_a)
+        .await?;
+        bail!(
+            "{e}: pg_a {a_rows} rows, pg_b {b_rows} rows, hub ops {hub_ops:?}\nslots {slots:?}\nactivity {activity:#?}\n{}",
+            logs()
+        );
+    }
     wait_until("the hub to hold every op", LONG, || async {
         Ok(hub_status(&hub_url)
             .await
