@@ -95,6 +95,11 @@ pub const ORIGIN_PREFIX: &str = "syncmesh_";
 const ROWS_PER_STATEMENT: usize = 500;
 /// PostgreSQL's limit of bound parameters per statement.
 const MAX_PARAMS: usize = 65_535;
+/// Above this much WAL retained by the slot, the node (and `syncmesh
+/// check`) warns: a slot that is not consumed keeps WAL forever.
+pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
+/// How often capture looks at the slot's retained WAL.
+const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How a column's text is read and written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +186,8 @@ pub struct PostgresAdapter {
     /// last transaction it decoded). Once the first is checkpointed the slot
     /// may move to the second.
     tail: Option<(i64, i64)>,
+    /// When the retained WAL was last looked at.
+    wal_checked: Option<std::time::Instant>,
 }
 
 /// The session settings that make the text format exact and stable.
@@ -246,6 +253,7 @@ impl PostgresAdapter {
             relations: HashMap::new(),
             kinds: HashMap::new(),
             tail: None,
+            wal_checked: None,
         };
         adapter.ensure_origin().await?;
         Ok(adapter)
@@ -597,6 +605,16 @@ impl PostgresAdapter {
         after_lsn: i64,
         limit: usize,
     ) -> Result<Vec<CapturedChange>> {
+        if self
+            .wal_checked
+            .is_none_or(|t| t.elapsed() >= WAL_CHECK_INTERVAL)
+        {
+            self.wal_checked = Some(std::time::Instant::now());
+            let retained = self.retained_wal_bytes().await?;
+            if retained > RETAINED_WAL_WARN_BYTES {
+                tracing::warn!(database = %self.url, slot = %self.slot, retained_mib = retained >> 20, "the replication slot retains more than {} MiB of WAL: capture is behind (or was stopped); PostgreSQL keeps that WAL until the node catches up", RETAINED_WAL_WARN_BYTES >> 20);
+            }
+        }
         let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\

@@ -843,3 +843,27 @@ async fn local_pg_write_racing_remote_apply_is_not_lost() -> Result<()> {
     );
     mesh.stop().await
 }
+
+/// TRUNCATE carries no row changes: the node stops with one clear error
+/// naming the table and what to do, instead of silently diverging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_stops_capture_with_a_clear_error() -> Result<()> {
+    let mut mesh = PgMesh::start(ORDERS_PG, syncmesh_tests::ORDERS, ORDERS_TABLES).await?;
+    mesh.exec(0, "INSERT INTO orders VALUES (1, 'x', 1, NULL)")
+        .await?;
+    mesh.wait_rows(0, &vec![order(1, "x", 1, None)]).await?;
+    mesh.exec(0, "TRUNCATE orders").await?;
+    let err = tokio::time::timeout(LONG, mesh.nodes[0].wait())
+        .await
+        .context("pg-a kept running after a TRUNCATE")?
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("table orders") && err.contains("TRUNCATE") && err.contains("DELETE"),
+        "{err}"
+    );
+    // The other replicas keep the row: nothing was applied from it.
+    assert_eq!(mesh.rows(1, 0).await?, vec![order(1, "x", 1, None)]);
+    mesh.nodes.remove(0);
+    mesh.stop().await
+}
