@@ -499,6 +499,7 @@ impl PostgresAdapter {
     /// Installs capture (see the module docs): wal_level check, REPLICA
     /// IDENTITY FULL, publication, slot and origin.
     pub async fn install_capture(&self, schemas: &[TableSchema]) -> Result<()> {
+        tracing::debug!(database = %self.url, "install_capture: wal_level");
         self.check_wal_level().await?;
         for t in self.tables_without_full_identity(schemas).await? {
             sqlx::query(AssertSqlSafe(format!(
@@ -510,6 +511,7 @@ impl PostgresAdapter {
             .map_err(|e| self.db_err(&format!("setting REPLICA IDENTITY FULL on {t}"), &e))?;
             tracing::info!(database = %self.url, table = %t, "set REPLICA IDENTITY FULL (updates carry the old row: needed for sum deltas, field merges and unchanged TOAST values)");
         }
+        tracing::debug!(database = %self.url, "install_capture: publication");
         let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
@@ -534,6 +536,7 @@ impl PostgresAdapter {
             .execute(&self.pool)
             .await
             .map_err(|e| self.db_err(&format!("creating publication {}", self.publication), &e))?;
+        tracing::debug!(database = %self.url, "install_capture: slot");
         // A consumer killed a moment ago may still hold the slot briefly.
         let mut holder = self.slot_holder().await?;
         for _ in 0..20 {
@@ -567,6 +570,7 @@ impl PostgresAdapter {
             }
             Some(None) => {}
         }
+        tracing::debug!(database = %self.url, "install_capture: origin");
         self.ensure_origin().await
     }
 
@@ -616,6 +620,7 @@ impl PostgresAdapter {
             }
         }
         let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        tracing::trace!(slot = %self.slot, after = %format_lsn(after_lsn), "peeking");
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
              $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
@@ -626,9 +631,10 @@ impl PostgresAdapter {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.peek_err(&e))?;
+        tracing::trace!(slot = %self.slot, messages = rows.len(), "peeked");
         let mut out = Vec::new();
         let mut tx: Option<Tx> = None;
-        let mut last_end = after_lsn;
+        let mut last_end = 0;
         let mut last_captured = after_lsn;
         for row in &rows {
             let data: Vec<u8> = row
@@ -701,8 +707,10 @@ impl PostgresAdapter {
             }
         }
         if out.is_empty() {
-            if last_end > after_lsn {
-                // Only own applies or already captured transactions.
+            // Only own applies or transactions captured already (the slot
+            // lags the checkpoint after a crash between the sled flush and
+            // the advance): consume them, or the next peek returns them again.
+            if last_end > 0 {
                 self.advance_slot(last_end).await?;
             }
             self.tail = None;
@@ -786,6 +794,7 @@ impl PostgresAdapter {
         if to <= current {
             return Ok(());
         }
+        tracing::trace!(slot = %self.slot, to = %format_lsn(to), "advancing");
         sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
             .bind(&self.slot)
             .bind(format_lsn(to))
@@ -875,11 +884,13 @@ impl PostgresAdapter {
             }
             statements.push((upsert_sql(schema, rows), params));
         }
+        tracing::trace!(rows = writes.len(), "apply: acquiring the apply session");
         let mut conn = self
             .apply_pool
             .acquire()
             .await
             .map_err(|e| self.db_err("opening the apply session", &e))?;
+        tracing::trace!("apply: session acquired");
         let result: std::result::Result<i64, sqlx::Error> = async {
             conn.execute("BEGIN").await?;
             for (sql, params) in &statements {

@@ -710,12 +710,28 @@ async fn sigkill_of_pg_node_during_streaming_loses_and_duplicates_nothing() -> R
         .fetch_all(&pool_a)
         .await?;
         let activity: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT datname::text, state, left(query, 120) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            "SELECT datname::text, state || ' ' || coalesce(wait_event_type, '') || ':' || coalesce(wait_event, '') || ' pid ' || pid, left(query, 160) FROM pg_stat_activity",
         )
         .fetch_all(&pool_a)
         .await?;
+        let locks: Vec<(Option<i32>, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT pid, mode, coalesce(relation::regclass::text, locktype) FROM pg_locks WHERE NOT granted",
+        )
+        .fetch_all(&pool_a)
+        .await?;
+        let ps = std::process::Command::new("ps")
+            .args(["-eo", "pid,stat,etime,wchan:20,args"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.contains("syncmesh") || l.contains("postgres:"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default();
         bail!(
-            "{e}: pg_a {a_rows} rows, pg_b {b_rows} rows, hub ops {hub_ops:?}\nslots {slots:?}\nactivity {activity:#?}\n{}",
+            "{e}: pg_a {a_rows} rows, pg_b {b_rows} rows, hub ops {hub_ops:?}\nslots {slots:?}\nactivity {activity:#?}\nwaiting locks {locks:?}\nps:\n{ps}\n{}",
             logs()
         );
     }
@@ -866,4 +882,65 @@ async fn truncate_stops_capture_with_a_clear_error() -> Result<()> {
     assert_eq!(mesh.rows(1, 0).await?, vec![order(1, "x", 1, None)]);
     mesh.nodes.remove(0);
     mesh.stop().await
+}
+
+/// After a crash between the sled flush and the slot advance, the slot lags
+/// the checkpoint by a whole batch or more: capture must consume the
+/// transactions it already has and go on (a regression: it used to peek
+/// the same captured transactions forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_catches_up_when_the_slot_lags_the_checkpoint() -> Result<()> {
+    use syncmesh_node::postgres::PostgresAdapter;
+    let pg = PgCluster::start()?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("lagging"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    for tx in 0..30 {
+        pg.exec(
+            "app",
+            &format!(
+                "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series({}, {}) g",
+                tx * 10 + 1,
+                tx * 10 + 10
+            ),
+        )
+        .await?;
+    }
+    // Capture the first ~100 changes but never advance the slot (the
+    // "crash"), as a restarted node with that checkpoint would see it.
+    let first = db.read_changes(0, 100).await?;
+    assert!(first.len() >= 80, "{}", first.len());
+    let checkpoint = first.last().unwrap().change_id;
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("lagging"), None).await?;
+    db.introspect(&[("orders".into(), vec![])]).await?;
+    let mut rest = Vec::new();
+    let mut after = checkpoint;
+    for _ in 0..20 {
+        let batch = db.read_changes(after, 50).await?;
+        if let Some(last) = batch.last() {
+            after = last.change_id;
+            db.delete_changes_through(after).await?;
+        }
+        rest.extend(batch);
+        if first.len() + rest.len() >= 300 {
+            break;
+        }
+    }
+    assert_eq!(
+        first.len() + rest.len(),
+        300,
+        "every row captured exactly once"
+    );
+    let mut ids: Vec<Value> = first
+        .iter()
+        .chain(&rest)
+        .map(|c| c.new.as_ref().unwrap()["id"].clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 300);
+    db.close().await;
+    Ok(())
 }
