@@ -192,13 +192,19 @@ pub struct PostgresAdapter {
 
 /// The session settings that make the text format exact and stable.
 fn session_options(options: PgConnectOptions) -> PgConnectOptions {
-    options.application_name("syncmesh").options([
-        ("TimeZone", "UTC"),
-        ("DateStyle", "ISO, MDY"),
-        ("IntervalStyle", "postgres"),
-        ("extra_float_digits", "1"),
-        ("bytea_output", "hex"),
-    ])
+    use sqlx::ConnectOptions;
+    // No statement logging: statements carry row values, and a slow batch
+    // would flood the log with them.
+    options
+        .disable_statement_logging()
+        .application_name("syncmesh")
+        .options([
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "1"),
+            ("bytea_output", "hex"),
+        ])
 }
 
 impl PostgresAdapter {
