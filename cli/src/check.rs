@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use syncmesh_node::config::{Config, DatabaseKind, Mode, NodeConfig};
-use syncmesh_node::postgres::PostgresAdapter;
+use syncmesh_node::postgres::{PostgresAdapter, RETAINED_WAL_WARN_BYTES};
 use syncmesh_node::sqlite::SqliteAdapter;
 
 use crate::mesh;
@@ -91,9 +91,6 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
     }
     Ok(ok)
 }
-
-/// Above this much WAL retained by the slot, `check` warns.
-pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
 
 /// The PostgreSQL checks of one node: connection, wal_level, privileges,
 /// tables and their REPLICA IDENTITY, the slot (in use? retained WAL) and

@@ -6,12 +6,15 @@
 //! - [`demo`]: the in-process mesh (hub + three SQLite nodes) behind
 //!   `syncmesh demo`, `syncmesh bench` and many tests.
 //! - [`check`]: `syncmesh check`.
-//! - [`bench`]: `syncmesh bench`.
+//! - [`bench`]: `syncmesh bench`; [`bench_pg`]: `syncmesh bench --scenario postgres`.
+//! - [`pg`]: throwaway PostgreSQL clusters (tests and the PostgreSQL bench).
 
 #![allow(missing_docs)]
 
 pub mod bench;
+pub mod bench_pg;
 pub mod check;
 pub mod conflicts;
 pub mod demo;
 pub mod mesh;
+pub mod pg;

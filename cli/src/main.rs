@@ -1,6 +1,6 @@
 //! `syncmesh`: the one user-facing binary (hub, node, check, status, demo, bench).
 
-use syncmesh::{bench, check, conflicts, demo, mesh};
+use syncmesh::{bench, bench_pg, check, conflicts, demo, mesh};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +96,10 @@ enum Command {
     /// End-to-end throughput: rows inserted on one SQLite node until both
     /// other nodes hold them all (median of several runs).
     Bench {
+        /// `sqlite` (hub + three SQLite nodes) or `postgres` (PostgreSQL to
+        /// PostgreSQL through syncmesh vs native logical replication).
+        #[arg(long, default_value = "sqlite")]
+        scenario: String,
         /// Rows per run.
         #[arg(long, default_value_t = 100_000)]
         rows: u64,
@@ -145,13 +149,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             demo::run(dir).await
         }
         Command::Bench {
+            scenario,
             rows,
             batch,
             runs,
             dir,
         } => {
             init_logs(cli.log_format, "warn");
-            bench::run(rows, batch, runs, dir).await.map(|_| true)
+            match scenario.as_str() {
+                "sqlite" => bench::run(rows, batch, runs, dir).await.map(|_| true),
+                "postgres" => bench_pg::run(rows, batch, runs, dir).await.map(|_| true),
+                other => Err(anyhow::anyhow!(
+                    "unknown bench scenario `{other}`: use sqlite or postgres"
+                )),
+            }
         }
         Command::Hub { config } => {
             init_logs(cli.log_format, "info");

@@ -528,6 +528,30 @@ impl<S: LogStore> NodeCore<S> {
         let Some(last) = changes.last() else {
             return Ok(self.checkpoint);
         };
+        self.capture(now, changes, last.change_id)
+    }
+
+    /// Like [`NodeCore::handle_captured`] for rows of an initial snapshot
+    /// (inserts of the rows as they are): the capture checkpoint stays
+    /// where it is, so a crash before [`NodeCore::handle_checkpoint`] makes
+    /// the shell start the snapshot again. The rows are not written back
+    /// to the database unless the merged row differs from them.
+    pub fn handle_snapshot(&mut self, now: Ntp64, rows: &[CapturedChange]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<CapturedChange> = rows
+            .iter()
+            .map(|r| CapturedChange {
+                change_id: i64::MAX,
+                ..r.clone()
+            })
+            .collect();
+        self.capture(now, &rows, self.checkpoint)?;
+        Ok(())
+    }
+
+    fn capture(&mut self, now: Ntp64, changes: &[CapturedChange], checkpoint: i64) -> Result<i64> {
         let mut ov = Overlay::default();
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
@@ -632,7 +656,7 @@ impl<S: LogStore> NodeCore<S> {
                 ov.rows.insert(rk, row);
             }
         }
-        self.checkpoint = last.change_id;
+        self.checkpoint = checkpoint;
         self.vv.set(self.settings.name.clone(), self.seq);
         self.stats.own_ops = self.seq;
         ov.batch
@@ -654,6 +678,20 @@ impl<S: LogStore> NodeCore<S> {
         // Not flushed: a lost update keeps views that `open` prunes again.
         self.store.write(batch)?;
         Ok(cp)
+    }
+
+    /// Records the capture position `checkpoint` without captured changes
+    /// (an initial snapshot ended there), flushed before it returns.
+    pub fn handle_checkpoint(&mut self, checkpoint: i64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            K_CHECKPOINT.to_vec(),
+            (checkpoint as u64).to_be_bytes().to_vec(),
+        );
+        self.store.write(batch)?;
+        self.store.flush()?;
+        self.checkpoint = checkpoint;
+        Ok(())
     }
 
     /// Whether the shell should dial the hub now.

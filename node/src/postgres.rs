@@ -33,6 +33,13 @@
 //! (present with `REPLICA IDENTITY FULL`); without an old tuple it is an
 //! error, never a NULL.
 //!
+//! # Initial snapshot
+//!
+//! A capturing node without a checkpoint (first start) publishes the rows
+//! already in the tables before streaming: [`initial_snapshot`] (see
+//! [`PostgresAdapter::begin_snapshot`] for why it has neither gap nor double
+//! count). A crash during it starts it over at the next start.
+//!
 //! # Type mapping
 //!
 //! Values travel in PostgreSQL's text format (the adapter's sessions use
@@ -88,6 +95,11 @@ pub const ORIGIN_PREFIX: &str = "syncmesh_";
 const ROWS_PER_STATEMENT: usize = 500;
 /// PostgreSQL's limit of bound parameters per statement.
 const MAX_PARAMS: usize = 65_535;
+/// Above this much WAL retained by the slot, the node (and `syncmesh
+/// check`) warns: a slot that is not consumed keeps WAL forever.
+pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
+/// How often capture looks at the slot's retained WAL.
+const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How a column's text is read and written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,17 +186,25 @@ pub struct PostgresAdapter {
     /// last transaction it decoded). Once the first is checkpointed the slot
     /// may move to the second.
     tail: Option<(i64, i64)>,
+    /// When the retained WAL was last looked at.
+    wal_checked: Option<std::time::Instant>,
 }
 
 /// The session settings that make the text format exact and stable.
 fn session_options(options: PgConnectOptions) -> PgConnectOptions {
-    options.application_name("syncmesh").options([
-        ("TimeZone", "UTC"),
-        ("DateStyle", "ISO, MDY"),
-        ("IntervalStyle", "postgres"),
-        ("extra_float_digits", "1"),
-        ("bytea_output", "hex"),
-    ])
+    use sqlx::ConnectOptions;
+    // No statement logging: statements carry row values, and a slow batch
+    // would flood the log with them.
+    options
+        .disable_statement_logging()
+        .application_name("syncmesh")
+        .options([
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "1"),
+            ("bytea_output", "hex"),
+        ])
 }
 
 impl PostgresAdapter {
@@ -239,6 +259,7 @@ impl PostgresAdapter {
             relations: HashMap::new(),
             kinds: HashMap::new(),
             tail: None,
+            wal_checked: None,
         };
         adapter.ensure_origin().await?;
         Ok(adapter)
@@ -484,6 +505,7 @@ impl PostgresAdapter {
     /// Installs capture (see the module docs): wal_level check, REPLICA
     /// IDENTITY FULL, publication, slot and origin.
     pub async fn install_capture(&self, schemas: &[TableSchema]) -> Result<()> {
+        tracing::debug!(database = %self.url, "install_capture: wal_level");
         self.check_wal_level().await?;
         for t in self.tables_without_full_identity(schemas).await? {
             sqlx::query(AssertSqlSafe(format!(
@@ -495,6 +517,7 @@ impl PostgresAdapter {
             .map_err(|e| self.db_err(&format!("setting REPLICA IDENTITY FULL on {t}"), &e))?;
             tracing::info!(database = %self.url, table = %t, "set REPLICA IDENTITY FULL (updates carry the old row: needed for sum deltas, field merges and unchanged TOAST values)");
         }
+        tracing::debug!(database = %self.url, "install_capture: publication");
         let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
@@ -519,6 +542,7 @@ impl PostgresAdapter {
             .execute(&self.pool)
             .await
             .map_err(|e| self.db_err(&format!("creating publication {}", self.publication), &e))?;
+        tracing::debug!(database = %self.url, "install_capture: slot");
         // A consumer killed a moment ago may still hold the slot briefly.
         let mut holder = self.slot_holder().await?;
         for _ in 0..20 {
@@ -552,6 +576,7 @@ impl PostgresAdapter {
             }
             Some(None) => {}
         }
+        tracing::debug!(database = %self.url, "install_capture: origin");
         self.ensure_origin().await
     }
 
@@ -590,7 +615,18 @@ impl PostgresAdapter {
         after_lsn: i64,
         limit: usize,
     ) -> Result<Vec<CapturedChange>> {
+        if self
+            .wal_checked
+            .is_none_or(|t| t.elapsed() >= WAL_CHECK_INTERVAL)
+        {
+            self.wal_checked = Some(std::time::Instant::now());
+            let retained = self.retained_wal_bytes().await?;
+            if retained > RETAINED_WAL_WARN_BYTES {
+                tracing::warn!(database = %self.url, slot = %self.slot, retained_mib = retained >> 20, "the replication slot retains more than {} MiB of WAL: capture is behind (or was stopped); PostgreSQL keeps that WAL until the node catches up", RETAINED_WAL_WARN_BYTES >> 20);
+            }
+        }
         let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        tracing::trace!(slot = %self.slot, after = %format_lsn(after_lsn), "peeking");
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
              $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
@@ -601,9 +637,10 @@ impl PostgresAdapter {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.peek_err(&e))?;
+        tracing::trace!(slot = %self.slot, messages = rows.len(), "peeked");
         let mut out = Vec::new();
         let mut tx: Option<Tx> = None;
-        let mut last_end = after_lsn;
+        let mut last_end = 0;
         let mut last_captured = after_lsn;
         for row in &rows {
             let data: Vec<u8> = row
@@ -676,8 +713,10 @@ impl PostgresAdapter {
             }
         }
         if out.is_empty() {
-            if last_end > after_lsn {
-                // Only own applies or already captured transactions.
+            // Only own applies or transactions captured already (the slot
+            // lags the checkpoint after a crash between the sled flush and
+            // the advance): consume them, or the next peek returns them again.
+            if last_end > 0 {
                 self.advance_slot(last_end).await?;
             }
             self.tail = None;
@@ -761,6 +800,7 @@ impl PostgresAdapter {
         if to <= current {
             return Ok(());
         }
+        tracing::trace!(slot = %self.slot, to = %format_lsn(to), "advancing");
         sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
             .bind(&self.slot)
             .bind(format_lsn(to))
@@ -850,11 +890,13 @@ impl PostgresAdapter {
             }
             statements.push((upsert_sql(schema, rows), params));
         }
+        tracing::trace!(rows = writes.len(), "apply: acquiring the apply session");
         let mut conn = self
             .apply_pool
             .acquire()
             .await
             .map_err(|e| self.db_err("opening the apply session", &e))?;
+        tracing::trace!("apply: session acquired");
         let result: std::result::Result<i64, sqlx::Error> = async {
             conn.execute("BEGIN").await?;
             for (sql, params) in &statements {
@@ -893,6 +935,153 @@ impl PostgresAdapter {
         })
     }
 
+    /// Starts an initial snapshot: one `REPEATABLE READ` transaction that
+    /// takes `SHARE` locks on every synced table (waiting for running
+    /// writers, blocking new ones until [`PostgresAdapter::finish_snapshot`])
+    /// and reads the WAL insert position. Every transaction that committed
+    /// changes to these tables before it is in the snapshot and ends at or
+    /// below [`Snapshot::lsn`]; every later one ends above it, so streaming
+    /// from the slot with the checkpoint at that position has neither a gap
+    /// nor a double count.
+    pub async fn begin_snapshot(&self, schemas: &[TableSchema]) -> Result<Snapshot> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.db_err("opening the snapshot session", &e))?;
+        let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
+        let res: std::result::Result<(String, Vec<i64>), sqlx::Error> = async {
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            conn.execute(AssertSqlSafe(format!(
+                "LOCK TABLE {} IN SHARE MODE",
+                list.join(", ")
+            )))
+            .await?;
+            let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            let mut estimates = Vec::new();
+            for s in schemas {
+                let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {}",
+                    quote_ident(&s.name)
+                )))
+                .fetch_one(&mut *conn)
+                .await?;
+                estimates.push(n);
+            }
+            Ok((lsn, estimates))
+        }
+        .await;
+        let (lsn, rows) = res.map_err(|e| self.db_err("starting the initial snapshot", &e))?;
+        Ok(Snapshot {
+            conn,
+            lsn: parse_lsn(&lsn).unwrap_or(0),
+            rows,
+            table: 0,
+            cursor: false,
+        })
+    }
+
+    /// The next chunk of at most `limit` rows of the snapshot, in primary
+    /// key order, table by table, as inserts; `None` when every table is
+    /// done.
+    pub async fn snapshot_chunk(
+        &self,
+        snap: &mut Snapshot,
+        schemas: &[TableSchema],
+        limit: usize,
+    ) -> Result<Option<(String, Vec<CapturedChange>)>> {
+        loop {
+            let Some(schema) = schemas.get(snap.table) else {
+                return Ok(None);
+            };
+            if !snap.cursor {
+                let cols: Vec<String> = schema
+                    .columns
+                    .iter()
+                    .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+                    .collect();
+                let order: Vec<String> = schema
+                    .key
+                    .iter()
+                    .map(|k| format!("t.{}", quote_ident(k)))
+                    .collect();
+                let sql = format!(
+                    "DECLARE _syncmesh_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {} AS t ORDER BY {}",
+                    cols.join(", "),
+                    quote_ident(&schema.name),
+                    order.join(", ")
+                );
+                snap.conn
+                    .execute(AssertSqlSafe(sql))
+                    .await
+                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+                snap.cursor = true;
+            }
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "FETCH {} FROM _syncmesh_snapshot",
+                limit.max(1)
+            )))
+            .fetch_all(&mut *snap.conn)
+            .await
+            .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+            if rows.is_empty() {
+                snap.conn
+                    .execute("CLOSE _syncmesh_snapshot")
+                    .await
+                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
+                snap.cursor = false;
+                snap.table += 1;
+                continue;
+            }
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(CapturedChange {
+                    change_id: snap.lsn,
+                    table: schema.name.clone(),
+                    kind: ChangeKind::Insert,
+                    old: None,
+                    new: Some(self.decode_row(schema, row)?),
+                });
+            }
+            return Ok(Some((schema.name.clone(), out)));
+        }
+    }
+
+    /// Ends the snapshot transaction (releasing the table locks).
+    pub async fn finish_snapshot(&self, mut snap: Snapshot) -> Result<()> {
+        snap.conn
+            .execute("COMMIT")
+            .await
+            .map_err(|e| self.db_err("ending the initial snapshot", &e))?;
+        Ok(())
+    }
+
+    fn decode_row(&self, schema: &TableSchema, row: &PgRow) -> Result<BTreeMap<String, Value>> {
+        let kinds = self.kinds.get(&schema.name);
+        let mut map = BTreeMap::new();
+        for (i, col) in schema.columns.iter().enumerate() {
+            let text: Option<String> = row
+                .try_get(i)
+                .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
+            let kind = kinds
+                .and_then(|k| k.get(&col.name))
+                .copied()
+                .unwrap_or(PgKind::Text);
+            let v = match text {
+                None => Value::Null,
+                Some(t) => decode_text(kind, &t).map_err(|m| Error::Schema {
+                    table: schema.name.clone(),
+                    message: format!("column {}: {m}", col.name),
+                })?,
+            };
+            map.insert(col.name.clone(), v);
+        }
+        Ok(map)
+    }
+
     /// Every row of a table, ordered by key, decoded like captured rows.
     pub async fn dump_table(&self, schema: &TableSchema) -> Result<Vec<BTreeMap<String, Value>>> {
         let cols: Vec<String> = schema
@@ -916,31 +1105,73 @@ impl PostgresAdapter {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
-        let kinds = self.kinds.get(&schema.name);
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut map = BTreeMap::new();
-            for (i, col) in schema.columns.iter().enumerate() {
-                let text: Option<String> = row
-                    .try_get(i)
-                    .map_err(|e| self.db_err(&format!("reading table {}", schema.name), &e))?;
-                let kind = kinds
-                    .and_then(|k| k.get(&col.name))
-                    .copied()
-                    .unwrap_or(PgKind::Text);
-                let v = match text {
-                    None => Value::Null,
-                    Some(t) => decode_text(kind, &t).map_err(|m| Error::Schema {
-                        table: schema.name.clone(),
-                        message: format!("column {}: {m}", col.name),
-                    })?,
-                };
-                map.insert(col.name.clone(), v);
-            }
-            out.push(map);
+            out.push(self.decode_row(schema, row)?);
         }
         Ok(out)
     }
+}
+
+/// An initial snapshot in progress (see
+/// [`PostgresAdapter::begin_snapshot`]).
+pub struct Snapshot {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// The WAL position the snapshot is consistent with.
+    pub lsn: i64,
+    /// Rows per table when the snapshot started (for progress).
+    pub rows: Vec<i64>,
+    table: usize,
+    cursor: bool,
+}
+
+/// Publishes every row of the synced tables as of one consistent point,
+/// then sets the capture checkpoint there (see
+/// [`PostgresAdapter::begin_snapshot`]). Runs when a capturing node starts
+/// with no checkpoint yet (its first start, or after a crash during its
+/// snapshot, which then starts over: rows published already are published
+/// again as inserts of the same values, which changes no visible row and no
+/// `sum` total). Logs progress (rows, rate, ETA) per chunk of `batch` rows.
+pub async fn initial_snapshot<S: crate::store::LogStore>(
+    db: &PostgresAdapter,
+    core: &mut crate::core::NodeCore<S>,
+    schemas: &[TableSchema],
+    batch: usize,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut snap = db.begin_snapshot(schemas).await?;
+    let total: i64 = snap.rows.iter().sum();
+    let lsn = snap.lsn;
+    tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+    let mut done = 0i64;
+    let mut last_log = std::time::Instant::now();
+    while let Some((table, rows)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
+        let now = syncmesh_resolver::Ntp64::from_unix_millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        );
+        core.handle_snapshot(now, &rows)?;
+        done += rows.len() as i64;
+        if last_log.elapsed() >= Duration::from_secs(1) || done == total {
+            last_log = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 {
+                (total - done).max(0) as f64 / rate
+            } else {
+                0.0
+            };
+            tracing::info!(database = %db.url, table = %table, "initial snapshot: {done}/{total} rows ({:.0}%), {rate:.0} rows/s, ETA {eta:.0} s", 100.0 * done as f64 / total.max(1) as f64);
+        }
+    }
+    // The rows are flushed (handle_snapshot); only now does the checkpoint
+    // move to the snapshot's position.
+    core.handle_checkpoint(lsn)?;
+    db.finish_snapshot(snap).await?;
+    tracing::info!(database = %db.url, rows = done, secs = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
+    Ok(())
 }
 
 #[derive(Default)]

@@ -202,6 +202,13 @@ pub async fn start_node_with_dialer(
         }
         None => (None, None),
     };
+    if let Db::Postgres(pg) = &db
+        && cfg.mode.captures()
+        && core.capture_checkpoint() == 0
+    {
+        let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
+        crate::postgres::initial_snapshot(pg, &mut core, &schemas, sync.batch_size).await?;
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
     let shell = Shell {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub mod pg;
+pub use syncmesh::pg;
 pub mod redis;
 
 /// Path of the `syncmesh` binary: `$SYNCMESH_BIN`, or the one built next to

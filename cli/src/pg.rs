@@ -1,4 +1,5 @@
-//! Throwaway PostgreSQL 15 clusters for the end-to-end tests.
+//! Throwaway PostgreSQL 15 clusters for the end-to-end tests and
+//! `syncmesh bench --scenario postgres`.
 //!
 //! [`PgCluster::start`] runs `initdb` in a fresh temporary directory and
 //! starts `postgres` on 127.0.0.1 and a free port with `wal_level=logical`,
@@ -117,7 +118,9 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = crate::free_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let log = dir.path().join("postgres.log");
         let logf = std::fs::File::create(&log)?;
         if running_as_root() {
