@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod mariadb;
 pub mod pg;
 pub mod redis;
 
