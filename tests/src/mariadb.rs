@@ -26,6 +26,9 @@ pub const USER: &str = "syncmesh";
 /// The password of [`USER`].
 pub const PASSWORD: &str = "syncmesh-test";
 
+/// Serialises `mariadb-install-db` runs of this test process.
+static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A running throwaway server.
 pub struct MariaDb {
     dir: tempfile::TempDir,
@@ -80,10 +83,25 @@ impl MariaDb {
         if root {
             cmd.arg("--user=root");
         }
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .context("running mariadb-install-db")?;
+        // Bootstraps running at the same time were seen to fail here:
+        // one at a time in this process, and one retry on a fresh directory.
+        let out = {
+            let _one = INSTALL
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut out = cmd
+                .stdin(Stdio::null())
+                .output()
+                .context("running mariadb-install-db")?;
+            if !out.status.success() {
+                let _ = std::fs::remove_dir_all(&data);
+                out = cmd
+                    .stdin(Stdio::null())
+                    .output()
+                    .context("running mariadb-install-db")?;
+            }
+            out
+        };
         if !out.status.success() {
             bail!(
                 "mariadb-install-db failed: {}{}",

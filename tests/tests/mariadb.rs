@@ -632,3 +632,222 @@ async fn local_mariadb_writes_racing_applies_are_not_lost() -> Result<()> {
     mesh.wait_rows(0, &vec![row(N, N)]).await?;
     mesh.stop().await
 }
+
+/// PostgreSQL ↔ MariaDB ↔ SQLite, bi-directional, with `sum`, `max` and
+/// `last_write_wins` fields and deletes (`delete_wins`), PostgreSQL and
+/// MariaDB partitioned while all three write, then healed: all three
+/// converge to the exact expected rows, and a Redis subscriber holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_mariadb_sqlite_and_redis_converge_through_a_partition() -> Result<()> {
+    use std::collections::HashMap;
+    let pg = syncmesh_tests::pg::PgCluster::start()?;
+    let maria = MariaDb::start()?;
+    let redis = syncmesh_tests::redis::RedisServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let pg_url = pg.create_db("app").await?;
+    pg.exec(
+        "app",
+        "CREATE TABLE items (id integer PRIMARY KEY, qty bigint NOT NULL DEFAULT 0, peak bigint, name text)",
+    )
+    .await?;
+    let my_url = maria.create_db("app").await?;
+    maria
+        .exec(
+            "app",
+            "CREATE TABLE items (id INT PRIMARY KEY, qty BIGINT NOT NULL DEFAULT 0, peak BIGINT, name VARCHAR(50))",
+        )
+        .await?;
+    let lite_url = syncmesh_tests::create_db(
+        &dir.path().join("lite.db"),
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, peak INTEGER, name TEXT)",
+    )
+    .await?;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+hub: {{ listen: "127.0.0.1:{port}", data_dir: ./hub }}
+nodes:
+  - {{ name: pg, hub: "http://127.0.0.1:{port}", data_dir: ./pg, database: {{ type: postgresql, url: "{pg_url}", slot: sm_pg }} }}
+  - {{ name: maria, hub: "http://127.0.0.1:{port}", data_dir: ./maria, database: {{ type: mariadb, url: "{my_url}" }} }}
+  - {{ name: lite, hub: "http://127.0.0.1:{port}", data_dir: ./lite, database: {{ type: sqlite, url: "{lite_url}" }} }}
+  - name: cache
+    hub: "http://127.0.0.1:{port}"
+    data_dir: ./cache
+    mode: subscribe
+    database: {{ type: redis, url: "{redis_url}", key_prefix: "sm" }}
+tables:
+  - name: items
+    key: [id]
+    deletes: delete_wins
+    resolve: {{ default: last_write_wins, fields: {{ qty: sum, peak: max }} }}
+"#,
+        redis_url = redis.url
+    );
+    let cfg = Config::parse(&yaml, "<test>", dir.path())?;
+    let hub = start_hub_from(&cfg, cfg.hub()?).await?;
+    let hub_url = hub.url();
+    let names = ["pg", "maria", "lite"];
+    let mut nodes = Vec::new();
+    let mut dbs = Vec::new();
+    for n in names {
+        nodes.push(
+            start_node(&cfg, n)
+                .await
+                .with_context(|| format!("starting {n}"))?,
+        );
+        let mut db = Db::open(&cfg.node(n)?.database).await?;
+        let schema = db
+            .introspect(&[("items".to_owned(), vec!["id".to_owned()])])
+            .await?;
+        dbs.push((db, schema[0].clone()));
+    }
+    let cache = start_node(&cfg, "cache").await?;
+    let exec = |node: usize, sql: String| {
+        let db = &dbs[node].0;
+        async move {
+            let q = sqlx::AssertSqlSafe(sql.clone());
+            match db {
+                Db::Postgres(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Mysql(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Sqlite(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Redis(_) => Ok(()),
+            }
+            .with_context(|| format!("{}: {sql}", names[node]))
+        }
+    };
+    let item = |id: i64, qty: i64, peak: i64, name: &str| -> Row {
+        BTreeMap::from([
+            ("id".to_owned(), Value::Int(id)),
+            ("qty".to_owned(), Value::Int(qty)),
+            ("peak".to_owned(), Value::Int(peak)),
+            ("name".to_owned(), Value::Text(name.to_owned())),
+        ])
+    };
+    let converged = |expected: Rows| {
+        let dbs = &dbs;
+        let nodes = &nodes;
+        let hub_url = hub_url.clone();
+        async move {
+            let start = std::time::Instant::now();
+            loop {
+                let mut same = true;
+                let mut got = Vec::new();
+                for (db, schema) in dbs {
+                    let rows = db.dump_table(schema).await?;
+                    same &= rows == expected;
+                    got.push(rows);
+                }
+                let status = hub_status(&hub_url).await?;
+                let behind: u64 = status.nodes.iter().map(|n| n.pending_ops).sum();
+                let busy = nodes.iter().any(|n: &NodeHandle| {
+                    let s = n.stats();
+                    s.own_acked < s.own_ops || s.dirty_rows > 0
+                });
+                if same && behind == 0 && !busy {
+                    return anyhow::Ok(());
+                }
+                if start.elapsed() > LONG {
+                    bail!("no convergence within {LONG:?};\nexpected {expected:?}\ngot {got:#?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    for (node, ids) in [(0, 1..=3), (1, 4..=6), (2, 7..=9)] {
+        for id in ids {
+            exec(
+                node,
+                format!("INSERT INTO items VALUES ({id}, {id}, {id}, 'n{id}')"),
+            )
+            .await?;
+        }
+    }
+    converged(
+        (1..=9)
+            .map(|id| item(id, id, id, &format!("n{id}")))
+            .collect(),
+    )
+    .await?;
+
+    nodes[0].set_online(false).await;
+    nodes[1].set_online(false).await;
+    exec(0, "UPDATE items SET qty = qty + 10".into()).await?;
+    exec(0, "UPDATE items SET peak = 50 WHERE id = 1".into()).await?;
+    exec(0, "DELETE FROM items WHERE id = 8".into()).await?;
+    exec(1, "UPDATE items SET qty = qty + 5".into()).await?;
+    exec(1, "UPDATE items SET peak = 70 WHERE id = 1".into()).await?;
+    exec(1, "UPDATE items SET name = 'm' WHERE id = 2".into()).await?;
+    exec(2, "UPDATE items SET qty = qty + 1".into()).await?;
+    exec(2, "UPDATE items SET peak = 60 WHERE id = 1".into()).await?;
+    exec(2, "DELETE FROM items WHERE id = 9".into()).await?;
+    wait_until("the partitioned nodes to capture", LONG, || async {
+        // 3 inserts, 9 increments, 1 peak, 1 delete / 1 rename each.
+        Ok(nodes[0].stats().own_ops >= 14 && nodes[1].stats().own_ops >= 14)
+    })
+    .await?;
+    nodes[0].set_online(true).await;
+    nodes[1].set_online(true).await;
+    let expected: Rows = (1..=7)
+        .map(|id| {
+            let peak = if id == 1 { 70 } else { id };
+            let name = if id == 2 {
+                "m".to_owned()
+            } else {
+                format!("n{id}")
+            };
+            item(id, id + 16, peak, &name)
+        })
+        .collect();
+    converged(expected.clone()).await?;
+
+    let want: BTreeMap<String, HashMap<String, String>> = expected
+        .iter()
+        .map(|r| {
+            let id = match r["id"] {
+                Value::Int(i) => i,
+                _ => 0,
+            };
+            let h = r
+                .iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        Value::Int(i) => i.to_string(),
+                        Value::Text(t) => t.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    (k.clone(), s)
+                })
+                .collect();
+            (format!("sm:items:{id}"), h)
+        })
+        .collect();
+    let c = redis.conn().await?;
+    let read = |mut c: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("sm:*").query_async(&mut c).await?;
+        let mut got = BTreeMap::new();
+        for k in keys {
+            let h: HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&k).query_async(&mut c).await?;
+            got.insert(k, h);
+        }
+        anyhow::Ok(got)
+    };
+    let res = wait_until("the cache holds the visible rows", LONG, || {
+        let c = c.clone();
+        let want = &want;
+        async move { Ok(&read(c).await? == want) }
+    })
+    .await;
+    if res.is_err() {
+        assert_eq!(read(c.clone()).await?, want, "{res:?}");
+    }
+    cache.shutdown().await?;
+    for n in nodes {
+        n.shutdown().await?;
+    }
+    for (db, _) in &dbs {
+        db.close().await;
+    }
+    hub.shutdown().await?;
+    Ok(())
+}
