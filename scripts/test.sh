@@ -9,6 +9,7 @@
 # when its server binaries are missing, and the tests start throwaway
 # clusters (initdb in a temp dir, 127.0.0.1, wal_level=logical) as the
 # `postgres` system user the package creates (see tests/src/pg.rs).
+# Likewise `mariadb-server` for the MariaDB tests (tests/src/mariadb.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,7 @@ need_pkgs=()
 [ -x /usr/bin/redis-server ] || need_pkgs+=(redis-server)
 # chromium renders the hub's status page in tests/tests/ops.rs.
 [ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
+[ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
     apt-get update -qq
@@ -38,7 +40,7 @@ fi
 # Debian starts system services after install; the tests use their own
 # instances on free ports, so those are not needed.
 if command -v systemctl >/dev/null 2>&1; then
-    systemctl stop redis-server postgresql >/dev/null 2>&1 || true
+    systemctl stop redis-server postgresql mariadb >/dev/null 2>&1 || true
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

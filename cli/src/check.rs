@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use syncmesh_node::config::{Config, DatabaseKind, Mode, NodeConfig};
+use syncmesh_node::mysql::MysqlAdapter;
 use syncmesh_node::postgres::{PostgresAdapter, RETAINED_WAL_WARN_BYTES};
 use syncmesh_node::sqlite::SqliteAdapter;
 
@@ -28,9 +29,11 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
         let db = n.database.url.redacted();
         if n.database.kind == DatabaseKind::Postgresql {
             ok &= check_postgres(&cfg, n).await;
+        } else if n.database.kind == DatabaseKind::Mysql {
+            ok &= check_mysql(&cfg, n).await;
         } else if n.database.kind != DatabaseKind::Sqlite {
             println!(
-                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite or postgresql",
+                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite, postgresql or mysql",
                 n.name, n.database.kind
             );
             ok = false;
@@ -230,6 +233,78 @@ async fn check_postgres(cfg: &Config, n: &NodeConfig) -> bool {
                         retained.unwrap_or(0) >> 10
                     );
                 }
+            }
+        }
+    }
+    adapter.close().await;
+    ok
+}
+
+/// The MySQL / MariaDB checks of one node: connection, the privileges
+/// capture and apply need (TRIGGER, CREATE for the change tables, DML; no
+/// binary log is needed), and the tables. Prints one line each; true when
+/// all passed.
+async fn check_mysql(cfg: &Config, n: &NodeConfig) -> bool {
+    let db = n.database.url.redacted();
+    let fail = |m: String| {
+        println!("FAIL node {}: {m}", n.name);
+        false
+    };
+    let adapter = match MysqlAdapter::open(n.database.url.expose()).await {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut ok = true;
+    match adapter.grants().await {
+        Err(e) => ok = fail(e.to_string()),
+        Ok(grants) => {
+            let upper: Vec<String> = grants.iter().map(|g| g.to_ascii_uppercase()).collect();
+            let has = |p: &str| {
+                upper
+                    .iter()
+                    .any(|g| g.contains("ALL PRIVILEGES") || g.contains(p))
+            };
+            let mut needed = vec!["SELECT", "INSERT", "UPDATE", "DELETE"];
+            if n.mode.captures() {
+                needed.extend(["CREATE", "TRIGGER"]);
+            }
+            let missing: Vec<&str> = needed.iter().copied().filter(|p| !has(p)).collect();
+            if missing.is_empty() {
+                println!(
+                    "ok   node {}: {db} user has {} (capture by triggers; no binary log needed)",
+                    n.name,
+                    needed.join(", ")
+                );
+            } else {
+                ok = fail(format!(
+                    "{db}: the user lacks {} (SHOW GRANTS); run GRANT {} ON <database>.* TO <user>",
+                    missing.join(", "),
+                    needed.join(", ")
+                ));
+            }
+        }
+    }
+    let wanted: Vec<_> = cfg
+        .tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    match adapter.introspect(&wanted).await {
+        Err(e) => ok = fail(e.to_string()),
+        Ok(schemas) => {
+            for s in &schemas {
+                let how = match n.mode {
+                    Mode::Subscribe => "not captured (subscribe mode), applied",
+                    Mode::Publish => "captured by triggers, not applied (publish mode)",
+                    Mode::Bidirectional => "captured by triggers and applied",
+                };
+                println!(
+                    "ok   node {}: {db} table {} key [{}], {} columns: {how}",
+                    n.name,
+                    s.name,
+                    s.key.join(", "),
+                    s.columns.len()
+                );
             }
         }
     }

@@ -84,6 +84,8 @@ pub enum Db {
     Postgres(Box<crate::postgres::PostgresAdapter>),
     /// A Redis cache (a target only: nothing is captured).
     Redis(crate::redis::RedisTarget),
+    /// A MySQL or MariaDB database.
+    Mysql(Box<crate::mysql::MysqlAdapter>),
 }
 
 impl Db {
@@ -111,10 +113,13 @@ impl Db {
                 )
                 .await?,
             )),
+            DatabaseKind::Mysql => Ok(Db::Mysql(Box::new(
+                crate::mysql::MysqlAdapter::open(db.url.expose()).await?,
+            ))),
             other => Err(crate::Error::Database {
                 database: db.url.redacted(),
                 message: format!(
-                    "database type {other} is not supported by this version yet; use type: sqlite, postgresql or redis"
+                    "database type {other} is not supported by this version yet; use type: sqlite, postgresql, mysql or redis"
                 ),
             }),
         }
@@ -128,6 +133,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.introspect(tables).await,
             Db::Postgres(d) => d.introspect(tables).await,
+            Db::Mysql(d) => d.introspect(tables).await,
             // Redis has no schema: the key comes from the config, and the
             // shell adds the configured fields.
             Db::Redis(_) => tables
@@ -161,6 +167,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.install_capture(schemas).await,
             Db::Postgres(d) => d.install_capture(schemas).await,
+            Db::Mysql(d) => d.install_capture(schemas).await,
             Db::Redis(_) => Ok(()),
         }
     }
@@ -170,6 +177,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.change_watermark().await,
             Db::Postgres(d) => d.change_watermark().await,
+            Db::Mysql(d) => d.change_watermark().await,
             Db::Redis(_) => Ok(0),
         }
     }
@@ -183,6 +191,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.read_changes(after, limit).await,
             Db::Postgres(d) => d.read_changes(after, limit).await,
+            Db::Mysql(d) => d.read_changes(after, limit).await,
             Db::Redis(_) => Ok(Vec::new()),
         }
     }
@@ -193,6 +202,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.delete_changes_through(checkpoint).await,
             Db::Postgres(d) => d.delete_changes_through(checkpoint).await,
+            Db::Mysql(d) => d.delete_changes_through(checkpoint).await,
             Db::Redis(_) => Ok(()),
         }
     }
@@ -202,6 +212,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.apply(schemas, writes).await,
             Db::Postgres(d) => d.apply(schemas, writes).await,
+            Db::Mysql(d) => d.apply(schemas, writes).await,
             Db::Redis(d) => d.apply(writes).await.map(|()| 0),
         }
     }
@@ -214,6 +225,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.dump_table(schema).await,
             Db::Postgres(d) => d.dump_table(schema).await,
+            Db::Mysql(d) => d.dump_table(schema).await,
             Db::Redis(d) => d.dump_table(&schema.name).await,
         }
     }
@@ -223,6 +235,7 @@ impl Db {
         match self {
             Db::Sqlite(d) => d.close().await,
             Db::Postgres(d) => d.close().await,
+            Db::Mysql(d) => d.close().await,
             Db::Redis(_) => {}
         }
     }

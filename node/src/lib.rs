@@ -6,6 +6,8 @@
 //!   captures by triggers into a change table, PostgreSQL by logical
 //!   decoding (`pgoutput`); both apply visible rows in one transaction
 //!   without echo. [`adapter::Db`] picks one by the configured engine.
+//! - [`mysql`]: MySQL / MariaDB, capture by triggers like SQLite (change
+//!   ids handed out in commit order), echo-free apply in one transaction.
 //! - [`redis`]: Redis as a cache target (apply only).
 //! - [`store`]: the [`store::LogStore`] trait, its sled implementation and an
 //!   in-memory one (used by tests and the simulator, which can crash it).
@@ -20,6 +22,7 @@ pub mod adapter;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod shell;

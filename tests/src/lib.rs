@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod mariadb;
 pub use syncmesh::pg;
 pub mod redis;
 

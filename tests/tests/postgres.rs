@@ -122,7 +122,9 @@ impl PgMesh {
                     .await
                     .with_context(|| format!("{}: {sql}", NODES[node]))?;
             }
-            Db::Redis(_) => anyhow::bail!("{}: no SQL on a redis node", NODES[node]),
+            Db::Redis(_) | Db::Mysql(_) => {
+                anyhow::bail!("{}: not a PostgreSQL or SQLite node", NODES[node])
+            }
         }
         Ok(())
     }

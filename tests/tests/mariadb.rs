@@ -1,0 +1,853 @@
+//! MariaDB as a peer: a real MariaDB server (throwaway, on 127.0.0.1, see
+//! `syncmesh_tests::mariadb`), a real hub and real nodes on gRPC. Two
+//! MariaDB databases and one SQLite file sync bi-directionally.
+
+#![allow(clippy::unwrap_used, clippy::needless_range_loop, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use syncmesh::mesh::{hub_status, start_hub_from};
+use syncmesh_hub::server::HubHandle;
+use syncmesh_node::adapter::{Db, TableSchema};
+use syncmesh_node::config::Config;
+use syncmesh_node::shell::{NodeHandle, start_node};
+use syncmesh_resolver::Value;
+use syncmesh_tests::mariadb::MariaDb;
+use syncmesh_tests::{Proc, free_port, run_syncmesh, wait_until};
+
+const LONG: Duration = Duration::from_secs(90);
+const NODES: [&str; 3] = ["maria-a", "maria-b", "lite"];
+
+type Row = BTreeMap<String, Value>;
+type Rows = Vec<Row>;
+
+/// A hub, nodes `maria-a` and `maria-b` (two databases of one server) and
+/// `lite` (a SQLite file).
+struct Mesh {
+    hub: Option<HubHandle>,
+    hub_url: String,
+    nodes: Vec<NodeHandle>,
+    dbs: Vec<Db>,
+    schemas: Vec<TableSchema>,
+    server: MariaDb,
+    _dir: tempfile::TempDir,
+}
+
+fn mesh_yaml(dir: &Path, server: &MariaDb, port: u16, tables: &str) -> String {
+    let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
+    for n in ["maria-a", "maria-b"] {
+        let db = n.replace('-', "_");
+        yaml.push_str(&format!(
+            "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./{n}\n    database: {{ type: mariadb, url: \"{}\" }}\n",
+            server.url(&db)
+        ));
+    }
+    yaml.push_str(&format!(
+        "  - name: lite\n    hub: http://127.0.0.1:{port}\n    data_dir: ./lite\n    database: {{ type: sqlite, url: \"sqlite://{}\" }}\n",
+        dir.join("lite.db").display()
+    ));
+    yaml.push_str(tables);
+    yaml.push_str("sync:\n  batch_size: 500\n");
+    yaml
+}
+
+impl Mesh {
+    /// `my_ddl` runs on both MariaDB databases, `lite_ddl` on SQLite.
+    async fn start(my_ddl: &str, lite_ddl: &str, tables: &str) -> Result<Mesh> {
+        let server = MariaDb::start()?;
+        let dir = tempfile::tempdir()?;
+        for db in ["maria_a", "maria_b"] {
+            server.create_db(db).await?;
+            server.exec(db, my_ddl).await?;
+        }
+        syncmesh_tests::create_db(&dir.path().join("lite.db"), lite_ddl).await?;
+        let port = free_port();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, mesh_yaml(dir.path(), &server, port, tables))?;
+        let cfg = Config::load(&path)?;
+        let hub = start_hub_from(&cfg, cfg.hub()?).await?;
+        let wanted: Vec<_> = cfg
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.key.clone()))
+            .collect();
+        let mut nodes = Vec::new();
+        let mut dbs = Vec::new();
+        let mut schemas = Vec::new();
+        for n in NODES {
+            nodes.push(
+                start_node(&cfg, n)
+                    .await
+                    .with_context(|| format!("starting {n}"))?,
+            );
+            let mut db = Db::open(&cfg.node(n)?.database).await?;
+            let s = db.introspect(&wanted).await?;
+            if n == "maria-a" {
+                schemas = s;
+            }
+            dbs.push(db);
+        }
+        Ok(Mesh {
+            hub_url: hub.url(),
+            hub: Some(hub),
+            nodes,
+            dbs,
+            schemas,
+            server,
+            _dir: dir,
+        })
+    }
+
+    async fn exec(&self, node: usize, sql: &str) -> Result<()> {
+        match &self.dbs[node] {
+            Db::Mysql(d) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(d.pool())
+                    .await
+                    .with_context(|| format!("{}: {sql}", NODES[node]))?;
+            }
+            Db::Sqlite(d) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(d.pool())
+                    .await
+                    .with_context(|| format!("{}: {sql}", NODES[node]))?;
+            }
+            _ => bail!("{}: not a MariaDB or SQLite node", NODES[node]),
+        }
+        Ok(())
+    }
+
+    async fn rows(&self, node: usize, table: usize) -> Result<Rows> {
+        Ok(self.dbs[node].dump_table(&self.schemas[table]).await?)
+    }
+
+    /// True when nothing is in flight anywhere.
+    async fn idle(&self) -> Result<bool> {
+        let status = hub_status(&self.hub_url).await?;
+        let behind: u64 = status.nodes.iter().map(|n| n.pending_ops).sum();
+        let busy = self.nodes.iter().any(|n| {
+            let s = n.stats();
+            s.own_acked < s.own_ops || s.dirty_rows > 0
+        });
+        Ok(behind == 0 && !busy)
+    }
+
+    /// Waits until node `node`'s table `table` equals `expected` and
+    /// nothing is in flight.
+    async fn wait_node_rows(&self, node: usize, table: usize, expected: &Rows) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            if &self.rows(node, table).await? == expected && self.idle().await? {
+                return Ok(());
+            }
+            if start.elapsed() > LONG {
+                bail!(
+                    "{}: no convergence within {LONG:?};\nexpected {expected:?}\ngot      {:?}",
+                    NODES[node],
+                    self.rows(node, table).await?
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every node's table `table` equals `expected`.
+    async fn wait_rows(&self, table: usize, expected: &Rows) -> Result<()> {
+        for n in 0..self.dbs.len() {
+            self.wait_node_rows(n, table, expected).await?;
+        }
+        // All three at once, nothing in flight.
+        for n in 0..self.dbs.len() {
+            self.wait_node_rows(n, table, expected).await?;
+        }
+        Ok(())
+    }
+
+    async fn total_ops(&self) -> Result<u64> {
+        Ok(hub_status(&self.hub_url).await?.total_ops)
+    }
+
+    async fn stop(self) -> Result<()> {
+        for n in self.nodes {
+            n.shutdown().await?;
+        }
+        for db in &self.dbs {
+            db.close().await;
+        }
+        if let Some(h) = self.hub {
+            h.shutdown().await?;
+        }
+        drop(self.server);
+        Ok(())
+    }
+}
+
+const ORDERS_MY: &str = "CREATE TABLE orders (id INT PRIMARY KEY, item VARCHAR(100) NOT NULL, qty INT NOT NULL DEFAULT 0, status VARCHAR(20))";
+const ORDERS_TABLES: &str = "tables:\n  - name: orders\n    key: [id]\n";
+
+fn order(id: i64, item: &str, qty: i64, status: Option<&str>) -> Row {
+    BTreeMap::from([
+        ("id".to_owned(), Value::Int(id)),
+        ("item".to_owned(), Value::Text(item.to_owned())),
+        ("qty".to_owned(), Value::Int(qty)),
+        (
+            "status".to_owned(),
+            status.map_or(Value::Null, |s| Value::Text(s.to_owned())),
+        ),
+    ])
+}
+
+/// MariaDB ↔ hub ↔ MariaDB ↔ SQLite: inserts, updates and deletes on every
+/// side converge to the exact expected rows, and the hub holds exactly one
+/// op per local row change (applies are not captured again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_mariadb_sqlite_converge_on_inserts_updates_deletes_without_echo() -> Result<()> {
+    let mesh = Mesh::start(ORDERS_MY, syncmesh_tests::ORDERS, ORDERS_TABLES).await?;
+    let mut writes = 0u64;
+    for node in 0..3 {
+        let base = node as i64 * 100;
+        let values: Vec<String> = (1..=5)
+            .map(|k| format!("({}, 'i{}', {k}, 'new')", base + k, base + k))
+            .collect();
+        mesh.exec(
+            node,
+            &format!("INSERT INTO orders VALUES {}", values.join(", ")),
+        )
+        .await?;
+        for k in 6..=10 {
+            mesh.exec(
+                node,
+                &format!(
+                    "INSERT INTO orders VALUES ({}, 'i{}', {k}, NULL)",
+                    base + k,
+                    base + k
+                ),
+            )
+            .await?;
+        }
+        writes += 10;
+    }
+    let mut expected: Rows = Vec::new();
+    for node in 0..3i64 {
+        for k in 1..=10i64 {
+            let id = node * 100 + k;
+            expected.push(order(id, &format!("i{id}"), k, (k <= 5).then_some("new")));
+        }
+    }
+    mesh.wait_rows(0, &expected).await?;
+    for node in 0..3usize {
+        let other = ((node + 1) % 3) as i64 * 100;
+        mesh.exec(
+            node,
+            &format!(
+                "UPDATE orders SET qty = qty + 1000, status = 'upd' WHERE id BETWEEN {} AND {}",
+                other + 1,
+                other + 3
+            ),
+        )
+        .await?;
+        mesh.exec(
+            node,
+            &format!(
+                "DELETE FROM orders WHERE id IN ({}, {})",
+                other + 9,
+                other + 10
+            ),
+        )
+        .await?;
+        writes += 5;
+    }
+    expected.retain(|r| !matches!(r["id"], Value::Int(i) if i % 100 >= 9 || i % 100 == 0));
+    for r in expected.iter_mut() {
+        if let Value::Int(i) = r["id"]
+            && (1..=3).contains(&(i % 100))
+        {
+            r.insert("qty".into(), Value::Int(i % 100 + 1000));
+            r.insert("status".into(), Value::Text("upd".into()));
+        }
+    }
+    mesh.wait_rows(0, &expected).await?;
+    // A primary-key change on MariaDB: a delete and an insert.
+    mesh.exec(0, "UPDATE orders SET id = 150 WHERE id = 104")
+        .await?;
+    writes += 2;
+    let moved = expected
+        .iter()
+        .position(|r| r["id"] == Value::Int(104))
+        .unwrap();
+    let mut row = expected.remove(moved);
+    row.insert("id".into(), Value::Int(150));
+    expected.push(row);
+    expected.sort_by(|a, b| a["id"].cmp(&b["id"]));
+    mesh.wait_rows(0, &expected).await?;
+    assert_eq!(
+        mesh.total_ops().await?,
+        writes,
+        "one op per local row change: applies are not captured again"
+    );
+    mesh.stop().await
+}
+
+const TYPES_MY: &str = "CREATE TABLE typed (
+    id INT PRIMARY KEY,
+    ti TINYINT, si SMALLINT UNSIGNED, mi MEDIUMINT, i INT UNSIGNED, bi BIGINT, ub BIGINT UNSIGNED,
+    dec1 DECIMAL(30, 10), f FLOAT, d DOUBLE,
+    vc VARCHAR(40), tx TEXT, bin VARBINARY(16), bl BLOB,
+    dt DATE, dtm DATETIME(6), ts TIMESTAMP(6) NULL, j JSON, e ENUM('a', 'b', 'c'), b BIT(1), bo BOOL)";
+/// The SQLite side: no declared types, so every value is stored exactly as
+/// it arrives.
+const TYPES_LITE: &str = "CREATE TABLE typed (id INTEGER PRIMARY KEY, ti, si, mi, i, bi, ub, dec1, f, d, vc, tx, bin, bl, dt, dtm, ts, j, e, b, bo)";
+const TYPES_TABLES: &str = "tables:\n  - name: typed\n    key: [id]\n";
+
+/// What SQLite stores for a value that came from MariaDB.
+fn as_sqlite(v: &Value) -> Value {
+    match v {
+        Value::Decimal(s) | Value::Json(s) => Value::Text(s.clone()),
+        Value::Timestamp(us) => Value::Int(*us),
+        Value::Bool(b) => Value::Int(i64::from(*b)),
+        other => other.clone(),
+    }
+}
+
+/// Every supported type round-trips exactly MariaDB → mesh → MariaDB and
+/// arrives in SQLite as the mapped value; values written on SQLite arrive
+/// in MariaDB's column types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_mariadb_to_mariadb_and_to_sqlite() -> Result<()> {
+    let mesh = Mesh::start(TYPES_MY, TYPES_LITE, TYPES_TABLES).await?;
+    mesh.exec(
+        0,
+        r#"INSERT INTO typed VALUES
+        (1, -128, 65535, -8388608, 4294967295, -9223372036854775808, 18446744073709551615,
+         '12345678901234567890.0123456789', 0.1, 1e300,
+         'héllo ''q'' "x" \\ back', REPEAT('long text ', 500), 0x00ff10, 0xdeadbeef,
+         '2024-02-29', '2024-01-02 03:04:05.123456', '1999-12-31 23:59:59.999999',
+         '{"b": 1,  "a": [1, 2.50]}', 'b', b'1', TRUE),
+        (2, 127, 0, 0, 0, 9223372036854775807, 9223372036854775808,
+         '-0.0000000001', 16777217, 2.2250738585072014e-308,
+         '', '', '', NULL,
+         '1000-01-01', '9999-12-31 23:59:59.999999', '1970-01-01 00:00:01',
+         '[]', 'a', b'0', FALSE),
+        (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL)"#,
+    )
+    .await?;
+    let source = mesh.rows(0, 0).await?;
+    assert_eq!(source.len(), 3);
+    // Spot checks of the capture mapping on the source itself.
+    let r1 = &source[0];
+    assert_eq!(r1["ub"], Value::Decimal("18446744073709551615".into()));
+    assert_eq!(r1["bi"], Value::Int(i64::MIN));
+    assert_eq!(
+        r1["dec1"],
+        Value::Decimal("12345678901234567890.0123456789".into())
+    );
+    assert_eq!(r1["f"], Value::Float(f64::from(0.1f32)));
+    assert_eq!(r1["d"], Value::Float(1e300));
+    assert_eq!(r1["vc"], Value::Text("h\u{e9}llo 'q' \"x\" \\ back".into()));
+    assert_eq!(r1["bin"], Value::Bytes(vec![0, 255, 16]));
+    assert_eq!(r1["dt"], Value::Text("2024-02-29".into()));
+    assert_eq!(r1["dtm"], Value::Timestamp(1_704_164_645_123_456));
+    assert_eq!(r1["ts"], Value::Timestamp(946_684_799_999_999));
+    assert_eq!(r1["j"], Value::Json("{\"b\": 1,  \"a\": [1, 2.50]}".into()));
+    assert_eq!(r1["e"], Value::Text("b".into()));
+    assert_eq!(r1["b"], Value::Bool(true));
+    assert_eq!(r1["bo"], Value::Int(1));
+    let r2 = &source[1];
+    assert_eq!(r2["ub"], Value::Decimal("9223372036854775808".into()));
+    assert_eq!(r2["f"], Value::Float(16_777_216.0));
+    assert_eq!(r2["d"], Value::Float(2.2250738585072014e-308));
+    assert_eq!(r2["bin"], Value::Bytes(vec![]));
+    assert_eq!(r2["ts"], Value::Timestamp(1_000_000));
+    assert!(
+        source[2]
+            .iter()
+            .all(|(k, v)| k == "id" || *v == Value::Null)
+    );
+
+    mesh.wait_node_rows(1, 0, &source).await?;
+    let lite: Rows = source
+        .iter()
+        .map(|r| r.iter().map(|(k, v)| (k.clone(), as_sqlite(v))).collect())
+        .collect();
+    mesh.wait_node_rows(2, 0, &lite).await?;
+
+    // SQLite → MariaDB: SQLite's storage classes into MariaDB's types.
+    mesh.exec(
+        2,
+        "UPDATE typed SET ub = '18446744073709551615', dec1 = '1.5', f = 0.5, d = 0.1, \
+         vc = 'from lite', bin = x'0102', dt = '2000-01-01', dtm = 1704164645123456, \
+         ts = 1704164645500000, j = '{\"k\":1}', e = 'c', b = 1, bo = 0 WHERE id = 3",
+    )
+    .await?;
+    let mut expected = source.clone();
+    for (k, v) in [
+        ("ub", Value::Decimal("18446744073709551615".into())),
+        ("dec1", Value::Decimal("1.5000000000".into())),
+        ("f", Value::Float(0.5)),
+        ("d", Value::Float(0.1)),
+        ("vc", Value::Text("from lite".into())),
+        ("bin", Value::Bytes(vec![1, 2])),
+        ("dt", Value::Text("2000-01-01".into())),
+        ("dtm", Value::Timestamp(1_704_164_645_123_456)),
+        ("ts", Value::Timestamp(1_704_164_645_500_000)),
+        ("j", Value::Json("{\"k\":1}".into())),
+        ("e", Value::Text("c".into())),
+        ("b", Value::Bool(true)),
+        ("bo", Value::Int(0)),
+    ] {
+        expected[2].insert(k.into(), v);
+    }
+    mesh.wait_node_rows(0, 0, &expected).await?;
+    mesh.wait_node_rows(1, 0, &expected).await?;
+    mesh.stop().await
+}
+
+const COUNTERS_MY: &str =
+    "CREATE TABLE counters (id INT PRIMARY KEY, n BIGINT NOT NULL DEFAULT 0, label VARCHAR(20))";
+const COUNTERS_LITE: &str =
+    "CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0, label TEXT)";
+const COUNTERS_TABLES: &str =
+    "tables:\n  - name: counters\n    key: [id]\n    resolve:\n      fields:\n        n: sum\n";
+
+/// Concurrent increments of the same rows on MariaDB and SQLite while both
+/// are cut off the hub: after the heal every increment counts everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_on_partitioned_mariadb_and_sqlite_all_count() -> Result<()> {
+    let mesh = Mesh::start(COUNTERS_MY, COUNTERS_LITE, COUNTERS_TABLES).await?;
+    mesh.exec(0, "INSERT INTO counters VALUES (1, 0, 'x'), (2, 10, 'y')")
+        .await?;
+    let row = |id: i64, n: i64, label: &str| {
+        BTreeMap::from([
+            ("id".to_owned(), Value::Int(id)),
+            ("n".to_owned(), Value::Int(n)),
+            ("label".to_owned(), Value::Text(label.to_owned())),
+        ])
+    };
+    mesh.wait_rows(0, &vec![row(1, 0, "x"), row(2, 10, "y")])
+        .await?;
+    mesh.nodes[0].set_online(false).await;
+    mesh.nodes[2].set_online(false).await;
+    for i in 0..40 {
+        mesh.exec(0, "UPDATE counters SET n = n + 1 WHERE id = 1")
+            .await?;
+        if i % 2 == 0 {
+            mesh.exec(2, "UPDATE counters SET n = n + 2 WHERE id = 1")
+                .await?;
+        }
+        mesh.exec(2, "UPDATE counters SET n = n - 1 WHERE id = 2")
+            .await?;
+    }
+    // One multi-row increment in one transaction on each side, and one on
+    // the MariaDB node that stayed online.
+    mesh.exec(0, "UPDATE counters SET n = n + 100").await?;
+    mesh.exec(2, "UPDATE counters SET n = n + 1000").await?;
+    mesh.exec(1, "UPDATE counters SET n = n + 5 WHERE id = 2")
+        .await?;
+    wait_until("both nodes to capture while offline", LONG, || async {
+        Ok(mesh.nodes[0].stats().own_ops >= 44 && mesh.nodes[2].stats().own_ops >= 62)
+    })
+    .await?;
+    mesh.nodes[0].set_online(true).await;
+    mesh.nodes[2].set_online(true).await;
+    let n1 = 40 + 20 * 2 + 100 + 1000;
+    let n2 = 10 - 40 + 100 + 1000 + 5;
+    mesh.wait_rows(0, &vec![row(1, n1, "x"), row(2, n2, "y")])
+        .await?;
+    mesh.stop().await
+}
+
+fn assert_one_line_error(what: &str, ok: bool, stdout: &str, stderr: &str, needle: &str) {
+    assert!(!ok, "{what}: must exit non-zero");
+    let all = format!("{stdout}{stderr}");
+    assert!(!all.contains("panicked"), "{what}: panicked:\n{all}");
+    let errors: Vec<&str> = all
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.starts_with("FAIL"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{what}: exactly one error line expected:\n{all}"
+    );
+    assert!(
+        errors[0].contains(needle),
+        "{what}: error should mention {needle:?}: {}",
+        errors[0]
+    );
+    assert!(
+        !all.contains(syncmesh_tests::mariadb::PASSWORD),
+        "{what}: the password leaked:\n{all}"
+    );
+}
+
+fn node_yaml(dir: &Path, port: u16, url: &str, name: &str, table: &str) -> Result<String> {
+    let yaml = format!(
+        "nodes:\n  - name: my\n    hub: http://127.0.0.1:{port}\n    data_dir: ./{name}\n    database: {{ type: mysql, url: \"{url}\" }}\ntables:\n  - name: {table}\n"
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    Ok(path.display().to_string())
+}
+
+/// Wrong password, a table without a primary key, a missing table and an
+/// unsupported column type: each a single clear line, non-zero exit, from
+/// `syncmesh node` and `syncmesh check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_mariadb_input_gives_one_clear_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = MariaDb::start()?;
+    server.create_db("app").await?;
+    server
+        .exec(
+            "app",
+            &format!(
+                "{ORDERS_MY}; CREATE TABLE nopk (a TEXT, b TEXT); CREATE TABLE geo (id INT PRIMARY KEY, p POINT)"
+            ),
+        )
+        .await?;
+    let good = server.url("app");
+    let port = free_port();
+    let hub_cfg = dir.path().join("hub.yaml");
+    std::fs::write(
+        &hub_cfg,
+        format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\ntables:\n  - name: orders\n"),
+    )?;
+    let hub_cfg = hub_cfg.display().to_string();
+    let _hub = Proc::spawn(dir.path(), "hub", &["hub", "--config", &hub_cfg])?;
+    let hub_url = format!("http://127.0.0.1:{port}");
+    wait_until("the hub to listen", LONG, || async {
+        Ok(hub_status(&hub_url).await.is_ok())
+    })
+    .await?;
+
+    let wrong = good.replace(syncmesh_tests::mariadb::PASSWORD, "not-the-password");
+    let cfg = node_yaml(dir.path(), port, &wrong, "wrong", "orders")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "my"])?;
+    assert_one_line_error("wrong password (node)", ok, &out, &err, "Access denied");
+    let (ok, out, err) = run_syncmesh(&["check", "--config", &cfg])?;
+    assert_one_line_error(
+        "wrong password (check)",
+        ok,
+        &out,
+        &err,
+        "check the user and password",
+    );
+
+    let cfg = node_yaml(dir.path(), port, &good, "nopk", "nopk")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "my"])?;
+    assert_one_line_error(
+        "no primary key (node)",
+        ok,
+        &out,
+        &err,
+        "table nopk: has no primary key",
+    );
+    let (ok, out, err) = run_syncmesh(&["check", "--config", &cfg])?;
+    assert_one_line_error(
+        "no primary key (check)",
+        ok,
+        &out,
+        &err,
+        "table nopk: has no primary key",
+    );
+
+    let cfg = node_yaml(dir.path(), port, &good, "nosuch", "nosuch")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "my"])?;
+    assert_one_line_error(
+        "missing table",
+        ok,
+        &out,
+        &err,
+        "existing tables: geo, nopk, orders",
+    );
+
+    let cfg = node_yaml(dir.path(), port, &good, "geo", "geo")?;
+    let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "my"])?;
+    assert_one_line_error(
+        "unsupported type",
+        ok,
+        &out,
+        &err,
+        "table geo: column `p` has type point",
+    );
+
+    // The good config passes `check`.
+    let cfg = node_yaml(dir.path(), port, &good, "good", "orders")?;
+    let (ok, out, err) = run_syncmesh(&["check", "--config", &cfg])?;
+    assert!(ok, "check of a good config failed:\n{out}{err}");
+    assert!(
+        out.contains("TRIGGER"),
+        "check names the trigger privilege:\n{out}"
+    );
+    Ok(())
+}
+
+const RACE_MY: &str = "CREATE TABLE race (id INT PRIMARY KEY, a INT, b INT)";
+const RACE_LITE: &str = "CREATE TABLE race (id INTEGER PRIMARY KEY, a INTEGER, b INTEGER)";
+const RACE_TABLES: &str = "tables:\n  - name: race\n    key: [id]\n";
+
+/// Local writes on MariaDB race the applies of SQLite's writes to the same
+/// row (each side owns one field): no local write is lost to an apply that
+/// overwrote it, and every replica ends with both sides' last values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mariadb_writes_racing_applies_are_not_lost() -> Result<()> {
+    let mesh = Mesh::start(RACE_MY, RACE_LITE, RACE_TABLES).await?;
+    mesh.exec(0, "INSERT INTO race VALUES (1, 0, 0)").await?;
+    let row = |a: i64, b: i64| {
+        BTreeMap::from([
+            ("id".to_owned(), Value::Int(1)),
+            ("a".to_owned(), Value::Int(a)),
+            ("b".to_owned(), Value::Int(b)),
+        ])
+    };
+    mesh.wait_rows(0, &vec![row(0, 0)]).await?;
+    let (Db::Sqlite(lite), Db::Mysql(maria)) = (&mesh.dbs[2], &mesh.dbs[0]) else {
+        bail!("unexpected engines");
+    };
+    let lite = lite.pool().clone();
+    let maria = maria.pool().clone();
+    const N: i64 = 150;
+    let lite_writer = tokio::spawn(async move {
+        for i in 1..=N {
+            sqlx::query("UPDATE race SET a = ?1 WHERE id = 1")
+                .bind(i)
+                .execute(&lite)
+                .await?;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        anyhow::Ok(())
+    });
+    for i in 1..=N {
+        sqlx::query("UPDATE race SET b = ? WHERE id = 1")
+            .bind(i)
+            .execute(&maria)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    lite_writer.await??;
+    mesh.wait_rows(0, &vec![row(N, N)]).await?;
+    mesh.stop().await
+}
+
+/// PostgreSQL ↔ MariaDB ↔ SQLite, bi-directional, with `sum`, `max` and
+/// `last_write_wins` fields and deletes (`delete_wins`), PostgreSQL and
+/// MariaDB partitioned while all three write, then healed: all three
+/// converge to the exact expected rows, and a Redis subscriber holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_mariadb_sqlite_and_redis_converge_through_a_partition() -> Result<()> {
+    use std::collections::HashMap;
+    let pg = syncmesh_tests::pg::PgCluster::start()?;
+    let maria = MariaDb::start()?;
+    let redis = syncmesh_tests::redis::RedisServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let pg_url = pg.create_db("app").await?;
+    pg.exec(
+        "app",
+        "CREATE TABLE items (id integer PRIMARY KEY, qty bigint NOT NULL DEFAULT 0, peak bigint, name text)",
+    )
+    .await?;
+    let my_url = maria.create_db("app").await?;
+    maria
+        .exec(
+            "app",
+            "CREATE TABLE items (id INT PRIMARY KEY, qty BIGINT NOT NULL DEFAULT 0, peak BIGINT, name VARCHAR(50))",
+        )
+        .await?;
+    let lite_url = syncmesh_tests::create_db(
+        &dir.path().join("lite.db"),
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, peak INTEGER, name TEXT)",
+    )
+    .await?;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+hub: {{ listen: "127.0.0.1:{port}", data_dir: ./hub }}
+nodes:
+  - {{ name: pg, hub: "http://127.0.0.1:{port}", data_dir: ./pg, database: {{ type: postgresql, url: "{pg_url}", slot: sm_pg }} }}
+  - {{ name: maria, hub: "http://127.0.0.1:{port}", data_dir: ./maria, database: {{ type: mariadb, url: "{my_url}" }} }}
+  - {{ name: lite, hub: "http://127.0.0.1:{port}", data_dir: ./lite, database: {{ type: sqlite, url: "{lite_url}" }} }}
+  - name: cache
+    hub: "http://127.0.0.1:{port}"
+    data_dir: ./cache
+    mode: subscribe
+    database: {{ type: redis, url: "{redis_url}", key_prefix: "sm" }}
+tables:
+  - name: items
+    key: [id]
+    deletes: delete_wins
+    resolve: {{ default: last_write_wins, fields: {{ qty: sum, peak: max }} }}
+"#,
+        redis_url = redis.url
+    );
+    let cfg = Config::parse(&yaml, "<test>", dir.path())?;
+    let hub = start_hub_from(&cfg, cfg.hub()?).await?;
+    let hub_url = hub.url();
+    let names = ["pg", "maria", "lite"];
+    let mut nodes = Vec::new();
+    let mut dbs = Vec::new();
+    for n in names {
+        nodes.push(
+            start_node(&cfg, n)
+                .await
+                .with_context(|| format!("starting {n}"))?,
+        );
+        let mut db = Db::open(&cfg.node(n)?.database).await?;
+        let schema = db
+            .introspect(&[("items".to_owned(), vec!["id".to_owned()])])
+            .await?;
+        dbs.push((db, schema[0].clone()));
+    }
+    let cache = start_node(&cfg, "cache").await?;
+    let exec = |node: usize, sql: String| {
+        let db = &dbs[node].0;
+        async move {
+            let q = sqlx::AssertSqlSafe(sql.clone());
+            match db {
+                Db::Postgres(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Mysql(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Sqlite(d) => sqlx::raw_sql(q).execute(d.pool()).await.map(|_| ()),
+                Db::Redis(_) => Ok(()),
+            }
+            .with_context(|| format!("{}: {sql}", names[node]))
+        }
+    };
+    let item = |id: i64, qty: i64, peak: i64, name: &str| -> Row {
+        BTreeMap::from([
+            ("id".to_owned(), Value::Int(id)),
+            ("qty".to_owned(), Value::Int(qty)),
+            ("peak".to_owned(), Value::Int(peak)),
+            ("name".to_owned(), Value::Text(name.to_owned())),
+        ])
+    };
+    let converged = |expected: Rows| {
+        let dbs = &dbs;
+        let nodes = &nodes;
+        let hub_url = hub_url.clone();
+        async move {
+            let start = std::time::Instant::now();
+            loop {
+                let mut same = true;
+                let mut got = Vec::new();
+                for (db, schema) in dbs {
+                    let rows = db.dump_table(schema).await?;
+                    same &= rows == expected;
+                    got.push(rows);
+                }
+                let status = hub_status(&hub_url).await?;
+                let behind: u64 = status.nodes.iter().map(|n| n.pending_ops).sum();
+                let busy = nodes.iter().any(|n: &NodeHandle| {
+                    let s = n.stats();
+                    s.own_acked < s.own_ops || s.dirty_rows > 0
+                });
+                if same && behind == 0 && !busy {
+                    return anyhow::Ok(());
+                }
+                if start.elapsed() > LONG {
+                    bail!("no convergence within {LONG:?};\nexpected {expected:?}\ngot {got:#?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    for (node, ids) in [(0, 1..=3), (1, 4..=6), (2, 7..=9)] {
+        for id in ids {
+            exec(
+                node,
+                format!("INSERT INTO items VALUES ({id}, {id}, {id}, 'n{id}')"),
+            )
+            .await?;
+        }
+    }
+    converged(
+        (1..=9)
+            .map(|id| item(id, id, id, &format!("n{id}")))
+            .collect(),
+    )
+    .await?;
+
+    nodes[0].set_online(false).await;
+    nodes[1].set_online(false).await;
+    exec(0, "UPDATE items SET qty = qty + 10".into()).await?;
+    exec(0, "UPDATE items SET peak = 50 WHERE id = 1".into()).await?;
+    exec(0, "DELETE FROM items WHERE id = 8".into()).await?;
+    exec(1, "UPDATE items SET qty = qty + 5".into()).await?;
+    exec(1, "UPDATE items SET peak = 70 WHERE id = 1".into()).await?;
+    exec(1, "UPDATE items SET name = 'm' WHERE id = 2".into()).await?;
+    exec(2, "UPDATE items SET qty = qty + 1".into()).await?;
+    exec(2, "UPDATE items SET peak = 60 WHERE id = 1".into()).await?;
+    exec(2, "DELETE FROM items WHERE id = 9".into()).await?;
+    wait_until("the partitioned nodes to capture", LONG, || async {
+        // 3 inserts, 9 increments, 1 peak, 1 delete / 1 rename each.
+        Ok(nodes[0].stats().own_ops >= 14 && nodes[1].stats().own_ops >= 14)
+    })
+    .await?;
+    nodes[0].set_online(true).await;
+    nodes[1].set_online(true).await;
+    let expected: Rows = (1..=7)
+        .map(|id| {
+            let peak = if id == 1 { 70 } else { id };
+            let name = if id == 2 {
+                "m".to_owned()
+            } else {
+                format!("n{id}")
+            };
+            item(id, id + 16, peak, &name)
+        })
+        .collect();
+    converged(expected.clone()).await?;
+
+    let want: BTreeMap<String, HashMap<String, String>> = expected
+        .iter()
+        .map(|r| {
+            let id = match r["id"] {
+                Value::Int(i) => i,
+                _ => 0,
+            };
+            let h = r
+                .iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        Value::Int(i) => i.to_string(),
+                        Value::Text(t) => t.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    (k.clone(), s)
+                })
+                .collect();
+            (format!("sm:items:{id}"), h)
+        })
+        .collect();
+    let c = redis.conn().await?;
+    let read = |mut c: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("sm:*").query_async(&mut c).await?;
+        let mut got = BTreeMap::new();
+        for k in keys {
+            let h: HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&k).query_async(&mut c).await?;
+            got.insert(k, h);
+        }
+        anyhow::Ok(got)
+    };
+    let res = wait_until("the cache holds the visible rows", LONG, || {
+        let c = c.clone();
+        let want = &want;
+        async move { Ok(&read(c).await? == want) }
+    })
+    .await;
+    if res.is_err() {
+        assert_eq!(read(c.clone()).await?, want, "{res:?}");
+    }
+    cache.shutdown().await?;
+    for n in nodes {
+        n.shutdown().await?;
+    }
+    for (db, _) in &dbs {
+        db.close().await;
+    }
+    hub.shutdown().await?;
+    Ok(())
+}
