@@ -428,10 +428,30 @@ impl MysqlAdapter {
     }
 
     /// Idempotently installs the capture machinery (see the module docs).
+    /// A deadlock or lock wait timeout with concurrent writers (a node
+    /// restarting under load) is retried a few times.
     pub async fn install_capture(&self, schemas: &[TableSchema]) -> Result<()> {
         for s in schemas {
             check_schema(s)?;
         }
+        let mut attempt = 0u32;
+        loop {
+            match self.install_once(schemas).await {
+                Err(Error::Database { message, .. })
+                    if attempt < 10
+                        && (message.contains("1213 (40001)")
+                            || message.contains("1205 (HY000)")) =>
+                {
+                    attempt += 1;
+                    tracing::warn!(database = %self.url, attempt, "installing capture: {message}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn install_once(&self, schemas: &[TableSchema]) -> Result<()> {
         let err = |e: sqlx::Error| self.db_err("installing capture", &e);
         let mut conn = self.pool.acquire().await.map_err(err)?;
         sqlx::raw_sql(
@@ -452,15 +472,23 @@ impl MysqlAdapter {
         .execute(&mut *conn)
         .await
         .map_err(err)?;
-        // After a reinstall the sequence must not restart below ids that
-        // are still in the change table.
-        sqlx::query(
-            "INSERT IGNORE INTO `_syncmesh_seq` (id, v) \
-             SELECT 1, COALESCE(MAX(id), 0) FROM `_syncmesh_changes`",
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(err)?;
+        // A plain read first: `INSERT … SELECT` locks what it reads and
+        // would deadlock with capturing writers when the row exists.
+        let have: Option<i64> = sqlx::query_scalar("SELECT v FROM `_syncmesh_seq` WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(err)?;
+        if have.is_none() {
+            // After a reinstall the sequence must not restart below ids
+            // that are still in the change table.
+            sqlx::query(
+                "INSERT IGNORE INTO `_syncmesh_seq` (id, v) \
+                 SELECT 1, COALESCE(MAX(id), 0) FROM `_syncmesh_changes`",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(err)?;
+        }
         let ours: Vec<String> = sqlx::query_scalar(
             "SELECT CAST(TRIGGER_NAME AS CHAR) FROM information_schema.TRIGGERS \
              WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE '\\_syncmesh\\_%'",
@@ -1278,7 +1306,7 @@ fn hint_for(e: &sqlx::Error) -> &'static str {
         Some(1142 | 1227 | 1419) => {
             "; the user needs SELECT, INSERT, UPDATE, DELETE, CREATE and TRIGGER on the database (with binary logging on, also SUPER or log_bin_trust_function_creators = 1)"
         }
-        Some(1213 | 1205) => "; a lock conflict with another transaction, retried",
+        Some(1213 | 1205) => "; a lock conflict with another transaction (transient, try again)",
         Some(1146) => "; the capture tables are missing, install capture first (start the node)",
         _ => "",
     }
