@@ -35,7 +35,7 @@ need_pkgs=()
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 # Debian starts system services after install; the tests use their own
 # instances on free ports, so those are not needed.
