@@ -86,7 +86,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Executor, Row};
 use syncmesh_resolver::Value;
 
-use crate::adapter::{CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema};
+use crate::adapter::{
+    CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days, days_from_civil,
+};
 use crate::{Error, Result};
 
 /// Prefix of the replication origin's name (followed by the slot name).
@@ -1484,30 +1486,6 @@ fn float_text(f: f64) -> String {
 }
 
 const US_PER_DAY: i64 = 86_400_000_000;
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (year 0 = 1 BC).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number (inverse of [`days_from_civil`]).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
 
 /// Parses `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM[:SS]]][ BC]`, `infinity`
 /// and `-infinity` into microseconds since the epoch (UTC).
