@@ -230,6 +230,15 @@ impl Db {
         }
     }
 
+    /// A PostgreSQL node's replication slot and the WAL it retained at the
+    /// last capture step (bytes); `None` for other engines.
+    pub fn slot_retained_wal(&self) -> Option<(&str, i64)> {
+        match self {
+            Db::Postgres(d) => d.last_retained_wal_bytes().map(|b| (d.slot(), b)),
+            _ => None,
+        }
+    }
+
     /// Closes the connections.
     pub async fn close(&self) {
         match self {

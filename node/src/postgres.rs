@@ -100,8 +100,11 @@ const MAX_PARAMS: usize = 65_535;
 /// Above this much WAL retained by the slot, the node (and `syncmesh
 /// check`) warns: a slot that is not consumed keeps WAL forever.
 pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
-/// How often capture looks at the slot's retained WAL.
-const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often capture looks at the slot's retained WAL (the metric's
+/// resolution).
+const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Least time between two retained-WAL warnings.
+const WAL_WARN_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How a column's text is read and written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +193,10 @@ pub struct PostgresAdapter {
     tail: Option<(i64, i64)>,
     /// When the retained WAL was last looked at.
     wal_checked: Option<std::time::Instant>,
+    /// When the retained-WAL warning was last logged.
+    wal_warned: Option<std::time::Instant>,
+    /// The slot's retained WAL at the last check (bytes).
+    retained_wal: Option<i64>,
 }
 
 /// The session settings that make the text format exact and stable.
@@ -262,6 +269,8 @@ impl PostgresAdapter {
             kinds: HashMap::new(),
             tail: None,
             wal_checked: None,
+            wal_warned: None,
+            retained_wal: None,
         };
         adapter.ensure_origin().await?;
         Ok(adapter)
@@ -595,6 +604,13 @@ impl PostgresAdapter {
         })
     }
 
+    /// The slot's retained WAL as capture last measured it (bytes; `None`
+    /// before the first capture step): exported as the
+    /// `syncmesh_slot_retained_wal_bytes` gauge.
+    pub fn last_retained_wal_bytes(&self) -> Option<i64> {
+        self.retained_wal
+    }
+
     /// Bytes of WAL the slot retains (0 if the slot does not exist).
     pub async fn retained_wal_bytes(&self) -> Result<i64> {
         let v: Option<i64> = sqlx::query_scalar(
@@ -623,7 +639,13 @@ impl PostgresAdapter {
         {
             self.wal_checked = Some(std::time::Instant::now());
             let retained = self.retained_wal_bytes().await?;
-            if retained > RETAINED_WAL_WARN_BYTES {
+            self.retained_wal = Some(retained);
+            if retained > RETAINED_WAL_WARN_BYTES
+                && self
+                    .wal_warned
+                    .is_none_or(|t| t.elapsed() >= WAL_WARN_INTERVAL)
+            {
+                self.wal_warned = Some(std::time::Instant::now());
                 tracing::warn!(database = %self.url, slot = %self.slot, retained_mib = retained >> 20, "the replication slot retains more than {} MiB of WAL: capture is behind (or was stopped); PostgreSQL keeps that WAL until the node catches up", RETAINED_WAL_WARN_BYTES >> 20);
             }
         }

@@ -374,6 +374,7 @@ impl Shell {
                 _ = tick.tick() => {
                     let capture = self.capture;
                     self.db_step(link.as_ref(), capture).await?;
+                    self.publish_wal();
                 }
                 res = connected(&mut connecting) => {
                     connecting = None;
@@ -543,6 +544,14 @@ impl Shell {
             let seconds = now.saturating_sub(captured) as f64 / 1000.0;
             m.set_sync_lag_seconds(&table, self.core.name().as_str(), seconds);
         }
+    }
+
+    /// Copies the slot's retained WAL (PostgreSQL) into the registry.
+    fn publish_wal(&self) {
+        let (Some(m), Some((slot, bytes))) = (&self.metrics, self.db.slot_retained_wal()) else {
+            return;
+        };
+        m.set_slot_retained_wal_bytes(self.core.name().as_str(), slot, bytes);
     }
 
     /// Copies changed counters into the registry.

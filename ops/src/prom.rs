@@ -15,6 +15,8 @@ pub const RECORDS_SYNCED_TOTAL: &str = "records_synced_total";
 pub const SYNC_ERRORS_TOTAL: &str = "sync_errors_total";
 /// Counter: conflict records, by table and resolution strategy.
 pub const CONFLICT_COUNT: &str = "conflict_count";
+/// Gauge: bytes of WAL a PostgreSQL node's replication slot retains.
+pub const SLOT_RETAINED_WAL_BYTES: &str = "syncmesh_slot_retained_wal_bytes";
 
 /// One process's metrics (a hub's or a node's).
 pub struct Metrics {
@@ -71,6 +73,11 @@ impl Metrics {
             None,
             "Conflict records (sets of concurrent writes of one field), by table and resolution strategy".into(),
         );
+        recorder.describe_gauge(
+            SLOT_RETAINED_WAL_BYTES.into(),
+            None,
+            "Bytes of WAL the PostgreSQL replication slot of the node retains (PostgreSQL keeps it until capture consumes it)".into(),
+        );
         Metrics { recorder }
     }
 
@@ -122,6 +129,16 @@ impl Metrics {
                 &meta(),
             )
             .set(seconds);
+    }
+
+    /// Sets `syncmesh_slot_retained_wal_bytes{node,slot}`.
+    pub fn set_slot_retained_wal_bytes(&self, node: &str, slot: &str, bytes: i64) {
+        self.recorder
+            .register_gauge(
+                &key(SLOT_RETAINED_WAL_BYTES, [("node", node), ("slot", slot)]),
+                &meta(),
+            )
+            .set(bytes as f64);
     }
 
     /// Prometheus text (exposition format 0.0.4): the syncmesh metrics, then
@@ -234,7 +251,14 @@ mod tests {
         m.set_sync_errors_total("", "seq_gap", 1);
         m.set_conflict_count("orders", "last_write_wins", 2);
         m.set_sync_lag_seconds("orders", "edge-a", 0.25);
+        m.set_slot_retained_wal_bytes("pg-a", "sm_pg_a", 16_777_216);
         let text = m.render();
+        assert!(
+            text.contains(
+                "syncmesh_slot_retained_wal_bytes{node=\"pg-a\",slot=\"sm_pg_a\"} 16777216"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("records_synced_total{table=\"orders\",operation=\"upsert\"} 7"),
             "{text}"

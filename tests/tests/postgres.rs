@@ -915,6 +915,11 @@ async fn capture_catches_up_when_the_slot_lags_the_checkpoint() -> Result<()> {
     // "crash"), as a restarted node with that checkpoint would see it.
     let first = db.read_changes(0, 100).await?;
     assert!(first.len() >= 80, "{}", first.len());
+    // The slot was never advanced: it holds the WAL of all 30 inserts,
+    // and capture measured that (the `syncmesh_slot_retained_wal_bytes`
+    // gauge).
+    let retained = db.last_retained_wal_bytes();
+    assert!(retained.is_some_and(|b| b > 0), "{retained:?}");
     let checkpoint = first.last().unwrap().change_id;
     let mut db = PostgresAdapter::open(&pg.url("app"), Some("lagging"), None).await?;
     db.introspect(&[("orders".into(), vec![])]).await?;
