@@ -19,6 +19,11 @@ use crate::mesh;
 use crate::pg::{PASSWORD, PgCluster};
 
 const DDL: &str = "CREATE TABLE items (id bigint PRIMARY KEY, item text NOT NULL, qty integer NOT NULL, price numeric(12, 2))";
+/// The lag part's table; B's copy stamps each row's arrival.
+const TICKS_DDL: &str = "CREATE TABLE ticks (id bigint PRIMARY KEY, written_at timestamptz NOT NULL, arrived_at timestamptz)";
+const TICKS_ARRIVAL: &str = "CREATE FUNCTION stamp_arrival() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.arrived_at := clock_timestamp(); RETURN NEW; END $$; \
+     CREATE TRIGGER stamp_arrival BEFORE INSERT ON ticks FOR EACH ROW EXECUTE FUNCTION stamp_arrival(); \
+     ALTER TABLE ticks ENABLE ALWAYS TRIGGER stamp_arrival";
 const DEADLINE: Duration = Duration::from_secs(1800);
 
 async fn count(pool: &sqlx::PgPool) -> Result<i64> {
@@ -111,6 +116,70 @@ async fn native_run(
     Ok(rate)
 }
 
+/// A hub and two PostgreSQL nodes (A publishes, B subscribes) in this
+/// process, on database `db` of clusters `a` and `b`.
+struct Mesh {
+    hub: syncmesh_hub::server::HubHandle,
+    a: syncmesh_node::shell::NodeHandle,
+    b: syncmesh_node::shell::NodeHandle,
+}
+
+impl Mesh {
+    async fn start(a: &PgCluster, b: &PgCluster, base: &Path, db: &str) -> Result<Mesh> {
+        let dir = base.join(db);
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let yaml = format!(
+            "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n\
+             \x20 - name: pg-a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-a\n    mode: publish\n    database: {{ type: postgresql, url: \"{}\", slot: bench_a_{db} }}\n\
+             \x20 - name: pg-b\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-b\n    mode: subscribe\n    database: {{ type: postgresql, url: \"{}\", slot: bench_b_{db} }}\n\
+             tables:\n  - name: items\n    key: [id]\n  - name: ticks\n    key: [id]\nsync:\n  batch_size: 10000\n",
+            a.url(db),
+            b.url(db)
+        );
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, yaml)?;
+        let cfg = Config::load(&path)?;
+        let hub = mesh::start_hub_from(&cfg, cfg.hub()?).await?;
+        let node_a = start_node(&cfg, "pg-a").await.context("starting pg-a")?;
+        let node_b = start_node(&cfg, "pg-b").await.context("starting pg-b")?;
+        let start = Instant::now();
+        while !(node_a.stats().connected && node_b.stats().connected) {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the nodes did not connect to the hub within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Mesh {
+            hub,
+            a: node_a,
+            b: node_b,
+        })
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.a.shutdown().await?;
+        self.b.shutdown().await?;
+        self.hub.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// Creates database `db` with the bench tables on both clusters.
+async fn create_both(a: &PgCluster, b: &PgCluster, db: &str) -> Result<()> {
+    for c in [a, b] {
+        c.create_db(db).await?;
+        c.exec(db, DDL).await?;
+        c.exec(db, TICKS_DDL).await?;
+    }
+    // On B, a trigger stamps when each tick arrived (ALWAYS: it fires for
+    // the native subscription's apply worker too).
+    b.exec(db, TICKS_ARRIVAL).await?;
+    Ok(())
+}
+
 async fn syncmesh_run(
     a: &PgCluster,
     b: &PgCluster,
@@ -120,36 +189,8 @@ async fn syncmesh_run(
     batch: u64,
 ) -> Result<f64> {
     let db = format!("mesh_{run}");
-    a.create_db(&db).await?;
-    b.create_db(&db).await?;
-    a.exec(&db, DDL).await?;
-    b.exec(&db, DDL).await?;
-    let dir = base.join(format!("run-{run}"));
-    std::fs::create_dir_all(&dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let yaml = format!(
-        "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n\
-         \x20 - name: pg-a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-a\n    mode: publish\n    database: {{ type: postgresql, url: \"{}\", slot: bench_a_{run} }}\n\
-         \x20 - name: pg-b\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-b\n    mode: subscribe\n    database: {{ type: postgresql, url: \"{}\", slot: bench_b_{run} }}\n\
-         tables:\n  - name: items\n    key: [id]\nsync:\n  batch_size: 10000\n",
-        a.url(&db),
-        b.url(&db)
-    );
-    let path = dir.join("mesh.yaml");
-    std::fs::write(&path, yaml)?;
-    let cfg = Config::load(&path)?;
-    let hub = mesh::start_hub_from(&cfg, cfg.hub()?).await?;
-    let node_a = start_node(&cfg, "pg-a").await.context("starting pg-a")?;
-    let node_b = start_node(&cfg, "pg-b").await.context("starting pg-b")?;
-    let start = Instant::now();
-    while !(node_a.stats().connected && node_b.stats().connected) {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("the nodes did not connect to the hub within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    create_both(a, b, &db).await?;
+    let mesh = Mesh::start(a, b, base, &db).await?;
     let src = a.pool(&db).await?;
     let dst = b.pool(&db).await?;
     let (inserted, total) = load_and_wait(&src, &dst, rows, batch).await?;
@@ -157,10 +198,180 @@ async fn syncmesh_run(
     println!(
         "run {run}: syncmesh (PG A -> node -> hub -> node -> PG B): inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s"
     );
-    node_a.shutdown().await?;
-    node_b.shutdown().await?;
-    hub.shutdown().await?;
+    mesh.stop().await?;
     Ok(rate)
+}
+
+/// Inserts `rows` rows on A before anything replicates.
+async fn preload(src: &sqlx::PgPool, rows: u64) -> Result<()> {
+    let chunk = 100_000u64;
+    let mut id = 0;
+    while id < rows {
+        let n = chunk.min(rows - id);
+        sqlx::query(
+            "INSERT INTO items SELECT g, 'item-' || g, (g % 100)::int, (g % 10000) / 100.0 \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .bind((id + 1) as i64)
+        .bind((id + n) as i64)
+        .execute(src)
+        .await?;
+        id += n;
+    }
+    Ok(())
+}
+
+async fn wait_count(target: &sqlx::PgPool, rows: u64, start: Instant) -> Result<Duration> {
+    loop {
+        if count(target).await? >= rows as i64 {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("the target did not receive all {rows} rows within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Initial copy of `rows` existing rows into an empty B: native
+/// subscription (copy_data) and syncmesh (the node's initial snapshot).
+async fn snapshot_runs(
+    a: &PgCluster,
+    b: &PgCluster,
+    base: &Path,
+    run: usize,
+    rows: u64,
+) -> Result<(f64, f64)> {
+    let db = format!("native_snap_{run}");
+    create_both(a, b, &db).await?;
+    let src = a.pool(&db).await?;
+    preload(&src, rows).await?;
+    a.exec(&db, "CREATE PUBLICATION bench FOR TABLE items")
+        .await?;
+    let dst = b.pool(&db).await?;
+    let start = Instant::now();
+    b.exec(
+        &db,
+        &format!(
+            "CREATE SUBSCRIPTION bench_snap_{run} CONNECTION 'host=127.0.0.1 port={} dbname={db} user=postgres password={PASSWORD}' PUBLICATION bench",
+            a.port
+        ),
+    )
+    .await?;
+    let took = wait_count(&dst, rows, start).await?;
+    let native = rows as f64 / took.as_secs_f64();
+    println!(
+        "run {run}: native initial table copy of {rows} rows: {took:.2?} -> {native:.0} rows/s"
+    );
+    b.exec(&db, &format!("DROP SUBSCRIPTION bench_snap_{run}"))
+        .await?;
+
+    let db = format!("mesh_snap_{run}");
+    create_both(a, b, &db).await?;
+    let src = a.pool(&db).await?;
+    preload(&src, rows).await?;
+    let dst = b.pool(&db).await?;
+    let start = Instant::now();
+    let mesh = Mesh::start(a, b, base, &db).await?;
+    let took = wait_count(&dst, rows, start).await?;
+    let ours = rows as f64 / took.as_secs_f64();
+    println!(
+        "run {run}: syncmesh initial snapshot of {rows} rows (node start to all on PG B): {took:.2?} -> {ours:.0} rows/s"
+    );
+    mesh.stop().await?;
+    Ok((native, ours))
+}
+
+/// Writes ticks on A at `rate` rows/s for `secs` seconds (100
+/// transactions a second), waits until B holds them all, and returns the
+/// lag percentiles (p50, p99) in ms plus the write rate achieved.
+async fn lag_load(
+    src: &sqlx::PgPool,
+    dst: &sqlx::PgPool,
+    rate: u64,
+    secs: u64,
+) -> Result<(f64, f64, f64)> {
+    let per_tx = (rate / 100).max(1);
+    let total = per_tx * 100 * secs;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut id = 0u64;
+    while id < total {
+        tick.tick().await;
+        sqlx::query(
+            "INSERT INTO ticks (id, written_at) \
+             SELECT g, clock_timestamp() FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .bind((id + 1) as i64)
+        .bind((id + per_tx) as i64)
+        .execute(src)
+        .await?;
+        id += per_tx;
+    }
+    let wrote = total as f64 / start.elapsed().as_secs_f64();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ticks WHERE arrived_at IS NOT NULL")
+            .fetch_one(dst)
+            .await?;
+        if n >= total as i64 {
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("B did not receive all {total} ticks within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "SELECT (percentile_cont(0.5) WITHIN GROUP (ORDER BY lag))::float8, \
+                (percentile_cont(0.99) WITHIN GROUP (ORDER BY lag))::float8 \
+         FROM (SELECT extract(epoch FROM arrived_at - written_at) * 1000 AS lag FROM ticks) l",
+    )
+    .fetch_one(dst)
+    .await?;
+    Ok((p50, p99, wrote))
+}
+
+/// Replication lag under a steady `rate` of inserts, native and syncmesh.
+async fn lag_runs(
+    a: &PgCluster,
+    b: &PgCluster,
+    base: &Path,
+    run: usize,
+    rate: u64,
+    secs: u64,
+) -> Result<(f64, f64)> {
+    let db = format!("native_lag_{run}");
+    create_both(a, b, &db).await?;
+    a.exec(&db, "CREATE PUBLICATION bench FOR TABLE ticks")
+        .await?;
+    b.exec(
+        &db,
+        &format!(
+            "CREATE SUBSCRIPTION bench_lag_{run} CONNECTION 'host=127.0.0.1 port={} dbname={db} user=postgres password={PASSWORD}' PUBLICATION bench",
+            a.port
+        ),
+    )
+    .await?;
+    let (src, dst) = (a.pool(&db).await?, b.pool(&db).await?);
+    let (p50, p99, wrote) = lag_load(&src, &dst, rate, secs).await?;
+    println!(
+        "run {run}: native lag at {wrote:.0} rows/s for {secs} s: p50 {p50:.1} ms, p99 {p99:.1} ms"
+    );
+    b.exec(&db, &format!("DROP SUBSCRIPTION bench_lag_{run}"))
+        .await?;
+    let native_p99 = p99;
+
+    let db = format!("mesh_lag_{run}");
+    create_both(a, b, &db).await?;
+    let mesh = Mesh::start(a, b, base, &db).await?;
+    let (src, dst) = (a.pool(&db).await?, b.pool(&db).await?);
+    let (p50, p99, wrote) = lag_load(&src, &dst, rate, secs).await?;
+    println!(
+        "run {run}: syncmesh lag at {wrote:.0} rows/s for {secs} s: p50 {p50:.1} ms, p99 {p99:.1} ms"
+    );
+    mesh.stop().await?;
+    Ok((native_p99, p99))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -168,21 +379,44 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// What the PostgreSQL benchmark measures.
+#[derive(Clone, Copy, Debug)]
+pub struct PgBench {
+    /// Rows streamed per run (inserted in transactions of `batch`).
+    pub rows: u64,
+    /// Rows per insert transaction of the streaming part.
+    pub batch: u64,
+    /// Runs of each part (medians are reported).
+    pub runs: usize,
+    /// Existing rows copied by the initial-snapshot part (0 skips it).
+    pub snapshot_rows: u64,
+    /// Inserts per second of the lag part (0 skips it).
+    pub lag_rate: u64,
+    /// Seconds the lag part writes for.
+    pub lag_seconds: u64,
+}
+
 /// Runs the PostgreSQL benchmark and prints per-run figures, medians and
-/// the ratio syncmesh / native.
-pub async fn run(
-    rows: u64,
-    batch: u64,
-    runs: usize,
-    dir: Option<std::path::PathBuf>,
-) -> Result<()> {
+/// the ratios syncmesh / native: streaming, initial snapshot, lag.
+pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> {
+    let PgBench {
+        rows,
+        batch,
+        runs,
+        snapshot_rows,
+        lag_rate,
+        lag_seconds,
+    } = bench;
     if rows == 0 || batch == 0 || runs == 0 {
         bail!("--rows, --batch and --runs must be at least 1");
     }
     let tmp = tempfile::tempdir()?;
     let base = dir.unwrap_or_else(|| tmp.path().to_path_buf());
     println!(
-        "bench postgres: {rows} rows inserted on PG A in transactions of {batch}; time until PG B holds all; syncmesh vs native logical replication ({runs} runs each)"
+        "bench postgres ({runs} runs each, syncmesh vs native logical replication on the same two clusters):\n\
+         1. streaming: {rows} rows inserted on PG A in transactions of {batch}; time until PG B holds all\n\
+         2. initial snapshot: {snapshot_rows} existing rows into an empty PG B\n\
+         3. lag: {lag_rate} inserts/s on PG A for {lag_seconds} s; per-row lag until committed on PG B"
     );
     let settings = [("synchronous_commit", "on"), ("fsync", "on")];
     let a = PgCluster::start_with(&settings)?;
@@ -195,8 +429,31 @@ pub async fn run(
     }
     let (n, s) = (median(&mut native), median(&mut ours));
     println!(
-        "median: syncmesh {s:.0} rows/s, native logical replication {n:.0} rows/s, ratio {:.2}x",
+        "median streaming: syncmesh {s:.0} rows/s, native logical replication {n:.0} rows/s, ratio {:.2}x",
         s / n
     );
+    if snapshot_rows > 0 {
+        let (mut native, mut ours) = (Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let (n, s) = snapshot_runs(&a, &b, &base, run, snapshot_rows).await?;
+            native.push(n);
+            ours.push(s);
+        }
+        let (n, s) = (median(&mut native), median(&mut ours));
+        println!(
+            "median initial snapshot: syncmesh {s:.0} rows/s, native table copy {n:.0} rows/s, ratio {:.2}x",
+            s / n
+        );
+    }
+    if lag_rate > 0 && lag_seconds > 0 {
+        let (mut native, mut ours) = (Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let (n, s) = lag_runs(&a, &b, &base, run, lag_rate, lag_seconds).await?;
+            native.push(n);
+            ours.push(s);
+        }
+        let (n, s) = (median(&mut native), median(&mut ours));
+        println!("median lag p99: syncmesh {s:.1} ms, native {n:.1} ms (aim: syncmesh < 100 ms)");
+    }
     Ok(())
 }

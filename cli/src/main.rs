@@ -117,6 +117,15 @@ enum Command {
         /// Work directory (default: a temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// postgres: existing rows the initial-snapshot part copies (0 skips it).
+        #[arg(long, default_value_t = 1_000_000)]
+        snapshot_rows: u64,
+        /// postgres: inserts per second of the lag part (0 skips it).
+        #[arg(long, default_value_t = 10_000)]
+        lag_rate: u64,
+        /// postgres: seconds the lag part writes for.
+        #[arg(long, default_value_t = 20)]
+        lag_seconds: u64,
     },
 }
 
@@ -159,11 +168,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             batch,
             runs,
             dir,
+            snapshot_rows,
+            lag_rate,
+            lag_seconds,
         } => {
             init_logs(cli.log_format, "warn");
             match scenario.as_str() {
                 "sqlite" => bench::run(rows, batch, runs, dir).await.map(|_| true),
-                "postgres" => bench_pg::run(rows, batch, runs, dir).await.map(|_| true),
+                "postgres" => bench_pg::run(
+                    bench_pg::PgBench {
+                        rows,
+                        batch,
+                        runs,
+                        snapshot_rows,
+                        lag_rate,
+                        lag_seconds,
+                    },
+                    dir,
+                )
+                .await
+                .map(|_| true),
                 other => Err(anyhow::anyhow!(
                     "unknown bench scenario `{other}`: use sqlite or postgres"
                 )),

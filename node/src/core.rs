@@ -34,6 +34,8 @@ use crate::{Error, Result};
 const K_SEQ: &[u8] = b"m/seq";
 const K_CHECKPOINT: &[u8] = b"m/checkpoint";
 const K_HLC: &[u8] = b"m/hlc";
+/// An engine's initial-snapshot progress (opaque to the core).
+const K_SNAPSHOT: &[u8] = b"m/snapshot";
 const P_VV: &[u8] = b"v/";
 const P_LOG: &[u8] = b"l/";
 const P_ROW: &[u8] = b"r/";
@@ -528,7 +530,7 @@ impl<S: LogStore> NodeCore<S> {
         let Some(last) = changes.last() else {
             return Ok(self.checkpoint);
         };
-        self.capture(now, changes, last.change_id)
+        self.capture(now, changes, last.change_id, None)
     }
 
     /// Like [`NodeCore::handle_captured`] for rows of an initial snapshot
@@ -547,12 +549,56 @@ impl<S: LogStore> NodeCore<S> {
                 ..r.clone()
             })
             .collect();
-        self.capture(now, &rows, self.checkpoint)?;
+        self.capture(now, &rows, self.checkpoint, None)?;
         Ok(())
     }
 
-    fn capture(&mut self, now: Ntp64, changes: &[CapturedChange], checkpoint: i64) -> Result<i64> {
+    /// [`NodeCore::handle_snapshot`] for a resumable snapshot: `progress`
+    /// (the engine's record of where the snapshot stands, opaque here) is
+    /// written in the same flushed batch as the chunk's ops, so after a
+    /// crash [`NodeCore::snapshot_progress`] names exactly the last chunk
+    /// that is durable.
+    pub fn handle_snapshot_chunk(
+        &mut self,
+        now: Ntp64,
+        rows: &[CapturedChange],
+        progress: &[u8],
+    ) -> Result<()> {
+        let rows: Vec<CapturedChange> = rows
+            .iter()
+            .map(|r| CapturedChange {
+                change_id: i64::MAX,
+                ..r.clone()
+            })
+            .collect();
+        self.capture(now, &rows, self.checkpoint, Some(progress))?;
+        Ok(())
+    }
+
+    /// Stores the engine's snapshot progress record alone (flushed).
+    pub fn set_snapshot_progress(&mut self, progress: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(K_SNAPSHOT.to_vec(), progress.to_vec());
+        self.store.write(batch)?;
+        self.store.flush()
+    }
+
+    /// The last snapshot progress record stored, if any.
+    pub fn snapshot_progress(&self) -> Result<Option<Vec<u8>>> {
+        self.store.get(K_SNAPSHOT)
+    }
+
+    fn capture(
+        &mut self,
+        now: Ntp64,
+        changes: &[CapturedChange],
+        checkpoint: i64,
+        progress: Option<&[u8]>,
+    ) -> Result<i64> {
         let mut ov = Overlay::default();
+        if let Some(p) = progress {
+            ov.batch.put(K_SNAPSHOT.to_vec(), p.to_vec());
+        }
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
                 self.warn(format!(

@@ -197,6 +197,11 @@ pub struct PostgresAdapter {
     wal_warned: Option<std::time::Instant>,
     /// The slot's retained WAL at the last check (bytes).
     retained_wal: Option<i64>,
+    /// The synced tables as introspected, by name.
+    schemas: HashMap<String, TableSchema>,
+    /// The resumed initial snapshot's windows, while capture may still
+    /// read transactions inside one (see [`SnapshotProgress`]).
+    resume: Option<SnapshotProgress>,
 }
 
 /// The session settings that make the text format exact and stable.
@@ -271,6 +276,8 @@ impl PostgresAdapter {
             wal_checked: None,
             wal_warned: None,
             retained_wal: None,
+            schemas: HashMap::new(),
+            resume: None,
         };
         adapter.ensure_origin().await?;
         Ok(adapter)
@@ -455,11 +462,13 @@ impl PostgresAdapter {
             configured.to_vec()
         };
         self.kinds.insert(name.to_owned(), kinds);
-        Ok(TableSchema {
+        let schema = TableSchema {
             name: name.to_owned(),
             columns,
             key,
-        })
+        };
+        self.schemas.insert(name.to_owned(), schema.clone());
+        Ok(schema)
     }
 
     /// Tables among `schemas` whose REPLICA IDENTITY is not FULL.
@@ -699,7 +708,8 @@ impl PostgresAdapter {
                         if let Some(e) = t.error {
                             return Err(e);
                         }
-                        for mut c in t.changes {
+                        let changes = self.outside_resume_windows(end, t.changes).await?;
+                        for mut c in changes {
                             c.change_id = end;
                             out.push(c);
                         }
@@ -959,15 +969,23 @@ impl PostgresAdapter {
         })
     }
 
-    /// Starts an initial snapshot: one `REPEATABLE READ` transaction that
-    /// takes `SHARE` locks on every synced table (waiting for running
-    /// writers, blocking new ones until [`PostgresAdapter::finish_snapshot`])
-    /// and reads the WAL insert position. Every transaction that committed
-    /// changes to these tables before it is in the snapshot and ends at or
-    /// below [`Snapshot::lsn`]; every later one ends above it, so streaming
-    /// from the slot with the checkpoint at that position has neither a gap
-    /// nor a double count.
-    pub async fn begin_snapshot(&self, schemas: &[TableSchema]) -> Result<Snapshot> {
+    /// Starts (or resumes) an initial snapshot: one `REPEATABLE READ`
+    /// transaction that takes `SHARE` locks on every synced table (waiting
+    /// for running writers, blocking new ones until
+    /// [`PostgresAdapter::finish_snapshot`]) and reads the WAL insert
+    /// position. Every transaction that committed changes to these tables
+    /// before it is in the snapshot and ends at or below that position;
+    /// every later one ends above it.
+    ///
+    /// With `resume` (the progress the core stored with the last durable
+    /// chunk of an interrupted snapshot of the same tables), the snapshot
+    /// goes on after that chunk's key, consistent with the new position,
+    /// and records a resume window (see [`SnapshotProgress`]).
+    pub async fn begin_snapshot(
+        &self,
+        schemas: &[TableSchema],
+        resume: Option<SnapshotProgress>,
+    ) -> Result<Snapshot> {
         let mut conn = self
             .pool
             .acquire()
@@ -999,67 +1017,98 @@ impl PostgresAdapter {
         }
         .await;
         let (lsn, rows) = res.map_err(|e| self.db_err("starting the initial snapshot", &e))?;
+        let lsn = parse_lsn(&lsn).unwrap_or(0);
+        let tables: Vec<String> = schemas.iter().map(|s| s.name.clone()).collect();
+        let fresh = SnapshotProgress {
+            version: SnapshotProgress::VERSION,
+            first_lsn: lsn,
+            lsn,
+            tables: tables.clone(),
+            ..SnapshotProgress::default()
+        };
+        let progress = match resume {
+            Some(mut p)
+                if p.version == SnapshotProgress::VERSION
+                    && p.tables == tables
+                    && !p.complete
+                    && p.windows.len() < MAX_RESUME_WINDOWS =>
+            {
+                p.windows.push(ResumeWindow {
+                    from_lsn: p.lsn,
+                    to_lsn: lsn,
+                    table: p.table,
+                    after_key: p.after_key.clone(),
+                });
+                p.lsn = lsn;
+                tracing::info!(database = %self.url, rows_done = p.done_rows, table = p.tables.get(p.table).map(String::as_str).unwrap_or("-"), "initial snapshot: resuming after the last durable chunk");
+                p
+            }
+            Some(p) => {
+                tracing::warn!(database = %self.url, done = p.done_rows, "initial snapshot: the stored progress does not match the configured tables (or was resumed too often); starting the snapshot over");
+                fresh
+            }
+            None => fresh,
+        };
         Ok(Snapshot {
             conn,
-            lsn: parse_lsn(&lsn).unwrap_or(0),
+            lsn,
             rows,
-            table: 0,
-            cursor: false,
+            progress,
         })
     }
 
     /// The next chunk of at most `limit` rows of the snapshot, in primary
-    /// key order, table by table, as inserts; `None` when every table is
-    /// done.
+    /// key order (keyset pagination inside the snapshot transaction),
+    /// table by table, as inserts, with the progress record to store with
+    /// it; `None` when every table is done.
     pub async fn snapshot_chunk(
         &self,
         snap: &mut Snapshot,
         schemas: &[TableSchema],
         limit: usize,
-    ) -> Result<Option<(String, Vec<CapturedChange>)>> {
+    ) -> Result<Option<(String, Vec<CapturedChange>, Vec<u8>)>> {
+        let limit = limit.max(1);
         loop {
-            let Some(schema) = schemas.get(snap.table) else {
+            let Some(schema) = schemas.get(snap.progress.table) else {
                 return Ok(None);
             };
-            if !snap.cursor {
-                let cols: Vec<String> = schema
-                    .columns
-                    .iter()
-                    .map(|c| format!("t.{}::text", quote_ident(&c.name)))
-                    .collect();
-                let order: Vec<String> = schema
-                    .key
-                    .iter()
-                    .map(|k| format!("t.{}", quote_ident(k)))
-                    .collect();
-                let sql = format!(
-                    "DECLARE _syncmesh_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {} AS t ORDER BY {}",
-                    cols.join(", "),
-                    quote_ident(&schema.name),
-                    order.join(", ")
-                );
-                snap.conn
-                    .execute(AssertSqlSafe(sql))
-                    .await
-                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
-                snap.cursor = true;
+            let cols: Vec<String> = schema
+                .columns
+                .iter()
+                .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+                .collect();
+            let key_cols: Vec<String> = schema
+                .key
+                .iter()
+                .map(|k| format!("t.{}", quote_ident(k)))
+                .collect();
+            let mut sql = format!(
+                "SELECT {} FROM {} AS t",
+                cols.join(", "),
+                quote_ident(&schema.name)
+            );
+            let mut params = Vec::new();
+            if let Some(after) = &snap.progress.after_key {
+                let mut marks = Vec::new();
+                for (i, (k, v)) in schema.key.iter().zip(after).enumerate() {
+                    marks.push(format!("${}::{}", i + 1, casts(schema, k)));
+                    params.push(self.encode(schema, k, v)?);
+                }
+                sql.push_str(&format!(
+                    " WHERE ({}) > ({})",
+                    key_cols.join(", "),
+                    marks.join(", ")
+                ));
             }
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "FETCH {} FROM _syncmesh_snapshot",
-                limit.max(1)
-            )))
-            .fetch_all(&mut *snap.conn)
-            .await
-            .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
-            if rows.is_empty() {
-                snap.conn
-                    .execute("CLOSE _syncmesh_snapshot")
-                    .await
-                    .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
-                snap.cursor = false;
-                snap.table += 1;
-                continue;
+            sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", key_cols.join(", ")));
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for p in params {
+                q = q.bind(p);
             }
+            let rows = q
+                .fetch_all(&mut *snap.conn)
+                .await
+                .map_err(|e| self.db_err(&format!("snapshot of {}", schema.name), &e))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
                 out.push(CapturedChange {
@@ -1070,8 +1119,138 @@ impl PostgresAdapter {
                     new: Some(self.decode_row(schema, row)?),
                 });
             }
-            return Ok(Some((schema.name.clone(), out)));
+            let last_key = out
+                .last()
+                .and_then(|c| c.new.as_ref())
+                .and_then(|r| schema.key_of(r));
+            if rows.len() < limit {
+                snap.progress.table += 1;
+                snap.progress.after_key = None;
+            } else {
+                snap.progress.after_key = last_key;
+            }
+            if out.is_empty() {
+                continue;
+            }
+            snap.progress.done_rows += out.len() as i64;
+            return Ok(Some((schema.name.clone(), out, snap.progress.encode()?)));
         }
+    }
+
+    /// Loads the windows of a resumed snapshot (from the progress record
+    /// the core stored) so capture drops what the resumed part already
+    /// published. Forgets them once `checkpoint` is past every window.
+    pub fn set_resume(&mut self, progress: Option<SnapshotProgress>, checkpoint: i64) {
+        self.resume = progress.filter(|p| p.windows.iter().any(|w| w.to_lsn > checkpoint));
+    }
+
+    /// Drops, from a transaction that committed at `end`, the changes of
+    /// rows a resumed snapshot published as of a later point (they are in
+    /// that snapshot already); an update that moves a row's key across the
+    /// boundary keeps the half that is outside.
+    async fn outside_resume_windows(
+        &self,
+        end: i64,
+        changes: Vec<CapturedChange>,
+    ) -> Result<Vec<CapturedChange>> {
+        let Some(p) = &self.resume else {
+            return Ok(changes);
+        };
+        let windows: Vec<&ResumeWindow> = p
+            .windows
+            .iter()
+            .filter(|w| end > w.from_lsn && end <= w.to_lsn)
+            .collect();
+        if windows.is_empty() {
+            return Ok(changes);
+        }
+        let mut out = Vec::with_capacity(changes.len());
+        for c in changes {
+            let Some(schema) = self.schemas.get(&c.table) else {
+                out.push(c);
+                continue;
+            };
+            let mut old_in = false;
+            let mut new_in = false;
+            for w in &windows {
+                if let Some(k) = c.old.as_ref().and_then(|r| schema.key_of(r)) {
+                    old_in |= self.in_resumed_range(w, &p.tables, schema, &k).await?;
+                }
+                if let Some(k) = c.new.as_ref().and_then(|r| schema.key_of(r)) {
+                    new_in |= self.in_resumed_range(w, &p.tables, schema, &k).await?;
+                }
+            }
+            match c.kind {
+                ChangeKind::Insert if new_in => {}
+                ChangeKind::Delete if old_in => {}
+                ChangeKind::Update if old_in && new_in => {}
+                ChangeKind::Update if old_in => out.push(CapturedChange {
+                    kind: ChangeKind::Insert,
+                    old: None,
+                    ..c
+                }),
+                ChangeKind::Update if new_in => out.push(CapturedChange {
+                    kind: ChangeKind::Delete,
+                    new: None,
+                    ..c
+                }),
+                _ => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `key` of table `schema` lies in the part of the snapshot
+    /// window `w` resumed (after the boundary), in PostgreSQL's key order.
+    async fn in_resumed_range(
+        &self,
+        w: &ResumeWindow,
+        tables: &[String],
+        schema: &TableSchema,
+        key: &[Value],
+    ) -> Result<bool> {
+        let Some(idx) = tables.iter().position(|t| t == &schema.name) else {
+            return Ok(false);
+        };
+        if idx != w.table {
+            return Ok(idx > w.table);
+        }
+        let Some(after) = &w.after_key else {
+            return Ok(true);
+        };
+        let kinds = self.kinds.get(&schema.name);
+        let rust_order = schema.key.iter().all(|k| {
+            matches!(
+                kinds.and_then(|m| m.get(k)),
+                Some(PgKind::Int | PgKind::Bytea | PgKind::Timestamp | PgKind::Timestamptz)
+            )
+        });
+        if rust_order {
+            return Ok(key > after.as_slice());
+        }
+        // Text keys sort by the column's collation, numeric ones by value:
+        // let PostgreSQL compare.
+        let n = schema.key.len();
+        let mine: Vec<String> = (0..n)
+            .map(|i| format!("${}::{}", i + 1, casts(schema, &schema.key[i])))
+            .collect();
+        let theirs: Vec<String> = (0..n)
+            .map(|i| format!("${}::{}", n + i + 1, casts(schema, &schema.key[i])))
+            .collect();
+        let mut q = sqlx::query_scalar::<_, bool>(AssertSqlSafe(format!(
+            "SELECT ROW({}) > ROW({})",
+            mine.join(", "),
+            theirs.join(", ")
+        )));
+        for (k, v) in schema.key.iter().zip(key) {
+            q = q.bind(self.encode(schema, k, v)?);
+        }
+        for (k, v) in schema.key.iter().zip(after) {
+            q = q.bind(self.encode(schema, k, v)?);
+        }
+        q.fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err("comparing keys of a resumed snapshot", &e))
     }
 
     /// Ends the snapshot transaction (releasing the table locks).
@@ -1141,60 +1320,151 @@ impl PostgresAdapter {
 /// [`PostgresAdapter::begin_snapshot`]).
 pub struct Snapshot {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    /// The WAL position the snapshot is consistent with.
+    /// The WAL position this attempt is consistent with.
     pub lsn: i64,
     /// Rows per table when the snapshot started (for progress).
     pub rows: Vec<i64>,
-    table: usize,
-    cursor: bool,
+    /// Where the snapshot stands (stored with every chunk).
+    pub progress: SnapshotProgress,
+}
+
+/// Most resume windows one snapshot keeps; beyond, it starts over.
+const MAX_RESUME_WINDOWS: usize = 64;
+
+/// Where a resumable initial snapshot stands. The core stores it (as
+/// bytes it does not read) in the same flushed batch as each chunk's ops.
+///
+/// The rows published by an attempt are consistent with its WAL position
+/// `lsn`. An attempt interrupted by a crash left the tables unlocked, so
+/// writes may have committed before the next attempt locks them again at
+/// a later position L'. The next attempt goes on after the last durable
+/// key, consistent with L', and records a [`ResumeWindow`] (lsn, L']:
+/// capture later drops the changes committed inside the window to rows of
+/// the resumed part (the new attempt read them as of L'), and keeps those
+/// to rows published before (they reflect `lsn` only). Once done, the
+/// capture checkpoint becomes `first_lsn`: nothing committed before the
+/// first attempt is streamed, everything after it is, exactly once.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotProgress {
+    /// Format of this record ([`SnapshotProgress::VERSION`]).
+    pub version: u32,
+    /// The first attempt's WAL position: the checkpoint once done.
+    pub first_lsn: i64,
+    /// The current attempt's WAL position.
+    pub lsn: i64,
+    /// The synced tables, in snapshot order.
+    pub tables: Vec<String>,
+    /// Index (in `tables`) of the table in progress.
+    pub table: usize,
+    /// Last key published of that table (`None`: none of it yet).
+    pub after_key: Option<Vec<Value>>,
+    /// Rows published so far, over every attempt.
+    pub done_rows: i64,
+    /// Every row is published and the checkpoint is set.
+    pub complete: bool,
+    /// One window per resumed attempt.
+    pub windows: Vec<ResumeWindow>,
+}
+
+/// Changes committed in (`from_lsn`, `to_lsn`] to rows after
+/// (`table`, `after_key`) in snapshot order are in the snapshot already.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeWindow {
+    /// Position the rows before the boundary are consistent with.
+    pub from_lsn: i64,
+    /// Position the resumed attempt is consistent with.
+    pub to_lsn: i64,
+    /// Table index of the boundary.
+    pub table: usize,
+    /// Last key published before the boundary (`None`: the whole table
+    /// is after it).
+    pub after_key: Option<Vec<Value>>,
+}
+
+impl SnapshotProgress {
+    /// The record format.
+    pub const VERSION: u32 = 1;
+
+    /// The stored form.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self).map_err(|e| Error::Store {
+            path: "m/snapshot".into(),
+            message: format!("cannot encode the snapshot progress: {e}"),
+        })
+    }
+
+    /// Reads a stored record; `None` if it is not one this version wrote
+    /// (the snapshot then starts over).
+    pub fn decode(bytes: &[u8]) -> Option<SnapshotProgress> {
+        postcard::from_bytes::<SnapshotProgress>(bytes)
+            .ok()
+            .filter(|p| p.version == SnapshotProgress::VERSION)
+    }
 }
 
 /// Publishes every row of the synced tables as of one consistent point,
 /// then sets the capture checkpoint there (see
-/// [`PostgresAdapter::begin_snapshot`]). Runs when a capturing node starts
-/// with no checkpoint yet (its first start, or after a crash during its
-/// snapshot, which then starts over: rows published already are published
-/// again as inserts of the same values, which changes no visible row and no
-/// `sum` total). Logs progress (rows, rate, ETA) per chunk of `batch` rows.
+/// [`PostgresAdapter::begin_snapshot`] and [`SnapshotProgress`]). Runs when
+/// a capturing node starts with no checkpoint yet: its first start, or a
+/// restart after a crash during its snapshot, which resumes after the last
+/// durable chunk. Shows progress (rows, rate, ETA) per chunk of `batch`
+/// rows: a bar on a terminal, log lines otherwise.
 pub async fn initial_snapshot<S: crate::store::LogStore>(
-    db: &PostgresAdapter,
+    db: &mut PostgresAdapter,
     core: &mut crate::core::NodeCore<S>,
     schemas: &[TableSchema],
     batch: usize,
 ) -> Result<()> {
+    let stored = core
+        .snapshot_progress()?
+        .and_then(|b| SnapshotProgress::decode(&b));
+    if let Some(p) = stored.as_ref().filter(|p| p.complete) {
+        // Crashed between storing "complete" and the checkpoint.
+        core.handle_checkpoint(p.first_lsn)?;
+        db.set_resume(stored.clone(), p.first_lsn);
+        return Ok(());
+    }
     let started = std::time::Instant::now();
-    let mut snap = db.begin_snapshot(schemas).await?;
+    let mut snap = db.begin_snapshot(schemas, stored).await?;
     let total: i64 = snap.rows.iter().sum();
-    let lsn = snap.lsn;
-    tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
-    let mut done = 0i64;
+    let already = snap.progress.done_rows;
+    tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+    let mut bar = syncmesh_ops::progress::Progress::new(&db.slot, "initial snapshot");
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
     let mut last_log = std::time::Instant::now();
-    while let Some((table, rows)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
-        let now = syncmesh_resolver::Ntp64::from_unix_millis(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        );
-        core.handle_snapshot(now, &rows)?;
-        done += rows.len() as i64;
-        if last_log.elapsed() >= Duration::from_secs(1) || done == total {
+    while let Some((table, rows, progress)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
+        let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
+        core.handle_snapshot_chunk(now, &rows, &progress)?;
+        let done = snap.progress.done_rows;
+        // `total` counts whole tables: rows published by earlier attempts
+        // are in it too.
+        let target = total.max(done) as u64;
+        bar.observe(now_ms(), done as u64, target);
+        if last_log.elapsed() >= Duration::from_secs(1) {
             last_log = std::time::Instant::now();
             let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
+            let rate = (done - already) as f64 / secs;
             let eta = if rate > 0.0 {
-                (total - done).max(0) as f64 / rate
+                (target as i64 - done).max(0) as f64 / rate
             } else {
                 0.0
             };
-            tracing::info!(database = %db.url, table = %table, "initial snapshot: {done}/{total} rows ({:.0}%), {rate:.0} rows/s, ETA {eta:.0} s", 100.0 * done as f64 / total.max(1) as f64);
+            tracing::debug!(database = %db.url, table = %table, "initial snapshot: {done}/{target} rows, {rate:.0} rows/s, ETA {eta:.0} s");
         }
     }
-    // The rows are flushed (handle_snapshot); only now does the checkpoint
-    // move to the snapshot's position.
-    core.handle_checkpoint(lsn)?;
+    // Every chunk is flushed: only now does the checkpoint move.
+    snap.progress.complete = true;
+    core.set_snapshot_progress(&snap.progress.encode()?)?;
+    core.handle_checkpoint(snap.progress.first_lsn)?;
+    let progress = snap.progress.clone();
     db.finish_snapshot(snap).await?;
-    tracing::info!(database = %db.url, rows = done, secs = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
+    db.set_resume(Some(progress.clone()), progress.first_lsn);
+    tracing::info!(database = %db.url, rows = progress.done_rows, resumed = progress.windows.len(), secs = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
     Ok(())
 }
 

@@ -202,12 +202,19 @@ pub async fn start_node_with_dialer(
         }
         None => (None, None),
     };
-    if let Db::Postgres(pg) = &db
+    if let Db::Postgres(pg) = &mut db
         && cfg.mode.captures()
-        && core.capture_checkpoint() == 0
     {
-        let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
-        crate::postgres::initial_snapshot(pg, &mut core, &schemas, sync.batch_size).await?;
+        if core.capture_checkpoint() == 0 {
+            let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
+            crate::postgres::initial_snapshot(pg, &mut core, &schemas, sync.batch_size).await?;
+        } else {
+            // A resumed snapshot's windows still filter what capture reads.
+            let progress = core
+                .snapshot_progress()?
+                .and_then(|b| crate::postgres::SnapshotProgress::decode(&b));
+            pg.set_resume(progress, core.capture_checkpoint());
+        }
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
