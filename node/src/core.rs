@@ -1148,29 +1148,9 @@ struct SplitOp {
     expected: Option<VisibleRow>,
 }
 
-/// `new − old` for counter fields: exact for integers (an i64 overflow
-/// becomes an exact decimal), IEEE for floats; NULL counts as zero. `None`
-/// when either side is not a number (a type mismatch the caller reports).
+/// `new − old` for counter fields: see [`syncmesh_resolver::counter_delta`].
 fn delta(old: &Value, new: &Value) -> Option<Value> {
-    let num = |v: &Value| match v {
-        Value::Null => Some(Value::Int(0)),
-        Value::Int(_) | Value::Float(_) => Some(v.clone()),
-        _ => None,
-    };
-    Some(match (num(old)?, num(new)?) {
-        (Value::Int(a), Value::Int(b)) => match b.checked_sub(a) {
-            Some(d) => Value::Int(d),
-            None => Value::Decimal((i128::from(b) - i128::from(a)).to_string()),
-        },
-        (a, b) => {
-            let f = |v: &Value| match v {
-                Value::Int(i) => *i as f64,
-                Value::Float(x) => *x,
-                _ => 0.0,
-            };
-            Value::Float(f(&b) - f(&a))
-        }
-    })
+    syncmesh_resolver::counter_delta(old, new)
 }
 
 /// Splits one captured change into per-key ops.

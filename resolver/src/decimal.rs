@@ -148,6 +148,13 @@ impl Decimal {
         out
     }
 
+    /// `-self` (zero stays non-negative).
+    pub(crate) fn negated(&self) -> Decimal {
+        let mut d = self.clone();
+        d.neg = !d.neg && !d.mag.is_empty();
+        d
+    }
+
     /// Numeric order (`1.5` and `1.50` are equal here).
     pub(crate) fn cmp_value(&self, other: &Decimal) -> Ordering {
         let scale = self.scale.max(other.scale);

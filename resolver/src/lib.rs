@@ -56,5 +56,5 @@ pub use error::{Error, Result};
 pub use hlc::{Hlc, HlcClock, Ntp64};
 pub use op::{FieldWrite, NodeId, Op, OpId, OpKind, VersionVector};
 pub use row::{Entry, RowState, VisibleRow};
-pub use rules::{DeletePolicy, Granularity, Strategy, TableRules};
+pub use rules::{DeletePolicy, Granularity, Strategy, TableRules, counter_delta};
 pub use value::Value;

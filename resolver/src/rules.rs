@@ -241,6 +241,40 @@ fn list_rank(list: &[String], v: &Value) -> usize {
         .unwrap_or(list.len())
 }
 
+/// `new − old` of a `sum` field as its origin saw the write: the delta the
+/// op carries. Exact for integers (an i64 overflow becomes an exact
+/// decimal) and for decimals (the larger scale of the two), IEEE for
+/// floats; NULL counts as zero. `None` when either side is not a number
+/// (a type mismatch the caller reports).
+pub fn counter_delta(old: &Value, new: &Value) -> Option<Value> {
+    let num = |v: &Value| match v {
+        Value::Null => Some(Value::Int(0)),
+        Value::Int(_) | Value::Float(_) | Value::Decimal(_) => Some(v.clone()),
+        _ => None,
+    };
+    let dec = |v: &Value| match v {
+        Value::Int(i) => Some(Decimal::from_i64(*i)),
+        Value::Decimal(s) => Decimal::parse(s),
+        _ => None,
+    };
+    let float = |v: &Value| match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(x) => Some(*x),
+        Value::Decimal(s) => s.parse::<f64>().ok(),
+        _ => None,
+    };
+    Some(match (num(old)?, num(new)?) {
+        (Value::Int(a), Value::Int(b)) => match b.checked_sub(a) {
+            Some(d) => Value::Int(d),
+            None => Value::Decimal((i128::from(b) - i128::from(a)).to_string()),
+        },
+        (a @ Value::Float(_), b) | (a, b @ Value::Float(_)) => {
+            Value::Float(float(&b)? - float(&a)?)
+        }
+        (a, b) => Value::Decimal(dec(&b)?.add(&dec(&a)?.negated()).to_text()),
+    })
+}
+
 /// The exact sum of counter deltas, taken in the order given (callers pass
 /// them sorted by op id); `None` when no delta counts. Rules: [`Strategy::Sum`].
 pub(crate) fn sum<'a>(deltas: impl Iterator<Item = &'a Value>) -> Option<Value> {
@@ -439,6 +473,39 @@ mod tests {
             Some(Value::Int(-2))
         );
         assert_eq!(s(vec![Value::Null, Value::Text("1".into())]), None);
+    }
+
+    #[test]
+    fn counter_deltas_are_exact() {
+        let d = |s: &str| Value::Decimal(s.into());
+        assert_eq!(counter_delta(&d("10.25"), &d("12.5")), Some(d("2.25")));
+        assert_eq!(counter_delta(&d("12.50"), &d("10.25")), Some(d("-2.25")));
+        assert_eq!(counter_delta(&Value::Null, &d("0.10")), Some(d("0.10")));
+        assert_eq!(counter_delta(&d("1.5"), &Value::Int(3)), Some(d("1.5")));
+        assert_eq!(counter_delta(&d("2.00"), &d("2.00")), Some(d("0.00")));
+        // 0.1 + 0.2 style values stay exact.
+        assert_eq!(
+            counter_delta(&d("0.1"), &d("0.3")),
+            Some(d("0.2")),
+            "no float rounding"
+        );
+        assert_eq!(
+            counter_delta(&Value::Int(i64::MIN), &Value::Int(i64::MAX)),
+            Some(d("18446744073709551615"))
+        );
+        assert_eq!(
+            counter_delta(&Value::Int(1), &Value::Int(4)),
+            Some(Value::Int(3))
+        );
+        assert_eq!(
+            counter_delta(&Value::Float(0.5), &d("2")),
+            Some(Value::Float(1.5))
+        );
+        assert_eq!(
+            counter_delta(&Value::Text("x".into()), &Value::Int(1)),
+            None
+        );
+        assert_eq!(counter_delta(&d("1e5"), &d("2")), None);
     }
 
     #[test]

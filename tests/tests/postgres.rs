@@ -455,6 +455,70 @@ async fn concurrent_increments_on_two_partitioned_pg_databases_all_count() -> Re
     mesh.stop().await
 }
 
+/// `sum` on a `numeric(12,2)` column: concurrent fractional increments on
+/// two partitioned PostgreSQL databases add up exactly (no float rounding:
+/// 0.10 + 0.20 stays 0.30, a million-cent total stays exact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_sum_is_exact_across_partitioned_pg_databases() -> Result<()> {
+    let mesh = PgMesh::start(
+        "CREATE TABLE wallets (id integer PRIMARY KEY, balance numeric(12, 2) NOT NULL DEFAULT 0)",
+        "CREATE TABLE wallets (id INTEGER PRIMARY KEY, balance NUMERIC NOT NULL DEFAULT 0)",
+        "tables:\n  - name: wallets\n    key: [id]\n    resolve:\n      fields:\n        balance: sum\n",
+    )
+    .await?;
+    let wallet = |id: i64, balance: &str| {
+        BTreeMap::from([
+            ("id".to_owned(), Value::Int(id)),
+            ("balance".to_owned(), Value::Decimal(balance.to_owned())),
+        ])
+    };
+    // Only the PostgreSQL databases are compared: SQLite's NUMERIC affinity
+    // stores these values as floats (see node/src/sqlite.rs).
+    let wait_pg = |expected: Vec<BTreeMap<String, Value>>| {
+        let mesh = &mesh;
+        async move {
+            wait_until("both PostgreSQL databases to show the totals", LONG, || {
+                let expected = expected.clone();
+                async move {
+                    Ok(mesh.rows(0, 0).await? == expected && mesh.rows(1, 0).await? == expected)
+                }
+            })
+            .await
+        }
+    };
+    mesh.exec(0, "INSERT INTO wallets VALUES (1, 9999.99)")
+        .await?;
+    wait_pg(vec![wallet(1, "9999.99")]).await?;
+    mesh.nodes[0].set_online(false).await;
+    mesh.nodes[1].set_online(false).await;
+    for _ in 0..30 {
+        mesh.exec(
+            0,
+            "UPDATE wallets SET balance = balance + 0.10 WHERE id = 1",
+        )
+        .await?;
+        mesh.exec(
+            1,
+            "UPDATE wallets SET balance = balance + 0.20 WHERE id = 1",
+        )
+        .await?;
+    }
+    mesh.exec(
+        1,
+        "UPDATE wallets SET balance = balance - 0.07 WHERE id = 1",
+    )
+    .await?;
+    wait_until("both nodes to capture while offline", LONG, || async {
+        Ok(mesh.nodes[0].stats().own_ops >= 31 && mesh.nodes[1].stats().own_ops >= 31)
+    })
+    .await?;
+    mesh.nodes[0].set_online(true).await;
+    mesh.nodes[1].set_online(true).await;
+    // 9999.99 + 30 × 0.10 + 30 × 0.20 − 0.07
+    wait_pg(vec![wallet(1, "10008.92")]).await?;
+    mesh.stop().await
+}
+
 fn assert_one_line_error(what: &str, ok: bool, stdout: &str, stderr: &str, needle: &str) {
     assert!(!ok, "{what}: must exit non-zero");
     let all = format!("{stdout}{stderr}");
