@@ -1,15 +1,22 @@
 //! Node ids, op ids, ops and version vectors.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::{Error, Hlc, Result, Value};
 
 /// The name of a node (or hub), unique in the mesh: 1-64 characters from
 /// `[A-Za-z0-9_.-]`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(String);
+///
+/// Shared (`Arc<str>`): a clone is a reference-count increment, and two
+/// clones of the same id compare equal by pointer before comparing bytes.
+/// Ordered, hashed and serialized exactly as its name (a plain string).
+#[derive(Clone, Debug)]
+pub struct NodeId(Arc<str>);
 
 impl NodeId {
     /// Longest accepted name, in bytes.
@@ -24,7 +31,7 @@ impl NodeId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if ok {
-            Ok(NodeId(name))
+            Ok(NodeId(Arc::from(name)))
         } else {
             Err(Error::InvalidNodeId { name })
         }
@@ -45,6 +52,52 @@ impl NodeId {
             h = h.wrapping_mul(PRIME);
         }
         if h == 0 { 1 } else { h }
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
+}
+
+impl Eq for NodeId {}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        if Arc::ptr_eq(&self.0, &other.0) {
+            Ordering::Equal
+        } else {
+            self.0.cmp(&other.0)
+        }
+    }
+}
+
+impl Hash for NodeId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_struct("NodeId", &*self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "NodeId")]
+        struct Name(String);
+        let Name(name) = Name::deserialize(deserializer)?;
+        Ok(NodeId(Arc::from(name)))
     }
 }
 
