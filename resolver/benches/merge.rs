@@ -101,7 +101,8 @@ fn row_ops(
     concurrent: u64,
 ) -> Vec<Op> {
     let mut state = RowState::default();
-    let mut older = RowState::default();
+    // What each field's `pred` was before the previous op.
+    let mut older: Vec<Vec<OpId>> = vec![Vec::new(); fields.len()];
     let mut out = Vec::with_capacity(ops);
     for n in 0..ops {
         let o = g.below(nodes.len() as u64) as usize;
@@ -111,26 +112,28 @@ fn row_ops(
             time: (key as u64 * ops as u64 + n as u64) * 16,
             id: o as u128 + 1,
         };
+        let current: Vec<Vec<OpId>> = fields
+            .iter()
+            .map(|&f| state.field_pred(&field(f)))
+            .collect();
         // A concurrent write saw only the older state.
         let seen = if n > 0 && g.below(100) < concurrent {
             &older
         } else {
-            &state
+            &current
         };
         let writes: Vec<FieldWrite> = fields
             .iter()
-            .map(|&f| {
-                let name = field(f);
-                FieldWrite {
-                    pred: seen.field_pred(&name),
-                    value: value(g, f),
-                    delta: (f == 1).then(|| Value::Int(g.below(10) as i64 + 1)),
-                    name,
-                }
+            .zip(seen)
+            .map(|(&f, pred)| FieldWrite {
+                pred: pred.clone(),
+                value: value(g, f),
+                delta: (f == 1).then(|| Value::Int(g.below(10) as i64 + 1)),
+                name: field(f),
             })
             .collect();
         let op = Op::upsert(id, hlc, "t", vec![Value::Int(key)], writes);
-        older = state.clone();
+        older = current;
         state.apply(&op);
         out.push(op);
     }

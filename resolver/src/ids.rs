@@ -8,7 +8,8 @@
 //! [`Killers`] holds its usual single entry inline. Both are canonical
 //! (sorted, no empty group), so equal contents serialize to equal bytes.
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use smallvec::SmallVec;
 
 use crate::{NodeId, OpId, VersionVector};
@@ -29,6 +30,17 @@ impl Killers {
 
     /// Adds `(origin, seq)`, keeping the lowest seq per origin.
     fn add(&mut self, origin: &NodeId, seq: u64) {
+        match self.0.as_mut_slice() {
+            [] => {
+                self.0.push((origin.clone(), seq));
+                return;
+            }
+            [(o, s)] if *o == *origin => {
+                *s = (*s).min(seq);
+                return;
+            }
+            _ => {}
+        }
         match self.0.binary_search_by(|(o, _)| o.cmp(origin)) {
             Ok(i) => self.0[i].1 = self.0[i].1.min(seq),
             Err(i) => self.0.insert(i, (origin.clone(), seq)),
@@ -63,14 +75,31 @@ impl Killers {
     }
 }
 
-/// A map from op id to `V`: per origin (sorted by name), per seq (sorted).
-/// No group is empty.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct IdMap<V>(Vec<(NodeId, Vec<(u64, V)>)>);
+/// Entries an [`IdMap`] keeps in one flat vector before it groups them by
+/// origin.
+const FLAT_MAX: usize = 32;
+
+/// Capacity of a flat [`IdMap`]'s first allocation (a row's field usually
+/// sees several superseded writes).
+const FLAT_FIRST: usize = 8;
+
+/// A map from op id to `V`, in op-id order. Small maps are one sorted
+/// vector (one allocation); from [`FLAT_MAX`] entries on, entries are
+/// grouped per origin (sorted by name) and sorted by seq inside a group, so
+/// an insert is an append even in a row with thousands of entries. The
+/// representation never shows: equality and the serialized form (the
+/// entries in op-id order) depend on the contents only.
+#[derive(Clone, Debug)]
+pub(crate) enum IdMap<V> {
+    /// Sorted by op id.
+    Flat(Vec<(OpId, V)>),
+    /// Sorted by origin, then seq; no group is empty.
+    Grouped(Vec<(NodeId, Vec<(u64, V)>)>),
+}
 
 impl<V> Default for IdMap<V> {
     fn default() -> Self {
-        IdMap(Vec::new())
+        IdMap::Flat(Vec::new())
     }
 }
 
@@ -84,125 +113,267 @@ fn seq_pos<V>(group: &[(u64, V)], seq: u64) -> Result<usize, usize> {
     }
 }
 
-impl<V> IdMap<V> {
-    fn origin_pos(&self, origin: &NodeId) -> Result<usize, usize> {
-        self.0.binary_search_by(|(o, _)| o.cmp(origin))
+/// Position of `id` in a flat map (appends checked first).
+fn flat_pos<V>(flat: &[(OpId, V)], id: &OpId) -> Result<usize, usize> {
+    match flat.last() {
+        None => Err(0),
+        Some((last, _)) if *last < *id => Err(flat.len()),
+        Some(_) => flat.binary_search_by(|(k, _)| k.cmp(id)),
     }
+}
 
-    /// Every entry of `origin`, sorted by seq.
-    pub(crate) fn group(&self, origin: &NodeId) -> &[(u64, V)] {
-        match self.origin_pos(origin) {
-            Ok(i) => &self.0[i].1,
-            Err(_) => &[],
+/// The range of a flat map holding `origin`'s entries with `seq <= upto`.
+fn flat_prefix<V>(flat: &[(OpId, V)], origin: &NodeId, upto: u64) -> std::ops::Range<usize> {
+    let start = flat.partition_point(|(k, _)| k.origin < *origin);
+    let len = flat[start..].partition_point(|(k, _)| k.origin == *origin && k.seq <= upto);
+    start..start + len
+}
+
+fn origin_pos<V>(groups: &[(NodeId, Vec<(u64, V)>)], origin: &NodeId) -> Result<usize, usize> {
+    groups.binary_search_by(|(o, _)| o.cmp(origin))
+}
+
+impl<V> IdMap<V> {
+    pub(crate) fn get(&self, id: &OpId) -> Option<&V> {
+        match self {
+            IdMap::Flat(flat) => flat_pos(flat, id).ok().map(|i| &flat[i].1),
+            IdMap::Grouped(groups) => {
+                let group = &groups[origin_pos(groups, &id.origin).ok()?].1;
+                seq_pos(group, id.seq).ok().map(|i| &group[i].1)
+            }
         }
     }
 
-    pub(crate) fn get(&self, id: &OpId) -> Option<&V> {
-        let group = self.group(&id.origin);
-        seq_pos(group, id.seq).ok().map(|i| &group[i].1)
-    }
-
     pub(crate) fn get_mut(&mut self, id: &OpId) -> Option<&mut V> {
-        let g = self.origin_pos(&id.origin).ok()?;
-        let group = &mut self.0[g].1;
-        let i = seq_pos(group, id.seq).ok()?;
-        Some(&mut group[i].1)
+        match self {
+            IdMap::Flat(flat) => {
+                let i = flat_pos(flat, id).ok()?;
+                Some(&mut flat[i].1)
+            }
+            IdMap::Grouped(groups) => {
+                let g = origin_pos(groups, &id.origin).ok()?;
+                let group = &mut groups[g].1;
+                let i = seq_pos(group, id.seq).ok()?;
+                Some(&mut group[i].1)
+            }
+        }
     }
 
     pub(crate) fn contains(&self, id: &OpId) -> bool {
         self.get(id).is_some()
     }
 
-    /// The group of `origin`, created if absent.
-    fn group_mut(&mut self, origin: &NodeId) -> &mut Vec<(u64, V)> {
-        let g = match self.origin_pos(origin) {
-            Ok(g) => g,
-            Err(g) => {
-                self.0.insert(g, (origin.clone(), Vec::new()));
-                g
+    /// Regroups a flat map that has grown to [`FLAT_MAX`] entries.
+    fn regroup(&mut self) {
+        if let IdMap::Flat(flat) = self
+            && flat.len() >= FLAT_MAX
+        {
+            let mut groups: Vec<(NodeId, Vec<(u64, V)>)> = Vec::new();
+            for (id, v) in std::mem::take(flat) {
+                match groups.last_mut() {
+                    Some((o, g)) if *o == id.origin => g.push((id.seq, v)),
+                    _ => groups.push((id.origin, vec![(id.seq, v)])),
+                }
             }
-        };
-        &mut self.0[g].1
+            *self = IdMap::Grouped(groups);
+        }
     }
 
     /// The value of `id`, inserted with `make` if absent.
     pub(crate) fn get_or_insert_with(&mut self, id: &OpId, make: impl FnOnce() -> V) -> &mut V {
-        let group = self.group_mut(&id.origin);
-        let i = match seq_pos(group, id.seq) {
-            Ok(i) => i,
-            Err(i) => {
-                group.insert(i, (id.seq, make()));
-                i
+        self.regroup();
+        match self {
+            IdMap::Flat(flat) => {
+                let i = match flat_pos(flat, id) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        if flat.capacity() == 0 {
+                            flat.reserve_exact(FLAT_FIRST);
+                        }
+                        flat.insert(i, (id.clone(), make()));
+                        i
+                    }
+                };
+                &mut flat[i].1
             }
-        };
-        &mut group[i].1
+            IdMap::Grouped(groups) => {
+                let g = match origin_pos(groups, &id.origin) {
+                    Ok(g) => g,
+                    Err(g) => {
+                        groups.insert(g, (id.origin.clone(), Vec::new()));
+                        g
+                    }
+                };
+                let group = &mut groups[g].1;
+                let i = match seq_pos(group, id.seq) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        group.insert(i, (id.seq, make()));
+                        i
+                    }
+                };
+                &mut group[i].1
+            }
+        }
     }
 
     /// Sets the value of `id`.
     pub(crate) fn insert(&mut self, id: &OpId, value: V) {
-        let group = self.group_mut(&id.origin);
-        match seq_pos(group, id.seq) {
-            Ok(i) => group[i].1 = value,
-            Err(i) => group.insert(i, (id.seq, value)),
+        if let Some(slot) = self.get_mut(id) {
+            *slot = value;
+            return;
         }
+        self.get_or_insert_with(id, || value);
     }
 
-    /// The entries of `origin` with `seq <= upto`.
-    pub(crate) fn prefix_mut(
-        &mut self,
-        origin: &NodeId,
-        upto: u64,
-    ) -> impl Iterator<Item = (u64, &mut V)> {
-        let group: &mut [(u64, V)] = match self.origin_pos(origin) {
-            Ok(g) => &mut self.0[g].1,
-            Err(_) => &mut [],
-        };
-        let end = group.partition_point(|(s, _)| *s <= upto);
-        group[..end].iter_mut().map(|(s, v)| (*s, v))
-    }
-
-    /// Removes the entries of `origin` with `seq <= upto`.
-    pub(crate) fn remove_prefix(&mut self, origin: &NodeId, upto: u64) {
-        if let Ok(g) = self.origin_pos(origin) {
-            let group = &mut self.0[g].1;
-            let end = group.partition_point(|(s, _)| *s <= upto);
-            group.drain(..end);
-            if group.is_empty() {
-                self.0.remove(g);
+    /// Calls `f` on every entry of `origin` with `seq <= upto`.
+    pub(crate) fn for_prefix_mut(&mut self, origin: &NodeId, upto: u64, mut f: impl FnMut(&mut V)) {
+        match self {
+            IdMap::Flat(flat) => {
+                let r = flat_prefix(flat, origin, upto);
+                flat[r].iter_mut().for_each(|(_, v)| f(v));
+            }
+            IdMap::Grouped(groups) => {
+                if let Ok(g) = origin_pos(groups, origin) {
+                    let group = &mut groups[g].1;
+                    let end = group.partition_point(|(s, _)| *s <= upto);
+                    group[..end].iter_mut().for_each(|(_, v)| f(v));
+                }
             }
         }
     }
 
-    /// Keeps the entries for which `keep` holds.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&NodeId, u64, &V) -> bool) {
-        for (origin, group) in &mut self.0 {
-            group.retain(|(s, v)| keep(origin, *s, v));
+    /// Calls `f` on every entry of `origin` with `seq >= from`.
+    pub(crate) fn for_from(&self, origin: &NodeId, from: u64, mut f: impl FnMut(&V)) {
+        match self {
+            IdMap::Flat(flat) => {
+                let start = flat.partition_point(|(k, _)| {
+                    k.origin < *origin || (k.origin == *origin && k.seq < from)
+                });
+                flat[start..]
+                    .iter()
+                    .take_while(|(k, _)| k.origin == *origin)
+                    .for_each(|(_, v)| f(v));
+            }
+            IdMap::Grouped(groups) => {
+                if let Ok(g) = origin_pos(groups, origin) {
+                    let group = &groups[g].1;
+                    let start = group.partition_point(|(s, _)| *s < from);
+                    group[start..].iter().for_each(|(_, v)| f(v));
+                }
+            }
         }
-        self.0.retain(|(_, g)| !g.is_empty());
+    }
+
+    /// Removes the entries of `origin` with `seq <= upto`.
+    pub(crate) fn remove_prefix(&mut self, origin: &NodeId, upto: u64) {
+        match self {
+            IdMap::Flat(flat) => {
+                let r = flat_prefix(flat, origin, upto);
+                if !r.is_empty() {
+                    flat.drain(r);
+                }
+            }
+            IdMap::Grouped(groups) => {
+                if let Ok(g) = origin_pos(groups, origin) {
+                    let group = &mut groups[g].1;
+                    let end = group.partition_point(|(s, _)| *s <= upto);
+                    group.drain(..end);
+                    if group.is_empty() {
+                        groups.remove(g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the entries for which `keep` holds (it may change them).
+    pub(crate) fn retain_mut(&mut self, mut keep: impl FnMut(&NodeId, u64, &mut V) -> bool) {
+        match self {
+            IdMap::Flat(flat) => flat.retain_mut(|(k, v)| keep(&k.origin, k.seq, v)),
+            IdMap::Grouped(groups) => {
+                for (origin, group) in groups.iter_mut() {
+                    group.retain_mut(|(s, v)| keep(origin, *s, v));
+                }
+                groups.retain(|(_, g)| !g.is_empty());
+            }
+        }
+    }
+
+    /// Calls `f` on every entry in op-id order.
+    pub(crate) fn for_each<'a>(&'a self, mut f: impl FnMut(&'a NodeId, u64, &'a V)) {
+        match self {
+            IdMap::Flat(flat) => flat.iter().for_each(|(k, v)| f(&k.origin, k.seq, v)),
+            IdMap::Grouped(groups) => {
+                for (origin, group) in groups {
+                    group.iter().for_each(|(s, v)| f(origin, *s, v));
+                }
+            }
+        }
     }
 
     /// Every entry in op-id order.
-    #[cfg(test)]
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&NodeId, u64, &V)> {
-        self.0
-            .iter()
-            .flat_map(|(o, g)| g.iter().map(move |(s, v)| (o, *s, v)))
+    fn entries(&self) -> Vec<(&NodeId, u64, &V)> {
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each(|o, s, v| out.push((o, s, v)));
+        out
     }
 
-    /// Every entry's value in op-id order.
-    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().flat_map(|(_, g)| g.iter().map(|(_, v)| v))
-    }
-
-    /// Per origin, the highest seq held.
-    pub(crate) fn tops(&self) -> impl Iterator<Item = (&NodeId, u64)> {
-        self.0
-            .iter()
-            .filter_map(|(o, g)| g.last().map(|(s, _)| (o, *s)))
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            IdMap::Flat(flat) => flat.len(),
+            IdMap::Grouped(groups) => groups.iter().map(|(_, g)| g.len()).sum(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        match self {
+            IdMap::Flat(flat) => flat.is_empty(),
+            IdMap::Grouped(groups) => groups.is_empty(),
+        }
+    }
+}
+
+impl<V: PartialEq> PartialEq for IdMap<V> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (IdMap::Flat(a), IdMap::Flat(b)) => a == b,
+            (IdMap::Grouped(a), IdMap::Grouped(b)) => a == b,
+            _ => self.entries() == other.entries(),
+        }
+    }
+}
+
+impl<V: Eq> Eq for IdMap<V> {}
+
+impl<V: Serialize> Serialize for IdMap<V> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        let mut result = Ok(());
+        self.for_each(|origin, s, v| {
+            if result.is_ok() {
+                result = seq.serialize_element(&((origin, s), v));
+            }
+        });
+        result?;
+        seq.end()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for IdMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries: Vec<((NodeId, u64), V)> = Vec::deserialize(deserializer)?;
+        let mut flat: Vec<(OpId, V)> = entries
+            .into_iter()
+            .map(|((origin, seq), v)| (OpId::new(origin, seq), v))
+            .collect();
+        if !flat.is_sorted_by(|a, b| a.0 < b.0) {
+            flat.sort_by(|a, b| a.0.cmp(&b.0));
+            flat.dedup_by(|a, b| a.0 == b.0);
+        }
+        let mut map = IdMap::Flat(flat);
+        map.regroup();
+        Ok(map)
     }
 }
 
@@ -213,6 +384,13 @@ mod tests {
 
     fn id(n: &str, s: u64) -> OpId {
         OpId::new(NodeId::new(n).unwrap(), s)
+    }
+
+    fn order(m: &IdMap<usize>) -> Vec<(String, u64, usize)> {
+        m.entries()
+            .into_iter()
+            .map(|(o, s, v)| (o.as_str().to_owned(), s, *v))
+            .collect()
     }
 
     #[test]
@@ -227,12 +405,9 @@ mod tests {
             rev.insert(x, i);
         }
         assert_eq!(fwd, rev);
-        let order: Vec<(String, u64)> = fwd
-            .iter()
-            .map(|(o, s, _)| (o.as_str().to_owned(), s))
-            .collect();
+        let keys: Vec<(String, u64)> = order(&fwd).into_iter().map(|(o, s, _)| (o, s)).collect();
         assert_eq!(
-            order,
+            keys,
             [("a", 1), ("a", 3), ("b", 1), ("b", 2), ("c", 7)]
                 .map(|(o, s)| (o.to_owned(), s))
                 .to_vec()
@@ -241,9 +416,56 @@ mod tests {
         assert_eq!(fwd.get(&id("a", 3)), Some(&9));
         assert_eq!(fwd.get(&id("a", 2)), None);
         fwd.remove_prefix(&NodeId::new("a").unwrap(), 3);
-        fwd.retain(|_, s, _| s != 7);
-        assert_eq!(fwd.iter().count(), 2, "the a and c groups are gone");
-        assert_eq!(fwd.0.len(), 1);
+        fwd.retain_mut(|_, s, _| s != 7);
+        assert_eq!(order(&fwd), vec![("b".into(), 1, 2), ("b".into(), 2, 0)]);
+    }
+
+    #[test]
+    fn flat_and_grouped_maps_with_the_same_entries_are_equal_and_serialize_alike() {
+        let nodes = ["d", "a", "c", "b"];
+        let ids: Vec<OpId> = (1..=50u64)
+            .flat_map(|s| nodes.iter().map(move |n| id(n, s)))
+            .collect();
+        let mut grown = IdMap::default();
+        for (i, x) in ids.iter().enumerate() {
+            grown.insert(x, i);
+        }
+        assert!(matches!(grown, IdMap::Grouped(_)));
+        let mut backwards = IdMap::default();
+        for (i, x) in ids.iter().enumerate().rev() {
+            backwards.insert(x, i);
+        }
+        assert_eq!(grown, backwards);
+        let bytes = postcard::to_allocvec(&grown).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&backwards).unwrap());
+        let back: IdMap<usize> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, grown);
+        // Shrunk below the threshold it stays grouped, yet equals a flat map.
+        grown.retain_mut(|o, s, _| o.as_str() == "b" && s <= 3);
+        let mut flat = IdMap::default();
+        for s in 1..=3 {
+            flat.insert(&id("b", s), ((s - 1) * 4 + 3) as usize);
+        }
+        assert!(matches!(flat, IdMap::Flat(_)));
+        assert_eq!(grown, flat);
+        assert_eq!(
+            postcard::to_allocvec(&grown).unwrap(),
+            postcard::to_allocvec(&flat).unwrap()
+        );
+        // Prefix queries agree in both forms.
+        let b = NodeId::new("b").unwrap();
+        for m in [&mut grown, &mut flat] {
+            let mut seen = Vec::new();
+            m.for_from(&b, 2, |v| seen.push(*v));
+            assert_eq!(seen, vec![7, 11]);
+            m.for_prefix_mut(&b, 2, |v| *v += 100);
+            m.remove_prefix(&b, 1);
+        }
+        assert_eq!(grown, flat);
+        assert_eq!(
+            order(&flat),
+            vec![("b".into(), 2, 107), ("b".into(), 3, 11)]
+        );
     }
 
     #[test]

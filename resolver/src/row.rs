@@ -41,6 +41,17 @@ struct Dead {
     by: Killers,
 }
 
+/// What a row knows about a superseded write of one field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Gone {
+    /// Field-scope supersession: who named it in a field `pred` (empty:
+    /// nobody).
+    pred_by: Killers,
+    /// Its HLC and value if its op arrived and the write is not counted, and
+    /// everyone who superseded it.
+    dead: Option<Dead>,
+}
+
 fn covered(id: &OpId, stable: &VersionVector) -> bool {
     id.seq <= stable.get(&id.origin)
 }
@@ -51,12 +62,11 @@ type RowDead = IdMap<Killers>;
 
 /// Who superseded `id` row-wide, if anyone did.
 fn row_killers(row_dead: &RowDead, id: &OpId) -> Option<Killers> {
-    let marks = row_dead.group(&id.origin);
-    let start = marks.partition_point(|(s, _)| *s < id.seq);
-    let mut by = Killers::default();
-    for (_, k) in &marks[start..] {
-        by.join(k);
+    if row_dead.is_empty() {
+        return None;
     }
+    let mut by = Killers::default();
+    row_dead.for_from(&id.origin, id.seq, |k| by.join(k));
     (!by.is_empty()).then_some(by)
 }
 
@@ -69,10 +79,9 @@ struct FieldState {
     live: Vec<(OpId, Entry)>,
     /// Live counter contributions: op id to delta.
     counters: IdMap<Value>,
-    /// Superseded non-counted writes, for conflict records.
-    history: IdMap<Dead>,
-    /// Field-scope supersession: superseded id, by whom.
-    dead: IdMap<Killers>,
+    /// Superseded writes: who superseded them by field `pred`, and the
+    /// non-counted ones' values for conflict records. No entry is empty.
+    gone: IdMap<Gone>,
     /// Candidate sets named by `pred`s of two or more ids, sorted.
     pred_sets: Vec<Vec<OpId>>,
 }
@@ -88,8 +97,7 @@ impl FieldState {
     fn is_empty(&self) -> bool {
         self.live.is_empty()
             && self.counters.is_empty()
-            && self.history.is_empty()
-            && self.dead.is_empty()
+            && self.gone.is_empty()
             && self.pred_sets.is_empty()
     }
 
@@ -97,11 +105,24 @@ impl FieldState {
         self.live.binary_search_by(|(k, _)| k.cmp(id))
     }
 
+    /// Who named `id` in a field `pred`, if anyone did.
+    fn pred_killers(&self, id: &OpId) -> Option<&Killers> {
+        self.gone
+            .get(id)
+            .map(|g| &g.pred_by)
+            .filter(|k| !k.is_empty())
+    }
+
+    /// The remembered value of `id`'s superseded write.
+    fn history(&self, id: &OpId) -> Option<&Dead> {
+        self.gone.get(id).and_then(|g| g.dead.as_ref())
+    }
+
     /// Who superseded `id`'s write of this field, by field `pred` or
     /// row-wide.
     fn killers(&self, id: &OpId, row_dead: &RowDead) -> Killers {
         let mut by = row_killers(row_dead, id).unwrap_or_default();
-        if let Some(k) = self.dead.get(id) {
+        if let Some(k) = self.pred_killers(id) {
             by.join(k);
         }
         by
@@ -113,31 +134,41 @@ impl FieldState {
             return;
         }
         let by = self.killers(id, row_dead);
-        self.history.insert(
-            id,
-            Dead {
-                hlc: entry.hlc,
-                value: entry.value,
-                by,
-            },
-        );
+        self.gone.get_or_insert_with(id, Gone::default).dead = Some(Dead {
+            hlc: entry.hlc,
+            value: entry.value,
+            by,
+        });
     }
 
     /// `by`'s field `pred` names `x`.
     fn kill(&mut self, x: &OpId, by: &OpId, row_dead: &RowDead) {
-        let mut fresh = false;
-        let k = self.dead.get_or_insert_with(x, || {
-            fresh = true;
-            Killers::one(by)
-        });
-        if !fresh {
-            k.note(by);
-        }
-        if let Ok(i) = self.live_pos(x) {
-            let (id, entry) = self.live.remove(i);
-            self.bury(&id, entry, row_dead);
-        } else if let Some(d) = self.history.get_mut(x) {
-            d.by.note(by);
+        // A live write moves to history (unless it is counted).
+        let buried = match self.live_pos(x) {
+            Ok(i) => {
+                let counted = self.counters.contains(x);
+                Some((self.live.remove(i).1, counted))
+            }
+            Err(_) => None,
+        };
+        let g = self.gone.get_or_insert_with(x, Gone::default);
+        g.pred_by.note(by);
+        match buried {
+            Some((entry, false)) => {
+                let mut killers = row_killers(row_dead, x).unwrap_or_default();
+                killers.join(&g.pred_by);
+                g.dead = Some(Dead {
+                    hlc: entry.hlc,
+                    value: entry.value,
+                    by: killers,
+                });
+            }
+            Some((_, true)) => {}
+            None => {
+                if let Some(d) = &mut g.dead {
+                    d.by.note(by);
+                }
+            }
         }
     }
 
@@ -154,9 +185,11 @@ impl FieldState {
                 i += 1;
             }
         }
-        for (_, d) in self.history.prefix_mut(origin, upto) {
-            d.by.note(by);
-        }
+        self.gone.for_prefix_mut(origin, upto, |g| {
+            if let Some(d) = &mut g.dead {
+                d.by.note(by);
+            }
+        });
         self.counters.remove_prefix(origin, upto);
     }
 
@@ -168,7 +201,7 @@ impl FieldState {
         {
             self.counters.insert(&op.id, delta.clone());
         }
-        let field = self.dead.get(&op.id);
+        let field = self.pred_killers(&op.id);
         if row.is_none() && field.is_none() {
             let entry = Entry {
                 hlc: op.hlc,
@@ -183,20 +216,20 @@ impl FieldState {
             if let Some(k) = field {
                 by.join(k);
             }
-            match self.history.get_mut(&op.id) {
+            let g = self.gone.get_or_insert_with(&op.id, Gone::default);
+            match &mut g.dead {
                 Some(d) => {
                     d.hlc = op.hlc;
                     d.value = w.value.clone();
                     d.by.join(&by);
                 }
-                None => self.history.insert(
-                    &op.id,
-                    Dead {
+                None => {
+                    g.dead = Some(Dead {
                         hlc: op.hlc,
                         value: w.value.clone(),
                         by,
-                    },
-                ),
+                    })
+                }
             }
         }
     }
@@ -226,7 +259,7 @@ impl FieldState {
             let e = &self.live[i].1;
             return Some((&e.hlc, &e.value));
         }
-        self.history.get(id).map(|d| (&d.hlc, &d.value))
+        self.history(id).map(|d| (&d.hlc, &d.value))
     }
 
     /// True when `id`'s write is covered and was superseded by a covered op
@@ -236,7 +269,7 @@ impl FieldState {
             return false;
         }
         let mut by = self.killers(id, row_dead);
-        if let Some(d) = self.history.get(id) {
+        if let Some(d) = self.history(id) {
             by.join(&d.by);
         }
         by.any_covered(stable)
@@ -362,10 +395,35 @@ pub struct RowState {
     row_dead: RowDead,
 }
 
+/// The first 8 bytes of a name, zero-padded, big-endian: names compare as
+/// their keys unless the keys tie.
+fn name_key(name: &str) -> u64 {
+    let b = name.as_bytes();
+    (0..8).fold(0u64, |k, i| {
+        (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
+    })
+}
+
+/// `a == b` for field names, without a `memcmp` call for short names.
+fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && (a.len() > 8 || name_key(a) == name_key(b)) && a == b
+}
+
+/// `a < b` for field names, without a `memcmp` call for short names.
+fn name_before(a: &str, b: &str) -> bool {
+    match name_key(a).cmp(&name_key(b)) {
+        std::cmp::Ordering::Equal if a.len() <= 8 && b.len() <= 8 => a.len() < b.len(),
+        std::cmp::Ordering::Equal => a < b,
+        o => o.is_lt(),
+    }
+}
+
 /// True when no two writes of `writes` name the same field (the names are
 /// strictly increasing, as capture usually emits them, or all distinct).
 fn distinct_names(writes: &[FieldWrite]) -> bool {
-    writes.windows(2).all(|p| p[0].name < p[1].name)
+    writes
+        .windows(2)
+        .all(|p| name_before(&p[0].name, &p[1].name))
         || writes
             .iter()
             .enumerate()
@@ -406,8 +464,9 @@ impl RowState {
             OpKind::Upsert => {
                 let row = row_killers(&self.row_dead, &op.id);
                 if distinct_names(&op.fields) {
+                    let mut next = 0;
                     for w in &op.fields {
-                        self.write(op, w, row.as_ref());
+                        next = self.write(op, w, row.as_ref(), next);
                     }
                 } else {
                     // The last write of each name counts.
@@ -415,8 +474,9 @@ impl RowState {
                         op.fields.iter().enumerate().collect();
                     writes.sort_by(|a, b| a.1.name.cmp(&b.1.name).then(b.0.cmp(&a.0)));
                     writes.dedup_by(|later, first| later.1.name == first.1.name);
+                    let mut next = 0;
                     for (_, w) in writes {
-                        self.write(op, w, row.as_ref());
+                        next = self.write(op, w, row.as_ref(), next);
                     }
                 }
             }
@@ -445,18 +505,24 @@ impl RowState {
     }
 
     /// Merges one write of `op` (the op writes no other field of that name).
-    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>) {
-        let i = match self
-            .fields
-            .binary_search_by(|f| f.name.as_str().cmp(&w.name))
-        {
-            Ok(i) => i,
-            Err(i) => {
-                self.fields.insert(i, FieldState::new(&w.name));
-                i
-            }
+    /// `hint` is where the field probably is (ops write the same fields in
+    /// the same order); returns the next hint.
+    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>, hint: usize) -> usize {
+        let i = match self.fields.get(hint) {
+            Some(f) if same_name(&f.name, &w.name) => hint,
+            _ => match self
+                .fields
+                .binary_search_by(|f| f.name.as_str().cmp(&w.name))
+            {
+                Ok(i) => i,
+                Err(i) => {
+                    self.fields.insert(i, FieldState::new(&w.name));
+                    i
+                }
+            },
         };
         self.fields[i].write(op, w, row, &self.row_dead);
+        i + 1
     }
 
     fn kill_row(&mut self, origin: &NodeId, upto: u64, by: &OpId) {
@@ -499,10 +565,10 @@ impl RowState {
         }
         let mut top: BTreeMap<&NodeId, u64> = BTreeMap::new();
         for f in &self.fields {
-            for (origin, seq) in f.counters.tops() {
+            f.counters.for_each(|origin, seq, _| {
                 let e = top.entry(origin).or_insert(0);
                 *e = (*e).max(seq);
-            }
+            });
         }
         ids.extend(top.into_iter().map(|(o, s)| OpId::new(o.clone(), s)));
         ids.into_iter().collect()
@@ -568,7 +634,11 @@ impl RowState {
             }
             let strategy = rules.strategy(&f.name);
             let counted = match strategy {
-                Strategy::Sum if !f.counters.is_empty() => sum(f.counters.values()),
+                Strategy::Sum if !f.counters.is_empty() => {
+                    let mut deltas = Vec::with_capacity(f.counters.len());
+                    f.counters.for_each(|_, _, d| deltas.push(d));
+                    sum(deltas.into_iter())
+                }
                 _ => None,
             };
             let value = counted.or_else(|| {
@@ -666,17 +736,26 @@ impl RowState {
                 .collect();
             let needed: BTreeSet<&OpId> = kept.iter().flatten().collect();
             // Superseded values: drop the settled ones no kept set names.
-            f.history.retain(|origin, seq, d| {
-                let id = OpId::new(origin.clone(), seq);
-                needed.contains(&id) || !(covered(&id, stable) && d.by.any_covered(stable))
+            // Supersession memory of covered ids.
+            f.gone.retain_mut(|origin, seq, g| {
+                let covered = seq <= stable.get(origin);
+                if let Some(d) = &g.dead
+                    && covered
+                    && d.by.any_covered(stable)
+                    && !needed.contains(&OpId::new(origin.clone(), seq))
+                {
+                    g.dead = None;
+                }
+                if covered {
+                    g.pred_by = Killers::default();
+                }
+                !(g.pred_by.is_empty() && g.dead.is_none())
             });
             drop(needed);
             f.pred_sets = kept;
-            // Supersession memory of covered ids.
-            f.dead.retain(|origin, seq, _| seq > stable.get(origin));
         }
         self.row_dead
-            .retain(|origin, seq, _| seq > stable.get(origin));
+            .retain_mut(|origin, seq, _| seq > stable.get(origin));
         // Covered tombstones of a row with nothing live.
         if self
             .fields
@@ -727,6 +806,115 @@ mod tests {
             r.apply(op);
         }
         r
+    }
+
+    /// Past `FLAT_MAX` entries a field's maps regroup per origin; the state
+    /// must still be a function of the op set alone.
+    #[test]
+    fn a_long_history_gives_identical_bytes_in_any_order() {
+        let mut rules = TableRules::default();
+        rules.fields.insert("n".into(), Strategy::Sum);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let origins = ["d", "a", "c", "b"];
+        let mut seq = [0u64; 4];
+        let mut state = RowState::default();
+        let mut older = RowState::default();
+        let mut ops = Vec::new();
+        for t in 0..300u64 {
+            let o = next(4) as usize;
+            seq[o] += 1;
+            let seen = if next(5) == 0 { &older } else { &state };
+            let op = if next(40) == 0 {
+                Op::delete(
+                    id(origins[o], seq[o]),
+                    hlc(t),
+                    "t",
+                    vec![],
+                    seen.delete_pred(),
+                )
+            } else {
+                let mut op = up(
+                    origins[o],
+                    seq[o],
+                    t,
+                    vec![
+                        w("x", t as i64, seen.field_pred("x")),
+                        inc("n", t as i64, 1, seen.field_pred("n")),
+                    ],
+                );
+                op.row_pred = seen.tombstone_pred();
+                op
+            };
+            older = state.clone();
+            state.apply(&op);
+            ops.push(op);
+        }
+        let bytes = |r: &RowState| postcard::to_allocvec(r).unwrap();
+        let expect = bytes(&state);
+        let mut rev = RowState::default();
+        for op in ops.iter().rev() {
+            rev.apply(op);
+        }
+        assert_eq!(bytes(&rev), expect);
+        assert_eq!(rev, state);
+        // Interleaved, with every op twice.
+        let mut mixed = RowState::default();
+        for i in (0..ops.len()).step_by(2).chain((1..ops.len()).step_by(2)) {
+            mixed.apply(&ops[i]);
+            mixed.apply(&ops[ops.len() - 1 - i]);
+        }
+        assert_eq!(bytes(&mixed), expect);
+        assert_eq!(mixed.visible(&rules), state.visible(&rules));
+        assert_eq!(mixed.conflicts(&rules), state.conflicts(&rules));
+        assert!(
+            state.conflicts(&rules).len() > 5,
+            "concurrent writes happened"
+        );
+        let back: RowState = postcard::from_bytes(&expect).unwrap();
+        assert_eq!(back, state);
+        // Garbage collection at a cut covering every op shrinks it alike.
+        let mut cut = VersionVector::default();
+        for (o, s) in origins.iter().zip(seq) {
+            cut.set(NodeId::new(*o).unwrap(), s);
+        }
+        let (mut a, mut b) = (state.clone(), mixed.clone());
+        a.collect_garbage(&cut);
+        b.collect_garbage(&cut);
+        assert_eq!(bytes(&a), bytes(&b));
+        assert!(bytes(&a).len() < expect.len() / 4);
+        assert_eq!(a.visible(&rules), state.visible(&rules));
+    }
+
+    #[test]
+    fn short_name_comparisons_agree_with_string_order() {
+        let names = [
+            "",
+            "a",
+            "a\0",
+            "ab",
+            "b",
+            "f0",
+            "f1",
+            "f10",
+            "qty",
+            "12345678",
+            "123456789",
+            "12345678a",
+            "12345678b",
+            "price_with_tax",
+        ];
+        for a in names {
+            for b in names {
+                assert_eq!(name_before(a, b), a < b, "{a:?} < {b:?}");
+                assert_eq!(same_name(a, b), a == b, "{a:?} == {b:?}");
+            }
+        }
     }
 
     #[test]
