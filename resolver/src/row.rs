@@ -75,8 +75,9 @@ fn row_killers(row_dead: &RowDead, id: &OpId) -> Option<Killers> {
 struct FieldState {
     /// The column name.
     name: String,
-    /// Live writes, sorted by op id (the multi-value register).
-    live: Vec<(OpId, Entry)>,
+    /// Live writes, sorted by op id (the multi-value register); usually
+    /// one, held inline.
+    live: SmallVec<[(OpId, Entry); 1]>,
     /// Live counter contributions: op id to delta.
     counters: IdMap<Value>,
     /// Superseded writes: who superseded them by field `pred`, and the
@@ -516,6 +517,9 @@ impl RowState {
             {
                 Ok(i) => i,
                 Err(i) => {
+                    if self.fields.capacity() == 0 {
+                        self.fields.reserve_exact(op.fields.len());
+                    }
                     self.fields.insert(i, FieldState::new(&w.name));
                     i
                 }
