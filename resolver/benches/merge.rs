@@ -1,13 +1,26 @@
-//! Field merges per second on a realistic mix.
+//! Field merges per second: a realistic mix, a hot row and a counter row.
 //!
-//! 2,000 rows of 10 fields (a mix of strategies: last-write-wins, `sum`,
-//! `max`, `min`, `priority_order`, `source_priority`); every row gets 10
-//! upserts from 4 origins, each writing all 10 fields. 80 % of the writes
-//! are sequential (their `pred` names the live writes they replace), 20 %
-//! are concurrent (their `pred` names an older state, so two writes stay
-//! live and the strategy picks). One iteration merges every op of every row
-//! into a fresh `RowState` and reads the visible row once per row; the
-//! throughput is reported in field writes merged (200,000 per iteration).
+//! - `merge_10_fields_20pct_concurrent`: 2,000 rows of 10 fields (a mix of
+//!   strategies: last-write-wins, `sum`, `max`, `min`, `priority_order`,
+//!   `source_priority`); every row gets 10 upserts from 4 origins, each
+//!   writing all 10 fields. 80 % of the writes are sequential (their `pred`
+//!   names the live writes they replace), 20 % are concurrent (their `pred`
+//!   names an older state, so two writes stay live and the strategy picks).
+//!   200,000 field merges per iteration.
+//! - `hot_row_1000_sequential_overwrites`: one row of 10 fields, 1,000
+//!   sequential upserts from 4 origins (each names the live writes it
+//!   replaces), so the row's superseded-write memory grows to 9,990
+//!   entries. 10,000 field merges per iteration.
+//! - `sum_counter_1000_increments`: one row with one `sum` field, 1,000
+//!   increments from 4 origins, 20 % concurrent; every increment's
+//!   contribution stays live. 1,000 field merges per iteration.
+//!
+//! Every iteration merges the ops into fresh `RowState`s with
+//! [`RowState::apply`] (the entry point node and hub use), reads each
+//! visible row once and drops the states; all of that is timed, building
+//! the ops is not. The ops are round-tripped through postcard first, so
+//! every op id is its own allocation, as in ops decoded from the wire. The
+//! throughput is field merges: ops × fields written per op.
 //!
 //! ```text
 //! cargo bench -p syncmesh-resolver --bench merge
@@ -17,13 +30,14 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use syncmesh_resolver::{FieldWrite, Hlc, NodeId, Op, OpId, RowState, Strategy, TableRules, Value};
 
 const ROWS: usize = 2_000;
 const OPS_PER_ROW: usize = 10;
 const FIELDS: usize = 10;
 const CONCURRENT_PERCENT: u64 = 20;
+const HOT_OPS: usize = 1_000;
 
 /// A small deterministic generator (xorshift), so every run merges the
 /// same ops.
@@ -75,49 +89,85 @@ fn value(g: &mut Gen, f: usize) -> Value {
     }
 }
 
-/// The ops of every row, in the order one replica receives them.
-fn workload(nodes: &[NodeId]) -> Vec<Vec<Op>> {
-    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
-    let mut seq = vec![0u64; nodes.len()];
-    let mut rows = Vec::with_capacity(ROWS);
-    for r in 0..ROWS {
-        let key = vec![Value::Int(r as i64)];
-        let mut state = RowState::default();
-        let mut older = RowState::default();
-        let mut ops = Vec::with_capacity(OPS_PER_ROW);
-        for n in 0..OPS_PER_ROW {
-            let o = g.below(nodes.len() as u64) as usize;
-            seq[o] += 1;
-            let id = OpId::new(nodes[o].clone(), seq[o]);
-            let hlc = Hlc {
-                time: (r * OPS_PER_ROW + n) as u64 * 16,
-                id: o as u128 + 1,
-            };
-            // A concurrent write saw only the older state.
-            let seen = if n > 0 && g.below(100) < CONCURRENT_PERCENT {
-                &older
-            } else {
-                &state
-            };
-            let writes: Vec<FieldWrite> = (0..FIELDS)
-                .map(|f| {
-                    let name = field(f);
-                    FieldWrite {
-                        pred: seen.field_pred(&name),
-                        value: value(&mut g, f),
-                        delta: (f == 1).then(|| Value::Int(g.below(10) as i64 + 1)),
-                        name,
-                    }
-                })
-                .collect();
-            let op = Op::upsert(id, hlc, "t", key.clone(), writes);
-            older = state.clone();
-            state.apply(&op);
-            ops.push(op);
-        }
-        rows.push(ops);
+/// The ops of one row: `ops` upserts of fields `fields` (field 1 is a
+/// counter), `concurrent` percent of them concurrent.
+fn row_ops(
+    g: &mut Gen,
+    nodes: &[NodeId],
+    seq: &mut [u64],
+    key: i64,
+    ops: usize,
+    fields: &[usize],
+    concurrent: u64,
+) -> Vec<Op> {
+    let mut state = RowState::default();
+    // What each field's `pred` was before the previous op.
+    let mut older: Vec<Vec<OpId>> = vec![Vec::new(); fields.len()];
+    let mut out = Vec::with_capacity(ops);
+    for n in 0..ops {
+        let o = g.below(nodes.len() as u64) as usize;
+        seq[o] += 1;
+        let id = OpId::new(nodes[o].clone(), seq[o]);
+        let hlc = Hlc {
+            time: (key as u64 * ops as u64 + n as u64) * 16,
+            id: o as u128 + 1,
+        };
+        let current: Vec<Vec<OpId>> = fields
+            .iter()
+            .map(|&f| state.field_pred(&field(f)))
+            .collect();
+        // A concurrent write saw only the older state.
+        let seen = if n > 0 && g.below(100) < concurrent {
+            &older
+        } else {
+            &current
+        };
+        let writes: Vec<FieldWrite> = fields
+            .iter()
+            .zip(seen)
+            .map(|(&f, pred)| FieldWrite {
+                pred: pred.clone(),
+                value: value(g, f),
+                delta: (f == 1).then(|| Value::Int(g.below(10) as i64 + 1)),
+                name: field(f),
+            })
+            .collect();
+        let op = Op::upsert(id, hlc, "t", vec![Value::Int(key)], writes);
+        older = current;
+        state.apply(&op);
+        out.push(op);
     }
-    rows
+    // As decoded from the wire: every id its own allocation.
+    out.iter()
+        .map(|op| postcard::from_bytes(&postcard::to_allocvec(op).unwrap()).unwrap())
+        .collect()
+}
+
+/// Merges every row's ops into a fresh state and reads it; returns the
+/// number of visible fields.
+fn merge_all(rows: &[Vec<Op>], rules: &TableRules, states: Vec<RowState>) -> usize {
+    let mut visible = 0usize;
+    for (mut state, ops) in states.into_iter().zip(rows) {
+        for op in ops {
+            state.apply(black_box(op));
+        }
+        visible += state.visible(rules).map_or(0, |r| r.len());
+    }
+    visible
+}
+
+fn bench_rows(c: &mut Criterion, name: &str, rows: &[Vec<Op>], rules: &TableRules) {
+    let field_merges: usize = rows.iter().flatten().map(|op| op.fields.len()).sum();
+    let mut group = c.benchmark_group("resolver");
+    group.throughput(Throughput::Elements(field_merges as u64));
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || vec![RowState::default(); rows.len()],
+            |states| black_box(merge_all(rows, rules, states)),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
 }
 
 fn merges(c: &mut Criterion) {
@@ -126,24 +176,40 @@ fn merges(c: &mut Criterion) {
         .map(|n| NodeId::new(*n).unwrap())
         .collect();
     let rules = rules(&nodes);
-    let rows = workload(&nodes);
-    let field_writes = (ROWS * OPS_PER_ROW * FIELDS) as u64;
-    let mut group = c.benchmark_group("resolver");
-    group.throughput(Throughput::Elements(field_writes));
-    group.bench_function("merge_10_fields_20pct_concurrent", |b| {
-        b.iter(|| {
-            let mut visible = 0usize;
-            for ops in &rows {
-                let mut state = RowState::default();
-                for op in ops {
-                    state.apply(black_box(op));
-                }
-                visible += state.visible(&rules).map_or(0, |r| r.len());
-            }
-            black_box(visible)
+    let all: Vec<usize> = (0..FIELDS).collect();
+
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let mut seq = vec![0u64; nodes.len()];
+    let mix: Vec<Vec<Op>> = (0..ROWS)
+        .map(|r| {
+            row_ops(
+                &mut g,
+                &nodes,
+                &mut seq,
+                r as i64,
+                OPS_PER_ROW,
+                &all,
+                CONCURRENT_PERCENT,
+            )
         })
-    });
-    group.finish();
+        .collect();
+    bench_rows(c, "merge_10_fields_20pct_concurrent", &mix, &rules);
+
+    let mut seq = vec![0u64; nodes.len()];
+    let hot = vec![row_ops(&mut g, &nodes, &mut seq, 0, HOT_OPS, &all, 0)];
+    bench_rows(c, "hot_row_1000_sequential_overwrites", &hot, &rules);
+
+    let mut seq = vec![0u64; nodes.len()];
+    let counter = vec![row_ops(
+        &mut g,
+        &nodes,
+        &mut seq,
+        0,
+        HOT_OPS,
+        &[1],
+        CONCURRENT_PERCENT,
+    )];
+    bench_rows(c, "sum_counter_1000_increments", &counter, &rules);
 }
 
 criterion_group!(benches, merges);

@@ -46,6 +46,7 @@ mod conflict;
 mod decimal;
 mod error;
 mod hlc;
+mod ids;
 mod op;
 mod row;
 mod rules;

@@ -1,15 +1,44 @@
 //! Node ids, op ids, ops and version vectors.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::{Error, Hlc, Result, Value};
 
 /// The name of a node (or hub), unique in the mesh: 1-64 characters from
 /// `[A-Za-z0-9_.-]`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(String);
+///
+/// Shared (`Arc<str>`): a clone is a reference-count increment. The first
+/// 8 bytes are also kept as a big-endian integer, so names of up to 8 bytes
+/// compare without reading the string, and longer ones mostly do. Ordered
+/// (by bytes), hashed and serialized exactly as its name (a plain string).
+#[derive(Clone)]
+pub struct NodeId {
+    /// The first 8 bytes of the name, zero-padded, big-endian: ordered as
+    /// the names are, up to ties.
+    key: u64,
+    name: Arc<str>,
+}
+
+/// Bytes of a name held in [`NodeId`]'s key.
+const KEY_BYTES: usize = 8;
+
+impl NodeId {
+    /// Wraps a name (not validated).
+    fn from_arc(name: Arc<str>) -> Self {
+        let mut b = [0u8; KEY_BYTES];
+        let n = name.len().min(KEY_BYTES);
+        b[..n].copy_from_slice(&name.as_bytes()[..n]);
+        NodeId {
+            key: u64::from_be_bytes(b),
+            name,
+        }
+    }
+}
 
 impl NodeId {
     /// Longest accepted name, in bytes.
@@ -24,7 +53,7 @@ impl NodeId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if ok {
-            Ok(NodeId(name))
+            Ok(NodeId::from_arc(Arc::from(name)))
         } else {
             Err(Error::InvalidNodeId { name })
         }
@@ -32,7 +61,7 @@ impl NodeId {
 
     /// The name.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
     }
 
     /// The 128-bit HLC id of this node: FNV-1a of the name, never zero.
@@ -40,7 +69,7 @@ impl NodeId {
         const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
         const PRIME: u128 = 0x0000000001000000000000000000013B;
         let mut h = OFFSET;
-        for b in self.0.bytes() {
+        for b in self.name.bytes() {
             h ^= u128::from(b);
             h = h.wrapping_mul(PRIME);
         }
@@ -48,9 +77,73 @@ impl NodeId {
     }
 }
 
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("NodeId").field(&&*self.name).finish()
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        // Equal keys and lengths up to KEY_BYTES mean equal names.
+        self.key == other.key
+            && self.name.len() == other.name.len()
+            && (self.name.len() <= KEY_BYTES
+                || Arc::ptr_eq(&self.name, &other.name)
+                || *self.name == *other.name)
+    }
+}
+
+impl Eq for NodeId {}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Different keys: the first differing byte is within the key (a
+        // shorter name reads as zero-padded, and a zero byte is the least).
+        self.key.cmp(&other.key).then_with(|| {
+            if self.name.len() <= KEY_BYTES && other.name.len() <= KEY_BYTES {
+                // Same bytes as far as the shorter goes: it is a prefix.
+                self.name.len().cmp(&other.name.len())
+            } else if Arc::ptr_eq(&self.name, &other.name) {
+                Ordering::Equal
+            } else {
+                self.name.cmp(&other.name)
+            }
+        })
+    }
+}
+
+impl Hash for NodeId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_struct("NodeId", &*self.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "NodeId")]
+        struct Name(String);
+        let Name(name) = Name::deserialize(deserializer)?;
+        Ok(NodeId::from_arc(Arc::from(name)))
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.name)
     }
 }
 
@@ -208,5 +301,55 @@ impl VersionVector {
     /// Total number of ops covered.
     pub fn total(&self) -> u64 {
         self.0.values().sum()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_order_and_compare_as_their_names() {
+        let names = [
+            "",
+            "\0",
+            "a",
+            "a\0",
+            "a\0\0",
+            "ab",
+            "b",
+            "edge-a",
+            "edge-b",
+            "edge-aa",
+            "12345678",
+            "12345678\0",
+            "123456789",
+            "12345678a",
+            "12345678b",
+            "123456789-long",
+            "zzzzzzzzzzzzzzzz",
+            "A",
+            "_",
+            "-",
+            ".",
+        ];
+        let ids: Vec<NodeId> = names
+            .iter()
+            .map(|n| NodeId::from_arc(Arc::from(*n)))
+            .collect();
+        for (a, x) in names.iter().zip(&ids) {
+            for (b, y) in names.iter().zip(&ids) {
+                assert_eq!(x.cmp(y), a.cmp(b), "{a:?} vs {b:?}");
+                assert_eq!(x == y, a == b, "{a:?} vs {b:?}");
+            }
+            // A separate allocation of the same name is the same id.
+            assert_eq!(*x, NodeId::from_arc(Arc::from(*a)));
+        }
+        let id = NodeId::new("edge-a").unwrap();
+        let bytes = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec("edge-a").unwrap());
+        assert_eq!(postcard::from_bytes::<NodeId>(&bytes).unwrap(), id);
+        assert_eq!(format!("{id:?}"), "NodeId(\"edge-a\")");
     }
 }

@@ -1,11 +1,19 @@
 //! Row state: multi-value registers per field, counter contributions,
 //! tombstones, conflict memory and garbage collection. The semantics are
 //! documented on [`RowState`].
+//!
+//! Layout: one [`FieldState`] per field name (sorted by name) holding
+//! everything the row knows about that field, so a field write looks its
+//! field up once; op-id-keyed memory lives in [`IdMap`]s (per origin, per
+//! seq), whose common insert is an append. Every container is kept
+//! canonical (sorted, nothing empty), so the serialized form is a function
+//! of the op set alone.
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::RangeInclusive;
 
+use crate::ids::{IdMap, Killers};
 use crate::rules::{Cand, pick, sum};
 use crate::{
     Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
@@ -25,10 +33,6 @@ pub struct Entry {
     pub value: Value,
 }
 
-/// The ops that superseded something, as the lowest seq per origin (enough
-/// to tell whether any of them is covered by a stable cut).
-type Killers = BTreeMap<NodeId, u64>;
-
 /// A superseded, non-counted write kept for conflict records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Dead {
@@ -37,37 +41,240 @@ struct Dead {
     by: Killers,
 }
 
-/// The inner map of `key`, created if absent (allocates the key only then).
-fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_owned(), V::default());
-    }
-    map.get_mut(key).expect("inserted above")
-}
-
-fn note(by: &mut Killers, id: &OpId) {
-    let e = by.entry(id.origin.clone()).or_insert(id.seq);
-    *e = (*e).min(id.seq);
-}
-
-fn join(into: &mut Killers, from: &Killers) {
-    for (origin, seq) in from {
-        let e = into.entry(origin.clone()).or_insert(*seq);
-        *e = (*e).min(*seq);
-    }
+/// What a row knows about a superseded write of one field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Gone {
+    /// Field-scope supersession: who named it in a field `pred` (empty:
+    /// nobody).
+    pred_by: Killers,
+    /// Its HLC and value if its op arrived and the write is not counted, and
+    /// everyone who superseded it.
+    dead: Option<Dead>,
 }
 
 fn covered(id: &OpId, stable: &VersionVector) -> bool {
     id.seq <= stable.get(&id.origin)
 }
 
-fn any_covered(by: &Killers, stable: &VersionVector) -> bool {
-    by.iter().any(|(origin, seq)| *seq <= stable.get(origin))
+/// Row-scope supersession: origin, seq `s` (every op of the origin up to `s`
+/// is superseded), by whom.
+type RowDead = IdMap<Killers>;
+
+/// Who superseded `id` row-wide, if anyone did.
+fn row_killers(row_dead: &RowDead, id: &OpId) -> Option<Killers> {
+    if row_dead.is_empty() {
+        return None;
+    }
+    let mut by = Killers::default();
+    row_dead.for_from(&id.origin, id.seq, |k| by.join(k));
+    (!by.is_empty()).then_some(by)
 }
 
-/// Every op id of `origin` with `seq <= upto`.
-fn prefix(origin: &NodeId, upto: u64) -> RangeInclusive<OpId> {
-    OpId::new(origin.clone(), 0)..=OpId::new(origin.clone(), upto)
+/// Everything a row knows about one field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct FieldState {
+    /// The column name.
+    name: String,
+    /// Live writes, sorted by op id (the multi-value register); usually
+    /// one, held inline.
+    live: SmallVec<[(OpId, Entry); 1]>,
+    /// Live counter contributions: op id to delta.
+    counters: IdMap<Value>,
+    /// Superseded writes: who superseded them by field `pred`, and the
+    /// non-counted ones' values for conflict records. No entry is empty.
+    gone: IdMap<Gone>,
+    /// Candidate sets named by `pred`s of two or more ids, sorted.
+    pred_sets: Vec<Vec<OpId>>,
+}
+
+impl FieldState {
+    fn new(name: &str) -> Self {
+        FieldState {
+            name: name.to_owned(),
+            ..FieldState::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live.is_empty()
+            && self.counters.is_empty()
+            && self.gone.is_empty()
+            && self.pred_sets.is_empty()
+    }
+
+    fn live_pos(&self, id: &OpId) -> Result<usize, usize> {
+        self.live.binary_search_by(|(k, _)| k.cmp(id))
+    }
+
+    /// Who named `id` in a field `pred`, if anyone did.
+    fn pred_killers(&self, id: &OpId) -> Option<&Killers> {
+        self.gone
+            .get(id)
+            .map(|g| &g.pred_by)
+            .filter(|k| !k.is_empty())
+    }
+
+    /// The remembered value of `id`'s superseded write.
+    fn history(&self, id: &OpId) -> Option<&Dead> {
+        self.gone.get(id).and_then(|g| g.dead.as_ref())
+    }
+
+    /// Who superseded `id`'s write of this field, by field `pred` or
+    /// row-wide.
+    fn killers(&self, id: &OpId, row_dead: &RowDead) -> Killers {
+        let mut by = row_killers(row_dead, id).unwrap_or_default();
+        if let Some(k) = self.pred_killers(id) {
+            by.join(k);
+        }
+        by
+    }
+
+    /// Moves a superseded live write to history (unless it is counted).
+    fn bury(&mut self, id: &OpId, entry: Entry, row_dead: &RowDead) {
+        if self.counters.contains(id) {
+            return;
+        }
+        let by = self.killers(id, row_dead);
+        self.gone.get_or_insert_with(id, Gone::default).dead = Some(Dead {
+            hlc: entry.hlc,
+            value: entry.value,
+            by,
+        });
+    }
+
+    /// `by`'s field `pred` names `x`.
+    fn kill(&mut self, x: &OpId, by: &OpId, row_dead: &RowDead) {
+        // A live write moves to history (unless it is counted).
+        let buried = match self.live_pos(x) {
+            Ok(i) => {
+                let counted = self.counters.contains(x);
+                Some((self.live.remove(i).1, counted))
+            }
+            Err(_) => None,
+        };
+        let g = self.gone.get_or_insert_with(x, Gone::default);
+        g.pred_by.note(by);
+        match buried {
+            Some((entry, false)) => {
+                let mut killers = row_killers(row_dead, x).unwrap_or_default();
+                killers.join(&g.pred_by);
+                g.dead = Some(Dead {
+                    hlc: entry.hlc,
+                    value: entry.value,
+                    by: killers,
+                });
+            }
+            Some((_, true)) => {}
+            None => {
+                if let Some(d) = &mut g.dead {
+                    d.by.note(by);
+                }
+            }
+        }
+    }
+
+    /// Supersedes everything of `origin` up to `upto` (the row-wide mark is
+    /// already in `row_dead`).
+    fn kill_prefix(&mut self, origin: &NodeId, upto: u64, by: &OpId, row_dead: &RowDead) {
+        let mut i = 0;
+        while i < self.live.len() {
+            let id = &self.live[i].0;
+            if id.origin == *origin && id.seq <= upto {
+                let (id, entry) = self.live.remove(i);
+                self.bury(&id, entry, row_dead);
+            } else {
+                i += 1;
+            }
+        }
+        self.gone.for_prefix_mut(origin, upto, |g| {
+            if let Some(d) = &mut g.dead {
+                d.by.note(by);
+            }
+        });
+        self.counters.remove_prefix(origin, upto);
+    }
+
+    /// Phase 2 of a field write: store `w` as live, as a contribution or as
+    /// dead on arrival. `row` is who superseded `op` row-wide.
+    fn add_write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>) {
+        if row.is_none()
+            && let Some(delta) = &w.delta
+        {
+            self.counters.insert(&op.id, delta.clone());
+        }
+        let field = self.pred_killers(&op.id);
+        if row.is_none() && field.is_none() {
+            let entry = Entry {
+                hlc: op.hlc,
+                value: w.value.clone(),
+            };
+            match self.live_pos(&op.id) {
+                Ok(i) => self.live[i].1 = entry,
+                Err(i) => self.live.insert(i, (op.id.clone(), entry)),
+            }
+        } else if w.delta.is_none() {
+            let mut by = row.cloned().unwrap_or_default();
+            if let Some(k) = field {
+                by.join(k);
+            }
+            let g = self.gone.get_or_insert_with(&op.id, Gone::default);
+            match &mut g.dead {
+                Some(d) => {
+                    d.hlc = op.hlc;
+                    d.value = w.value.clone();
+                    d.by.join(&by);
+                }
+                None => {
+                    g.dead = Some(Dead {
+                        hlc: op.hlc,
+                        value: w.value.clone(),
+                        by,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Merges one (deduplicated) write of `op`.
+    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>, row_dead: &RowDead) {
+        if w.delta.is_none() && w.pred.len() >= 2 {
+            let mut set: SmallVec<[&OpId; 4]> = w.pred.iter().filter(|p| **p != op.id).collect();
+            set.sort_unstable();
+            set.dedup();
+            if set.len() >= 2 {
+                let set: Vec<OpId> = set.into_iter().cloned().collect();
+                if let Err(i) = self.pred_sets.binary_search(&set) {
+                    self.pred_sets.insert(i, set);
+                }
+            }
+        }
+        for p in w.pred.iter().filter(|p| **p != op.id) {
+            self.kill(p, &op.id, row_dead);
+        }
+        self.add_write(op, w, row);
+    }
+
+    /// The HLC and value of `id`'s write, if the op set has it.
+    fn known(&self, id: &OpId) -> Option<(&Hlc, &Value)> {
+        if let Ok(i) = self.live_pos(id) {
+            let e = &self.live[i].1;
+            return Some((&e.hlc, &e.value));
+        }
+        self.history(id).map(|d| (&d.hlc, &d.value))
+    }
+
+    /// True when `id`'s write is covered and was superseded by a covered op
+    /// (no future `pred` can name it).
+    fn settled(&self, id: &OpId, stable: &VersionVector, row_dead: &RowDead) -> bool {
+        if !covered(id, stable) || self.live_pos(id).is_ok() {
+            return false;
+        }
+        let mut by = self.killers(id, row_dead);
+        if let Some(d) = self.history(id) {
+            by.join(&d.by);
+        }
+        by.any_covered(stable)
+    }
 }
 
 /// The merged state of one row: a pure function of the set of ops applied.
@@ -180,21 +387,48 @@ fn prefix(origin: &NodeId, upto: u64) -> RangeInclusive<OpId> {
 /// `replicas_collecting_garbage_while_writing_converge_to_the_union`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowState {
-    /// Live writes per field (the multi-value register).
-    fields: BTreeMap<String, BTreeMap<OpId, Entry>>,
-    /// Live counter contributions per field: op id to delta.
-    counters: BTreeMap<String, BTreeMap<OpId, Value>>,
-    /// Live deletes.
-    tombstones: BTreeMap<OpId, Hlc>,
-    /// Superseded non-counted writes per field, for conflict records.
-    history: BTreeMap<String, BTreeMap<OpId, Dead>>,
-    /// Field-scope supersession: field, superseded id, by whom.
-    field_dead: BTreeMap<String, BTreeMap<OpId, Killers>>,
+    /// Per field, sorted by name; none is empty.
+    fields: Vec<FieldState>,
+    /// Live deletes, sorted by op id.
+    tombstones: Vec<(OpId, Hlc)>,
     /// Row-scope supersession: origin, seq `s` (every op of the origin up to
     /// `s` is superseded), by whom.
-    row_dead: BTreeMap<NodeId, BTreeMap<u64, Killers>>,
-    /// Candidate sets named by `pred`s of two or more ids, per field.
-    pred_sets: BTreeMap<String, BTreeSet<Vec<OpId>>>,
+    row_dead: RowDead,
+}
+
+/// The first 8 bytes of a name, zero-padded, big-endian: names compare as
+/// their keys unless the keys tie.
+fn name_key(name: &str) -> u64 {
+    let b = name.as_bytes();
+    (0..8).fold(0u64, |k, i| {
+        (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
+    })
+}
+
+/// `a == b` for field names, without a `memcmp` call for short names.
+fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && (a.len() > 8 || name_key(a) == name_key(b)) && a == b
+}
+
+/// `a < b` for field names, without a `memcmp` call for short names.
+fn name_before(a: &str, b: &str) -> bool {
+    match name_key(a).cmp(&name_key(b)) {
+        std::cmp::Ordering::Equal if a.len() <= 8 && b.len() <= 8 => a.len() < b.len(),
+        std::cmp::Ordering::Equal => a < b,
+        o => o.is_lt(),
+    }
+}
+
+/// True when no two writes of `writes` name the same field (the names are
+/// strictly increasing, as capture usually emits them, or all distinct).
+fn distinct_names(writes: &[FieldWrite]) -> bool {
+    writes
+        .windows(2)
+        .all(|p| name_before(&p[0].name, &p[1].name))
+        || writes
+            .iter()
+            .enumerate()
+            .all(|(i, w)| writes[i + 1..].iter().all(|x| x.name != w.name))
 }
 
 impl RowState {
@@ -206,234 +440,139 @@ impl RowState {
     /// in `row_pred` counts up to the op's seq − 1, its own id in a field
     /// `pred` is ignored).
     pub fn apply(&mut self, op: &Op) {
-        // Row predecessors as prefixes: the highest seq per origin says it all.
-        let mut upto: BTreeMap<&NodeId, u64> = BTreeMap::new();
-        for p in &op.row_pred {
-            let seq = if p.origin == op.id.origin {
-                p.seq.min(op.id.seq.saturating_sub(1))
-            } else {
-                p.seq
-            };
-            let e = upto.entry(&p.origin).or_insert(0);
-            *e = (*e).max(seq);
-        }
-        for (origin, seq) in upto {
-            if seq > 0 {
-                self.kill_row(&OpId::new(origin.clone(), seq), &op.id);
+        if !op.row_pred.is_empty() {
+            // Row predecessors as prefixes: the highest seq per origin says it all.
+            let mut upto: SmallVec<[(&NodeId, u64); 4]> = SmallVec::new();
+            for p in &op.row_pred {
+                let seq = if p.origin == op.id.origin {
+                    p.seq.min(op.id.seq.saturating_sub(1))
+                } else {
+                    p.seq
+                };
+                match upto.iter_mut().find(|(o, _)| **o == p.origin) {
+                    Some(e) => e.1 = e.1.max(seq),
+                    None => upto.push((&p.origin, seq)),
+                }
+            }
+            upto.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (origin, seq) in upto {
+                if seq > 0 {
+                    self.kill_row(origin, seq, &op.id);
+                }
             }
         }
         match op.kind {
             OpKind::Upsert => {
-                let mut writes: BTreeMap<&str, &FieldWrite> = BTreeMap::new();
-                for w in &op.fields {
-                    writes.insert(&w.name, w);
-                }
-                for w in writes.values() {
-                    if w.delta.is_none() && w.pred.len() >= 2 {
-                        let set: BTreeSet<&OpId> = w.pred.iter().filter(|p| **p != op.id).collect();
-                        if set.len() >= 2 {
-                            slot(&mut self.pred_sets, &w.name)
-                                .insert(set.into_iter().cloned().collect());
-                        }
+                let row = row_killers(&self.row_dead, &op.id);
+                if distinct_names(&op.fields) {
+                    let mut next = 0;
+                    for w in &op.fields {
+                        next = self.write(op, w, row.as_ref(), next);
                     }
-                    for p in w.pred.iter().filter(|p| **p != op.id) {
-                        self.kill_field(&w.name, p, &op.id);
+                } else {
+                    // The last write of each name counts.
+                    let mut writes: Vec<(usize, &FieldWrite)> =
+                        op.fields.iter().enumerate().collect();
+                    writes.sort_by(|a, b| a.1.name.cmp(&b.1.name).then(b.0.cmp(&a.0)));
+                    writes.dedup_by(|later, first| later.1.name == first.1.name);
+                    let mut next = 0;
+                    for (_, w) in writes {
+                        next = self.write(op, w, row.as_ref(), next);
                     }
-                }
-                for w in writes.values() {
-                    self.add_write(op, w);
                 }
             }
             OpKind::Delete => {
-                if self.row_killers(&op.id).is_none() {
-                    self.tombstones.insert(op.id.clone(), op.hlc);
+                if row_killers(&self.row_dead, &op.id).is_none() {
+                    match self.tombstone_pos(&op.id) {
+                        Ok(i) => self.tombstones[i].1 = op.hlc,
+                        Err(i) => self.tombstones.insert(i, (op.id.clone(), op.hlc)),
+                    }
                 }
             }
         }
-        // Only these can lose entries here.
-        self.fields.retain(|_, m| !m.is_empty());
-        self.counters.retain(|_, m| !m.is_empty());
+        // Fields can only lose live writes and contributions here.
+        self.fields.retain(|f| !f.is_empty());
     }
 
-    /// Who superseded `id` row-wide, if anyone did.
-    fn row_killers(&self, id: &OpId) -> Option<Killers> {
-        let marks = self.row_dead.get(&id.origin)?;
-        let mut by = Killers::new();
-        for (_, k) in marks.range(id.seq..) {
-            join(&mut by, k);
-        }
-        (!by.is_empty()).then_some(by)
+    fn field(&self, name: &str) -> Option<&FieldState> {
+        self.fields
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.fields[i])
     }
 
-    /// Who superseded `id`'s write of `field`, by field `pred` or row-wide.
-    fn killers(&self, field: &str, id: &OpId) -> Killers {
-        let mut by = self.row_killers(id).unwrap_or_default();
-        if let Some(k) = self.field_dead.get(field).and_then(|m| m.get(id)) {
-            join(&mut by, k);
-        }
-        by
+    fn tombstone_pos(&self, id: &OpId) -> Result<usize, usize> {
+        self.tombstones.binary_search_by(|(k, _)| k.cmp(id))
     }
 
-    fn is_counted(&self, field: &str, id: &OpId) -> bool {
-        self.counters.get(field).is_some_and(|c| c.contains_key(id))
-    }
-
-    /// Moves a live write to history (unless it is counted).
-    fn bury(&mut self, field: &str, id: &OpId, entry: Entry) {
-        if self.is_counted(field, id) {
-            return;
-        }
-        let by = self.killers(field, id);
-        slot(&mut self.history, field).insert(
-            id.clone(),
-            Dead {
-                hlc: entry.hlc,
-                value: entry.value,
-                by,
+    /// Merges one write of `op` (the op writes no other field of that name).
+    /// `hint` is where the field probably is (ops write the same fields in
+    /// the same order); returns the next hint.
+    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>, hint: usize) -> usize {
+        let i = match self.fields.get(hint) {
+            Some(f) if same_name(&f.name, &w.name) => hint,
+            _ => match self
+                .fields
+                .binary_search_by(|f| f.name.as_str().cmp(&w.name))
+            {
+                Ok(i) => i,
+                Err(i) => {
+                    if self.fields.capacity() == 0 {
+                        self.fields.reserve_exact(op.fields.len());
+                    }
+                    self.fields.insert(i, FieldState::new(&w.name));
+                    i
+                }
             },
-        );
+        };
+        self.fields[i].write(op, w, row, &self.row_dead);
+        i + 1
     }
 
-    fn kill_field(&mut self, field: &str, x: &OpId, by: &OpId) {
-        let dead = slot(&mut self.field_dead, field);
-        match dead.get_mut(x) {
-            Some(k) => note(k, by),
-            None => {
-                let mut k = Killers::new();
-                note(&mut k, by);
-                dead.insert(x.clone(), k);
-            }
+    fn kill_row(&mut self, origin: &NodeId, upto: u64, by: &OpId) {
+        let p = OpId::new(origin.clone(), upto);
+        let mut fresh = false;
+        let k = self.row_dead.get_or_insert_with(&p, || {
+            fresh = true;
+            Killers::one(by)
+        });
+        if !fresh {
+            k.note(by);
         }
-        if let Some(entry) = self.fields.get_mut(field).and_then(|m| m.remove(x)) {
-            self.bury(field, x, entry);
-        } else if let Some(d) = self.history.get_mut(field).and_then(|h| h.get_mut(x)) {
-            note(&mut d.by, by);
+        for f in &mut self.fields {
+            f.kill_prefix(origin, upto, by, &self.row_dead);
         }
-    }
-
-    fn kill_row(&mut self, p: &OpId, by: &OpId) {
-        note(
-            self.row_dead
-                .entry(p.origin.clone())
-                .or_default()
-                .entry(p.seq)
-                .or_default(),
-            by,
-        );
-        let range = prefix(&p.origin, p.seq);
-        let mut buried: Vec<(String, OpId, Entry)> = Vec::new();
-        for (field, live) in &mut self.fields {
-            let ids: Vec<OpId> = live.range(range.clone()).map(|(k, _)| k.clone()).collect();
-            for id in ids {
-                if let Some(e) = live.remove(&id) {
-                    buried.push((field.clone(), id, e));
-                }
-            }
-        }
-        for (field, id, e) in buried {
-            self.bury(&field, &id, e);
-        }
-        for h in self.history.values_mut() {
-            for (_, d) in h.range_mut(range.clone()) {
-                note(&mut d.by, by);
-            }
-        }
-        for c in self.counters.values_mut() {
-            let ids: Vec<OpId> = c.range(range.clone()).map(|(k, _)| k.clone()).collect();
-            for id in ids {
-                c.remove(&id);
-            }
-        }
-        let ids: Vec<OpId> = self
-            .tombstones
-            .range(range)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for id in ids {
-            self.tombstones.remove(&id);
-        }
-    }
-
-    fn add_write(&mut self, op: &Op, w: &FieldWrite) {
-        let row = self.row_killers(&op.id);
-        if row.is_none()
-            && let Some(delta) = &w.delta
-        {
-            slot(&mut self.counters, &w.name).insert(op.id.clone(), delta.clone());
-        }
-        let field = self.field_dead.get(&w.name).and_then(|m| m.get(&op.id));
-        if row.is_none() && field.is_none() {
-            slot(&mut self.fields, &w.name).insert(
-                op.id.clone(),
-                Entry {
-                    hlc: op.hlc,
-                    value: w.value.clone(),
-                },
-            );
-        } else if w.delta.is_none() {
-            let mut by = row.unwrap_or_default();
-            if let Some(k) = field {
-                join(&mut by, k);
-            }
-            let h = slot(&mut self.history, &w.name);
-            match h.get_mut(&op.id) {
-                Some(d) => {
-                    d.hlc = op.hlc;
-                    d.value = w.value.clone();
-                    join(&mut d.by, &by);
-                }
-                None => {
-                    h.insert(
-                        op.id.clone(),
-                        Dead {
-                            hlc: op.hlc,
-                            value: w.value.clone(),
-                            by,
-                        },
-                    );
-                }
-            }
-        }
-    }
-
-    /// Drops empty inner maps so equal op sets give equal bytes.
-    fn prune(&mut self) {
-        self.fields.retain(|_, m| !m.is_empty());
-        self.counters.retain(|_, m| !m.is_empty());
-        self.history.retain(|_, m| !m.is_empty());
-        self.field_dead.retain(|_, m| !m.is_empty());
-        self.row_dead.retain(|_, m| !m.is_empty());
-        self.pred_sets.retain(|_, s| !s.is_empty());
+        self.tombstones
+            .retain(|(id, _)| !(id.origin == *origin && id.seq <= upto));
     }
 
     /// The ids a new write of `field` at this replica supersedes (its live
     /// writes).
     pub fn field_pred(&self, field: &str) -> Vec<OpId> {
-        self.fields
-            .get(field)
-            .map(|e| e.keys().cloned().collect())
+        self.field(field)
+            .map(|f| f.live.iter().map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 
     /// The live tombstones: the `row_pred` of an update.
     pub fn tombstone_pred(&self) -> Vec<OpId> {
-        self.tombstones.keys().cloned().collect()
+        self.tombstones.iter().map(|(id, _)| id.clone()).collect()
     }
 
     /// The `row_pred` of a delete: every live write and tombstone of the row,
     /// and for counter contributions the highest live one per origin (a
     /// `row_pred` id stands for its origin's prefix, see [`RowState`]).
     pub fn delete_pred(&self) -> Vec<OpId> {
-        let mut ids: BTreeSet<OpId> = self.tombstones.keys().cloned().collect();
-        for entries in self.fields.values() {
-            ids.extend(entries.keys().cloned());
+        let mut ids: BTreeSet<OpId> = self.tombstones.iter().map(|(id, _)| id.clone()).collect();
+        for f in &self.fields {
+            ids.extend(f.live.iter().map(|(id, _)| id.clone()));
         }
         let mut top: BTreeMap<&NodeId, u64> = BTreeMap::new();
-        for c in self.counters.values() {
-            for id in c.keys() {
-                let e = top.entry(&id.origin).or_insert(0);
-                *e = (*e).max(id.seq);
-            }
+        for f in &self.fields {
+            f.counters.for_each(|origin, seq, _| {
+                let e = top.entry(origin).or_insert(0);
+                *e = (*e).max(seq);
+            });
         }
         ids.extend(top.into_iter().map(|(o, s)| OpId::new(o.clone(), s)));
         ids.into_iter().collect()
@@ -463,9 +602,12 @@ impl RowState {
         top.into_iter().map(|(o, s)| OpId::new(o, s)).collect()
     }
 
-    /// Live writes of `field` (more than one means concurrent writes).
+    /// Live writes of `field` (more than one means concurrent writes), in
+    /// op-id order.
     pub fn entries(&self, field: &str) -> impl Iterator<Item = (&OpId, &Entry)> {
-        self.fields.get(field).into_iter().flat_map(|e| e.iter())
+        self.field(field)
+            .into_iter()
+            .flat_map(|f| f.live.iter().map(|(id, e)| (id, e)))
     }
 
     /// True when a live delete is present.
@@ -475,7 +617,7 @@ impl RowState {
 
     /// True when the state holds nothing at all (as `RowState::default()`).
     pub fn is_empty(&self) -> bool {
-        *self == RowState::default()
+        self.fields.is_empty() && self.tombstones.is_empty() && self.row_dead.is_empty()
     }
 
     /// The visible row under `rules`, or `None` when the row does not exist.
@@ -489,17 +631,22 @@ impl RowState {
         if self.has_tombstone() && rules.deletes == DeletePolicy::DeleteWins {
             return None;
         }
-        let names: BTreeSet<&String> = self.fields.keys().chain(self.counters.keys()).collect();
         let mut row = VisibleRow::new();
-        for name in names {
-            let strategy = rules.strategy(name);
+        for f in &self.fields {
+            if f.live.is_empty() && f.counters.is_empty() {
+                continue;
+            }
+            let strategy = rules.strategy(&f.name);
             let counted = match strategy {
-                Strategy::Sum => self.counters.get(name).and_then(|c| sum(c.values())),
+                Strategy::Sum if !f.counters.is_empty() => {
+                    let mut deltas = Vec::with_capacity(f.counters.len());
+                    f.counters.for_each(|_, _, d| deltas.push(d));
+                    sum(deltas.into_iter())
+                }
                 _ => None,
             };
             let value = counted.or_else(|| {
-                let live = self.fields.get(name)?;
-                let cands = live.iter().map(|(op, e)| Cand {
+                let cands = f.live.iter().map(|(op, e)| Cand {
                     op,
                     hlc: &e.hlc,
                     value: &e.value,
@@ -507,7 +654,7 @@ impl RowState {
                 pick(strategy, rules, cands).map(|c| c.value.clone())
             });
             if let Some(v) = value {
-                row.insert(name.clone(), v);
+                row.insert(f.name.clone(), v);
             }
         }
         (!row.is_empty()).then_some(row)
@@ -517,40 +664,28 @@ impl RowState {
     /// candidate ids (exact definition in the [`RowState`] docs). Fields whose
     /// strategy is `sum` never conflict.
     pub fn conflicts(&self, rules: &TableRules) -> Vec<Conflict> {
-        let names: BTreeSet<&String> = self.fields.keys().chain(self.pred_sets.keys()).collect();
         let mut out = Vec::new();
-        for name in names {
-            let strategy = rules.strategy(name);
+        for f in &self.fields {
+            if f.live.is_empty() && f.pred_sets.is_empty() {
+                continue;
+            }
+            let strategy = rules.strategy(&f.name);
             if *strategy == Strategy::Sum {
                 continue;
             }
-            let mut sets = self.pred_sets.get(name).cloned().unwrap_or_default();
-            if let Some(live) = self.fields.get(name)
-                && live.len() >= 2
-            {
-                sets.insert(live.keys().cloned().collect());
+            let mut sets: BTreeSet<Vec<OpId>> = f.pred_sets.iter().cloned().collect();
+            if f.live.len() >= 2 {
+                sets.insert(f.live.iter().map(|(id, _)| id.clone()).collect());
             }
             for ids in sets {
-                out.push(self.conflict(name, strategy, rules, ids));
+                out.push(Self::conflict(f, strategy, rules, ids));
             }
         }
         out
     }
 
-    /// The HLC and value of `id`'s write of `field`, if the op set has it.
-    fn known(&self, field: &str, id: &OpId) -> Option<(&Hlc, &Value)> {
-        if let Some(e) = self.fields.get(field).and_then(|m| m.get(id)) {
-            return Some((&e.hlc, &e.value));
-        }
-        self.history
-            .get(field)
-            .and_then(|h| h.get(id))
-            .map(|d| (&d.hlc, &d.value))
-    }
-
     fn conflict(
-        &self,
-        field: &str,
+        f: &FieldState,
         strategy: &Strategy,
         rules: &TableRules,
         ids: Vec<OpId>,
@@ -558,7 +693,7 @@ impl RowState {
         let mut known = Vec::new();
         let mut candidates = Vec::with_capacity(ids.len());
         for id in &ids {
-            let k = self.known(field, id);
+            let k = f.known(id);
             if let Some((hlc, value)) = k {
                 known.push(Cand { op: id, hlc, value });
             }
@@ -575,26 +710,13 @@ impl RowState {
             None
         };
         Conflict {
-            field: field.to_owned(),
+            field: f.name.clone(),
             candidates,
             strategy: strategy.name().to_owned(),
             winner: winner.map(|c| c.op.clone()),
             value: winner.map(|c| c.value.clone()),
             hlc,
         }
-    }
-
-    /// True when `id`'s write of `field` is covered and was superseded by a
-    /// covered op (no future `pred` can name it).
-    fn settled(&self, field: &str, id: &OpId, stable: &VersionVector) -> bool {
-        if !covered(id, stable) || self.fields.get(field).is_some_and(|m| m.contains_key(id)) {
-            return false;
-        }
-        let mut by = self.killers(field, id);
-        if let Some(d) = self.history.get(field).and_then(|h| h.get(id)) {
-            join(&mut by, &d.by);
-        }
-        any_covered(&by, stable)
     }
 
     /// Forgets what no future op can need, given a stable cut (conditions
@@ -607,47 +729,46 @@ impl RowState {
     /// further ops that respect (P2) either; [`RowState::conflicts`] loses
     /// exactly the records whose candidates are all settled.
     pub fn collect_garbage(&mut self, stable: &VersionVector) -> bool {
-        // Candidate sets: keep those with an unsettled candidate.
-        let mut kept: BTreeMap<String, BTreeSet<Vec<OpId>>> = BTreeMap::new();
-        for (field, sets) in &self.pred_sets {
-            for ids in sets {
-                if !ids.iter().all(|id| self.settled(field, id, stable)) {
-                    kept.entry(field.clone()).or_default().insert(ids.clone());
-                }
-            }
-        }
-        let needed: BTreeSet<(&String, &OpId)> = kept
-            .iter()
-            .flat_map(|(f, sets)| sets.iter().flatten().map(move |id| (f, id)))
-            .collect();
-        // Superseded values: drop the settled ones no kept set names.
-        let mut history = BTreeMap::new();
-        for (field, h) in &self.history {
-            let keep: BTreeMap<OpId, Dead> = h
+        let row_dead = &self.row_dead;
+        for f in &mut self.fields {
+            // Candidate sets: keep those with an unsettled candidate.
+            let kept: Vec<Vec<OpId>> = f
+                .pred_sets
                 .iter()
-                .filter(|(id, d)| {
-                    needed.contains(&(field, *id))
-                        || !(covered(id, stable) && any_covered(&d.by, stable))
-                })
-                .map(|(id, d)| (id.clone(), d.clone()))
+                .filter(|ids| !ids.iter().all(|id| f.settled(id, stable, row_dead)))
+                .cloned()
                 .collect();
-            history.insert(field.clone(), keep);
+            let needed: BTreeSet<&OpId> = kept.iter().flatten().collect();
+            // Superseded values: drop the settled ones no kept set names.
+            // Supersession memory of covered ids.
+            f.gone.retain_mut(|origin, seq, g| {
+                let covered = seq <= stable.get(origin);
+                if let Some(d) = &g.dead
+                    && covered
+                    && d.by.any_covered(stable)
+                    && !needed.contains(&OpId::new(origin.clone(), seq))
+                {
+                    g.dead = None;
+                }
+                if covered {
+                    g.pred_by = Killers::default();
+                }
+                !(g.pred_by.is_empty() && g.dead.is_none())
+            });
+            drop(needed);
+            f.pred_sets = kept;
         }
-        self.history = history;
-        self.pred_sets = kept;
-        // Supersession memory of covered ids.
-        for m in self.field_dead.values_mut() {
-            m.retain(|id, _| !covered(id, stable));
-        }
-        for (origin, marks) in &mut self.row_dead {
-            let upto = stable.get(origin);
-            marks.retain(|seq, _| *seq > upto);
-        }
+        self.row_dead
+            .retain_mut(|origin, seq, _| seq > stable.get(origin));
         // Covered tombstones of a row with nothing live.
-        if self.fields.is_empty() && self.counters.is_empty() {
-            self.tombstones.retain(|id, _| !covered(id, stable));
+        if self
+            .fields
+            .iter()
+            .all(|f| f.live.is_empty() && f.counters.is_empty())
+        {
+            self.tombstones.retain(|(id, _)| !covered(id, stable));
         }
-        self.prune();
+        self.fields.retain(|f| !f.is_empty());
         self.is_empty()
     }
 }
@@ -689,6 +810,115 @@ mod tests {
             r.apply(op);
         }
         r
+    }
+
+    /// Past `FLAT_MAX` entries a field's maps regroup per origin; the state
+    /// must still be a function of the op set alone.
+    #[test]
+    fn a_long_history_gives_identical_bytes_in_any_order() {
+        let mut rules = TableRules::default();
+        rules.fields.insert("n".into(), Strategy::Sum);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let origins = ["d", "a", "c", "b"];
+        let mut seq = [0u64; 4];
+        let mut state = RowState::default();
+        let mut older = RowState::default();
+        let mut ops = Vec::new();
+        for t in 0..300u64 {
+            let o = next(4) as usize;
+            seq[o] += 1;
+            let seen = if next(5) == 0 { &older } else { &state };
+            let op = if next(40) == 0 {
+                Op::delete(
+                    id(origins[o], seq[o]),
+                    hlc(t),
+                    "t",
+                    vec![],
+                    seen.delete_pred(),
+                )
+            } else {
+                let mut op = up(
+                    origins[o],
+                    seq[o],
+                    t,
+                    vec![
+                        w("x", t as i64, seen.field_pred("x")),
+                        inc("n", t as i64, 1, seen.field_pred("n")),
+                    ],
+                );
+                op.row_pred = seen.tombstone_pred();
+                op
+            };
+            older = state.clone();
+            state.apply(&op);
+            ops.push(op);
+        }
+        let bytes = |r: &RowState| postcard::to_allocvec(r).unwrap();
+        let expect = bytes(&state);
+        let mut rev = RowState::default();
+        for op in ops.iter().rev() {
+            rev.apply(op);
+        }
+        assert_eq!(bytes(&rev), expect);
+        assert_eq!(rev, state);
+        // Interleaved, with every op twice.
+        let mut mixed = RowState::default();
+        for i in (0..ops.len()).step_by(2).chain((1..ops.len()).step_by(2)) {
+            mixed.apply(&ops[i]);
+            mixed.apply(&ops[ops.len() - 1 - i]);
+        }
+        assert_eq!(bytes(&mixed), expect);
+        assert_eq!(mixed.visible(&rules), state.visible(&rules));
+        assert_eq!(mixed.conflicts(&rules), state.conflicts(&rules));
+        assert!(
+            state.conflicts(&rules).len() > 5,
+            "concurrent writes happened"
+        );
+        let back: RowState = postcard::from_bytes(&expect).unwrap();
+        assert_eq!(back, state);
+        // Garbage collection at a cut covering every op shrinks it alike.
+        let mut cut = VersionVector::default();
+        for (o, s) in origins.iter().zip(seq) {
+            cut.set(NodeId::new(*o).unwrap(), s);
+        }
+        let (mut a, mut b) = (state.clone(), mixed.clone());
+        a.collect_garbage(&cut);
+        b.collect_garbage(&cut);
+        assert_eq!(bytes(&a), bytes(&b));
+        assert!(bytes(&a).len() < expect.len() / 4);
+        assert_eq!(a.visible(&rules), state.visible(&rules));
+    }
+
+    #[test]
+    fn short_name_comparisons_agree_with_string_order() {
+        let names = [
+            "",
+            "a",
+            "a\0",
+            "ab",
+            "b",
+            "f0",
+            "f1",
+            "f10",
+            "qty",
+            "12345678",
+            "123456789",
+            "12345678a",
+            "12345678b",
+            "price_with_tax",
+        ];
+        for a in names {
+            for b in names {
+                assert_eq!(name_before(a, b), a < b, "{a:?} < {b:?}");
+                assert_eq!(same_name(a, b), a == b, "{a:?} == {b:?}");
+            }
+        }
     }
 
     #[test]
