@@ -39,6 +39,12 @@ pub fn hub_settings_from(cfg: &Config, hub: &HubConfig) -> Result<(HubSettings, 
         conflict_retention_days: cfg.conflicts.retention_days,
         metrics: hub.metrics,
         alert: cfg.conflicts.alert.clone(),
+        tombstone_grace_ms: hub.tombstone_grace_hours.saturating_mul(3_600_000),
+        nodes: cfg
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.mode.as_str().to_owned()))
+            .collect(),
     };
     Ok((settings, options))
 }

@@ -6,7 +6,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use syncmesh_node::core::row_key;
 use syncmesh_node::store::{LogStore, WriteBatch, prefix_end};
-use syncmesh_node::wire;
+use syncmesh_node::wire::{self, StableCut};
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{HlcClock, NodeId, Ntp64, Op, RowState, TableRules, VersionVector};
 
@@ -19,6 +19,16 @@ const P_NODE: &[u8] = b"n/";
 const P_CONFLICT: &[u8] = b"c/";
 const P_ROW: &[u8] = b"r/";
 const P_ROW_CONFLICTS: &[u8] = b"x/";
+/// Tombstone GC: the collected cut.
+const K_GC_CUT: &[u8] = b"g/cut";
+/// Tombstone GC: per node, its last seen report and the cut it joined at.
+const P_GC_NODE: &[u8] = b"g/n/";
+
+/// Default of `hub.tombstone_grace_hours`: a writer silent for longer no
+/// longer holds back tombstone collection (7 days).
+pub const DEFAULT_TOMBSTONE_GRACE_HOURS: u64 = 168;
+/// Most row states one [`HubCore::handle_gc`] call examines.
+pub const GC_ROWS_PER_STEP: usize = 512;
 
 /// Conflict records returned by one query when the caller sets no limit.
 pub const DEFAULT_CONFLICT_LIMIT: usize = 1000;
@@ -67,6 +77,8 @@ pub struct NodeRecord {
 #[derive(Debug, Default)]
 struct Session {
     node: Option<NodeId>,
+    /// The node takes part in tombstone GC (its hello carried `seen`).
+    gc: bool,
     publish_only: bool,
     subscribe_only: bool,
     sent: VersionVector,
@@ -105,6 +117,46 @@ pub struct HubCore<S: LogStore> {
     /// Conflict keys per row written in the batch being built.
     row_conflicts: BTreeMap<Vec<u8>, Vec<Vec<u8>>>,
     metrics: HubMetrics,
+    gc: Gc,
+}
+
+/// What the hub remembers about a node for tombstone GC.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcNode {
+    /// Its latest seen report (`None`: it never sent one).
+    pub seen: Option<VersionVector>,
+    /// The stable vector of the cut it took part in (or caught up with)
+    /// last: it is *trusted* while this dominates the collected cut.
+    pub joined: VersionVector,
+}
+
+/// Counters of tombstone GC at the hub.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Cuts adopted since the hub started.
+    pub cuts: u64,
+    /// Row states rewritten smaller.
+    pub rows_collected: u64,
+    /// Row states dropped entirely (deleted rows with every op covered).
+    pub rows_dropped: u64,
+    /// Sessions refused because the node missed collected tombstones.
+    pub refused: u64,
+}
+
+#[derive(Debug, Default)]
+struct Gc {
+    grace_ms: u64,
+    /// Nodes from the configuration (name to mode): a configured writer
+    /// that never connected holds collection back like a silent one.
+    configured: BTreeMap<NodeId, String>,
+    /// First `now` this core saw (stands in for the last-seen time of
+    /// configured nodes that never connected).
+    started_ms: Option<u64>,
+    cut: StableCut,
+    /// Next row key to collect at `cut` (`None`: the pass is done).
+    cursor: Option<Vec<u8>>,
+    nodes: BTreeMap<NodeId, GcNode>,
+    stats: GcStats,
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -143,6 +195,29 @@ impl<S: LogStore> HubCore<S> {
             }
         }
         let clock = HlcClock::new(&settings.name, settings.max_clock_drift_ms);
+        let mut gc = Gc {
+            grace_ms: DEFAULT_TOMBSTONE_GRACE_HOURS * 3_600_000,
+            ..Gc::default()
+        };
+        if let Some(b) = store.get(K_GC_CUT)? {
+            gc.cut = postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
+                path: "<hub>".into(),
+                message: format!(
+                    "corrupt stable cut in the hub store: {e}; restore the hub data_dir"
+                ),
+            })?;
+            // Collection restarts from the first row after a restart.
+            gc.cursor = (!gc.cut.is_empty()).then(|| P_ROW.to_vec());
+        }
+        for (k, v) in store.range(P_GC_NODE, &prefix_end(P_GC_NODE), usize::MAX)? {
+            let node = NodeId::new(String::from_utf8_lossy(&k[P_GC_NODE.len()..]).into_owned())
+                .map_err(syncmesh_node::Error::from)?;
+            let rec = postcard::from_bytes::<GcNode>(&v).map_err(|e| syncmesh_node::Error::Store {
+                path: "<hub>".into(),
+                message: format!("corrupt GC record of node {node} in the hub store: {e}; restore the hub data_dir"),
+            })?;
+            gc.nodes.insert(node, rec);
+        }
         Ok(HubCore {
             settings,
             store,
@@ -157,6 +232,7 @@ impl<S: LogStore> HubCore<S> {
             tables: BTreeMap::new(),
             row_conflicts: BTreeMap::new(),
             metrics: HubMetrics::default(),
+            gc,
         })
     }
 
@@ -449,6 +525,13 @@ impl<S: LogStore> HubCore<S> {
                 Ok(Control::Continue)
             }
             (Some(Body::Ops(b)), Some(n)) => self.ops(now, sid, n, b),
+            (Some(Body::Seen(r)), Some(n)) => match wire::seen_from_proto(r.seen) {
+                Ok(seen) => {
+                    self.note_seen(&n, seen)?;
+                    Ok(Control::Continue)
+                }
+                Err(e) => Ok(self.reject(sid, "bad_seen_report", e.to_string(), None)),
+            },
         }
     }
 
@@ -482,6 +565,10 @@ impl<S: LogStore> HubCore<S> {
             Ok(v) => v,
             Err(e) => return Ok(self.reject(sid, "bad_version_vector", e.to_string(), None)),
         };
+        let seen = match h.seen.map(|v| wire::seen_from_proto(Some(v))).transpose() {
+            Ok(v) => v,
+            Err(e) => return Ok(self.reject(sid, "bad_seen_report", e.to_string(), None)),
+        };
         let (publish_only, subscribe_only) = match h.mode.as_str() {
             "publish" => (true, false),
             "subscribe" => (false, true),
@@ -507,6 +594,14 @@ impl<S: LogStore> HubCore<S> {
             self.to_close
                 .push_back((id, format!("node {node} opened a newer stream")));
         }
+        if !subscribe_only && let Some(why) = self.gc_refusal(&node, &node_vv) {
+            self.gc.stats.refused += 1;
+            return Ok(self.reject(sid, "missed_collected_tombstones", why, None));
+        }
+        let gc = seen.is_some();
+        if let Some(seen) = seen {
+            self.note_seen(&node, seen)?;
+        }
         let rec = self.nodes.entry(node.clone()).or_default();
         rec.last_seen_ms = now_ms;
         rec.mode = if h.mode.is_empty() {
@@ -527,9 +622,11 @@ impl<S: LogStore> HubCore<S> {
                 protocol_version: syncmesh_proto::PROTOCOL_VERSION,
                 hub: self.settings.name.as_str().to_owned(),
                 version_vector: Some(wire::vv_to_proto(&self.vv)),
+                cut: gc.then(|| wire::cut_to_proto(&self.gc.cut)),
             })),
         };
         if let Some(s) = self.sessions.get_mut(&sid) {
+            s.gc = gc;
             s.node = Some(node);
             s.publish_only = publish_only;
             s.subscribe_only = subscribe_only;
@@ -596,6 +693,11 @@ impl<S: LogStore> HubCore<S> {
             }
             if op.id.seq <= have {
                 continue; // a retry of something already durable
+            }
+            if let Some(why) = self.gc_untrusted(&node) {
+                self.gc.stats.refused += 1;
+                control = self.reject(sid, "missed_collected_tombstones", why, raw_id);
+                break;
             }
             if op.id.seq != have + 1 {
                 control = self.reject(
@@ -805,8 +907,339 @@ impl<S: LogStore> HubCore<S> {
             total_ops: self.vv.total(),
             nodes,
             errors_total: self.errors_total,
+            gc_cut: Some(wire::cut_to_proto(&self.gc.cut)),
+            gc_cuts: self.gc.stats.cuts,
+            gc_rows_collected: self.gc.stats.rows_collected,
+            gc_rows_dropped: self.gc.stats.rows_dropped,
+            gc_refused: self.gc.stats.refused,
             ..Default::default()
         }
+    }
+}
+
+/// Tombstone garbage collection (see ARCHITECTURE.md, invariant 6).
+impl<S: LogStore> HubCore<S> {
+    /// A writer silent for longer than this no longer holds back
+    /// collection (it must then catch up before it may publish again).
+    pub fn set_tombstone_grace_hours(&mut self, hours: u64) {
+        self.set_tombstone_grace_ms(hours.max(1).saturating_mul(3_600_000));
+    }
+
+    /// Like [`HubCore::set_tombstone_grace_hours`], in milliseconds (tests).
+    pub fn set_tombstone_grace_ms(&mut self, ms: u64) {
+        self.gc.grace_ms = ms.max(1);
+    }
+
+    /// The configured nodes (name to mode): a configured writer that never
+    /// connected holds collection back until the grace has passed since
+    /// this core started.
+    pub fn set_gc_nodes(&mut self, nodes: BTreeMap<NodeId, String>) {
+        self.gc.configured = nodes;
+    }
+
+    /// The cut the hub collected at (empty before the first).
+    pub fn gc_cut(&self) -> &StableCut {
+        &self.gc.cut
+    }
+
+    /// GC counters.
+    pub fn gc_stats(&self) -> &GcStats {
+        &self.gc.stats
+    }
+
+    /// What the hub remembers of `node` for GC.
+    pub fn gc_node(&self, node: &NodeId) -> Option<&GcNode> {
+        self.gc.nodes.get(node)
+    }
+
+    /// How many row states the hub stores (for tests and status).
+    pub fn row_state_count(&self) -> Result<usize> {
+        Ok(self
+            .store
+            .range(P_ROW, &prefix_end(P_ROW), usize::MAX)?
+            .len())
+    }
+
+    /// Adopts a new stable cut when the current pass is done and the nodes'
+    /// reports allow a larger one, then collects at most `max_rows` row
+    /// states (one flushed batch). Returns the rows examined.
+    pub fn handle_gc(&mut self, now: Ntp64, max_rows: usize) -> Result<usize> {
+        let now_ms = now.as_unix_millis();
+        let started = *self.gc.started_ms.get_or_insert(now_ms);
+        if self.gc.cursor.is_none()
+            && let Some((cut, participants)) = self.compute_cut(now_ms, started)
+            && cut.stable != self.gc.cut.stable
+            && cut.stable.dominates(&self.gc.cut.stable)
+        {
+            self.adopt(cut, participants)?;
+        }
+        self.gc_step(max_rows.max(1))
+    }
+
+    /// The componentwise minimum of the seen reports of every writer that
+    /// takes part (not subscribe-only, heard from within the grace or
+    /// connected), with the hub's version vector as horizon. `None` while
+    /// a participant has not reported, or reported own ops the hub does
+    /// not hold yet (the cut would not be valid here, P1/P2).
+    fn compute_cut(&self, now_ms: u64, started_ms: u64) -> Option<(StableCut, Vec<NodeId>)> {
+        let connected: Vec<&NodeId> = self
+            .sessions
+            .values()
+            .filter_map(|s| s.node.as_ref())
+            .collect();
+        let mut writers: BTreeMap<&NodeId, (&str, u64)> = self
+            .gc
+            .configured
+            .iter()
+            .map(|(n, mode)| (n, (mode.as_str(), started_ms)))
+            .collect();
+        for (n, rec) in &self.nodes {
+            writers.insert(n, (rec.mode.as_str(), rec.last_seen_ms));
+        }
+        let mut stable: Option<VersionVector> = None;
+        let mut participants = Vec::new();
+        for (n, (mode, last_ms)) in writers {
+            if mode == "subscribe" {
+                continue; // never writes: cannot violate P2
+            }
+            if !connected.contains(&n) && now_ms.saturating_sub(last_ms) > self.gc.grace_ms {
+                continue; // silent beyond the grace: excluded (gated on return)
+            }
+            let report = self.gc.nodes.get(n)?.seen.as_ref()?;
+            let held = self.vv.get(n);
+            if report.get(n) > held {
+                return None;
+            }
+            let mut v = VersionVector::default();
+            for (origin, have) in &self.vv.0 {
+                // Own ops the hub holds beyond the report were written
+                // after it; never beyond what the hub holds (P1 here).
+                let seen = if origin == n {
+                    held
+                } else {
+                    report.get(origin).min(*have)
+                };
+                let s = match &stable {
+                    None => seen,
+                    Some(st) => st.get(origin).min(seen),
+                };
+                v.set(origin.clone(), s);
+            }
+            stable = Some(v);
+            participants.push(n.clone());
+        }
+        let mut stable = stable?;
+        stable.0.retain(|_, s| *s > 0);
+        let cut = StableCut {
+            stable,
+            horizon: self.vv.clone(),
+        };
+        (!cut.is_empty()).then_some((cut, participants))
+    }
+
+    fn gc_node_key(node: &NodeId) -> Vec<u8> {
+        let mut k = P_GC_NODE.to_vec();
+        k.extend_from_slice(node.as_str().as_bytes());
+        k
+    }
+
+    /// Persists (flushed) the cut and the participants' trust, then tells
+    /// every GC-speaking session.
+    fn adopt(&mut self, cut: StableCut, participants: Vec<NodeId>) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            K_GC_CUT.to_vec(),
+            postcard::to_allocvec(&cut).unwrap_or_default(),
+        );
+        for n in participants {
+            let rec = self.gc.nodes.entry(n.clone()).or_default();
+            rec.joined = cut.stable.clone();
+            batch.put(
+                Self::gc_node_key(&n),
+                postcard::to_allocvec(rec).unwrap_or_default(),
+            );
+        }
+        self.store.write(batch)?;
+        self.store.flush()?;
+        let msg = pb::HubMessage {
+            body: Some(pb::hub_message::Body::Cut(wire::cut_to_proto(&cut))),
+        };
+        for s in self.sessions.values_mut() {
+            if s.gc && s.node.is_some() {
+                s.outbox.push_back(msg.clone());
+            }
+        }
+        self.gc.cut = cut;
+        self.gc.cursor = Some(P_ROW.to_vec());
+        self.gc.stats.cuts += 1;
+        Ok(())
+    }
+
+    /// Collects up to `max_rows` row states at the current cut.
+    fn gc_step(&mut self, max_rows: usize) -> Result<usize> {
+        let Some(from) = self.gc.cursor.clone() else {
+            return Ok(0);
+        };
+        let rows = self.store.range(&from, &prefix_end(P_ROW), max_rows)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in &rows {
+            let mut row: RowState =
+                postcard::from_bytes(v).map_err(|e| syncmesh_node::Error::Store {
+                    path: "<hub>".into(),
+                    message: format!(
+                        "corrupt row state in the hub store: {e}; restore the hub data_dir"
+                    ),
+                })?;
+            let before = row.clone();
+            let mut xk = P_ROW_CONFLICTS.to_vec();
+            xk.extend_from_slice(&k[P_ROW.len()..]);
+            if row.collect_garbage(&self.gc.cut.stable) {
+                // Nothing left: no candidate set can grow any more, so the
+                // row's conflict list goes too (the records stay).
+                batch.remove(k.clone());
+                batch.remove(xk);
+                self.gc.stats.rows_dropped += 1;
+            } else if row != before {
+                self.forget_settled_conflicts(&xk, &row, &mut batch)?;
+                batch.put(
+                    k.clone(),
+                    postcard::to_allocvec(&row).map_err(|e| syncmesh_node::Error::Store {
+                        path: "<hub>".into(),
+                        message: format!("cannot encode row state: {e}"),
+                    })?,
+                );
+                self.gc.stats.rows_collected += 1;
+            }
+        }
+        self.gc.cursor = match rows.last() {
+            Some((k, _)) if rows.len() >= max_rows => {
+                let mut next = k.clone();
+                next.push(0);
+                Some(next)
+            }
+            _ => None,
+        };
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+            self.store.flush()?;
+        }
+        Ok(rows.len())
+    }
+
+    /// Drops from a row's conflict list (`x/`) the records whose candidate
+    /// set the collection settled, so a later merge does not delete them
+    /// as "replaced": they stay until their retention ends.
+    fn forget_settled_conflicts(
+        &self,
+        xk: &[u8],
+        row: &RowState,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        let Some(b) = self.store.get(xk)? else {
+            return Ok(());
+        };
+        let keys = postcard::from_bytes::<Vec<Vec<u8>>>(&b).unwrap_or_default();
+        let mut kept = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let record = self
+                .store
+                .get(key)?
+                .and_then(|v| pb::ConflictRecord::decode(v.as_slice()).ok());
+            let Some(record) = record else {
+                kept.push(key.clone()); // expired: merge handles it as before
+                continue;
+            };
+            let Some(rules) = self.tables.get(&record.table) else {
+                kept.push(key.clone());
+                continue;
+            };
+            let mut ids: Vec<(String, u64)> = record
+                .candidates
+                .iter()
+                .filter_map(|c| c.op.as_ref().map(|o| (o.origin.clone(), o.seq)))
+                .collect();
+            ids.sort();
+            let live = row.conflicts(rules).iter().any(|c| {
+                let mut cids: Vec<(String, u64)> = c
+                    .candidates
+                    .iter()
+                    .map(|x| (x.op.origin.as_str().to_owned(), x.op.seq))
+                    .collect();
+                cids.sort();
+                c.field == record.field && cids == ids
+            });
+            if live {
+                kept.push(key.clone());
+            }
+        }
+        if kept != keys {
+            batch.put(
+                xk.to_vec(),
+                postcard::to_allocvec(&kept).unwrap_or_default(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a node's seen report; a node that missed a collected cut
+    /// is trusted again once it reports having seen it with every own op
+    /// written before the report already at the hub.
+    fn note_seen(&mut self, node: &NodeId, seen: VersionVector) -> Result<()> {
+        let held = self.vv.get(node);
+        let cut = self.gc.cut.stable.clone();
+        let rec = self.gc.nodes.entry(node.clone()).or_default();
+        let trusted_now =
+            !rec.joined.dominates(&cut) && seen.dominates(&cut) && seen.get(node) <= held;
+        if trusted_now {
+            rec.joined = cut;
+        }
+        rec.seen = Some(seen);
+        let mut batch = WriteBatch::default();
+        batch.put(
+            Self::gc_node_key(node),
+            postcard::to_allocvec(rec).unwrap_or_default(),
+        );
+        self.store.write(batch)?;
+        if trusted_now {
+            // Its ops are accepted from now on: that must survive a crash.
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Why `node` may not publish now, if it may not: it did not take part
+    /// in the collected cut and has not shown it saw it since.
+    fn gc_untrusted(&self, node: &NodeId) -> Option<String> {
+        if self.gc.cut.is_empty()
+            || self
+                .gc
+                .nodes
+                .get(node)
+                .is_some_and(|g| g.joined.dominates(&self.gc.cut.stable))
+        {
+            return None;
+        }
+        Some(format!(
+            "node {node} wrote ops before it saw deletes the mesh has already garbage-collected \
+             (it was silent longer than tombstone_grace_hours = {} h, or joined after collection \
+             began); merging them could bring deleted rows back, so the hub refuses them. They \
+             stay in the node's log. Re-snapshot is not implemented yet: to rejoin, save the \
+             node's local changes, then start it with an empty data_dir and a copy of another \
+             replica's database",
+            self.gc.grace_ms / 3_600_000
+        ))
+    }
+
+    /// Why a hello must be refused: the node is not trusted and holds own
+    /// ops the hub lacks (written before it could have seen the cut).
+    fn gc_refusal(&self, node: &NodeId, hello_vv: &VersionVector) -> Option<String> {
+        let held = self.vv.get(node);
+        let has = hello_vv.get(node);
+        if has <= held {
+            return None;
+        }
+        self.gc_untrusted(node)
+            .map(|why| format!("{why} (unsent ops {node}#{}..={node}#{has})", held + 1))
     }
 }
 
@@ -853,6 +1286,7 @@ mod tests {
                 version_vector: None,
                 mode: mode.into(),
                 engine: "sqlite".into(),
+                seen: None,
             })),
         }
     }
@@ -1084,5 +1518,266 @@ mod tests {
         let status = h.status();
         assert_eq!(status.total_ops, 1);
         assert_eq!(status.nodes.len(), 2);
+    }
+
+    fn vv(entries: &[(&str, u64)]) -> VersionVector {
+        let mut v = VersionVector::default();
+        for (n, s) in entries {
+            v.set(NodeId::new(*n).unwrap(), *s);
+        }
+        v
+    }
+
+    fn gc_hello(
+        node: &str,
+        mode: &str,
+        have: &VersionVector,
+        seen: &VersionVector,
+    ) -> pb::NodeMessage {
+        pb::NodeMessage {
+            body: Some(pb::node_message::Body::Hello(pb::Hello {
+                protocol_version: syncmesh_proto::PROTOCOL_VERSION,
+                node: node.into(),
+                version_vector: Some(wire::vv_to_proto(have)),
+                mode: mode.into(),
+                engine: "sqlite".into(),
+                seen: Some(wire::vv_to_proto(seen)),
+            })),
+        }
+    }
+
+    fn seen(v: &VersionVector) -> pb::NodeMessage {
+        pb::NodeMessage {
+            body: Some(pb::node_message::Body::Seen(pb::SeenReport {
+                seen: Some(wire::vv_to_proto(v)),
+            })),
+        }
+    }
+
+    fn gc_hub() -> HubCore<MemStore> {
+        let mut h = hub();
+        h.set_tables(BTreeMap::from([("t".to_owned(), TableRules::default())]));
+        h
+    }
+
+    fn gc_session(h: &mut HubCore<MemStore>, node: &str, mode: &str) -> SessionId {
+        let sid = h.handle_open();
+        let empty = VersionVector::default();
+        let ctl = h
+            .handle_message(now(), sid, gc_hello(node, mode, &empty, &empty))
+            .unwrap();
+        assert_eq!(ctl, Control::Continue);
+        let msgs = drain(h, sid);
+        assert!(
+            matches!(&msgs[0].body, Some(pb::hub_message::Body::Hello(r)) if r.cut.is_some()),
+            "a GC-speaking hub answers with its cut"
+        );
+        sid
+    }
+
+    /// Upserts of keys 1..=3 by `a`, then a delete of key 1 (seq 4).
+    fn three_rows_one_deleted() -> Vec<pb::Op> {
+        let a = NodeId::new("a").unwrap();
+        let mut ops: Vec<pb::Op> = (1..=3).map(|s| op("a", s, 0)).collect();
+        let hlc = Hlc {
+            time: Ntp64::from_unix_millis(1_000_000).0,
+            id: a.hlc_id(),
+        };
+        ops.push(wire::op_to_proto(&Op::delete(
+            OpId::new(a.clone(), 4),
+            hlc,
+            "t",
+            vec![Value::Int(1)],
+            vec![OpId::new(a, 1)],
+        )));
+        ops
+    }
+
+    fn cuts(msgs: &[pb::HubMessage]) -> Vec<StableCut> {
+        msgs.iter()
+            .filter_map(|m| match &m.body {
+                Some(pb::hub_message::Body::Cut(c)) => {
+                    Some(wire::cut_from_proto(c.clone()).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn later(ms: u64) -> Ntp64 {
+        Ntp64::from_unix_millis(1_000_000 + ms)
+    }
+
+    #[test]
+    fn the_cut_is_the_minimum_of_every_writers_report_and_collects_deleted_rows() {
+        let mut h = gc_hub();
+        let a = gc_session(&mut h, "a", "bidirectional");
+        let b = gc_session(&mut h, "b", "bidirectional");
+        let r = gc_session(&mut h, "r", "subscribe");
+        h.handle_message(now(), a, batch(three_rows_one_deleted()))
+            .unwrap();
+        drain(&mut h, a);
+        assert_eq!(h.row_state_count().unwrap(), 3);
+        // Only a reported: b, a writer, holds the cut back.
+        h.handle_message(now(), a, seen(&vv(&[("a", 4)]))).unwrap();
+        h.handle_gc(later(10), 100).unwrap();
+        assert!(h.gc_cut().is_empty());
+        // b saw a's ops up to 3 only: the cut is the minimum. The
+        // subscriber r never reports and does not hold it back.
+        h.handle_message(now(), b, seen(&vv(&[("a", 3)]))).unwrap();
+        h.handle_gc(later(20), 100).unwrap();
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 3)]));
+        assert_eq!(h.gc_cut().horizon, vv(&[("a", 4)]));
+        assert_eq!(cuts(&drain(&mut h, b)), vec![h.gc_cut().clone()]);
+        assert_eq!(cuts(&drain(&mut h, r)).len(), 1, "subscribers collect too");
+        // The delete (a#4) is not covered yet: nothing dropped.
+        assert_eq!(h.row_state_count().unwrap(), 3);
+        h.handle_message(now(), b, seen(&vv(&[("a", 4)]))).unwrap();
+        h.handle_gc(later(30), 100).unwrap();
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
+        assert_eq!(h.row_state_count().unwrap(), 2, "the deleted row is gone");
+        assert_eq!(h.gc_stats().rows_dropped, 1);
+        assert_eq!(h.gc_stats().cuts, 2);
+        // Persisted: a restarted hub keeps the cut (and so its gating).
+        let settings = h.settings.clone();
+        let mut store = std::mem::take(&mut h.store);
+        store.crash();
+        let h = HubCore::open(settings, store).unwrap();
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
+    }
+
+    #[test]
+    fn collection_is_bounded_per_call() {
+        let mut h = gc_hub();
+        let a = gc_session(&mut h, "a", "bidirectional");
+        let a_id = NodeId::new("a").unwrap();
+        let mut ops: Vec<pb::Op> = (1..=5).map(|s| op("a", s, 0)).collect();
+        for k in 1..=5u64 {
+            let hlc = Hlc {
+                time: Ntp64::from_unix_millis(1_000_000).0,
+                id: a_id.hlc_id(),
+            };
+            ops.push(wire::op_to_proto(&Op::delete(
+                OpId::new(a_id.clone(), 5 + k),
+                hlc,
+                "t",
+                vec![Value::Int(k as i64)],
+                vec![OpId::new(a_id.clone(), k)],
+            )));
+        }
+        h.handle_message(now(), a, batch(ops)).unwrap();
+        h.handle_message(now(), a, seen(&vv(&[("a", 10)]))).unwrap();
+        assert_eq!(h.handle_gc(later(1), 2).unwrap(), 2);
+        assert_eq!(h.row_state_count().unwrap(), 3);
+        assert_eq!(h.handle_gc(later(2), 2).unwrap(), 2);
+        assert_eq!(h.handle_gc(later(3), 2).unwrap(), 1);
+        assert_eq!(h.row_state_count().unwrap(), 0);
+        assert_eq!(
+            h.handle_gc(later(4), 2).unwrap(),
+            0,
+            "pass done, no new cut"
+        );
+    }
+
+    #[test]
+    fn a_writer_silent_beyond_the_grace_is_excluded_and_gated_on_return() {
+        let mut h = gc_hub();
+        h.set_tombstone_grace_ms(1_000);
+        let a = gc_session(&mut h, "a", "bidirectional");
+        let c = gc_session(&mut h, "c", "bidirectional");
+        h.handle_close(c);
+        h.handle_message(now(), a, batch(three_rows_one_deleted()))
+            .unwrap();
+        h.handle_message(now(), a, seen(&vv(&[("a", 4)]))).unwrap();
+        // Within the grace c (reported nothing) holds the cut at zero.
+        h.handle_gc(later(500), 100).unwrap();
+        assert!(h.gc_cut().is_empty());
+        // Beyond it, c is excluded and the delete is collected.
+        h.handle_gc(later(1_500), 100).unwrap();
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
+        assert_eq!(h.row_state_count().unwrap(), 2);
+        // c comes back with an op the hub lacks, written before it could
+        // see the collected delete: refused, not stored.
+        let sid = h.handle_open();
+        let ctl = h
+            .handle_message(
+                later(1_600),
+                sid,
+                gc_hello("c", "bidirectional", &vv(&[("c", 1)]), &vv(&[("c", 1)])),
+            )
+            .unwrap();
+        assert!(
+            matches!(ctl, Control::Close(ref m) if m.contains("tombstone_grace_hours")),
+            "{ctl:?}"
+        );
+        assert_eq!(
+            error_code(&drain(&mut h, sid)).as_deref(),
+            Some("missed_collected_tombstones")
+        );
+        assert_eq!(h.gc_stats().refused, 1);
+        // Back with no unsent op: served (replay), but may not publish
+        // until it reports having seen the cut.
+        let sid = h.handle_open();
+        let empty = VersionVector::default();
+        h.handle_message(
+            later(1_700),
+            sid,
+            gc_hello("c", "bidirectional", &empty, &empty),
+        )
+        .unwrap();
+        let msgs = drain(&mut h, sid);
+        let replayed: usize = msgs
+            .iter()
+            .map(|m| match &m.body {
+                Some(pb::hub_message::Body::Ops(o)) => o.ops.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(replayed, 4, "the whole log is replayed");
+        let ctl = h
+            .handle_message(now(), sid, batch(vec![op("c", 1, 0)]))
+            .unwrap();
+        assert!(matches!(ctl, Control::Close(_)));
+        assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 0);
+        // Reporting the cut as seen (with no unsent op) makes it a writer.
+        let sid = h.handle_open();
+        let have = vv(&[("a", 4)]);
+        h.handle_message(
+            later(1_800),
+            sid,
+            gc_hello("c", "bidirectional", &have, &have),
+        )
+        .unwrap();
+        drain(&mut h, sid);
+        let ctl = h
+            .handle_message(now(), sid, batch(vec![op("c", 1, 0)]))
+            .unwrap();
+        assert_eq!(ctl, Control::Continue);
+        assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 1);
+    }
+
+    #[test]
+    fn a_report_of_own_ops_the_hub_lacks_holds_the_cut_back() {
+        let mut h = gc_hub();
+        let a = gc_session(&mut h, "a", "bidirectional");
+        h.handle_message(now(), a, batch(three_rows_one_deleted()))
+            .unwrap();
+        // a claims seq 5 (still in flight): the cut would not be valid here.
+        h.handle_message(now(), a, seen(&vv(&[("a", 5)]))).unwrap();
+        h.handle_gc(later(10), 100).unwrap();
+        assert!(h.gc_cut().is_empty());
+        let bad = pb::NodeMessage {
+            body: Some(pb::node_message::Body::Seen(pb::SeenReport {
+                seen: Some(pb::VersionVector {
+                    entries: [(String::new(), 1)].into_iter().collect(),
+                }),
+            })),
+        };
+        let ctl = h.handle_message(now(), a, bad).unwrap();
+        assert!(matches!(ctl, Control::Close(_)));
+        assert_eq!(
+            error_code(&drain(&mut h, a)).as_deref(),
+            Some("bad_seen_report")
+        );
     }
 }

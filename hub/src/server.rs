@@ -231,6 +231,11 @@ pub struct HubOptions {
     pub metrics: Option<SocketAddr>,
     /// `conflicts.alert`: threshold and webhook.
     pub alert: Option<syncmesh_node::config::AlertConfig>,
+    /// `hub.tombstone_grace_hours` in ms (0 = the default of 7 days).
+    pub tombstone_grace_ms: u64,
+    /// The configured nodes (name to mode), for tombstone GC: a configured
+    /// writer that never connected holds collection back.
+    pub nodes: BTreeMap<syncmesh_resolver::NodeId, String>,
 }
 
 /// Opens the store in `data_dir`, binds `listen` and serves.
@@ -294,6 +299,10 @@ fn open_core(settings: HubSettings, options: &HubOptions, data_dir: &Path) -> Re
     if options.conflict_retention_days > 0 {
         core.set_conflict_retention_days(options.conflict_retention_days);
     }
+    if options.tombstone_grace_ms > 0 {
+        core.set_tombstone_grace_ms(options.tombstone_grace_ms);
+    }
+    core.set_gc_nodes(options.nodes.clone());
     Ok(Opened { core, name, tables })
 }
 
@@ -400,6 +409,17 @@ async fn run_actor(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
+                let cuts = core.gc_stats().cuts;
+                core.handle_gc(wall_now(), crate::core::GC_ROWS_PER_STEP)?;
+                if core.gc_stats().cuts != cuts {
+                    let cut = core.gc_cut();
+                    tracing::info!(
+                        stable = ?cut.stable.0,
+                        rows_collected = core.gc_stats().rows_collected,
+                        rows_dropped = core.gc_stats().rows_dropped,
+                        "tombstone GC: collecting at a new stable cut"
+                    );
+                }
                 if last_housekeeping.elapsed() >= Duration::from_secs(60) {
                     last_housekeeping = std::time::Instant::now();
                     core.handle_tick(wall_now())?;

@@ -99,6 +99,7 @@ mod tests {
                 version_vector: None,
                 mode: "bidirectional".into(),
                 engine: "sqlite".into(),
+                seen: None,
             })),
         }
     }

@@ -57,6 +57,8 @@ use crate::{Error, Result};
 pub const MAX_BATCH_SIZE: usize = 10_000;
 /// Default of `sync.max_clock_drift`, in milliseconds.
 pub const DEFAULT_MAX_CLOCK_DRIFT_MS: u64 = 500;
+/// Default of `hub.tombstone_grace_hours` (7 days).
+pub const DEFAULT_TOMBSTONE_GRACE_HOURS: u64 = 168;
 /// Default of `conflicts.retention_days`.
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
 /// Default name of the hub.
@@ -94,6 +96,9 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// Where to serve Prometheus text at `/metrics`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// A writer silent for longer no longer holds back tombstone garbage
+    /// collection (`tombstone_grace_hours`, default 168 = 7 days).
+    pub tombstone_grace_hours: u64,
 }
 
 /// One entry of `nodes`: a sidecar next to one database.
@@ -849,6 +854,8 @@ struct RawHub {
     data_dir: PathBuf,
     #[serde(default)]
     metrics: Option<Parsed<SocketAddr>>,
+    #[serde(default)]
+    tombstone_grace_hours: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1001,6 +1008,9 @@ impl Check for RawHub {
     fn check(self) -> std::result::Result<Self, String> {
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir is empty: give the directory for the hub's store".to_owned());
+        }
+        if self.tombstone_grace_hours == Some(0) {
+            return Err("tombstone_grace_hours is 0: give the hours (at least 1, default 168) a silent node may hold back tombstone collection".to_owned());
         }
         Ok(self)
     }
@@ -1506,6 +1516,9 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
         listen: h.listen.0,
         data_dir: resolve_path(base, &h.data_dir),
         metrics: h.metrics.map(|m| m.0),
+        tombstone_grace_hours: h
+            .tombstone_grace_hours
+            .unwrap_or(DEFAULT_TOMBSTONE_GRACE_HOURS),
     });
 
     let mut nodes: Vec<NodeConfig> = Vec::with_capacity(raw.nodes.len());
@@ -1828,6 +1841,7 @@ conflicts:
         assert_eq!(hub.listen, "127.0.0.1:7700".parse().unwrap());
         assert_eq!(hub.data_dir, PathBuf::from("/base/data/hub"));
         assert_eq!(hub.metrics, Some("127.0.0.1:9700".parse().unwrap()));
+        assert_eq!(hub.tombstone_grace_hours, DEFAULT_TOMBSTONE_GRACE_HOURS);
         assert_eq!(c.node_names(), ["edge-a", "main"]);
         let a = c.node("edge-a").unwrap();
         assert_eq!(a.mode, Mode::Bidirectional);
@@ -2347,6 +2361,15 @@ conflicts:
             "hub:\n  listen: 127.0.0.1:1\n  metrics: 9700\n  data_dir: d\ntables: [{name: t}]\n",
         );
         assert!(e.contains("line 3") && e.contains("socket address"), "{e}");
+        let e = err(
+            "hub:\n  listen: 127.0.0.1:1\n  data_dir: d\n  tombstone_grace_hours: 0\ntables: [{name: t}]\n",
+        );
+        assert!(e.contains("tombstone_grace_hours is 0"), "{e}");
+        let c = parse(
+            "hub:\n  listen: 127.0.0.1:1\n  data_dir: d\n  tombstone_grace_hours: 2\ntables: [{name: t}]\n",
+        )
+        .unwrap();
+        assert_eq!(c.hub().unwrap().tombstone_grace_hours, 2);
         let e = err(
             "hub:\n  listen: 127.0.0.1:1\n  data_dir: d\nnodes:\n  - name: hub\n    hub: http://h:1\n    data_dir: d\n    database: { type: sqlite, url: sqlite:x }\ntables: [{name: t}]\n",
         );

@@ -42,6 +42,9 @@ const P_ROW: &[u8] = b"r/";
 const P_DIRTY: &[u8] = b"d/";
 const P_VIEW: &[u8] = b"w/";
 
+/// Most row states one [`NodeCore::poll_gc`] call examines.
+pub const GC_ROWS_PER_POLL: usize = 512;
+
 /// Most op batches sent to the hub and not yet acknowledged.
 pub const MAX_INFLIGHT_BATCHES: u64 = 4;
 /// Largest encoded op batch the node sends (bytes), below the decode limit.
@@ -194,6 +197,10 @@ pub struct NodeStats {
     pub records_synced: BTreeMap<(String, String), u64>,
     /// Remote ops the hub held at the last handshake (catch-up target).
     pub remote_ops_at_hub: u64,
+    /// Tombstone GC: cuts started, row states dropped here.
+    pub gc_cuts: u64,
+    /// Tombstone GC: row states dropped here (deleted rows fully collected).
+    pub gc_rows_dropped: u64,
 }
 
 /// The node state machine. See the module docs.
@@ -235,6 +242,38 @@ pub struct NodeCore<S: LogStore> {
     /// Remote ops made durable by the last call, per table: the oldest
     /// capture HLC (NTP64 time); taken by the shell to measure lag.
     durable: BTreeMap<String, u64>,
+    /// Tombstone garbage collection.
+    gc: NodeGc,
+}
+
+/// Tombstone GC state of a node (in memory: the hub sends its cut again in
+/// every hello reply).
+#[derive(Debug, Default)]
+struct NodeGc {
+    /// The hub's hello reply carried a cut: it takes seen reports.
+    hub_speaks: bool,
+    /// The newest cut from the hub, not yet valid or not yet started here.
+    pending: Option<wire::StableCut>,
+    /// The cut being (or last) collected at.
+    active: wire::StableCut,
+    /// Next row key to collect at `active` (`None`: the pass is done).
+    cursor: Option<Vec<u8>>,
+    /// Something that can move the seen vector happened.
+    report_due: bool,
+    /// The last seen report sent in this session.
+    reported: Option<VersionVector>,
+    stats: NodeGcStats,
+}
+
+/// Counters of tombstone GC at a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeGcStats {
+    /// Cuts started here.
+    pub cuts: u64,
+    /// Row states rewritten smaller.
+    pub rows_collected: u64,
+    /// Row states dropped entirely.
+    pub rows_dropped: u64,
 }
 
 /// A state of one row as the database showed it from change-table id
@@ -397,6 +436,7 @@ impl<S: LogStore> NodeCore<S> {
             stats,
             engine: String::new(),
             durable: BTreeMap::new(),
+            gc: NodeGc::default(),
         };
         let mut batch = WriteBatch::default();
         let loaded: Vec<Vec<u8>> = core.db_views.keys().cloned().collect();
@@ -443,6 +483,8 @@ impl<S: LogStore> NodeCore<S> {
         let mut s = self.stats.clone();
         s.connected = matches!(self.conn, Conn::Connected { .. });
         s.dirty_rows = self.dirty.len() as u64;
+        s.gc_cuts = self.gc.stats.cuts;
+        s.gc_rows_dropped = self.gc.stats.rows_dropped;
         s
     }
 
@@ -715,6 +757,7 @@ impl<S: LogStore> NodeCore<S> {
         vk.extend_from_slice(self.settings.name.as_str().as_bytes());
         ov.batch.put(vk, self.seq.to_be_bytes().to_vec());
         self.commit(ov)?;
+        self.gc.report_due = true;
         let cp = self.checkpoint;
         self.applied_marks.retain(|_, mark| *mark > cp);
         let mut batch = WriteBatch::default();
@@ -770,8 +813,15 @@ impl<S: LogStore> NodeCore<S> {
                 version_vector: Some(wire::vv_to_proto(&self.vv)),
                 mode: self.settings.mode.as_str().to_owned(),
                 engine: self.engine.clone(),
+                // GC offered with the weakest true report: the real one
+                // follows as a `SeenReport` after a flush (see
+                // `poll_seen_report`).
+                seen: Some(pb::VersionVector::default()),
             })),
         });
+        self.gc.hub_speaks = false;
+        self.gc.reported = None;
+        self.gc.report_due = false;
     }
 
     /// The stream closed or could not be opened; `jitter_ms` (from the
@@ -824,6 +874,11 @@ impl<S: LogStore> NodeCore<S> {
                     sent_own: has,
                 };
                 self.events.push_back(Event::Connected { hub_has_own: has });
+                if let Some(cut) = h.cut {
+                    self.gc.hub_speaks = true;
+                    self.gc.report_due = true;
+                    return self.handle_cut(cut);
+                }
                 Ok(Control::Continue)
             }
             Some(Body::Ack(a)) => {
@@ -846,6 +901,7 @@ impl<S: LogStore> NodeCore<S> {
                 )))
             }
             Some(Body::Ops(batch)) => self.handle_remote_ops(now, batch),
+            Some(Body::Cut(cut)) => self.handle_cut(cut),
         }
     }
 
@@ -971,6 +1027,7 @@ impl<S: LogStore> NodeCore<S> {
             let oldest = self.durable.entry(table).or_insert(hlc);
             *oldest = (*oldest).min(hlc);
         }
+        self.gc.report_due = true;
         // Durable now: acknowledge.
         self.outbox.push_back(pb::NodeMessage {
             body: Some(pb::node_message::Body::Ack(pb::Ack {
@@ -983,6 +1040,9 @@ impl<S: LogStore> NodeCore<S> {
     /// The next message for the hub, if any.
     pub fn poll_transmit(&mut self) -> Result<Option<pb::NodeMessage>> {
         if let Some(m) = self.outbox.pop_front() {
+            return Ok(Some(m));
+        }
+        if let Some(m) = self.poll_seen_report()? {
             return Ok(Some(m));
         }
         if self.settings.mode == Mode::Subscribe {
@@ -1115,6 +1175,7 @@ impl<S: LogStore> NodeCore<S> {
             self.prune_view(&rk, &mut views)?;
             self.applied_marks.insert(rk, watermark);
         }
+        self.gc.report_due = true;
         self.store.write(views)?;
         if self.dirty.is_empty() && self.journal_next > 0 {
             // Everything journaled is in the database now. Not flushed on
@@ -1129,6 +1190,143 @@ impl<S: LogStore> NodeCore<S> {
             self.store.write(batch)?;
         }
         Ok(())
+    }
+}
+
+/// Tombstone garbage collection (see ARCHITECTURE.md, invariant 6).
+impl<S: LogStore> NodeCore<S> {
+    /// What every op this node writes from now on has seen: its version
+    /// vector, lowered per remote origin to the oldest database view a
+    /// future capture may still take its `pred` from, with its own seq.
+    pub fn gc_seen(&self) -> VersionVector {
+        let me = &self.settings.name;
+        let mut seen = self.vv.clone();
+        let views = self
+            .db_views
+            .values()
+            .flatten()
+            .chain(self.apply_snaps.values());
+        for v in views {
+            for (origin, have) in seen.0.iter_mut() {
+                if origin != me {
+                    *have = (*have).min(v.seen.get(origin));
+                }
+            }
+        }
+        seen.set(me.clone(), self.seq);
+        seen.0.retain(|_, s| *s > 0);
+        seen
+    }
+
+    /// A seen report, when the seen vector moved. The store is flushed
+    /// first: views are dropped with unflushed writes (journal clearing,
+    /// `w/`), and a crash that brought an older view back would let a later
+    /// capture see less than this report claims.
+    fn poll_seen_report(&mut self) -> Result<Option<pb::NodeMessage>> {
+        if !self.gc.hub_speaks
+            || !self.gc.report_due
+            || !matches!(self.conn, Conn::Connected { .. })
+        {
+            return Ok(None);
+        }
+        self.gc.report_due = false;
+        let seen = self.gc_seen();
+        if self.gc.reported.as_ref() == Some(&seen) {
+            return Ok(None);
+        }
+        self.store.flush()?;
+        let msg = pb::NodeMessage {
+            body: Some(pb::node_message::Body::Seen(pb::SeenReport {
+                seen: Some(wire::vv_to_proto(&seen)),
+            })),
+        };
+        self.gc.reported = Some(seen);
+        Ok(Some(msg))
+    }
+
+    fn handle_cut(&mut self, cut: pb::StableCut) -> Result<Control> {
+        let cut = match wire::cut_from_proto(cut) {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(Control::Reconnect(format!(
+                    "bad stable cut from the hub: {e}"
+                )));
+            }
+        };
+        let newer = |c: &wire::StableCut, than: &wire::StableCut| {
+            c.stable != than.stable && c.stable.dominates(&than.stable)
+        };
+        let base = self.gc.pending.as_ref().unwrap_or(&self.gc.active);
+        if !cut.is_empty() && newer(&cut, base) {
+            self.gc.pending = Some(cut);
+        }
+        Ok(Control::Continue)
+    }
+
+    /// The cut collected at, or being collected at.
+    pub fn gc_cut(&self) -> &wire::StableCut {
+        &self.gc.active
+    }
+
+    /// GC counters.
+    pub fn gc_stats(&self) -> &NodeGcStats {
+        &self.gc.stats
+    }
+
+    /// How many row states the node stores.
+    pub fn row_state_count(&self) -> Result<usize> {
+        Ok(self
+            .store
+            .range(P_ROW, &prefix_end(P_ROW), usize::MAX)?
+            .len())
+    }
+
+    /// Collects at most `max_rows` row states (one flushed batch): starts
+    /// the hub's newest cut once it is valid here — this node's version
+    /// vector dominates its horizon (P1: every covered op is merged here,
+    /// every op of the cut's writers up to their reports too) and what its
+    /// future captures have seen dominates its stable vector (P2 for its
+    /// own ops). Returns the rows examined.
+    pub fn poll_gc(&mut self, max_rows: usize) -> Result<usize> {
+        if self.gc.cursor.is_none()
+            && let Some(cut) = &self.gc.pending
+            && self.vv.dominates(&cut.horizon)
+            && self.gc_seen().dominates(&cut.stable)
+        {
+            self.gc.active = self.gc.pending.take().unwrap_or_default();
+            self.gc.cursor = Some(P_ROW.to_vec());
+            self.gc.stats.cuts += 1;
+        }
+        let Some(from) = self.gc.cursor.clone() else {
+            return Ok(0);
+        };
+        let max_rows = max_rows.max(1);
+        let rows = self.store.range(&from, &prefix_end(P_ROW), max_rows)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in &rows {
+            let mut row: RowState = dec(v, "row state")?;
+            let before = row.clone();
+            if row.collect_garbage(&self.gc.active.stable) {
+                batch.remove(k.clone());
+                self.gc.stats.rows_dropped += 1;
+            } else if row != before {
+                batch.put(k.clone(), enc(&row)?);
+                self.gc.stats.rows_collected += 1;
+            }
+        }
+        self.gc.cursor = match rows.last() {
+            Some((k, _)) if rows.len() >= max_rows => {
+                let mut next = k.clone();
+                next.push(0);
+                Some(next)
+            }
+            _ => None,
+        };
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+            self.store.flush()?;
+        }
+        Ok(rows.len())
     }
 }
 
@@ -1323,6 +1521,7 @@ mod tests {
                 protocol_version: syncmesh_proto::PROTOCOL_VERSION,
                 hub: "hub".into(),
                 version_vector: None,
+                cut: None,
             })),
         }
     }
@@ -1499,6 +1698,7 @@ mod tests {
                 protocol_version: syncmesh_proto::PROTOCOL_VERSION,
                 hub: "hub".into(),
                 version_vector: Some(wire::vv_to_proto(&vv)),
+                cut: None,
             })),
         };
         let err = a.handle_message(t(1000), reply).unwrap_err().to_string();
@@ -1543,5 +1743,112 @@ mod tests {
         )
         .unwrap();
         assert!(a.poll_apply(10).unwrap().is_empty());
+    }
+
+    fn cut_msg(stable: &[(&str, u64)], horizon: &[(&str, u64)]) -> pb::HubMessage {
+        let vv = |e: &[(&str, u64)]| {
+            let mut v = VersionVector::default();
+            for (n, s) in e {
+                v.set(NodeId::new(*n).unwrap(), *s);
+            }
+            v
+        };
+        pb::HubMessage {
+            body: Some(pb::hub_message::Body::Cut(wire::cut_to_proto(
+                &wire::StableCut {
+                    stable: vv(stable),
+                    horizon: vv(horizon),
+                },
+            ))),
+        }
+    }
+
+    fn seen_reports(msgs: &[pb::NodeMessage]) -> Vec<VersionVector> {
+        msgs.iter()
+            .filter_map(|m| match &m.body {
+                Some(pb::node_message::Body::Seen(r)) => {
+                    Some(wire::seen_from_proto(r.seen.clone()).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn collects_a_deleted_row_only_once_the_database_showed_the_delete() {
+        let mut a = core("a");
+        assert!(a.poll_connect(0));
+        a.handle_connected(0);
+        let hello = drain(&mut a);
+        assert!(
+            matches!(&hello[0].body, Some(pb::node_message::Body::Hello(h)) if h.seen.is_some()),
+            "the hello offers GC"
+        );
+        let mut reply = hello_reply();
+        if let Some(pb::hub_message::Body::Hello(h)) = &mut reply.body {
+            h.cut = Some(pb::StableCut::default());
+        }
+        a.handle_message(t(1000), reply).unwrap();
+        // b inserts row 1 and deletes it; a merges both.
+        let ops = ops_from_b(&[
+            change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+            change(2, ChangeKind::Delete, row(1, "x", "y"), None),
+        ]);
+        a.handle_message(t(1000), remote_batch(ops)).unwrap();
+        assert_eq!(a.row_state_count().unwrap(), 1);
+        // The database does not show the merge yet: a write captured now
+        // could still come from the older view, so a has not "seen" b#2.
+        let b = NodeId::new("b").unwrap();
+        assert_eq!(a.gc_seen().get(&b), 0);
+        let reports = seen_reports(&drain(&mut a));
+        assert!(reports.iter().all(|r| r.get(&b) == 0), "{reports:?}");
+        a.handle_message(t(1000), cut_msg(&[("b", 2)], &[("b", 2)]))
+            .unwrap();
+        a.poll_gc(10).unwrap();
+        assert_eq!(a.row_state_count().unwrap(), 1, "not valid here yet");
+        assert!(a.gc_cut().is_empty());
+        // The apply commits: the view goes, the report moves, GC runs.
+        let pending = a.poll_apply(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        a.handle_applied(&pending, 0).unwrap();
+        assert_eq!(a.gc_seen().get(&b), 2);
+        assert_eq!(
+            seen_reports(&drain(&mut a)).last().map(|r| r.get(&b)),
+            Some(2)
+        );
+        assert_eq!(a.poll_gc(10).unwrap(), 1);
+        assert_eq!(a.row_state_count().unwrap(), 0);
+        assert_eq!(a.stats().gc_rows_dropped, 1);
+        assert_eq!(
+            a.row_state("t", &[Value::Int(1)]).unwrap(),
+            RowState::default()
+        );
+        // An older or equal cut changes nothing; a malformed one is refused.
+        a.handle_message(t(1000), cut_msg(&[("b", 1)], &[("b", 2)]))
+            .unwrap();
+        assert_eq!(a.poll_gc(10).unwrap(), 0);
+        let ctl = a
+            .handle_message(t(1000), cut_msg(&[("b", 3)], &[("b", 2)]))
+            .unwrap();
+        assert!(
+            matches!(ctl, Control::Reconnect(ref m) if m.contains("horizon")),
+            "{ctl:?}"
+        );
+    }
+
+    #[test]
+    fn a_cut_waits_for_the_horizon_and_old_hubs_get_no_reports() {
+        // A hub without GC (no cut in its hello reply): no seen reports.
+        let mut a = connected("a");
+        let ops = ops_from_b(&[change(1, ChangeKind::Insert, None, row(1, "x", "y"))]);
+        a.handle_message(t(1000), remote_batch(ops)).unwrap();
+        let pending = a.poll_apply(10).unwrap();
+        a.handle_applied(&pending, 0).unwrap();
+        assert!(seen_reports(&drain(&mut a)).is_empty());
+        // A cut whose horizon a does not hold yet is not started.
+        a.handle_message(t(1000), cut_msg(&[("b", 1)], &[("b", 5)]))
+            .unwrap();
+        assert_eq!(a.poll_gc(10).unwrap(), 0);
+        assert!(a.gc_cut().is_empty());
     }
 }

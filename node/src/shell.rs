@@ -454,6 +454,9 @@ impl Shell {
         if res.is_ok() {
             res = self.apply_all().await;
         }
+        if res.is_ok() {
+            res = self.core.poll_gc(crate::core::GC_ROWS_PER_POLL).map(|_| ());
+        }
         match res {
             Ok(()) => {
                 self.db_backoff_ms = 0;

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use syncmesh_proto::v1 as pb;
-use syncmesh_proto::{MAX_FIELDS_PER_OP, MAX_KEY_VALUES, MAX_NAME_BYTES, MAX_PRED_IDS};
+use syncmesh_proto::{
+    MAX_FIELDS_PER_OP, MAX_KEY_VALUES, MAX_NAME_BYTES, MAX_PRED_IDS, MAX_VV_ENTRIES,
+};
 use syncmesh_resolver::{FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Value, VersionVector};
 
 use crate::{Error, Result};
@@ -210,6 +212,62 @@ pub fn vv_from_proto(vv: Option<pb::VersionVector>) -> Result<VersionVector> {
     Ok(VersionVector(out))
 }
 
+/// A stable cut for tombstone garbage collection (see
+/// [`syncmesh_resolver::RowState::collect_garbage`]): a replica may collect
+/// at `stable` once its version vector dominates `horizon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StableCut {
+    /// Ops covered by it are seen by every node taking part in the cut.
+    pub stable: VersionVector,
+    /// The hub's version vector when it adopted the cut.
+    pub horizon: VersionVector,
+}
+
+impl StableCut {
+    /// Whether the cut covers nothing (no collection possible).
+    pub fn is_empty(&self) -> bool {
+        self.stable.0.values().all(|s| *s == 0)
+    }
+}
+
+fn bounded_vv(what: &str, vv: Option<pb::VersionVector>) -> Result<VersionVector> {
+    let n = vv.as_ref().map_or(0, |v| v.entries.len());
+    if n > MAX_VV_ENTRIES {
+        return Err(bad(format!(
+            "{what}: {n} version-vector entries exceed the limit of {MAX_VV_ENTRIES}"
+        )));
+    }
+    vv_from_proto(vv).map_err(|e| bad(format!("{what}: {e}")))
+}
+
+/// Encodes a stable cut.
+pub fn cut_to_proto(cut: &StableCut) -> pb::StableCut {
+    pb::StableCut {
+        stable: Some(vv_to_proto(&cut.stable)),
+        horizon: Some(vv_to_proto(&cut.horizon)),
+    }
+}
+
+/// Decodes a stable cut: bounded vectors, and `horizon` must dominate
+/// `stable` (a cut covering ops its own horizon lacks is malformed).
+pub fn cut_from_proto(cut: pb::StableCut) -> Result<StableCut> {
+    let stable = bounded_vv("stable cut", cut.stable)?;
+    let horizon = bounded_vv("stable cut horizon", cut.horizon)?;
+    if !horizon.dominates(&stable) {
+        return Err(bad(
+            "stable cut: its stable vector is not covered by its horizon; the hub is faulty or \
+             from another build: upgrade it"
+                .to_owned(),
+        ));
+    }
+    Ok(StableCut { stable, horizon })
+}
+
+/// Decodes a seen report (bounded).
+pub fn seen_from_proto(seen: Option<pb::VersionVector>) -> Result<VersionVector> {
+    bounded_vv("seen report", seen)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -282,5 +340,30 @@ mod tests {
                 .to_string()
                 .contains("has no value")
         );
+    }
+
+    #[test]
+    fn stable_cuts_round_trip_and_bad_ones_are_refused() {
+        let a = NodeId::new("edge-a").unwrap();
+        let mut cut = StableCut::default();
+        assert!(cut.is_empty());
+        cut.stable.set(a.clone(), 3);
+        cut.horizon.set(a.clone(), 5);
+        assert!(!cut.is_empty());
+        assert_eq!(cut_from_proto(cut_to_proto(&cut)).unwrap(), cut);
+        // A cut covering more than its horizon is malformed.
+        let mut bad_cut = cut.clone();
+        bad_cut.horizon.set(a, 2);
+        let e = cut_from_proto(cut_to_proto(&bad_cut)).unwrap_err();
+        assert!(e.to_string().contains("horizon"), "{e}");
+        // Too many origins.
+        let entries = (0..=MAX_VV_ENTRIES).map(|i| (format!("n{i}"), 1)).collect();
+        let e = seen_from_proto(Some(pb::VersionVector { entries })).unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        let e = seen_from_proto(Some(pb::VersionVector {
+            entries: [(String::new(), 1)].into_iter().collect(),
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("seen report"), "{e}");
     }
 }

@@ -30,5 +30,9 @@ pub const MAX_FIELDS_PER_OP: usize = 4096;
 /// Most predecessor ids accepted on one field write or row.
 pub const MAX_PRED_IDS: usize = 1024;
 
+/// Most entries (origins) accepted in one version vector of a stable cut or
+/// seen report.
+pub const MAX_VV_ENTRIES: usize = 4096;
+
 /// Most primary-key values accepted in one op.
 pub const MAX_KEY_VALUES: usize = 32;

@@ -30,6 +30,12 @@ pub const KEEPALIVE_INTERVAL_MS: u64 = 10_000;
 const HUB_RESET: &str = "stream error: connection reset by the hub";
 /// How often the hub actor runs `handle_tick` (`hub::server::run_actor`).
 pub const HUB_HOUSEKEEPING_MS: u64 = 60_000;
+/// How often the simulated hub actor runs `handle_gc` (the real one every
+/// 20 ms; coarser here to keep runs fast).
+pub const HUB_GC_MS: u64 = 500;
+/// Row states one GC call examines in the simulator (small, so passes
+/// interleave with merges).
+pub const SIM_GC_ROWS: usize = 8;
 /// Jitter the node shell adds to reconnects (`0..100` ms).
 pub const RECONNECT_JITTER_MS: u64 = 100;
 /// Batches per direction remembered for replays.
@@ -101,6 +107,12 @@ pub struct RunStats {
     pub clock_jumps: u64,
     /// Rows written by applies.
     pub applied_rows: u64,
+    /// Stable cuts the hub adopted (tombstone GC).
+    pub gc_cuts: u64,
+    /// Row states the hub dropped (deleted rows fully collected).
+    pub gc_hub_rows_dropped: u64,
+    /// Row states the nodes dropped (counted since each one's last start).
+    pub gc_node_rows_dropped: u64,
     /// Sessions the hub replaced because their node opened a newer stream
     /// (the old one was still open at the hub: reordering across
     /// connections).
@@ -134,12 +146,15 @@ impl RunStats {
         self.applied_rows += o.applied_rows;
         self.stream_replacements += o.stream_replacements;
         self.stale_messages += o.stale_messages;
+        self.gc_cuts += o.gc_cuts;
+        self.gc_hub_rows_dropped += o.gc_hub_rows_dropped;
+        self.gc_node_rows_dropped += o.gc_node_rows_dropped;
     }
 
     /// One line of fault and traffic counters.
     pub fn faults_line(&self) -> String {
         format!(
-            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows",
+            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows, {} GC cuts, {} row states collected at the hub and {} at nodes",
             self.partitions,
             self.node_crashes,
             self.hub_crashes,
@@ -154,7 +169,10 @@ impl RunStats {
             self.race_writes,
             self.connects,
             self.delivered,
-            self.applied_rows
+            self.applied_rows,
+            self.gc_cuts,
+            self.gc_hub_rows_dropped,
+            self.gc_node_rows_dropped
         )
     }
 }
@@ -268,6 +286,7 @@ enum Ev {
     HubCrash,
     HubRestart(u64),
     HubTick,
+    HubGc,
     ClockJump,
     Heal,
     CheckQuiet,
@@ -362,6 +381,7 @@ fn fmt_node_msg(m: &pb::NodeMessage) -> String {
         Some(Body::Hello(h)) => format!("hello {}", fmt_vv(&h.version_vector)),
         Some(Body::Ops(b)) => fmt_ops(&b.ops),
         Some(Body::Ack(a)) => format!("ack {}", fmt_vv(&a.version_vector)),
+        Some(Body::Seen(r)) => format!("seen {}", fmt_vv(&r.seen)),
         None => "empty".into(),
     }
 }
@@ -373,6 +393,7 @@ fn fmt_hub_msg(m: &pb::HubMessage) -> String {
         Some(Body::Ops(b)) => fmt_ops(&b.ops),
         Some(Body::Ack(a)) => format!("ack {}", fmt_vv(&a.version_vector)),
         Some(Body::Error(e)) => format!("error {}: {}", e.code, e.message),
+        Some(Body::Cut(c)) => format!("cut {} horizon {}", fmt_vv(&c.stable), fmt_vv(&c.horizon)),
         None => "empty".into(),
     }
 }
@@ -554,6 +575,7 @@ impl Sim {
         self.open_hub();
         self.hub_tick();
         self.at(HUB_HOUSEKEEPING_MS, Ev::HubTick);
+        self.at(HUB_GC_MS, Ev::HubGc);
         for i in 0..self.nodes.len() {
             self.open_node(i);
             let phase = self.r_shell.below(CAPTURE_INTERVAL_MS);
@@ -716,6 +738,10 @@ impl Sim {
             Ev::HubTick => {
                 self.at(HUB_HOUSEKEEPING_MS, Ev::HubTick);
                 self.hub_tick();
+            }
+            Ev::HubGc => {
+                self.at(HUB_GC_MS, Ev::HubGc);
+                self.hub_gc();
             }
             Ev::HubRestart(inc) => {
                 if self.hub.inc == inc && self.hub.core.is_none() {
@@ -1135,7 +1161,13 @@ impl Sim {
                 }
             }
             Step::ApplyPoll => match core.poll_apply(batch) {
-                Ok(p) if p.is_empty() => None,
+                Ok(p) if p.is_empty() => {
+                    // The shell's `db_step`: a bounded GC step after applying.
+                    if let Err(e) = core.poll_gc(SIM_GC_ROWS) {
+                        self.fail(err("poll_gc", &e));
+                    }
+                    None
+                }
                 Ok(p) => {
                     if !self.healed && n.mode.captures() && self.r_work.chance(self.p.race_rate) {
                         let w = &p[self.r_work.index(p.len())].write;
@@ -1992,6 +2024,12 @@ impl Sim {
     fn open_hub(&mut self) -> bool {
         match HubCore::open(self.hub.settings.clone(), self.hub.store.clone()) {
             Ok(mut c) => {
+                c.set_gc_nodes(
+                    self.nodes
+                        .iter()
+                        .map(|n| (n.name.clone(), n.mode.as_str().to_owned()))
+                        .collect(),
+                );
                 c.set_tables(
                     self.tables
                         .iter()
@@ -2013,6 +2051,27 @@ impl Sim {
             self.log("restart hub".into());
             self.hub_tick();
         }
+    }
+
+    /// The actor's tombstone GC step (every 20 ms in the real actor).
+    fn hub_gc(&mut self) {
+        let now = Ntp64::from_unix_millis(self.hub_ms());
+        let Some(core) = self.hub.core.as_mut() else {
+            return;
+        };
+        let cuts = core.gc_stats().cuts;
+        let dropped = core.gc_stats().rows_dropped;
+        if let Err(e) = core.handle_gc(now, SIM_GC_ROWS) {
+            self.fail(Failure::new("hub core error", format!("handle_gc: {e}")));
+            return;
+        }
+        self.stats.gc_hub_rows_dropped += core.gc_stats().rows_dropped - dropped;
+        if core.gc_stats().cuts != cuts {
+            self.stats.gc_cuts += 1;
+            let line = format!("hub adopts stable cut {:?}", core.gc_cut().stable.0);
+            self.log(line);
+        }
+        self.hub_after_command();
     }
 
     /// The actor's housekeeping (at start, then every minute).
@@ -2149,6 +2208,12 @@ impl Sim {
     }
 
     fn final_checks(&mut self) {
+        self.stats.gc_node_rows_dropped = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| c.gc_stats().rows_dropped)
+            .sum();
         let mut views = Vec::new();
         for n in &self.nodes {
             let Some(core) = n.core.as_ref() else {

@@ -46,6 +46,7 @@ fn hello(node: &str) -> pb::NodeMessage {
         version_vector: None,
         mode: "bidirectional".into(),
         engine: String::new(),
+        seen: None,
     }))
 }
 

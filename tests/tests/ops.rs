@@ -773,6 +773,7 @@ async fn forged(url: &str, node: &str, op: Option<pb::Op>) -> Result<()> {
                 version_vector: None,
                 mode: "bidirectional".into(),
                 engine: "sqlite".into(),
+                seen: None,
             })),
         })
         .await?;
