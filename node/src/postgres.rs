@@ -931,6 +931,16 @@ impl PostgresAdapter {
             .and_then(|k| k.get(column))
             .copied()
             .unwrap_or(PgKind::Text);
+        if kind == PgKind::Int
+            && let Some(c) = schema.columns.iter().find(|c| c.name == column)
+        {
+            crate::typemap::check_int_column(column, &c.decl_type, v).map_err(|message| {
+                Error::Schema {
+                    table: schema.name.clone(),
+                    message,
+                }
+            })?;
+        }
         encode_value(kind, v).map_err(|m| Error::Schema {
             table: schema.name.clone(),
             message: format!("column {column}: {m}"),
