@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use syncmesh_node::config::{Config, DatabaseKind, Mode, NodeConfig};
+use syncmesh_node::mongodb::MongoAdapter;
 use syncmesh_node::mysql::MysqlAdapter;
 use syncmesh_node::postgres::{PostgresAdapter, RETAINED_WAL_WARN_BYTES};
 use syncmesh_node::sqlite::SqliteAdapter;
@@ -31,9 +32,11 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
             ok &= check_postgres(&cfg, n).await;
         } else if n.database.kind == DatabaseKind::Mysql {
             ok &= check_mysql(&cfg, n).await;
+        } else if n.database.kind == DatabaseKind::Mongodb {
+            ok &= check_mongo(&cfg, n).await;
         } else if n.database.kind != DatabaseKind::Sqlite {
             println!(
-                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite, postgresql or mysql",
+                "FAIL node {}: database type {:?} ({db}) is not supported by this version yet; use type: sqlite, postgresql, mysql or mongodb",
                 n.name, n.database.kind
             );
             ok = false;
@@ -309,5 +312,56 @@ async fn check_mysql(cfg: &Config, n: &NodeConfig) -> bool {
         }
     }
     adapter.close().await;
+    ok
+}
+
+/// A MongoDB node: reachable, a replica set on 6.0+ (change streams,
+/// transactions, pre- and post-images), and the collections.
+async fn check_mongo(cfg: &Config, n: &NodeConfig) -> bool {
+    let db = n.database.url.redacted();
+    let fail = |m: String| {
+        println!("FAIL node {}: {m}", n.name);
+        false
+    };
+    let mut adapter = match MongoAdapter::open(n.database.url.expose()).await {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut ok = true;
+    match adapter.prerequisites().await {
+        Err(e) => ok = fail(e.to_string()),
+        Ok(missing) if missing.is_empty() => println!(
+            "ok   node {}: {db} is a replica set on MongoDB 6.0+ (change streams, transactions, pre- and post-images)",
+            n.name
+        ),
+        Ok(missing) => {
+            for m in missing {
+                ok = fail(format!("{db}: {m}"));
+            }
+        }
+    }
+    let wanted: Vec<_> = cfg
+        .tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    match adapter.introspect(&wanted).await {
+        Err(e) => ok = fail(e.to_string()),
+        Ok(schemas) => {
+            for s in &schemas {
+                let how = match n.mode {
+                    Mode::Subscribe => "not captured (subscribe mode), applied",
+                    Mode::Publish => "captured by a change stream, not applied (publish mode)",
+                    Mode::Bidirectional => "captured by a change stream and applied",
+                };
+                println!(
+                    "ok   node {}: {db} collection {} key [_id], {} fields found: {how}",
+                    n.name,
+                    s.name,
+                    s.columns.len()
+                );
+            }
+        }
+    }
     ok
 }

@@ -1,6 +1,6 @@
 //! `syncmesh`: the one user-facing binary (hub, node, check, status, demo, bench).
 
-use syncmesh::{bench, bench_pg, check, conflicts, demo, mesh};
+use syncmesh::{bench, bench_mariadb, bench_pg, check, conflicts, demo, mesh};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,8 +101,9 @@ enum Command {
     /// End-to-end throughput: rows inserted on one SQLite node until both
     /// other nodes hold them all (median of several runs).
     Bench {
-        /// `sqlite` (hub + three SQLite nodes) or `postgres` (PostgreSQL to
-        /// PostgreSQL through syncmesh vs native logical replication).
+        /// `sqlite` (hub + three SQLite nodes), `postgres` (PostgreSQL to
+        /// PostgreSQL through syncmesh vs native logical replication) or
+        /// `mariadb` (MariaDB to PostgreSQL and a Redis cache).
         #[arg(long, default_value = "sqlite")]
         scenario: String,
         /// Rows per run.
@@ -188,8 +189,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 )
                 .await
                 .map(|_| true),
+                "mariadb" => bench_mariadb::run(rows, batch, runs, dir)
+                    .await
+                    .map(|_| true),
                 other => Err(anyhow::anyhow!(
-                    "unknown bench scenario `{other}`: use sqlite or postgres"
+                    "unknown bench scenario `{other}`: use sqlite, postgres or mariadb"
                 )),
             }
         }

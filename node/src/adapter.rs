@@ -86,6 +86,8 @@ pub enum Db {
     Redis(crate::redis::RedisTarget),
     /// A MySQL or MariaDB database.
     Mysql(Box<crate::mysql::MysqlAdapter>),
+    /// A MongoDB database (a replica set).
+    Mongo(Box<crate::mongodb::MongoAdapter>),
 }
 
 impl Db {
@@ -116,12 +118,9 @@ impl Db {
             DatabaseKind::Mysql => Ok(Db::Mysql(Box::new(
                 crate::mysql::MysqlAdapter::open(db.url.expose()).await?,
             ))),
-            other => Err(crate::Error::Database {
-                database: db.url.redacted(),
-                message: format!(
-                    "database type {other} is not supported by this version yet; use type: sqlite, postgresql, mysql or redis"
-                ),
-            }),
+            DatabaseKind::Mongodb => Ok(Db::Mongo(Box::new(
+                crate::mongodb::MongoAdapter::open(db.url.expose()).await?,
+            ))),
         }
     }
 
@@ -134,6 +133,7 @@ impl Db {
             Db::Sqlite(d) => d.introspect(tables).await,
             Db::Postgres(d) => d.introspect(tables).await,
             Db::Mysql(d) => d.introspect(tables).await,
+            Db::Mongo(d) => d.introspect(tables).await,
             // Redis has no schema: the key comes from the config, and the
             // shell adds the configured fields.
             Db::Redis(_) => tables
@@ -168,6 +168,7 @@ impl Db {
             Db::Sqlite(d) => d.install_capture(schemas).await,
             Db::Postgres(d) => d.install_capture(schemas).await,
             Db::Mysql(d) => d.install_capture(schemas).await,
+            Db::Mongo(d) => d.install_capture(schemas).await,
             Db::Redis(_) => Ok(()),
         }
     }
@@ -178,6 +179,7 @@ impl Db {
             Db::Sqlite(d) => d.change_watermark().await,
             Db::Postgres(d) => d.change_watermark().await,
             Db::Mysql(d) => d.change_watermark().await,
+            Db::Mongo(d) => d.change_watermark().await,
             Db::Redis(_) => Ok(0),
         }
     }
@@ -192,6 +194,7 @@ impl Db {
             Db::Sqlite(d) => d.read_changes(after, limit).await,
             Db::Postgres(d) => d.read_changes(after, limit).await,
             Db::Mysql(d) => d.read_changes(after, limit).await,
+            Db::Mongo(d) => d.read_changes(after, limit).await,
             Db::Redis(_) => Ok(Vec::new()),
         }
     }
@@ -203,7 +206,9 @@ impl Db {
             Db::Sqlite(d) => d.delete_changes_through(checkpoint).await,
             Db::Postgres(d) => d.delete_changes_through(checkpoint).await,
             Db::Mysql(d) => d.delete_changes_through(checkpoint).await,
-            Db::Redis(_) => Ok(()),
+            // The change stream's position is the resume token, made
+            // durable with the ops (`capture_meta`).
+            Db::Mongo(_) | Db::Redis(_) => Ok(()),
         }
     }
 
@@ -213,6 +218,7 @@ impl Db {
             Db::Sqlite(d) => d.apply(schemas, writes).await,
             Db::Postgres(d) => d.apply(schemas, writes).await,
             Db::Mysql(d) => d.apply(schemas, writes).await,
+            Db::Mongo(d) => d.apply(schemas, writes).await,
             Db::Redis(d) => d.apply(writes).await.map(|()| 0),
         }
     }
@@ -226,6 +232,7 @@ impl Db {
             Db::Sqlite(d) => d.dump_table(schema).await,
             Db::Postgres(d) => d.dump_table(schema).await,
             Db::Mysql(d) => d.dump_table(schema).await,
+            Db::Mongo(d) => d.dump_table(schema).await,
             Db::Redis(d) => d.dump_table(&schema.name).await,
         }
     }
@@ -245,7 +252,17 @@ impl Db {
             Db::Sqlite(d) => d.close().await,
             Db::Postgres(d) => d.close().await,
             Db::Mysql(d) => d.close().await,
+            Db::Mongo(d) => d.close().await,
             Db::Redis(_) => {}
+        }
+    }
+
+    /// Adapter records to make durable with the ops of the changes the
+    /// last [`Db::read_changes`] returned (MongoDB: the resume token).
+    pub fn capture_meta(&self) -> Vec<crate::core::MetaWrite> {
+        match self {
+            Db::Mongo(d) => d.capture_meta(),
+            _ => Vec::new(),
         }
     }
 }

@@ -34,13 +34,18 @@ use crate::{Error, Result};
 const K_SEQ: &[u8] = b"m/seq";
 const K_CHECKPOINT: &[u8] = b"m/checkpoint";
 const K_HLC: &[u8] = b"m/hlc";
-/// An engine's initial-snapshot progress (opaque to the core).
-const K_SNAPSHOT: &[u8] = b"m/snapshot";
 const P_VV: &[u8] = b"v/";
 const P_LOG: &[u8] = b"l/";
 const P_ROW: &[u8] = b"r/";
 const P_DIRTY: &[u8] = b"d/";
 const P_VIEW: &[u8] = b"w/";
+/// Adapters' own durable records (`m/x/<name>`): a snapshot cursor, a
+/// change-stream resume token.
+const P_META: &[u8] = b"m/x/";
+
+/// An adapter record to write with a batch: name and value (`None`
+/// removes it).
+pub type MetaWrite = (String, Option<Vec<u8>>);
 
 /// Most row states one [`NodeCore::poll_gc`] call examines.
 pub const GC_ROWS_PER_POLL: usize = 512;
@@ -313,6 +318,17 @@ fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     })
 }
 
+fn put_meta(batch: &mut WriteBatch, meta: &[MetaWrite]) {
+    for (name, value) in meta {
+        let mut k = P_META.to_vec();
+        k.extend_from_slice(name.as_bytes());
+        match value {
+            Some(v) => batch.put(k, v.clone()),
+            None => batch.remove(k),
+        }
+    }
+}
+
 fn u64_at(store: &impl LogStore, key: &[u8]) -> Result<u64> {
     Ok(match store.get(key)? {
         Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
@@ -569,10 +585,43 @@ impl<S: LogStore> NodeCore<S> {
     /// row state and the new capture checkpoint durable in one flushed batch.
     /// Returns the checkpoint: the shell may now delete change rows up to it.
     pub fn handle_captured(&mut self, now: Ntp64, changes: &[CapturedChange]) -> Result<i64> {
+        self.handle_captured_with_meta(now, changes, &[])
+    }
+
+    /// Like [`NodeCore::handle_captured`], also writing the adapter
+    /// records `meta` in the same flushed batch (so, e.g., a change
+    /// stream's resume token is durable exactly when the ops made from the
+    /// changes before it are). With no changes only `meta` is written.
+    pub fn handle_captured_with_meta(
+        &mut self,
+        now: Ntp64,
+        changes: &[CapturedChange],
+        meta: &[MetaWrite],
+    ) -> Result<i64> {
         let Some(last) = changes.last() else {
+            self.handle_meta(meta)?;
             return Ok(self.checkpoint);
         };
-        self.capture(now, changes, last.change_id, None)
+        self.capture(now, changes, last.change_id, meta)
+    }
+
+    /// The adapter record `name` as last written (flushed or not; every
+    /// write of it is flushed before its call returns).
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let mut k = P_META.to_vec();
+        k.extend_from_slice(name.as_bytes());
+        self.store.get(&k)
+    }
+
+    /// Writes adapter records alone, flushed before it returns.
+    pub fn handle_meta(&mut self, meta: &[MetaWrite]) -> Result<()> {
+        if meta.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        put_meta(&mut batch, meta);
+        self.store.write(batch)?;
+        self.store.flush()
     }
 
     /// Like [`NodeCore::handle_captured`] for rows of an initial snapshot
@@ -581,8 +630,19 @@ impl<S: LogStore> NodeCore<S> {
     /// the shell start the snapshot again. The rows are not written back
     /// to the database unless the merged row differs from them.
     pub fn handle_snapshot(&mut self, now: Ntp64, rows: &[CapturedChange]) -> Result<()> {
+        self.handle_snapshot_with_meta(now, rows, &[])
+    }
+
+    /// Like [`NodeCore::handle_snapshot`], also writing the adapter records
+    /// `meta` (e.g. the snapshot's cursor) in the same flushed batch.
+    pub fn handle_snapshot_with_meta(
+        &mut self,
+        now: Ntp64,
+        rows: &[CapturedChange],
+        meta: &[MetaWrite],
+    ) -> Result<()> {
         if rows.is_empty() {
-            return Ok(());
+            return self.handle_meta(meta);
         }
         let rows: Vec<CapturedChange> = rows
             .iter()
@@ -591,43 +651,8 @@ impl<S: LogStore> NodeCore<S> {
                 ..r.clone()
             })
             .collect();
-        self.capture(now, &rows, self.checkpoint, None)?;
+        self.capture(now, &rows, self.checkpoint, meta)?;
         Ok(())
-    }
-
-    /// [`NodeCore::handle_snapshot`] for a resumable snapshot: `progress`
-    /// (the engine's record of where the snapshot stands, opaque here) is
-    /// written in the same flushed batch as the chunk's ops, so after a
-    /// crash [`NodeCore::snapshot_progress`] names exactly the last chunk
-    /// that is durable.
-    pub fn handle_snapshot_chunk(
-        &mut self,
-        now: Ntp64,
-        rows: &[CapturedChange],
-        progress: &[u8],
-    ) -> Result<()> {
-        let rows: Vec<CapturedChange> = rows
-            .iter()
-            .map(|r| CapturedChange {
-                change_id: i64::MAX,
-                ..r.clone()
-            })
-            .collect();
-        self.capture(now, &rows, self.checkpoint, Some(progress))?;
-        Ok(())
-    }
-
-    /// Stores the engine's snapshot progress record alone (flushed).
-    pub fn set_snapshot_progress(&mut self, progress: &[u8]) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        batch.put(K_SNAPSHOT.to_vec(), progress.to_vec());
-        self.store.write(batch)?;
-        self.store.flush()
-    }
-
-    /// The last snapshot progress record stored, if any.
-    pub fn snapshot_progress(&self) -> Result<Option<Vec<u8>>> {
-        self.store.get(K_SNAPSHOT)
     }
 
     fn capture(
@@ -635,12 +660,10 @@ impl<S: LogStore> NodeCore<S> {
         now: Ntp64,
         changes: &[CapturedChange],
         checkpoint: i64,
-        progress: Option<&[u8]>,
+        meta: &[MetaWrite],
     ) -> Result<i64> {
         let mut ov = Overlay::default();
-        if let Some(p) = progress {
-            ov.batch.put(K_SNAPSHOT.to_vec(), p.to_vec());
-        }
+        put_meta(&mut ov.batch, meta);
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
                 self.warn(format!(
@@ -1600,6 +1623,51 @@ mod tests {
         let a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
         assert_eq!(a.capture_checkpoint(), 3);
         assert_eq!(a.version_vector().get(&NodeId::new("a").unwrap()), 3);
+    }
+
+    #[test]
+    fn adapter_records_are_durable_with_the_batch_they_came_with() {
+        let mut a = core("a");
+        assert_eq!(a.meta("tok").unwrap(), None);
+        let meta = |v: &[u8]| vec![("tok".to_owned(), Some(v.to_vec()))];
+        let cp = a
+            .handle_captured_with_meta(
+                t(1000),
+                &[change(7, ChangeKind::Insert, None, row(1, "x", "y"))],
+                &meta(b"r1"),
+            )
+            .unwrap();
+        assert_eq!(
+            (cp, a.store().flushes),
+            (7, 1),
+            "ops, checkpoint and record: one flush"
+        );
+        a.handle_snapshot_with_meta(
+            t(1001),
+            &[change(0, ChangeKind::Insert, None, row(2, "s", "s"))],
+            &meta(b"c1"),
+        )
+        .unwrap();
+        assert_eq!(a.store().flushes, 2);
+        // Records alone (no changes) are flushed too.
+        a.handle_captured_with_meta(t(1002), &[], &meta(b"r2"))
+            .unwrap();
+        assert_eq!(a.store().flushes, 3);
+        let mut store = a.into_store();
+        store.crash();
+        let mut a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        assert_eq!(a.meta("tok").unwrap(), Some(b"r2".to_vec()));
+        assert_eq!(
+            a.capture_checkpoint(),
+            7,
+            "a snapshot leaves the checkpoint"
+        );
+        assert_eq!(a.own_ops(1, 10).unwrap().len(), 2);
+        a.handle_meta(&[("tok".to_owned(), None)]).unwrap();
+        let mut store = a.into_store();
+        store.crash();
+        let a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        assert_eq!(a.meta("tok").unwrap(), None, "a removal is durable");
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   without echo. [`adapter::Db`] picks one by the configured engine.
 //! - [`mysql`]: MySQL / MariaDB, capture by triggers like SQLite (change
 //!   ids handed out in commit order), echo-free apply in one transaction.
+//! - [`mongodb`]: MongoDB, capture by a change stream (resume token kept
+//!   with the ops), apply by `_id` in one transaction without echo.
 //! - [`redis`]: Redis as a cache target (apply only).
+//! - [`typemap`]: the one cross-engine type-mapping table (README shows it).
 //! - [`store`]: the [`store::LogStore`] trait, its sled implementation and an
 //!   in-memory one (used by tests and the simulator, which can crash it).
 //! - [`wire`]: conversion between resolver types and protocol v1 messages,
@@ -22,12 +25,14 @@ pub mod adapter;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod shell;
 pub mod sqlite;
 pub mod store;
+pub mod typemap;
 pub mod wire;
 
 pub use error::{Error, Result};

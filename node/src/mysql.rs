@@ -68,6 +68,28 @@
 //! column cannot hold is an error naming table and column, and nothing of
 //! the batch is written.
 //!
+//! # Initial snapshot
+//!
+//! A capturing node publishes the rows already in its tables before it
+//! streams ([`initial_snapshot`]), chunk by chunk in primary-key order
+//! (keyset pagination, `batch_size` rows per chunk), resumable: the cursor
+//! (table, last key, rows done) is the node's log-store record
+//! [`SNAPSHOT_META`], written in the same flushed batch as the chunk's ops.
+//! After a crash the next start goes on after the last chunk made durable;
+//! a finished snapshot is recorded and never runs again.
+//!
+//! The capture triggers are installed before the first chunk is read, and
+//! each chunk is read in one `REPEATABLE READ` transaction started `WITH
+//! CONSISTENT SNAPSHOT` together with the change-id watermark `P` of
+//! `_syncmesh_seq` (see [`MysqlAdapter::snapshot_chunk`]). Because change
+//! ids are handed out in commit order, the chunk shows exactly the changes
+//! with ids `≤ P`. Before the chunk's rows go to the core, every captured
+//! change `≤ P` is: so the chunk's inserts (which supersede what the node
+//! had of their keys) come after the changes they include and before every
+//! change they do not. Concurrent writes are neither lost nor counted twice
+//! (a `sum` total is the chunk's value plus the deltas after `P`).
+//! Writers are not blocked, unlike the PostgreSQL snapshot.
+//!
 //! # Apply and the race with local writes
 //!
 //! [`MysqlAdapter::apply`] writes a batch in one transaction on a
@@ -96,6 +118,27 @@ use crate::adapter::{
     CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days, days_from_civil,
 };
 use crate::{Error, Result};
+
+/// The node's log-store record holding the snapshot cursor (see the
+/// module docs).
+pub const SNAPSHOT_META: &str = "mysql.snapshot";
+
+/// Where the initial snapshot is (the [`SNAPSHOT_META`] record).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SnapshotCursor {
+    /// Table `table` is next, after key `after` (from its start when
+    /// `None`); `done` rows were published so far.
+    Running {
+        /// The table being read.
+        table: String,
+        /// The key of the last row published.
+        after: Option<Vec<Value>>,
+        /// Rows published so far (all tables).
+        done: u64,
+    },
+    /// Every table was published.
+    Done,
+}
 
 /// Name of the change table the capture triggers write to.
 pub const CHANGES_TABLE: &str = "_syncmesh_changes";
@@ -722,6 +765,109 @@ impl MysqlAdapter {
         }
     }
 
+    /// Rows of a table now (for progress).
+    pub async fn count_rows(&self, schema: &TableSchema) -> Result<u64> {
+        check_schema(schema)?;
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {}",
+            quote_ident(&schema.name)
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.db_err(&format!("counting the rows of {}", schema.name), &e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// One chunk of the initial snapshot: up to `limit` rows of `schema`
+    /// with a key above `after` (from the start when `None`), in key
+    /// order, read in one consistent snapshot together with the change-id
+    /// watermark `P` (returned first): the rows show exactly the changes
+    /// with ids `≤ P` (ids are handed out in commit order, see the module
+    /// docs). Writers are not blocked.
+    pub async fn snapshot_chunk(
+        &self,
+        schema: &TableSchema,
+        after: Option<&[Value]>,
+        limit: usize,
+    ) -> Result<(i64, Vec<BTreeMap<String, Value>>)> {
+        check_schema(schema)?;
+        let what = format!("snapshot of table {}", schema.name);
+        let mut params = Vec::new();
+        let mut cond = String::new();
+        if let Some(after) = after {
+            if after.len() != schema.key.len() {
+                return Err(schema_err(
+                    &schema.name,
+                    "the snapshot cursor does not match the table's key (the key changed during the snapshot); delete the node's data_dir to snapshot again",
+                ));
+            }
+            // (k1 > a1) OR (k1 = a1 AND k2 > a2) OR …, the same order as
+            // ORDER BY k1, k2, ….
+            let mut ors = Vec::new();
+            for i in 0..schema.key.len() {
+                let mut ands = Vec::new();
+                for (j, k) in schema.key.iter().enumerate().take(i + 1) {
+                    let p = encode_for(schema, k, &after[j])?;
+                    let ph = placeholder(schema, k, &p);
+                    let op = if j == i { ">" } else { "=" };
+                    ands.push(format!("{} {op} {ph}", quote_ident(k)));
+                    params.push(p);
+                }
+                ors.push(format!("({})", ands.join(" AND ")));
+            }
+            cond = format!(" WHERE {}", ors.join(" OR "));
+        }
+        let order: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
+        let sql = format!(
+            "SELECT {} FROM {}{cond} ORDER BY {} LIMIT {}",
+            encode_row("", &schema.columns),
+            quote_ident(&schema.name),
+            order.join(", "),
+            limit.max(1)
+        );
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.db_err(&what, &e))?;
+        let res: sqlx::Result<(i64, Vec<String>)> = async {
+            sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::raw_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+                .execute(&mut *conn)
+                .await?;
+            let p = watermark_in(&mut conn, false).await?;
+            let mut q = sqlx::query::<MySql>(AssertSqlSafe(sql.as_str()));
+            for param in &params {
+                q = bind_param(q, param);
+            }
+            let rows = q.fetch_all(&mut *conn).await?;
+            let texts = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<sqlx::Result<Vec<_>>>()?;
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok((p, texts))
+        }
+        .await;
+        let (p, texts) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                return Err(self.db_err(&what, &e));
+            }
+        };
+        let mut out = Vec::with_capacity(texts.len());
+        for text in &texts {
+            out.push(decode_row_json(text).map_err(|m| Error::Database {
+                database: self.url.clone(),
+                message: format!("table {}: {m}", schema.name),
+            })?);
+        }
+        Ok((p, out))
+    }
+
     /// All rows of a table ordered by its key, read through the capture
     /// encoding (see the module docs).
     pub async fn dump_table(&self, schema: &TableSchema) -> Result<Vec<BTreeMap<String, Value>>> {
@@ -749,6 +895,166 @@ impl MysqlAdapter {
         }
         Ok(out)
     }
+}
+
+/// A `?` for a key comparison: an unsigned above `i64::MAX` travels as
+/// text and is compared as an integer (a text compared with an integer
+/// column would be compared as a double).
+fn placeholder(schema: &TableSchema, column: &str, p: &Param) -> &'static str {
+    let int = schema
+        .columns
+        .iter()
+        .find(|c| c.name == column)
+        .and_then(|c| kind_of_decl(&c.decl_type))
+        == Some(MyKind::Int);
+    if int && matches!(p, Param::Text(_)) {
+        "CAST(? AS UNSIGNED)"
+    } else {
+        "?"
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Captures every change with an id `≤ through` (the shell's capture
+/// step, bounded by the position of a snapshot chunk).
+async fn capture_through<S: crate::store::LogStore>(
+    db: &MysqlAdapter,
+    core: &mut crate::core::NodeCore<S>,
+    through: i64,
+    batch: usize,
+) -> Result<()> {
+    loop {
+        let changes: Vec<CapturedChange> = db
+            .read_changes(core.capture_checkpoint(), batch.max(1))
+            .await?
+            .into_iter()
+            .take_while(|c| c.change_id <= through)
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
+        let cp = core.handle_captured(now, &changes)?;
+        // The ops are flushed: only now may the change rows go.
+        db.delete_changes_through(cp).await?;
+    }
+}
+
+fn decode_cursor(bytes: &[u8]) -> Result<SnapshotCursor> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Store {
+        path: SNAPSHOT_META.into(),
+        message: format!(
+            "corrupt snapshot cursor in the log store: {e}; delete the node's data_dir to snapshot again"
+        ),
+    })
+}
+
+fn encode_cursor(c: &SnapshotCursor) -> Result<Vec<u8>> {
+    postcard::to_allocvec(c).map_err(|e| Error::Store {
+        path: SNAPSHOT_META.into(),
+        message: format!("cannot encode the snapshot cursor: {e}"),
+    })
+}
+
+/// The snapshot cursor a node has (`None`: it never started one).
+pub fn snapshot_cursor<S: crate::store::LogStore>(
+    core: &crate::core::NodeCore<S>,
+) -> Result<Option<SnapshotCursor>> {
+    core.meta(SNAPSHOT_META)?
+        .map(|b| decode_cursor(&b))
+        .transpose()
+}
+
+/// Runs (or resumes) the initial snapshot of `schemas` (see the module
+/// docs): on a node's first start (no snapshot record and capture
+/// checkpoint 0) or after a crash during one; a node whose snapshot is
+/// done, or that captured before snapshots existed, skips it. Progress
+/// (rows, rate, ETA) is reported like a catch-up, as `who`.
+pub async fn initial_snapshot<S: crate::store::LogStore>(
+    db: &MysqlAdapter,
+    core: &mut crate::core::NodeCore<S>,
+    schemas: &[TableSchema],
+    batch: usize,
+    who: &str,
+) -> Result<()> {
+    let batch = batch.max(1);
+    let (mut table, mut after, mut done) = match snapshot_cursor(core)? {
+        Some(SnapshotCursor::Done) => return Ok(()),
+        None if core.capture_checkpoint() != 0 => return Ok(()),
+        None => (0, None, 0),
+        Some(SnapshotCursor::Running { table, after, done }) => {
+            match schemas.iter().position(|s| s.name == table) {
+                Some(i) => {
+                    tracing::info!(database = %db.url, table = %table, rows = done, "initial snapshot: resuming after {done} rows");
+                    (i, after, done)
+                }
+                None => {
+                    tracing::warn!(database = %db.url, table = %table, "initial snapshot: the table it stopped at is no longer synced; starting the snapshot over");
+                    (0, None, 0)
+                }
+            }
+        }
+    };
+    let cursor = |table: usize, after: Option<Vec<Value>>, done: u64| match schemas.get(table) {
+        Some(s) => SnapshotCursor::Running {
+            table: s.name.clone(),
+            after,
+            done,
+        },
+        None => SnapshotCursor::Done,
+    };
+    // Recorded before anything is captured: a crash from here on resumes.
+    core.handle_meta(&[(
+        SNAPSHOT_META.to_owned(),
+        Some(encode_cursor(&cursor(table, after.clone(), done))?),
+    )])?;
+    let mut total = done;
+    for s in &schemas[table.min(schemas.len())..] {
+        total += db.count_rows(s).await?;
+    }
+    let started = std::time::Instant::now();
+    let started_done = done;
+    tracing::info!(database = %db.url, rows = total.saturating_sub(done), "initial snapshot: publishing the existing rows (writers are not blocked)");
+    let mut progress = syncmesh_ops::progress::Progress::new(who, "initial snapshot");
+    progress.observe(now_ms(), done, total);
+    while let Some(schema) = schemas.get(table) {
+        let (p, rows) = db.snapshot_chunk(schema, after.as_deref(), batch).await?;
+        // Every change the chunk includes goes first (see the module docs).
+        capture_through(db, core, p, batch).await?;
+        let n = rows.len() as u64;
+        let last_key = rows.last().and_then(|r| schema.key_of(r));
+        let changes: Vec<CapturedChange> = rows
+            .into_iter()
+            .map(|r| CapturedChange {
+                change_id: p,
+                table: schema.name.clone(),
+                kind: ChangeKind::Insert,
+                old: None,
+                new: Some(r),
+            })
+            .collect();
+        done += n;
+        if (n as usize) < batch {
+            table += 1;
+            after = None;
+        } else {
+            after = last_key;
+        }
+        let next = encode_cursor(&cursor(table, after.clone(), done))?;
+        let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
+        core.handle_snapshot_with_meta(now, &changes, &[(SNAPSHOT_META.to_owned(), Some(next))])?;
+        total = total.max(done);
+        progress.observe(now_ms(), done, total);
+    }
+    progress.observe(now_ms(), total, total);
+    tracing::info!(database = %db.url, rows = done - started_done, secs = started.elapsed().as_secs_f64(), "initial snapshot done; capturing from the change table");
+    Ok(())
 }
 
 /// Consecutive upserts of one table waiting to go out as one statement:
@@ -836,6 +1142,10 @@ fn encode_for(schema: &TableSchema, column: &str, v: &Value) -> Result<Param> {
             &format!("column `{column}` has type {decl}, which syncmesh does not support yet"),
         )
     })?;
+    if kind == MyKind::Int {
+        crate::typemap::check_int_column(column, decl, v)
+            .map_err(|m| schema_err(&schema.name, &m))?;
+    }
     encode_value(kind, v).map_err(|m| {
         schema_err(
             &schema.name,

@@ -963,6 +963,16 @@ impl PostgresAdapter {
             .and_then(|k| k.get(column))
             .copied()
             .unwrap_or(PgKind::Text);
+        if kind == PgKind::Int
+            && let Some(c) = schema.columns.iter().find(|c| c.name == column)
+        {
+            crate::typemap::check_int_column(column, &c.decl_type, v).map_err(|message| {
+                Error::Schema {
+                    table: schema.name.clone(),
+                    message,
+                }
+            })?;
+        }
         encode_value(kind, v).map_err(|m| Error::Schema {
             table: schema.name.clone(),
             message: format!("column {column}: {m}"),
@@ -1331,8 +1341,9 @@ pub struct Snapshot {
 /// Most resume windows one snapshot keeps; beyond, it starts over.
 const MAX_RESUME_WINDOWS: usize = 64;
 
-/// Where a resumable initial snapshot stands. The core stores it (as
-/// bytes it does not read) in the same flushed batch as each chunk's ops.
+/// Where a resumable initial snapshot stands. The core stores it (an
+/// adapter record, bytes it does not read) in the same flushed batch as
+/// each chunk's ops.
 ///
 /// The rows published by an attempt are consistent with its WAL position
 /// `lsn`. An attempt interrupted by a crash left the tables unlocked, so
@@ -1384,6 +1395,8 @@ pub struct ResumeWindow {
 impl SnapshotProgress {
     /// The record format.
     pub const VERSION: u32 = 1;
+    /// Name of the core's adapter record (`NodeCore::meta`) holding it.
+    pub const META: &'static str = "pg_snapshot";
 
     /// The stored form.
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -1416,7 +1429,7 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
     batch: usize,
 ) -> Result<()> {
     let stored = core
-        .snapshot_progress()?
+        .meta(SnapshotProgress::META)?
         .and_then(|b| SnapshotProgress::decode(&b));
     if let Some(p) = stored.as_ref().filter(|p| p.complete) {
         // Crashed between storing "complete" and the checkpoint.
@@ -1439,7 +1452,11 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
     let mut last_log = std::time::Instant::now();
     while let Some((table, rows, progress)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
         let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
-        core.handle_snapshot_chunk(now, &rows, &progress)?;
+        core.handle_snapshot_with_meta(
+            now,
+            &rows,
+            &[(SnapshotProgress::META.to_owned(), Some(progress))],
+        )?;
         let done = snap.progress.done_rows;
         // `total` counts whole tables: rows published by earlier attempts
         // are in it too.
@@ -1459,7 +1476,10 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
     }
     // Every chunk is flushed: only now does the checkpoint move.
     snap.progress.complete = true;
-    core.set_snapshot_progress(&snap.progress.encode()?)?;
+    core.handle_meta(&[(
+        SnapshotProgress::META.to_owned(),
+        Some(snap.progress.encode()?),
+    )])?;
     core.handle_checkpoint(snap.progress.first_lsn)?;
     let progress = snap.progress.clone();
     db.finish_snapshot(snap).await?;

@@ -151,7 +151,7 @@ pub async fn start_node_with_dialer(
     let mut infos = Vec::new();
     for (mut schema, t) in schemas.into_iter().zip(tables) {
         let rules = t.rules(&priorities);
-        if matches!(db, Db::Redis(_)) {
+        if matches!(db, Db::Redis(_) | Db::Mongo(_)) {
             // No schema to read: the configured fields are the columns
             // the rules may name (a cache stores whatever the rows hold).
             for (field, strategy) in &rules.fields {
@@ -183,6 +183,9 @@ pub async fn start_node_with_dialer(
         max_clock_drift_ms: sync.max_clock_drift_ms,
     };
     let mut core = NodeCore::open(settings, infos.clone(), store, restart_mark)?;
+    if let Db::Mongo(m) = &mut db {
+        m.restore(core.meta(crate::mongodb::RESUME_META)?.as_deref())?;
+    }
     core.set_engine(cfg.database.kind.as_str());
     let (metrics, server) = match cfg.metrics {
         Some(addr) => {
@@ -211,10 +214,17 @@ pub async fn start_node_with_dialer(
         } else {
             // A resumed snapshot's windows still filter what capture reads.
             let progress = core
-                .snapshot_progress()?
+                .meta(crate::postgres::SnapshotProgress::META)?
                 .and_then(|b| crate::postgres::SnapshotProgress::decode(&b));
             pg.set_resume(progress, core.capture_checkpoint());
         }
+    }
+    if let Db::Mysql(my) = &db
+        && cfg.mode.captures()
+    {
+        let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
+        let who = cfg.name.to_string();
+        crate::mysql::initial_snapshot(my, &mut core, &schemas, sync.batch_size, &who).await?;
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
@@ -501,9 +511,12 @@ impl Shell {
             }
             let n = changes.len();
             let started = std::time::Instant::now();
-            let cp = self
-                .core
-                .handle_captured(Ntp64::from_unix_millis(now_ms()), &changes)?;
+            let meta = self.db.capture_meta();
+            let cp = self.core.handle_captured_with_meta(
+                Ntp64::from_unix_millis(now_ms()),
+                &changes,
+                &meta,
+            )?;
             let logged_ms = started.elapsed().as_millis() as u64;
             // The ops are flushed: only now may the change rows go.
             self.db.delete_changes_through(cp).await?;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub mod mariadb;
+pub use syncmesh::mariadb;
 pub use syncmesh::pg;
-pub mod redis;
+pub use syncmesh::redis_server as redis;
 
 /// Path of the `syncmesh` binary: `$SYNCMESH_BIN`, or the one built next to
 /// this test binary (`scripts/test.sh` builds it first).

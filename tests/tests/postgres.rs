@@ -122,7 +122,7 @@ impl PgMesh {
                     .await
                     .with_context(|| format!("{}: {sql}", NODES[node]))?;
             }
-            Db::Redis(_) | Db::Mysql(_) => {
+            Db::Redis(_) | Db::Mysql(_) | Db::Mongo(_) => {
                 anyhow::bail!("{}: not a PostgreSQL or SQLite node", NODES[node])
             }
         }

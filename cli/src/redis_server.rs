@@ -1,4 +1,4 @@
-//! A throwaway `redis-server` on 127.0.0.1 for one test: no persistence,
+//! A throwaway `redis-server` on 127.0.0.1 for one test or bench run: no persistence,
 //! its working directory in a temp dir, killed when dropped. Fails loudly
 //! when the server is not installed (`scripts/test.sh` installs it).
 
@@ -6,8 +6,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-
-use crate::free_port;
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -27,7 +25,7 @@ impl RedisServer {
                 "redis-server is not installed: run `bash scripts/test.sh` (it installs the Debian package redis-server) or `apt-get install redis-server`",
             )?;
         let dir = tempfile::tempdir()?;
-        let port = free_port();
+        let port = crate::free_port()?;
         let log = std::fs::File::create(dir.path().join("redis.log"))?;
         let child = Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])

@@ -1,4 +1,5 @@
-//! Throwaway MariaDB servers for the end-to-end tests.
+//! Throwaway MariaDB servers for the end-to-end tests and `syncmesh bench
+//! --scenario mariadb`.
 //!
 //! [`MariaDb::start`] runs `mariadb-install-db` in a fresh temporary
 //! directory and starts `mariadbd` on 127.0.0.1 and a free port, its unix
@@ -109,7 +110,7 @@ impl MariaDb {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = crate::free_port();
+        let port = crate::free_port()?;
         let log = dir.path().join("server.log");
         let logf = std::fs::File::create(&log)?;
         let mut cmd = Command::new(&server);
