@@ -1111,14 +1111,7 @@ impl<S: LogStore> HubCore<S> {
                 self.gc.stats.rows_collected += 1;
             }
         }
-        self.gc.cursor = match rows.last() {
-            Some((k, _)) if rows.len() >= max_rows => {
-                let mut next = k.clone();
-                next.push(0);
-                Some(next)
-            }
-            _ => None,
-        };
+        self.gc.cursor = syncmesh_node::store::next_cursor(&rows, max_rows);
         if !batch.is_empty() {
             self.store.write(batch)?;
             self.store.flush()?;

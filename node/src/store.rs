@@ -68,6 +68,20 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xFF; prefix.len() + 1]
 }
 
+/// Where an incremental scan goes on after a page of `rows` read with a
+/// limit of `max_rows`: just after the last key when the page was full,
+/// `None` (start over) when the scan reached the end.
+pub fn next_cursor<V>(rows: &[(Vec<u8>, V)], max_rows: usize) -> Option<Vec<u8>> {
+    match rows.last() {
+        Some((k, _)) if rows.len() >= max_rows => {
+            let mut next = k.clone();
+            next.push(0);
+            Some(next)
+        }
+        _ => None,
+    }
+}
+
 /// sled-backed store (one tree, flushed with fsync).
 pub struct SledStore {
     db: sled::Db,

@@ -519,6 +519,25 @@ async fn numeric_sum_is_exact_across_partitioned_pg_databases() -> Result<()> {
     mesh.stop().await
 }
 
+/// Writes `mesh.yaml` for a hub on `port` and nodes pg-a and pg-b (the
+/// databases pg_a and pg_b of `pg`, batches of 200) as run by the process
+/// tests; returns its path.
+fn two_pg_nodes_config(dir: &Path, pg: &PgCluster, port: u16, tables: &str) -> Result<String> {
+    let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
+    for n in ["pg-a", "pg-b"] {
+        let db = n.replace('-', "_");
+        yaml.push_str(&format!(
+            "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./{n}\n    database: {{ type: postgresql, url: \"{}\", slot: sm_{db} }}\n",
+            pg.url(&db)
+        ));
+    }
+    yaml.push_str(tables);
+    yaml.push_str("sync:\n  batch_size: 200\n");
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, yaml)?;
+    Ok(cfg.display().to_string())
+}
+
 fn assert_one_line_error(what: &str, ok: bool, stdout: &str, stderr: &str, needle: &str) {
     assert!(!ok, "{what}: must exit non-zero");
     let all = format!("{stdout}{stderr}");
@@ -690,19 +709,7 @@ async fn sigkill_of_pg_node_during_streaming_loses_and_duplicates_nothing() -> R
         pg.exec(db, ORDERS_PG).await?;
     }
     let port = free_port();
-    let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
-    for n in ["pg-a", "pg-b"] {
-        let db = n.replace('-', "_");
-        yaml.push_str(&format!(
-            "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./{n}\n    database: {{ type: postgresql, url: \"{}\", slot: sm_{db} }}\n",
-            pg.url(&db)
-        ));
-    }
-    yaml.push_str(ORDERS_TABLES);
-    yaml.push_str("sync:\n  batch_size: 200\n");
-    let cfg = dir.join("mesh.yaml");
-    std::fs::write(&cfg, yaml)?;
-    let cfg = cfg.display().to_string();
+    let cfg = two_pg_nodes_config(dir, &pg, port, ORDERS_TABLES)?;
     let hub_url = format!("http://127.0.0.1:{port}");
     let a_args = ["node", "--config", &cfg, "--name", "pg-a"];
     let _hub = Proc::spawn(dir, "hub", &["hub", "--config", &cfg])?;
@@ -1042,19 +1049,7 @@ async fn sigkill_during_initial_snapshot_resumes_without_loss_or_double_count() 
     )
     .await?;
     let port = free_port();
-    let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
-    for n in ["pg-a", "pg-b"] {
-        let db = n.replace('-', "_");
-        yaml.push_str(&format!(
-            "  - name: {n}\n    hub: http://127.0.0.1:{port}\n    data_dir: ./{n}\n    database: {{ type: postgresql, url: \"{}\", slot: sm_{db} }}\n",
-            pg.url(&db)
-        ));
-    }
-    yaml.push_str(COUNTERS_TABLES);
-    yaml.push_str("sync:\n  batch_size: 200\n");
-    let cfg = dir.join("mesh.yaml");
-    std::fs::write(&cfg, yaml)?;
-    let cfg = cfg.display().to_string();
+    let cfg = two_pg_nodes_config(dir, &pg, port, COUNTERS_TABLES)?;
     let a_args = ["node", "--config", &cfg, "--name", "pg-a"];
     let _hub = Proc::spawn(dir, "hub", &["hub", "--config", &cfg])?;
     let _b = Proc::spawn(dir, "pg-b", &["node", "--config", &cfg, "--name", "pg-b"])?;
