@@ -34,6 +34,22 @@ impl TableSchema {
     }
 }
 
+/// Removes the password of a database `url` (`scheme://user:pw@host/...`)
+/// from an error text, for messages and logs.
+pub(crate) fn redact_password(text: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|auth| auth.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw)
+        .filter(|pw| !pw.is_empty());
+    match password {
+        Some(pw) => text.replace(pw, "***"),
+        None => text.to_owned(),
+    }
+}
+
 /// The kind of a captured change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {

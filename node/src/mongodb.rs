@@ -122,7 +122,7 @@ impl MongoAdapter {
         };
         let mut options = mongodb::options::ClientOptions::parse(url)
             .await
-            .map_err(|e| err(format!("invalid URL: {}; use mongodb://USER:PASSWORD@HOST:PORT/DATABASE?replicaSet=NAME", redact(&e.to_string(), url))))?;
+            .map_err(|e| err(format!("invalid URL: {}; use mongodb://USER:PASSWORD@HOST:PORT/DATABASE?replicaSet=NAME", crate::adapter::redact_password(&e.to_string(), url))))?;
         options.app_name = Some("syncmesh".into());
         options.server_selection_timeout = Some(Duration::from_secs(10));
         let Some(db_name) = options.default_database.clone().filter(|d| !d.is_empty()) else {
@@ -133,14 +133,14 @@ impl MongoAdapter {
         let client = mongodb::Client::with_options(options).map_err(|e| {
             err(format!(
                 "cannot create the client: {}",
-                redact(&e.to_string(), url)
+                crate::adapter::redact_password(&e.to_string(), url)
             ))
         })?;
         let db = client.database(&db_name);
         db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
             err(format!(
                 "cannot connect ({}); is mongod running and reachable at that host and port?",
-                redact(&e.to_string(), url)
+                crate::adapter::redact_password(&e.to_string(), url)
             ))
         })?;
         Ok(Self {
@@ -686,21 +686,6 @@ fn id_text(d: &Document) -> String {
         .map_or_else(|| "without _id".to_owned(), |v| format!("_id {v}"))
 }
 
-/// Removes the password of `url` from an error text.
-fn redact(text: &str, url: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split('/').next())
-        .and_then(|auth| auth.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, pw)| pw)
-        .filter(|pw| !pw.is_empty());
-    match password {
-        Some(pw) => text.replace(pw, "***"),
-        None => text.to_owned(),
-    }
-}
-
 /// A document as a row: `_id` and every top-level field, each through
 /// [`bson_to_value`] (`_id` an ObjectId: its hex text).
 pub fn doc_to_row(d: &Document) -> std::result::Result<BTreeMap<String, Value>, String> {
@@ -951,7 +936,7 @@ mod tests {
         assert!(t(1, 5) < t(2, 0));
         assert!(t(2, 0) < t(2, 1));
         assert_eq!(
-            redact("auth failed for s3cret", "mongodb://u:s3cret@h/db"),
+            crate::adapter::redact_password("auth failed for s3cret", "mongodb://u:s3cret@h/db"),
             "auth failed for ***"
         );
     }

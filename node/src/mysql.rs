@@ -230,7 +230,7 @@ impl MysqlAdapter {
         let options = MySqlConnectOptions::from_str(&normalized).map_err(|e| {
             err(format!(
                 "invalid URL: {}; use mysql://USER:PASSWORD@HOST:PORT/DATABASE",
-                redact_error(&e.to_string(), url)
+                crate::adapter::redact_password(&e.to_string(), url)
             ))
         })?;
         let options = options.timezone(Some("+00:00".to_owned()));
@@ -1560,23 +1560,9 @@ fn same_set(a: &[String], b: &[String]) -> bool {
             .all(|y| a.iter().any(|x| x.eq_ignore_ascii_case(y)))
 }
 
-/// Removes the password of `url` from an error text.
-fn redact_error(text: &str, url: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, pw)| pw)
-        .filter(|pw| !pw.is_empty());
-    match password {
-        Some(pw) => text.replace(pw, "***"),
-        None => text.to_owned(),
-    }
-}
-
 /// A one-line explanation of a failed connection.
 fn connect_failure(e: &sqlx::Error, url: &str) -> String {
-    let text = redact_error(&e.to_string(), url).replace('\n', " ");
+    let text = crate::adapter::redact_password(&e.to_string(), url).replace('\n', " ");
     match error_number(e) {
         Some(1045) => format!("cannot connect: {text}; check the user and password in the URL"),
         Some(1049) => format!("cannot connect: {text}; create the database or fix the URL"),

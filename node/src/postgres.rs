@@ -235,7 +235,7 @@ impl PostgresAdapter {
             database: redacted.clone(),
             message: format!(
                 "invalid PostgreSQL URL ({}); use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-                redact_error(&e.to_string(), url)
+                crate::adapter::redact_password(&e.to_string(), url)
             ),
         })?;
         let options = session_options(options);
@@ -851,6 +851,9 @@ impl PostgresAdapter {
             Some((captured, end)) if through_lsn >= captured => end.max(through_lsn),
             _ => through_lsn,
         };
+        // Capture is past every resume window: stop checking them.
+        let resume = self.resume.take();
+        self.set_resume(resume, through_lsn);
         self.advance_slot(to).await
     }
 
@@ -1976,23 +1979,9 @@ fn delete_sql(schema: &TableSchema) -> String {
     )
 }
 
-/// Removes the password of `url` from an error text.
-fn redact_error(text: &str, url: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, pw)| pw)
-        .filter(|pw| !pw.is_empty());
-    match password {
-        Some(pw) => text.replace(pw, "***"),
-        None => text.to_owned(),
-    }
-}
-
 /// A one-line explanation of a failed connection.
 fn connect_failure(e: &sqlx::Error, url: &str) -> String {
-    let text = redact_error(&e.to_string(), url);
+    let text = crate::adapter::redact_password(&e.to_string(), url);
     if text.contains("password authentication failed") {
         format!("cannot connect: {text}; check the user and password in the URL")
     } else if text.contains("does not exist") {
