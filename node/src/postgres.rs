@@ -70,7 +70,10 @@
 //!
 //! [`PostgresAdapter::apply`] writes a batch in one transaction on a
 //! dedicated connection that ran `pg_replication_origin_session_setup`, with
-//! multi-row `INSERT … ON CONFLICT (key) DO UPDATE` and `DELETE`. It returns
+//! one `INSERT … SELECT … FROM unnest(…) ON CONFLICT (key) DO UPDATE` or
+//! `DELETE … USING unnest(…)` per run of writes of one table and kind (each
+//! column travels as one text array, so a batch is a few prepared
+//! statements whatever its size; a batch holds each row once). It returns
 //! `pg_current_wal_insert_lsn()` read right after `COMMIT` as the
 //! watermark: every local transaction that committed before the apply (and
 //! so may have been overwritten by it, row locks serialise the two) has an
@@ -93,10 +96,8 @@ use crate::{Error, Result};
 
 /// Prefix of the replication origin's name (followed by the slot name).
 pub const ORIGIN_PREFIX: &str = "syncmesh_";
-/// Most rows per multi-row upsert statement.
-const ROWS_PER_STATEMENT: usize = 500;
-/// PostgreSQL's limit of bound parameters per statement.
-const MAX_PARAMS: usize = 65_535;
+/// Most rows per apply statement (each column travels as one text array).
+const ROWS_PER_STATEMENT: usize = 10_000;
 /// Above this much WAL retained by the slot, the node (and `syncmesh
 /// check`) warns: a slot that is not consumed keeps WAL forever.
 pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
@@ -863,7 +864,10 @@ impl PostgresAdapter {
         if writes.is_empty() {
             return self.change_watermark().await;
         }
-        let mut statements: Vec<(String, Vec<Option<String>>)> = Vec::new();
+        // Consecutive writes of one table and kind become one statement
+        // whose parameters are one text array per column (`unnest`): one
+        // prepared statement per table and kind, whatever the row count.
+        let mut statements: Vec<(String, Vec<Vec<Option<String>>>)> = Vec::new();
         let mut i = 0;
         while i < writes.len() {
             let w = &writes[i];
@@ -873,59 +877,66 @@ impl PostgresAdapter {
                     message: "is not a synced table of this database; add it to `tables:` or check the sender".into(),
                 });
             };
-            if w.key.len() != schema.key.len() {
-                return Err(Error::Schema {
-                    table: w.table.clone(),
-                    message: format!(
-                        "write has {} key values but the key ({}) has {} columns",
-                        w.key.len(),
-                        schema.key.join(", "),
-                        schema.key.len()
-                    ),
-                });
-            }
-            if w.row.is_none() {
-                let mut params = Vec::new();
-                for (k, v) in schema.key.iter().zip(&w.key) {
-                    params.push(self.encode(schema, k, v)?);
-                }
-                statements.push((delete_sql(schema), params));
-                i += 1;
-                continue;
-            }
-            let per = (MAX_PARAMS / schema.columns.len().max(1)).clamp(1, ROWS_PER_STATEMENT);
-            let mut params = Vec::new();
+            let delete = w.row.is_none();
+            let width = if delete {
+                schema.key.len()
+            } else {
+                schema.columns.len()
+            };
+            let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); width];
             let mut rows = 0;
-            while i < writes.len() && rows < per {
+            while i < writes.len() && rows < ROWS_PER_STATEMENT {
                 let w = &writes[i];
-                let Some(row) = (w.table == schema.name).then_some(w.row.as_ref()).flatten() else {
-                    break;
-                };
-                if w.key.len() != schema.key.len() {
+                if w.table != schema.name || w.row.is_none() != delete {
                     break;
                 }
-                if let Some(unknown) = row
-                    .keys()
-                    .find(|c| !schema.columns.iter().any(|col| &col.name == *c))
-                {
+                if w.key.len() != schema.key.len() {
                     return Err(Error::Schema {
                         table: w.table.clone(),
                         message: format!(
-                            "write names column `{unknown}`, which the table does not have; add the column or check the sender"
+                            "write has {} key values but the key ({}) has {} columns",
+                            w.key.len(),
+                            schema.key.join(", "),
+                            schema.key.len()
                         ),
                     });
                 }
-                for col in &schema.columns {
-                    let v = match schema.key.iter().position(|k| k == &col.name) {
-                        Some(p) => w.key.get(p).unwrap_or(&Value::Null),
-                        None => row.get(&col.name).unwrap_or(&Value::Null),
-                    };
-                    params.push(self.encode(schema, &col.name, v)?);
+                match &w.row {
+                    None => {
+                        for ((k, v), col) in schema.key.iter().zip(&w.key).zip(&mut columns) {
+                            col.push(self.encode(schema, k, v)?);
+                        }
+                    }
+                    Some(row) => {
+                        if let Some(unknown) = row
+                            .keys()
+                            .find(|c| !schema.columns.iter().any(|col| &col.name == *c))
+                        {
+                            return Err(Error::Schema {
+                                table: w.table.clone(),
+                                message: format!(
+                                    "write names column `{unknown}`, which the table does not have; add the column or check the sender"
+                                ),
+                            });
+                        }
+                        for (c, out) in schema.columns.iter().zip(&mut columns) {
+                            let v = match schema.key.iter().position(|k| k == &c.name) {
+                                Some(p) => w.key.get(p).unwrap_or(&Value::Null),
+                                None => row.get(&c.name).unwrap_or(&Value::Null),
+                            };
+                            out.push(self.encode(schema, &c.name, v)?);
+                        }
+                    }
                 }
                 rows += 1;
                 i += 1;
             }
-            statements.push((upsert_sql(schema, rows), params));
+            let sql = if delete {
+                delete_sql(schema)
+            } else {
+                upsert_sql(schema)
+            };
+            statements.push((sql, columns));
         }
         tracing::trace!(rows = writes.len(), "apply: acquiring the apply session");
         let mut conn = self
@@ -936,10 +947,10 @@ impl PostgresAdapter {
         tracing::trace!("apply: session acquired");
         let result: std::result::Result<i64, sqlx::Error> = async {
             conn.execute("BEGIN").await?;
-            for (sql, params) in &statements {
-                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                for p in params {
-                    q = q.bind(p.clone());
+            for (sql, columns) in statements {
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for column in columns {
+                    q = q.bind(column);
                 }
                 q.execute(&mut *conn).await?;
             }
@@ -1924,23 +1935,25 @@ fn casts(schema: &TableSchema, col: &str) -> String {
         .unwrap_or_else(|| "text".into())
 }
 
-fn upsert_sql(schema: &TableSchema, rows: usize) -> String {
+/// `INSERT … SELECT … FROM unnest($1::text[], …) ON CONFLICT (key) DO
+/// UPDATE`: parameter i is the text array of column i, each element cast
+/// to the column's declared type.
+fn upsert_sql(schema: &TableSchema) -> String {
     let cols: Vec<String> = schema
         .columns
         .iter()
         .map(|c| quote_ident(&c.name))
         .collect();
-    let n = schema.columns.len();
-    let mut values = Vec::with_capacity(rows);
-    for r in 0..rows {
-        let one: Vec<String> = schema
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("${}::{}", r * n + i + 1, c.decl_type))
-            .collect();
-        values.push(format!("({})", one.join(", ")));
-    }
+    let arrays: Vec<String> = (1..=schema.columns.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let names: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i}")).collect();
+    let select: Vec<String> = schema
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("u.c{i}::{}", c.decl_type))
+        .collect();
     let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
     let updates: Vec<String> = schema
         .columns
@@ -1957,24 +1970,34 @@ fn upsert_sql(schema: &TableSchema, rows: usize) -> String {
         format!("UPDATE SET {}", updates.join(", "))
     };
     format!(
-        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES {} ON CONFLICT ({}) DO {action}",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) DO {action}",
         quote_ident(&schema.name),
         cols.join(", "),
-        values.join(", "),
+        select.join(", "),
+        arrays.join(", "),
+        names.join(", "),
         key.join(", ")
     )
 }
 
+/// `DELETE … USING unnest($1::text[], …)`: parameter i is the text array
+/// of key column i.
 fn delete_sql(schema: &TableSchema) -> String {
+    let table = quote_ident(&schema.name);
+    let arrays: Vec<String> = (1..=schema.key.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let names: Vec<String> = (0..schema.key.len()).map(|i| format!("k{i}")).collect();
     let conds: Vec<String> = schema
         .key
         .iter()
         .enumerate()
-        .map(|(i, k)| format!("{} = ${}::{}", quote_ident(k), i + 1, casts(schema, k)))
+        .map(|(i, k)| format!("{table}.{} = u.k{i}::{}", quote_ident(k), casts(schema, k)))
         .collect();
     format!(
-        "DELETE FROM {} WHERE {}",
-        quote_ident(&schema.name),
+        "DELETE FROM {table} USING unnest({}) AS u({}) WHERE {}",
+        arrays.join(", "),
+        names.join(", "),
         conds.join(" AND ")
     )
 }
