@@ -13,7 +13,15 @@ use syncmesh_resolver::{HlcClock, NodeId, Ntp64, Op, RowState, TableRules, Versi
 use crate::Result;
 use crate::stats::HubMetrics;
 
+/// Ops one per key (`o/<origin>\0<seq>`): written by earlier versions,
+/// still served.
 const P_OPS: &[u8] = b"o/";
+/// Ops packed: `p/<origin>\0<last seq>` → a protobuf `OpBatch` of the
+/// origin's ops up to `last seq` since its previous key (at most
+/// [`OPS_PER_KEY`]): one key per chunk of an incoming batch.
+const P_OPS_PACKED: &[u8] = b"p/";
+/// Most ops under one packed op-log key.
+const OPS_PER_KEY: usize = 256;
 const P_VV: &[u8] = b"v/";
 const P_NODE: &[u8] = b"n/";
 const P_CONFLICT: &[u8] = b"c/";
@@ -160,7 +168,33 @@ struct Gc {
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
-    let mut k = P_OPS.to_vec();
+    op_key_in(P_OPS, origin, seq)
+}
+
+fn packed_key(origin: &NodeId, seq: u64) -> Vec<u8> {
+    op_key_in(P_OPS_PACKED, origin, seq)
+}
+
+/// Puts `ops` (consecutive ops of `origin`) under one packed key.
+fn put_packed(batch: &mut WriteBatch, origin: &NodeId, ops: Vec<pb::Op>) {
+    let Some(last) = ops.last().and_then(|o| o.id.as_ref()).map(|i| i.seq) else {
+        return;
+    };
+    batch.put(
+        packed_key(origin, last),
+        pb::OpBatch { ops }.encode_to_vec(),
+    );
+}
+
+fn corrupt_op(e: prost::DecodeError) -> syncmesh_node::Error {
+    syncmesh_node::Error::Store {
+        path: "<hub>".into(),
+        message: format!("corrupt op in the hub store: {e}; restore the hub data_dir"),
+    }
+}
+
+fn op_key_in(prefix: &[u8], origin: &NodeId, seq: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
     k.extend_from_slice(origin.as_str().as_bytes());
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -666,6 +700,7 @@ impl<S: LogStore> HubCore<S> {
         let start = have;
         let mut control = Control::Continue;
         let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
+        let mut chunk: Vec<pb::Op> = Vec::new();
         for raw in b.ops {
             // Only configured tables label errors: hostile input must not
             // grow the metrics with made-up table names.
@@ -675,7 +710,8 @@ impl<S: LogStore> HubCore<S> {
                 String::new()
             };
             let raw_id = raw.id.clone();
-            let op = match wire::op_from_proto(raw.clone()) {
+            let kept = raw.clone();
+            let op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
                 Err(e) => {
                     control = self.reject(sid, "malformed_op", e.to_string(), raw_id);
@@ -713,7 +749,10 @@ impl<S: LogStore> HubCore<S> {
                 break;
             }
             self.merge(&op, &mut rows, &mut batch)?;
-            batch.put(op_key(&node, op.id.seq), raw.encode_to_vec());
+            if chunk.len() == OPS_PER_KEY {
+                put_packed(&mut batch, &node, std::mem::take(&mut chunk));
+            }
+            chunk.push(kept);
             have = op.id.seq;
             let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
                 "delete"
@@ -723,6 +762,7 @@ impl<S: LogStore> HubCore<S> {
             stored.push((op.table.clone(), kind, op.hlc.time, op.id.seq));
         }
         self.metrics.current_table.clear();
+        put_packed(&mut batch, &node, chunk);
         if have > start {
             for (k, row) in rows {
                 batch.put(
@@ -816,15 +856,39 @@ impl<S: LogStore> HubCore<S> {
         let rotated = lagging[start..].iter().chain(&lagging[..start]);
         'origins: for &(origin, held) in rotated {
             let from = sent.get(origin);
-            let end = op_key(origin, held + 1);
-            for (_, v) in self
-                .store
-                .range(&op_key(origin, from + 1), &end, budget - ops.len())?
-            {
-                let op = pb::Op::decode(v.as_slice()).map_err(|e| syncmesh_node::Error::Store {
-                    path: "<hub>".into(),
-                    message: format!("corrupt op in the hub store: {e}; restore the hub data_dir"),
-                })?;
+            // Old single-op keys first (they hold the lower seqs), then the
+            // packed chunks: the first chunk named at or above `from + 1`
+            // holds it.
+            let mut found: Vec<pb::Op> = Vec::new();
+            for (_, v) in self.store.range(
+                &op_key(origin, from + 1),
+                &op_key(origin, held + 1),
+                budget - ops.len(),
+            )? {
+                found.push(pb::Op::decode(v.as_slice()).map_err(corrupt_op)?);
+            }
+            let mut cursor = packed_key(origin, from + 1);
+            let end = packed_key(origin, u64::MAX);
+            let mut next = from + 1 + found.len() as u64;
+            'chunks: while next <= held && ops.len() + found.len() < budget {
+                let Some((k, v)) = self.store.range(&cursor, &end, 1)?.pop() else {
+                    break;
+                };
+                for op in pb::OpBatch::decode(v.as_slice()).map_err(corrupt_op)?.ops {
+                    let seq = op.id.as_ref().map(|i| i.seq).unwrap_or(0);
+                    if seq < next {
+                        continue;
+                    }
+                    if seq > held || ops.len() + found.len() >= budget {
+                        break 'chunks;
+                    }
+                    next = seq + 1;
+                    found.push(op);
+                }
+                cursor = k;
+                cursor.push(0);
+            }
+            for op in found {
                 bytes += op.encoded_len();
                 let seq = op.id.as_ref().map(|i| i.seq).unwrap_or(0);
                 let hlc = op.hlc.as_ref().map(|h| h.time).unwrap_or(0);
@@ -1350,6 +1414,47 @@ mod tests {
         store.crash();
         let h = HubCore::open(h.settings.clone(), store).unwrap();
         assert_eq!(h.version_vector().get(&NodeId::new("a").unwrap()), 5);
+    }
+
+    #[test]
+    fn replays_old_single_op_keys_then_packed_chunks_in_order() {
+        let settings = HubSettings {
+            name: NodeId::new("hub").unwrap(),
+            batch_size: 1000,
+            max_clock_drift_ms: 500,
+        };
+        let mut h = HubCore::open(settings.clone(), MemStore::default()).unwrap();
+        let a = session(&mut h, "a", "bidirectional");
+        h.handle_message(now(), a, batch((1..=3).map(|s| op("a", s, 0)).collect()))
+            .unwrap();
+        // Rewrite those three as an older version stored them.
+        let origin = NodeId::new("a").unwrap();
+        let mut old = WriteBatch::default();
+        for s in 1..=3 {
+            old.put(op_key(&origin, s), op("a", s, 0).encode_to_vec());
+        }
+        old.remove(packed_key(&origin, 3));
+        let mut store = std::mem::take(&mut h.store);
+        store.write(old).unwrap();
+        store.flush().unwrap();
+        let mut h = HubCore::open(settings, store).unwrap();
+        let a = session(&mut h, "a", "bidirectional");
+        // 300 more in one batch: packed chunks of 256 and 44.
+        h.handle_message(now(), a, batch((4..=303).map(|s| op("a", s, 0)).collect()))
+            .unwrap();
+        // (`session` would drain the replay with the hello reply.)
+        let b = h.handle_open();
+        h.handle_message(now(), b, hello("b", "bidirectional"))
+            .unwrap();
+        let seqs: Vec<u64> = drain(&mut h, b)
+            .iter()
+            .flat_map(|m| match &m.body {
+                Some(pb::hub_message::Body::Ops(o)) => o.ops.clone(),
+                _ => Vec::new(),
+            })
+            .map(|o| o.id.unwrap().seq)
+            .collect();
+        assert_eq!(seqs, (1..=303).collect::<Vec<_>>());
     }
 
     #[test]

@@ -35,7 +35,14 @@ const K_SEQ: &[u8] = b"m/seq";
 const K_CHECKPOINT: &[u8] = b"m/checkpoint";
 const K_HLC: &[u8] = b"m/hlc";
 const P_VV: &[u8] = b"v/";
+/// Own ops, one per key (`l/<seq>`): written by earlier versions, still read.
 const P_LOG: &[u8] = b"l/";
+/// Own ops packed: `p/<last seq>` → the ops up to it since the previous key
+/// (at most [`LOG_OPS_PER_KEY`]), one key per capture call and chunk
+/// instead of one per op.
+const P_LOG_PACKED: &[u8] = b"p/";
+/// Most ops under one packed log key.
+const LOG_OPS_PER_KEY: usize = 256;
 const P_ROW: &[u8] = b"r/";
 const P_DIRTY: &[u8] = b"d/";
 const P_VIEW: &[u8] = b"w/";
@@ -211,7 +218,7 @@ pub struct NodeStats {
 /// The node state machine. See the module docs.
 pub struct NodeCore<S: LogStore> {
     settings: NodeSettings,
-    tables: BTreeMap<String, TableInfo>,
+    tables: BTreeMap<String, std::sync::Arc<TableInfo>>,
     store: S,
     clock: HlcClock,
     seq: u64,
@@ -329,6 +336,17 @@ fn put_meta(batch: &mut WriteBatch, meta: &[MetaWrite]) {
     }
 }
 
+/// Puts `ops` (consecutive own ops) under one packed log key.
+fn put_packed(batch: &mut WriteBatch, ops: &[Op]) -> Result<()> {
+    let Some(last) = ops.last() else {
+        return Ok(());
+    };
+    let mut k = P_LOG_PACKED.to_vec();
+    k.extend_from_slice(&last.id.seq.to_be_bytes());
+    batch.put(k, enc(&ops)?);
+    Ok(())
+}
+
 fn u64_at(store: &impl LogStore, key: &[u8]) -> Result<u64> {
     Ok(match store.get(key)? {
         Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
@@ -427,7 +445,7 @@ impl<S: LogStore> NodeCore<S> {
         let mut core = NodeCore {
             tables: tables
                 .into_iter()
-                .map(|t| (t.schema.name.clone(), t))
+                .map(|t| (t.schema.name.clone(), std::sync::Arc::new(t)))
                 .collect(),
             settings,
             store,
@@ -522,15 +540,35 @@ impl<S: LogStore> NodeCore<S> {
         }
     }
 
-    /// Every own op with `seq` in `from..=to`, in order (bounded by `limit`).
+    /// Own ops from `seq` `from` on, in order (at most `limit`).
     pub fn own_ops(&self, from: u64, limit: usize) -> Result<Vec<Op>> {
         let mut start = P_LOG.to_vec();
         start.extend_from_slice(&from.to_be_bytes());
-        self.store
+        let mut out: Vec<Op> = self
+            .store
             .range(&start, &prefix_end(P_LOG), limit)?
             .into_iter()
             .map(|(_, v)| dec(&v, "op"))
-            .collect()
+            .collect::<Result<_>>()?;
+        // Packed keys are named by their last seq: the first key at or
+        // above `from` holds it.
+        let mut start = P_LOG_PACKED.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        let end = prefix_end(P_LOG_PACKED);
+        while out.len() < limit {
+            let Some((k, v)) = self.store.range(&start, &end, 1)?.pop() else {
+                break;
+            };
+            let ops: Vec<Op> = dec(&v, "packed ops")?;
+            out.extend(
+                ops.into_iter()
+                    .filter(|op| op.id.seq >= from)
+                    .take(limit - out.len()),
+            );
+            start = k;
+            start.push(0);
+        }
+        Ok(out)
     }
 
     /// Next event to log or count.
@@ -663,6 +701,7 @@ impl<S: LogStore> NodeCore<S> {
         meta: &[MetaWrite],
     ) -> Result<i64> {
         let mut ov = Overlay::default();
+        let mut logged: Vec<Op> = Vec::with_capacity(changes.len());
         put_meta(&mut ov.batch, meta);
         for ch in changes {
             let Some(info) = self.tables.get(&ch.table).cloned() else {
@@ -750,9 +789,11 @@ impl<S: LogStore> NodeCore<S> {
                 row.apply(&op);
                 self.vv.set(self.settings.name.clone(), self.seq);
 
-                let mut lk = P_LOG.to_vec();
-                lk.extend_from_slice(&self.seq.to_be_bytes());
-                ov.batch.put(lk, enc(&op)?);
+                if logged.len() == LOG_OPS_PER_KEY {
+                    put_packed(&mut ov.batch, &logged)?;
+                    logged.clear();
+                }
+                logged.push(op);
                 let visible = row.visible(&info.rules);
                 let overwritten = ch.change_id
                     <= self
@@ -767,6 +808,7 @@ impl<S: LogStore> NodeCore<S> {
                 ov.rows.insert(rk, row);
             }
         }
+        put_packed(&mut ov.batch, &logged)?;
         self.checkpoint = checkpoint;
         self.vv.set(self.settings.name.clone(), self.seq);
         self.stats.own_ops = self.seq;
@@ -1616,6 +1658,58 @@ mod tests {
         let a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
         assert_eq!(a.capture_checkpoint(), 3);
         assert_eq!(a.version_vector().get(&NodeId::new("a").unwrap()), 3);
+    }
+
+    #[test]
+    fn own_ops_read_across_packed_chunks_and_old_single_op_keys() {
+        let mut a = core("a");
+        // Three ops as an older version stored them: one key per op.
+        a.handle_captured(
+            t(1000),
+            &(1..=3)
+                .map(|i| change(i, ChangeKind::Insert, None, row(i, "x", "y")))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let old = a.own_ops(1, 10).unwrap();
+        let mut batch = WriteBatch::default();
+        for op in &old {
+            let mut k = P_LOG.to_vec();
+            k.extend_from_slice(&op.id.seq.to_be_bytes());
+            batch.put(k, enc(op).unwrap());
+        }
+        let mut k = P_LOG_PACKED.to_vec();
+        k.extend_from_slice(&3u64.to_be_bytes());
+        batch.remove(k);
+        let mut store = a.into_store();
+        store.write(batch).unwrap();
+        store.flush().unwrap();
+        let mut a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        // 600 more in one call: packed chunks of 256, 256 and 88.
+        a.handle_captured(
+            t(2000),
+            &(4..=603)
+                .map(|i| change(i, ChangeKind::Insert, None, row(i, "x", "y")))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let seqs = |from, limit| -> Vec<u64> {
+            a.own_ops(from, limit)
+                .unwrap()
+                .iter()
+                .map(|o| o.id.seq)
+                .collect()
+        };
+        assert_eq!(seqs(1, 1000), (1..=603).collect::<Vec<_>>());
+        assert_eq!(seqs(2, 5), vec![2, 3, 4, 5, 6], "old keys, then packed");
+        assert_eq!(
+            seqs(250, 20),
+            (250..270).collect::<Vec<_>>(),
+            "across a chunk boundary"
+        );
+        assert_eq!(seqs(603, 10), vec![603]);
+        assert!(seqs(604, 10).is_empty());
+        assert_eq!(a.own_ops(300, 1).unwrap()[0].key, vec![Value::Int(300)]);
     }
 
     #[test]

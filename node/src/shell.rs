@@ -38,6 +38,9 @@ pub type Dialer = std::sync::Arc<
 
 /// How often the change table is polled when idle.
 pub const CAPTURE_INTERVAL_MS: u64 = 50;
+/// How soon it is polled again after a poll found changes (a busy
+/// database is followed closely: capture lag is at most about this).
+pub const CAPTURE_BUSY_INTERVAL_MS: u64 = 5;
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
@@ -390,7 +393,9 @@ impl Shell {
             tokio::select! {
                 _ = tick.tick() => {
                     let capture = self.capture;
-                    self.db_step(link.as_ref(), capture).await?;
+                    if self.db_step(link.as_ref(), capture).await? > 0 {
+                        tick.reset_after(Duration::from_millis(CAPTURE_BUSY_INTERVAL_MS));
+                    }
                     self.publish_wal();
                 }
                 res = connected(&mut connecting) => {
@@ -452,32 +457,32 @@ impl Shell {
     /// Captures (if `capture`) and applies. A database error (busy, locked,
     /// away) is logged and retried with backoff: nothing is lost, changes
     /// wait in the change table and merged rows in the journal. Any other
-    /// error stops the node.
-    async fn db_step(&mut self, link: Option<&Link>, capture: bool) -> Result<()> {
+    /// error stops the node. Returns the number of changes captured.
+    async fn db_step(&mut self, link: Option<&Link>, capture: bool) -> Result<usize> {
         if self.mono_ms() < self.db_retry_at_ms {
-            return Ok(());
+            return Ok(0);
         }
-        let mut res = Ok(());
+        let mut res = Ok(0);
         if capture {
             res = self.capture_all(link).await;
         }
         if res.is_ok() {
-            res = self.apply_all().await;
+            res = self.apply_all().await.and(res);
         }
         if res.is_ok() {
-            res = self.core.poll_gc(crate::core::GC_ROWS_PER_POLL).map(|_| ());
+            res = self.core.poll_gc(crate::core::GC_ROWS_PER_POLL).and(res);
         }
         match res {
-            Ok(()) => {
+            Ok(captured) => {
                 self.db_backoff_ms = 0;
-                Ok(())
+                Ok(captured)
             }
             Err(e @ Error::Database { .. }) => {
                 self.db_backoff_ms = (self.db_backoff_ms * 2).clamp(250, 30_000);
                 self.db_retry_at_ms = self.mono_ms() + self.db_backoff_ms;
                 self.count_error("", "database");
                 tracing::warn!(node = %self.core.name(), retry_in_ms = self.db_backoff_ms, "{e}");
-                Ok(())
+                Ok(0)
             }
             Err(e) => Err(e),
         }
@@ -499,16 +504,19 @@ impl Shell {
     }
 
     /// Captures every pending change, batch by batch, sending each batch
-    /// to the hub (when connected) before reading the next.
-    async fn capture_all(&mut self, link: Option<&Link>) -> Result<()> {
+    /// to the hub (when connected) before reading the next. Returns how
+    /// many changes it captured.
+    async fn capture_all(&mut self, link: Option<&Link>) -> Result<usize> {
+        let mut captured = 0;
         loop {
             let changes = self
                 .db
                 .read_changes(self.core.capture_checkpoint(), self.batch_size)
                 .await?;
             if changes.is_empty() {
-                return Ok(());
+                return Ok(captured);
             }
+            captured += changes.len();
             let n = changes.len();
             let started = std::time::Instant::now();
             let meta = self.db.capture_meta();
@@ -526,7 +534,7 @@ impl Shell {
                 self.pump(l)?;
             }
             if n < self.batch_size {
-                return Ok(());
+                return Ok(captured);
             }
         }
     }
