@@ -24,6 +24,12 @@ pub enum Error {
         /// The configured limit, in milliseconds.
         max_ms: u64,
     },
+    /// Stored row-state bytes that are not a row state of this version.
+    #[error("corrupt row state: {message}")]
+    CorruptRowState {
+        /// What is wrong and where.
+        message: String,
+    },
 }
 
 /// Result alias of the resolver crate.

@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+mod codec;
 mod conflict;
 mod decimal;
 mod error;

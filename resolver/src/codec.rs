@@ -1,0 +1,455 @@
+//! The stored form of a [`RowState`]: a compact binary encoding written by
+//! hand (no serde data model in between), used by its `Serialize` and
+//! `Deserialize` impls as one byte string, so `postcard::to_allocvec(&row)`
+//! in the node and hub cores stores exactly these bytes (behind a length).
+//!
+//! Layout (integers are LEB128 varints, signed ones zigzag first):
+//!
+//! ```text
+//! version 1 (one byte)
+//! origins   n, then n names (len, bytes), strictly increasing
+//! fields    n, then per field (strictly increasing names):
+//!             name, live n × (id, hlc, value), counters n × (id, value),
+//!             gone n × (id, killers, 0 | 1 hlc value killers),
+//!             pred_sets n × (k, k × id)
+//! tombstones n × (id, hlc)
+//! row_dead  n × (id, killers)
+//! id      = origin index, seq        killers = n × (origin index, seq)
+//! hlc     = time, id length (0-16), id bytes little endian
+//! value   = tag (0 null .. 8 timestamp), payload
+//! ```
+//!
+//! Decoding checks everything the merge relies on (indices in range,
+//! every container sorted and canonical, valid node names, UTF-8 text), so
+//! garbage gives [`Error::CorruptRowState`], never a panic or a state that
+//! breaks the merge's invariants. Older formats are not read (pre-1.0).
+
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
+use std::fmt;
+
+use crate::ids::{IdMap, Killers, Lid};
+use crate::row::{Dead, Entry, FieldState, Gone, Live};
+use crate::{Error, Hlc, NodeId, OpId, Result, RowState, Value};
+
+/// The format version written first.
+pub(crate) const VERSION: u8 = 1;
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn byte(&mut self, b: u8) {
+        self.0.push(b);
+    }
+    fn uint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn len(&mut self, n: usize) {
+        self.uint(n as u64);
+    }
+    fn int(&mut self, v: i64) {
+        self.uint(((v << 1) ^ (v >> 63)) as u64);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.len(b.len());
+        self.0.extend_from_slice(b);
+    }
+    fn id(&mut self, id: Lid) {
+        self.uint(u64::from(id.o));
+        self.uint(id.seq);
+    }
+    fn hlc(&mut self, h: &Hlc) {
+        self.uint(h.time);
+        let b = h.id.to_le_bytes();
+        let n = 16 - (h.id.leading_zeros() / 8) as usize;
+        self.byte(n as u8);
+        self.0.extend_from_slice(&b[..n]);
+    }
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Null => self.byte(0),
+            Value::Bool(b) => {
+                self.byte(1);
+                self.byte(u8::from(*b));
+            }
+            Value::Int(i) => {
+                self.byte(2);
+                self.int(*i);
+            }
+            Value::Float(x) => {
+                self.byte(3);
+                self.0.extend_from_slice(&x.to_bits().to_le_bytes());
+            }
+            Value::Decimal(s) => {
+                self.byte(4);
+                self.bytes(s.as_bytes());
+            }
+            Value::Text(s) => {
+                self.byte(5);
+                self.bytes(s.as_bytes());
+            }
+            Value::Bytes(b) => {
+                self.byte(6);
+                self.bytes(b);
+            }
+            Value::Json(s) => {
+                self.byte(7);
+                self.bytes(s.as_bytes());
+            }
+            Value::Timestamp(t) => {
+                self.byte(8);
+                self.int(*t);
+            }
+        }
+    }
+    fn killers(&mut self, k: &Killers) {
+        self.len(k.0.len());
+        for (o, s) in &k.0 {
+            self.uint(u64::from(*o));
+            self.uint(*s);
+        }
+    }
+    fn map<V>(&mut self, m: &IdMap<V>, mut f: impl FnMut(&mut Self, &V)) {
+        self.len(m.len());
+        m.for_each(|id, v| {
+            self.id(id);
+            f(self, v);
+        });
+    }
+}
+
+impl RowState {
+    /// The stored form (format in `resolver/src/codec.rs`): equal states
+    /// give equal bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(64 + 48 * self.fields.len()));
+        w.byte(VERSION);
+        w.len(self.origins.len());
+        for o in &self.origins {
+            w.bytes(o.as_str().as_bytes());
+        }
+        w.len(self.fields.len());
+        for f in &self.fields {
+            w.bytes(f.name.as_bytes());
+            w.len(f.live.len());
+            for l in &f.live {
+                w.id(l.id);
+                w.hlc(&l.entry.hlc);
+                w.value(&l.entry.value);
+            }
+            w.map(&f.counters, |w, v| w.value(v));
+            w.map(&f.gone, |w, g| {
+                w.killers(&g.pred_by);
+                match &g.dead {
+                    None => w.byte(0),
+                    Some(d) => {
+                        w.byte(1);
+                        w.hlc(&d.hlc);
+                        w.value(&d.value);
+                        w.killers(&d.by);
+                    }
+                }
+            });
+            w.len(f.pred_sets.len());
+            for set in &f.pred_sets {
+                w.len(set.len());
+                for id in set {
+                    w.id(*id);
+                }
+            }
+        }
+        w.len(self.tombstones.len());
+        for (id, h) in &self.tombstones {
+            w.id(*id);
+            w.hlc(h);
+        }
+        w.map(&self.row_dead, |w, k| w.killers(k));
+        w.0
+    }
+
+    /// Reads the stored form written by [`RowState::encode`]; anything else
+    /// (another version, truncated or corrupt bytes) is an error.
+    pub fn decode(bytes: &[u8]) -> Result<RowState> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        let state = r.row().map_err(|what| Error::CorruptRowState {
+            message: format!("{what} at byte {}", r.pos),
+        })?;
+        Ok(state)
+    }
+}
+
+type R<T> = std::result::Result<T, &'static str>;
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+fn strictly_increasing<T: Ord>(items: &[T]) -> bool {
+    items.windows(2).all(|w| w[0] < w[1])
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> R<u8> {
+        let b = *self.b.get(self.pos).ok_or("unexpected end")?;
+        self.pos += 1;
+        Ok(b)
+    }
+    fn uint(&mut self) -> R<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                if shift == 63 && b > 1 {
+                    return Err("varint overflow");
+                }
+                return Ok(v);
+            }
+        }
+        Err("varint too long")
+    }
+    /// A count of items that take at least one byte each.
+    fn len(&mut self) -> R<usize> {
+        let n = self.uint()?;
+        if n > (self.b.len() - self.pos) as u64 {
+            return Err("length beyond the end");
+        }
+        Ok(n as usize)
+    }
+    fn int(&mut self) -> R<i64> {
+        let v = self.uint()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+    fn raw(&mut self, n: usize) -> R<&'a [u8]> {
+        let end = self.pos.checked_add(n).ok_or("length overflow")?;
+        let s = self.b.get(self.pos..end).ok_or("unexpected end")?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn bytes(&mut self) -> R<&'a [u8]> {
+        let n = self.len()?;
+        self.raw(n)
+    }
+    fn text(&mut self) -> R<String> {
+        let b = self.bytes()?;
+        Ok(std::str::from_utf8(b).map_err(|_| "text is not UTF-8")?.to_owned())
+    }
+    fn id(&mut self, origins: usize) -> R<Lid> {
+        let o = self.uint()?;
+        if o >= origins as u64 {
+            return Err("origin index out of range");
+        }
+        Ok(Lid::new(o as u32, self.uint()?))
+    }
+    fn hlc(&mut self) -> R<Hlc> {
+        let time = self.uint()?;
+        let n = self.byte()? as usize;
+        if n > 16 {
+            return Err("HLC id longer than 16 bytes");
+        }
+        let mut b = [0u8; 16];
+        b[..n].copy_from_slice(self.raw(n)?);
+        Ok(Hlc {
+            time,
+            id: u128::from_le_bytes(b),
+        })
+    }
+    fn value(&mut self) -> R<Value> {
+        Ok(match self.byte()? {
+            0 => Value::Null,
+            1 => match self.byte()? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                _ => return Err("bad bool"),
+            },
+            2 => Value::Int(self.int()?),
+            3 => {
+                let b: [u8; 8] = self.raw(8)?.try_into().map_err(|_| "unexpected end")?;
+                Value::Float(f64::from_bits(u64::from_le_bytes(b)))
+            }
+            4 => Value::Decimal(self.text()?),
+            5 => Value::Text(self.text()?),
+            6 => Value::Bytes(self.bytes()?.to_vec()),
+            7 => Value::Json(self.text()?),
+            8 => Value::Timestamp(self.int()?),
+            _ => return Err("unknown value tag"),
+        })
+    }
+    fn killers(&mut self, origins: usize) -> R<Killers> {
+        let n = self.len()?;
+        let mut k = SmallVec::with_capacity(n);
+        for _ in 0..n {
+            let id = self.id(origins)?;
+            k.push((id.o, id.seq));
+        }
+        if !k.windows(2).all(|w: &[(u32, u64)]| w[0].0 < w[1].0) {
+            return Err("killers not sorted by origin");
+        }
+        Ok(Killers(k))
+    }
+    fn map<V>(&mut self, origins: usize, mut f: impl FnMut(&mut Self) -> R<V>) -> R<IdMap<V>> {
+        let n = self.len()?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = self.id(origins)?;
+            entries.push((id, f(self)?));
+        }
+        if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err("ids not sorted");
+        }
+        Ok(IdMap::from_sorted(entries))
+    }
+    fn row(&mut self) -> R<RowState> {
+        match self.byte() {
+            Ok(VERSION) => {}
+            Ok(_) => return Err("unknown row-state format version"),
+            Err(e) => return Err(e),
+        }
+        let n = self.len()?;
+        let mut origins = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = std::str::from_utf8(self.bytes()?).map_err(|_| "node name not UTF-8")?;
+            origins.push(NodeId::new(name).map_err(|_| "invalid node name")?);
+        }
+        if !strictly_increasing(&origins) {
+            return Err("origins not sorted");
+        }
+        let no = origins.len();
+        let n = self.len()?;
+        let mut fields: Vec<FieldState> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = self.text()?;
+            let nl = self.len()?;
+            let mut live = SmallVec::with_capacity(nl);
+            for _ in 0..nl {
+                let id = self.id(no)?;
+                let hlc = self.hlc()?;
+                let value = self.value()?;
+                live.push(Live {
+                    id,
+                    op: OpId::new(origins[id.o as usize].clone(), id.seq),
+                    entry: Entry { hlc, value },
+                });
+            }
+            if !live.windows(2).all(|w: &[Live]| w[0].id < w[1].id) {
+                return Err("live writes not sorted");
+            }
+            let counters = self.map(no, |r| r.value())?;
+            let gone = self.map(no, |r| {
+                let pred_by = r.killers(no)?;
+                let dead = match r.byte()? {
+                    0 => None,
+                    1 => Some(Dead {
+                        hlc: r.hlc()?,
+                        value: r.value()?,
+                        by: r.killers(no)?,
+                    }),
+                    _ => return Err("bad flag"),
+                };
+                if pred_by.is_empty() && dead.is_none() {
+                    return Err("empty superseded entry");
+                }
+                Ok(Gone { pred_by, dead })
+            })?;
+            let ns = self.len()?;
+            let mut pred_sets: Vec<Vec<Lid>> = Vec::with_capacity(ns);
+            for _ in 0..ns {
+                let k = self.len()?;
+                let mut set = Vec::with_capacity(k);
+                for _ in 0..k {
+                    set.push(self.id(no)?);
+                }
+                if set.len() < 2 || !strictly_increasing(&set) {
+                    return Err("bad candidate set");
+                }
+                pred_sets.push(set);
+            }
+            if !strictly_increasing(&pred_sets) {
+                return Err("candidate sets not sorted");
+            }
+            let f = FieldState {
+                name,
+                live,
+                counters,
+                gone,
+                pred_sets,
+            };
+            if f.is_empty() {
+                return Err("empty field");
+            }
+            if let Some(prev) = fields.last()
+                && prev.name >= f.name
+            {
+                return Err("fields not sorted");
+            }
+            fields.push(f);
+        }
+        let n = self.len()?;
+        let mut tombstones = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = self.id(no)?;
+            tombstones.push((id, self.hlc()?));
+        }
+        if !tombstones.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err("tombstones not sorted");
+        }
+        let row_dead = self.map(no, |r| {
+            let k = r.killers(no)?;
+            if k.is_empty() {
+                return Err("empty killers");
+            }
+            Ok(k)
+        })?;
+        if self.pos != self.b.len() {
+            return Err("trailing bytes");
+        }
+        let state = RowState {
+            origins,
+            fields,
+            tombstones,
+            row_dead,
+        };
+        if !state.names_every_origin() {
+            return Err("unnamed origin");
+        }
+        Ok(state)
+    }
+}
+
+impl Serialize for RowState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for RowState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = RowState;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an encoded row state")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> std::result::Result<RowState, E> {
+                RowState::decode(v).map_err(E::custom)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<RowState, A::Error> {
+                let mut v = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    v.push(b);
+                }
+                RowState::decode(&v).map_err(de::Error::custom)
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
+}
