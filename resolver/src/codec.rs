@@ -30,7 +30,8 @@ use smallvec::SmallVec;
 use std::fmt;
 
 use crate::ids::{IdMap, Killers, Lid};
-use crate::row::{Dead, Entry, FieldState, Gone, Live};
+use crate::row::{Dead, FieldState, Gone, Live};
+use crate::stored::{Bytes, Stored};
 use crate::{Error, Hlc, NodeId, OpId, Result, RowState, Value};
 
 /// The format version written first.
@@ -107,12 +108,49 @@ impl Writer {
             }
         }
     }
-    fn killers(&mut self, k: &Killers) {
-        self.len(k.0.len());
-        for (o, s) in &k.0 {
-            self.uint(u64::from(*o));
-            self.uint(*s);
+    fn stored(&mut self, v: &Stored) {
+        match v {
+            Stored::Null => self.byte(0),
+            Stored::Bool(b) => {
+                self.byte(1);
+                self.byte(u8::from(*b));
+            }
+            Stored::Int(i) => {
+                self.byte(2);
+                self.int(*i);
+            }
+            Stored::Float(x) => {
+                self.byte(3);
+                self.0.extend_from_slice(&x.to_le_bytes());
+            }
+            Stored::Decimal(s) => {
+                self.byte(4);
+                self.bytes(s.as_slice());
+            }
+            Stored::Text(s) => {
+                self.byte(5);
+                self.bytes(s.as_slice());
+            }
+            Stored::Bytes(b) => {
+                self.byte(6);
+                self.bytes(b.as_slice());
+            }
+            Stored::Json(s) => {
+                self.byte(7);
+                self.bytes(s.as_slice());
+            }
+            Stored::Timestamp(t) => {
+                self.byte(8);
+                self.int(*t);
+            }
         }
+    }
+    fn killers(&mut self, k: &Killers) {
+        self.len(k.len());
+        k.for_each(|o, s| {
+            self.uint(u64::from(o));
+            self.uint(s);
+        });
     }
     fn map<V>(&mut self, m: &IdMap<V>, mut f: impl FnMut(&mut Self, &V)) {
         self.len(m.len());
@@ -135,12 +173,12 @@ impl RowState {
         }
         w.len(self.fields.len());
         for f in &self.fields {
-            w.bytes(f.name.as_bytes());
+            w.bytes(f.name.as_slice());
             w.len(f.live.len());
             for l in &f.live {
                 w.id(l.id);
-                w.hlc(&l.entry.hlc);
-                w.value(&l.entry.value);
+                w.hlc(&l.hlc);
+                w.stored(&l.value);
             }
             w.map(&f.counters, |w, v| w.value(v));
             w.map(&f.gone, |w, g| {
@@ -150,7 +188,7 @@ impl RowState {
                     Some(d) => {
                         w.byte(1);
                         w.hlc(&d.hlc);
-                        w.value(&d.value);
+                        w.stored(&d.value);
                         w.killers(&d.by);
                     }
                 }
@@ -236,10 +274,6 @@ impl<'a> Reader<'a> {
         let n = self.len()?;
         self.raw(n)
     }
-    fn text(&mut self) -> R<String> {
-        let b = self.bytes()?;
-        Ok(std::str::from_utf8(b).map_err(|_| "text is not UTF-8")?.to_owned())
-    }
     fn id(&mut self, origins: usize) -> R<Lid> {
         let o = self.uint()?;
         if o >= origins as u64 {
@@ -260,38 +294,47 @@ impl<'a> Reader<'a> {
             id: u128::from_le_bytes(b),
         })
     }
-    fn value(&mut self) -> R<Value> {
+    /// Checked UTF-8, stored.
+    fn utf8(&mut self) -> R<Bytes> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b).map_err(|_| "text is not UTF-8")?;
+        Ok(Bytes::new(b))
+    }
+    fn stored(&mut self) -> R<Stored> {
         Ok(match self.byte()? {
-            0 => Value::Null,
+            0 => Stored::Null,
             1 => match self.byte()? {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
+                0 => Stored::Bool(false),
+                1 => Stored::Bool(true),
                 _ => return Err("bad bool"),
             },
-            2 => Value::Int(self.int()?),
+            2 => Stored::Int(self.int()?),
             3 => {
                 let b: [u8; 8] = self.raw(8)?.try_into().map_err(|_| "unexpected end")?;
-                Value::Float(f64::from_bits(u64::from_le_bytes(b)))
+                Stored::Float(u64::from_le_bytes(b))
             }
-            4 => Value::Decimal(self.text()?),
-            5 => Value::Text(self.text()?),
-            6 => Value::Bytes(self.bytes()?.to_vec()),
-            7 => Value::Json(self.text()?),
-            8 => Value::Timestamp(self.int()?),
+            4 => Stored::Decimal(self.utf8()?),
+            5 => Stored::Text(self.utf8()?),
+            6 => Stored::Bytes(Bytes::new(self.bytes()?)),
+            7 => Stored::Json(self.utf8()?),
+            8 => Stored::Timestamp(self.int()?),
             _ => return Err("unknown value tag"),
         })
     }
+    fn value(&mut self) -> R<Value> {
+        Ok(self.stored()?.to_value())
+    }
     fn killers(&mut self, origins: usize) -> R<Killers> {
         let n = self.len()?;
-        let mut k = SmallVec::with_capacity(n);
+        let mut k = Vec::with_capacity(n);
         for _ in 0..n {
             let id = self.id(origins)?;
             k.push((id.o, id.seq));
         }
-        if !k.windows(2).all(|w: &[(u32, u64)]| w[0].0 < w[1].0) {
+        if !k.windows(2).all(|w| w[0].0 < w[1].0) {
             return Err("killers not sorted by origin");
         }
-        Ok(Killers(k))
+        Ok(Killers::from_sorted(k))
     }
     fn map<V>(&mut self, origins: usize, mut f: impl FnMut(&mut Self) -> R<V>) -> R<IdMap<V>> {
         let n = self.len()?;
@@ -324,17 +367,18 @@ impl<'a> Reader<'a> {
         let n = self.len()?;
         let mut fields: Vec<FieldState> = Vec::with_capacity(n);
         for _ in 0..n {
-            let name = self.text()?;
+            let name = self.utf8()?;
             let nl = self.len()?;
             let mut live = SmallVec::with_capacity(nl);
             for _ in 0..nl {
                 let id = self.id(no)?;
                 let hlc = self.hlc()?;
-                let value = self.value()?;
+                let value = self.stored()?;
                 live.push(Live {
                     id,
                     op: OpId::new(origins[id.o as usize].clone(), id.seq),
-                    entry: Entry { hlc, value },
+                    hlc,
+                    value,
                 });
             }
             if !live.windows(2).all(|w: &[Live]| w[0].id < w[1].id) {
@@ -347,7 +391,7 @@ impl<'a> Reader<'a> {
                     0 => None,
                     1 => Some(Dead {
                         hlc: r.hlc()?,
-                        value: r.value()?,
+                        value: r.stored()?,
                         by: r.killers(no)?,
                     }),
                     _ => return Err("bad flag"),

@@ -12,8 +12,6 @@
 //! usual single entry inline. Both are canonical (sorted, no empty group),
 //! so equal contents encode to equal bytes.
 
-use smallvec::SmallVec;
-
 /// A row-local op id: the origin's index in the row's origin table (sorted
 /// by name, so these ids order as the op ids they stand for) and the seq.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,34 +30,50 @@ impl Lid {
 
 /// The ops that superseded something, as the lowest seq per origin, sorted
 /// by origin (enough to tell whether any of them is covered by a stable
-/// cut).
+/// cut). 16 bytes: the usual single entry inline, several boxed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Killers(pub(crate) SmallVec<[(u32, u64); 1]>);
+pub(crate) enum Killers {
+    /// Nobody.
+    #[default]
+    Empty,
+    /// One op: origin index, seq.
+    One { o: u32, seq: u64 },
+    /// Two or more, sorted by origin.
+    Many(Box<Vec<(u32, u64)>>),
+}
 
 impl Killers {
     /// Just `by`.
     pub(crate) fn one(by: Lid) -> Self {
-        let mut k = SmallVec::new();
-        k.push((by.o, by.seq));
-        Killers(k)
+        Killers::One {
+            o: by.o,
+            seq: by.seq,
+        }
+    }
+
+    /// Exactly `entries` (sorted by origin, at most one per origin).
+    pub(crate) fn from_sorted(entries: Vec<(u32, u64)>) -> Self {
+        match entries.as_slice() {
+            [] => Killers::Empty,
+            [(o, seq)] => Killers::One { o: *o, seq: *seq },
+            _ => Killers::Many(Box::new(entries)),
+        }
     }
 
     /// Adds `(origin, seq)`, keeping the lowest seq per origin.
     fn add(&mut self, origin: u32, seq: u64) {
-        match self.0.as_mut_slice() {
-            [] => {
-                self.0.push((origin, seq));
-                return;
+        match self {
+            Killers::Empty => *self = Killers::One { o: origin, seq },
+            Killers::One { o, seq: s } if *o == origin => *s = (*s).min(seq),
+            Killers::One { o, seq: s } => {
+                let mut v = vec![(*o, *s), (origin, seq)];
+                v.sort_unstable_by_key(|e| e.0);
+                *self = Killers::Many(Box::new(v));
             }
-            [(o, s)] if *o == origin => {
-                *s = (*s).min(seq);
-                return;
-            }
-            _ => {}
-        }
-        match self.0.binary_search_by(|(o, _)| o.cmp(&origin)) {
-            Ok(i) => self.0[i].1 = self.0[i].1.min(seq),
-            Err(i) => self.0.insert(i, (origin, seq)),
+            Killers::Many(v) => match v.binary_search_by(|(o, _)| o.cmp(&origin)) {
+                Ok(i) => v[i].1 = v[i].1.min(seq),
+                Err(i) => v.insert(i, (origin, seq)),
+            },
         }
     }
 
@@ -70,37 +84,55 @@ impl Killers {
 
     /// Adds every entry of `from`.
     pub(crate) fn join(&mut self, from: &Killers) {
-        if self.0.is_empty() {
-            self.0.clone_from(&from.0);
+        if self.is_empty() {
+            self.clone_from(from);
             return;
         }
-        for (origin, seq) in &from.0 {
-            self.add(*origin, *seq);
-        }
+        from.for_each(|o, s| self.add(o, s));
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        matches!(self, Killers::Empty)
+    }
+
+    /// The number of entries.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Killers::Empty => 0,
+            Killers::One { .. } => 1,
+            Killers::Many(v) => v.len(),
+        }
+    }
+
+    /// Calls `f` on every entry in origin order.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, u64)) {
+        match self {
+            Killers::Empty => {}
+            Killers::One { o, seq } => f(*o, *seq),
+            Killers::Many(v) => v.iter().for_each(|(o, s)| f(*o, *s)),
+        }
     }
 
     /// True when one of them is covered by the cut (`cut[o]` is the cut's
     /// seq of origin `o`).
     pub(crate) fn any_covered(&self, cut: &[u64]) -> bool {
-        self.0.iter().any(|(o, seq)| *seq <= cut[*o as usize])
+        let mut any = false;
+        self.for_each(|o, seq| any |= seq <= cut[o as usize]);
+        any
     }
 
     /// Rewrites origin indices with the monotone map `f`.
     pub(crate) fn map_origins(&mut self, f: &impl Fn(u32) -> u32) {
-        for (o, _) in self.0.iter_mut() {
-            *o = f(*o);
+        match self {
+            Killers::Empty => {}
+            Killers::One { o, .. } => *o = f(*o),
+            Killers::Many(v) => v.iter_mut().for_each(|(o, _)| *o = f(*o)),
         }
     }
 
     /// Marks the origins named.
     pub(crate) fn mark_origins(&self, used: &mut [bool]) {
-        for (o, _) in &self.0 {
-            used[*o as usize] = true;
-        }
+        self.for_each(|o, _| used[o as usize] = true);
     }
 }
 
@@ -490,7 +522,8 @@ mod tests {
         let mut j = Killers::default();
         j.join(&k);
         assert_eq!(j, k);
-        assert_eq!(k.0.as_slice(), &[(0, 9), (1, 3)]);
+        assert_eq!(k, Killers::from_sorted(vec![(0, 9), (1, 3)]));
+        assert_eq!(std::mem::size_of::<Killers>(), 16);
         assert!(!k.any_covered(&[0, 2]));
         assert!(k.any_covered(&[0, 3]));
     }

@@ -51,6 +51,7 @@ mod ids;
 mod op;
 mod row;
 mod rules;
+mod stored;
 mod value;
 
 pub use conflict::{Candidate, Conflict};

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::{IdMap, Killers, Lid};
 use crate::rules::{Cand, pick, sum};
+use crate::stored::{Bytes, Stored};
 use crate::{
     Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
     TableRules, Value, VersionVector,
@@ -39,14 +40,15 @@ pub struct Entry {
 pub(crate) struct Live {
     pub(crate) id: Lid,
     pub(crate) op: OpId,
-    pub(crate) entry: Entry,
+    pub(crate) hlc: Hlc,
+    pub(crate) value: Stored,
 }
 
 /// A superseded, non-counted write kept for conflict records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Dead {
     pub(crate) hlc: Hlc,
-    pub(crate) value: Value,
+    pub(crate) value: Stored,
     pub(crate) by: Killers,
 }
 
@@ -81,10 +83,10 @@ fn row_killers(row_dead: &RowDead, id: Lid) -> Option<Killers> {
 }
 
 /// Everything a row knows about one field.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FieldState {
-    /// The column name.
-    pub(crate) name: String,
+    /// The column name (UTF-8).
+    pub(crate) name: Bytes,
     /// Live writes, sorted by id (the multi-value register); usually one,
     /// held inline.
     pub(crate) live: SmallVec<[Live; 1]>,
@@ -100,8 +102,11 @@ pub(crate) struct FieldState {
 impl FieldState {
     fn new(name: &str) -> Self {
         FieldState {
-            name: name.to_owned(),
-            ..FieldState::default()
+            name: Bytes::new(name.as_bytes()),
+            live: SmallVec::new(),
+            counters: IdMap::default(),
+            gone: IdMap::default(),
+            pred_sets: Vec::new(),
         }
     }
 
@@ -151,14 +156,14 @@ impl FieldState {
     }
 
     /// Moves a superseded live write to history (unless it is counted).
-    fn bury(&mut self, id: Lid, entry: Entry, row_dead: &RowDead) {
-        if self.counters.contains(id) {
+    fn bury(&mut self, l: Live, row_dead: &RowDead) {
+        if self.counters.contains(l.id) {
             return;
         }
-        let by = self.killers(id, row_dead);
-        self.gone.get_or_insert_with(id, Gone::default).dead = Some(Dead {
-            hlc: entry.hlc,
-            value: entry.value,
+        let by = self.killers(l.id, row_dead);
+        self.gone.get_or_insert_with(l.id, Gone::default).dead = Some(Dead {
+            hlc: l.hlc,
+            value: l.value,
             by,
         });
     }
@@ -169,14 +174,14 @@ impl FieldState {
         let buried = match self.live_pos(x) {
             Ok(i) => {
                 let counted = self.counters.contains(x);
-                Some((self.live.remove(i).entry, counted))
+                Some((self.live.remove(i), counted))
             }
             Err(_) => None,
         };
         let g = self.gone.get_or_insert_with(x, Gone::default);
         g.pred_by.note(by);
         match buried {
-            Some((entry, false)) => {
+            Some((l, false)) => {
                 let killers = match row_killers(row_dead, x) {
                     None => g.pred_by.clone(),
                     Some(mut k) => {
@@ -185,8 +190,8 @@ impl FieldState {
                     }
                 };
                 g.dead = Some(Dead {
-                    hlc: entry.hlc,
-                    value: entry.value,
+                    hlc: l.hlc,
+                    value: l.value,
                     by: killers,
                 });
             }
@@ -207,7 +212,7 @@ impl FieldState {
             let id = self.live[i].id;
             if id.o == origin && id.seq <= upto {
                 let l = self.live.remove(i);
-                self.bury(l.id, l.entry, row_dead);
+                self.bury(l, row_dead);
             } else {
                 i += 1;
             }
@@ -230,18 +235,19 @@ impl FieldState {
         }
         let field = self.pred_killers(id);
         if row.is_none() && field.is_none() {
-            let entry = Entry {
-                hlc: op.hlc,
-                value: w.value.clone(),
-            };
+            let value = Stored::from(&w.value);
             match self.live_pos(id) {
-                Ok(i) => self.live[i].entry = entry,
+                Ok(i) => {
+                    self.live[i].hlc = op.hlc;
+                    self.live[i].value = value;
+                }
                 Err(i) => self.live.insert(
                     i,
                     Live {
                         id,
                         op: op.id.clone(),
-                        entry,
+                        hlc: op.hlc,
+                        value,
                     },
                 ),
             }
@@ -254,13 +260,13 @@ impl FieldState {
             match &mut g.dead {
                 Some(d) => {
                     d.hlc = op.hlc;
-                    d.value = w.value.clone();
+                    d.value = Stored::from(&w.value);
                     d.by.join(&by);
                 }
                 None => {
                     g.dead = Some(Dead {
                         hlc: op.hlc,
-                        value: w.value.clone(),
+                        value: Stored::from(&w.value),
                         by,
                     })
                 }
@@ -280,13 +286,24 @@ impl FieldState {
         row_dead: &RowDead,
     ) {
         if w.delta.is_none() && preds.len() >= 2 {
-            let mut set: SmallVec<[Lid; 4]> = preds.iter().copied().collect();
-            set.sort_unstable();
-            set.dedup();
-            if set.len() >= 2 {
-                let set: Vec<Lid> = set.into_vec();
-                if let Err(i) = self.pred_sets.binary_search(&set) {
-                    self.pred_sets.insert(i, set);
+            let sorted = preds.windows(2).all(|p| p[0] < p[1]);
+            let found = if sorted {
+                self.pred_sets.binary_search_by(|s| s.as_slice().cmp(preds))
+            } else {
+                Ok(0)
+            };
+            match found {
+                Ok(_) if sorted => {}
+                Err(i) => self.pred_sets.insert(i, preds.to_vec()),
+                _ => {
+                    let mut set = preds.to_vec();
+                    set.sort_unstable();
+                    set.dedup();
+                    if set.len() >= 2
+                        && let Err(i) = self.pred_sets.binary_search(&set)
+                    {
+                        self.pred_sets.insert(i, set);
+                    }
                 }
             }
         }
@@ -297,10 +314,10 @@ impl FieldState {
     }
 
     /// The HLC and value of `id`'s write, if the op set has it.
-    fn known(&self, id: Lid) -> Option<(&Hlc, &Value)> {
+    fn known(&self, id: Lid) -> Option<(&Hlc, &Stored)> {
         if let Ok(i) = self.live_pos(id) {
-            let e = &self.live[i].entry;
-            return Some((&e.hlc, &e.value));
+            let l = &self.live[i];
+            return Some((&l.hlc, &l.value));
         }
         self.history(id).map(|d| (&d.hlc, &d.value))
     }
@@ -482,15 +499,19 @@ pub struct RowState {
 /// The first 8 bytes of a name, zero-padded, big-endian: names compare as
 /// their keys unless the keys tie.
 fn name_key(name: &str) -> u64 {
-    let b = name.as_bytes();
+    bytes_key(name.as_bytes())
+}
+
+/// The first 8 bytes, zero-padded, big-endian.
+fn bytes_key(b: &[u8]) -> u64 {
     (0..8).fold(0u64, |k, i| {
         (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
     })
 }
 
 /// `a == b` for field names, without a `memcmp` call for short names.
-fn same_name(a: &str, b: &str) -> bool {
-    a.len() == b.len() && (a.len() > 8 || name_key(a) == name_key(b)) && a == b
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && (a.len() > 8 || bytes_key(a) == bytes_key(b)) && a == b
 }
 
 /// `a < b` for field names, without a `memcmp` call for short names.
@@ -670,7 +691,7 @@ impl RowState {
 
     fn field(&self, name: &str) -> Option<&FieldState> {
         self.fields
-            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .binary_search_by(|f| f.name.as_slice().cmp(name.as_bytes()))
             .ok()
             .map(|i| &self.fields[i])
     }
@@ -696,10 +717,10 @@ impl RowState {
         hint: usize,
     ) -> usize {
         let i = match self.fields.get(hint) {
-            Some(f) if same_name(&f.name, &w.name) => hint,
+            Some(f) if same_name(f.name.as_slice(), w.name.as_bytes()) => hint,
             _ => match self
                 .fields
-                .binary_search_by(|f| f.name.as_str().cmp(&w.name))
+                .binary_search_by(|f| f.name.as_slice().cmp(w.name.as_bytes()))
             {
                 Ok(i) => i,
                 Err(i) => {
@@ -806,10 +827,18 @@ impl RowState {
 
     /// Live writes of `field` (more than one means concurrent writes), in
     /// op-id order.
-    pub fn entries(&self, field: &str) -> impl Iterator<Item = (&OpId, &Entry)> {
-        self.field(field)
-            .into_iter()
-            .flat_map(|f| f.live.iter().map(|l| (&l.op, &l.entry)))
+    pub fn entries(&self, field: &str) -> impl Iterator<Item = (&OpId, Entry)> {
+        self.field(field).into_iter().flat_map(|f| {
+            f.live.iter().map(|l| {
+                (
+                    &l.op,
+                    Entry {
+                        hlc: l.hlc,
+                        value: l.value.to_value(),
+                    },
+                )
+            })
+        })
     }
 
     /// True when a live delete is present.
@@ -838,7 +867,7 @@ impl RowState {
             if f.live.is_empty() && f.counters.is_empty() {
                 continue;
             }
-            let strategy = rules.strategy(&f.name);
+            let strategy = rules.strategy(f.name.as_str());
             let counted = match strategy {
                 Strategy::Sum if !f.counters.is_empty() => {
                     let mut deltas = Vec::with_capacity(f.counters.len());
@@ -848,18 +877,20 @@ impl RowState {
                 _ => None,
             };
             let value = counted.or_else(|| match f.live.as_slice() {
-                [l] => Some(l.entry.value.clone()),
+                [l] => Some(l.value.to_value()),
                 live => {
-                    let cands = live.iter().map(|l| Cand {
+                    let values: SmallVec<[Value; 4]> =
+                        live.iter().map(|l| l.value.to_value()).collect();
+                    let cands = live.iter().zip(&values).map(|(l, value)| Cand {
                         op: &l.op,
-                        hlc: &l.entry.hlc,
-                        value: &l.entry.value,
+                        hlc: &l.hlc,
+                        value,
                     });
                     pick(strategy, rules, cands).map(|c| c.value.clone())
                 }
             });
             if let Some(v) = value {
-                row.insert(f.name.clone(), v);
+                row.insert(f.name.as_str().to_owned(), v);
             }
         }
         (!row.is_empty()).then_some(row)
@@ -874,7 +905,7 @@ impl RowState {
             if f.live.is_empty() && f.pred_sets.is_empty() {
                 continue;
             }
-            let strategy = rules.strategy(&f.name);
+            let strategy = rules.strategy(f.name.as_str());
             if *strategy == Strategy::Sum {
                 continue;
             }
@@ -897,17 +928,20 @@ impl RowState {
         ids: Vec<Lid>,
     ) -> Conflict {
         let ops: Vec<OpId> = ids.iter().map(|id| self.op_id(*id)).collect();
+        let knowns: Vec<Option<(Hlc, Value)>> = ids
+            .iter()
+            .map(|id| f.known(*id).map(|(h, v)| (*h, v.to_value())))
+            .collect();
         let mut known = Vec::new();
         let mut candidates = Vec::with_capacity(ids.len());
-        for (id, op) in ids.iter().zip(&ops) {
-            let k = f.known(*id);
+        for (op, k) in ops.iter().zip(&knowns) {
             if let Some((hlc, value)) = k {
                 known.push(Cand { op, hlc, value });
             }
             candidates.push(Candidate {
                 op: op.clone(),
-                hlc: k.map(|(h, _)| *h),
-                value: k.map(|(_, v)| v.clone()),
+                hlc: k.as_ref().map(|(h, _)| *h),
+                value: k.as_ref().map(|(_, v)| v.clone()),
             });
         }
         let hlc = known.iter().map(|c| *c.hlc).max();
@@ -917,7 +951,7 @@ impl RowState {
             None
         };
         Conflict {
-            field: f.name.clone(),
+            field: f.name.as_str().to_owned(),
             candidates,
             strategy: strategy.name().to_owned(),
             winner: winner.map(|c| c.op.clone()),
@@ -1125,7 +1159,7 @@ mod tests {
         for a in names {
             for b in names {
                 assert_eq!(name_before(a, b), a < b, "{a:?} < {b:?}");
-                assert_eq!(same_name(a, b), a == b, "{a:?} == {b:?}");
+                assert_eq!(same_name(a.as_bytes(), b.as_bytes()), a == b, "{a:?} == {b:?}");
             }
         }
     }
@@ -1365,5 +1399,15 @@ mod tests {
         }
         assert!(!r.collect_garbage(&cut));
         assert_eq!(r.visible(&TableRules::default()), None);
+    }
+}
+#[cfg(test)]
+mod sizes {
+    #[test]
+    fn print_sizes() {
+        use super::*;
+        eprintln!("Live {} Dead {} Gone {} Stored {} GoneEntry {} FieldState {} RowState {}",
+            std::mem::size_of::<Live>(), std::mem::size_of::<Dead>(), std::mem::size_of::<Gone>(),
+            std::mem::size_of::<Stored>(), std::mem::size_of::<(Lid, Gone)>(), std::mem::size_of::<FieldState>(), std::mem::size_of::<RowState>());
     }
 }
