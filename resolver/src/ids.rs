@@ -251,7 +251,11 @@ impl<V> IdMap<V> {
                         if flat.capacity() == 0 {
                             flat.reserve_exact(FLAT_FIRST);
                         }
-                        flat.insert(i, (id, make()));
+                        if i == flat.len() {
+                            flat.push((id, make()));
+                        } else {
+                            flat.insert(i, (id, make()));
+                        }
                         i
                     }
                 };
@@ -269,7 +273,11 @@ impl<V> IdMap<V> {
                 let i = match seq_pos(group, id.seq) {
                     Ok(i) => i,
                     Err(i) => {
-                        group.insert(i, (id.seq, make()));
+                        if i == group.len() {
+                            group.push((id.seq, make()));
+                        } else {
+                            group.insert(i, (id.seq, make()));
+                        }
                         i
                     }
                 };

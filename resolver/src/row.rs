@@ -174,7 +174,12 @@ impl FieldState {
         let buried = match self.live_pos(x) {
             Ok(i) => {
                 let counted = self.counters.contains(x);
-                Some((self.live.remove(i), counted))
+                let l = if self.live.len() == 1 {
+                    self.live.pop()
+                } else {
+                    Some(self.live.remove(i))
+                };
+                l.map(|l| (l, counted))
             }
             Err(_) => None,
         };
@@ -227,7 +232,14 @@ impl FieldState {
 
     /// Phase 2 of a field write: store `w` as live, as a contribution or as
     /// dead on arrival. `row` is who superseded `op` row-wide.
-    fn add_write(&mut self, op: &Op, id: Lid, w: &FieldWrite, row: Option<&Killers>) {
+    fn add_write(
+        &mut self,
+        op: &Op,
+        id: Lid,
+        w: &FieldWrite,
+        row: Option<&Killers>,
+        origin: &NodeId,
+    ) {
         if row.is_none()
             && let Some(delta) = &w.delta
         {
@@ -241,15 +253,21 @@ impl FieldState {
                     self.live[i].hlc = op.hlc;
                     self.live[i].value = value;
                 }
-                Err(i) => self.live.insert(
-                    i,
-                    Live {
+                Err(i) => {
+                    let l = Live {
+                        // The row's own copy of the origin: its reference
+                        // count is hot, the op's is not.
+                        op: OpId::new(origin.clone(), id.seq),
                         id,
-                        op: op.id.clone(),
                         hlc: op.hlc,
                         value,
-                    },
-                ),
+                    };
+                    if i == self.live.len() {
+                        self.live.push(l);
+                    } else {
+                        self.live.insert(i, l);
+                    }
+                }
             }
         } else if w.delta.is_none() {
             let mut by = row.cloned().unwrap_or_default();
@@ -284,6 +302,7 @@ impl FieldState {
         preds: &[Lid],
         row: Option<&Killers>,
         row_dead: &RowDead,
+        origin: &NodeId,
     ) {
         if w.delta.is_none() && preds.len() >= 2 {
             let sorted = preds.windows(2).all(|p| p[0] < p[1]);
@@ -310,7 +329,7 @@ impl FieldState {
         for p in preds {
             self.kill(*p, id, row_dead);
         }
-        self.add_write(op, id, w, row);
+        self.add_write(op, id, w, row, origin);
     }
 
     /// The HLC and value of `id`'s write, if the op set has it.
@@ -511,7 +530,12 @@ fn bytes_key(b: &[u8]) -> u64 {
 
 /// `a == b` for field names, without a `memcmp` call for short names.
 fn same_name(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && (a.len() > 8 || bytes_key(a) == bytes_key(b)) && a == b
+    a.len() == b.len()
+        && if a.len() <= 8 {
+            bytes_key(a) == bytes_key(b)
+        } else {
+            a == b
+        }
 }
 
 /// `a < b` for field names, without a `memcmp` call for short names.
@@ -574,8 +598,8 @@ impl RowState {
     }
 
     /// Per origin of the table, whether something names it.
-    fn used_origins(&self) -> Vec<bool> {
-        let mut used = vec![false; self.origins.len()];
+    fn used_origins(&self) -> SmallVec<[bool; 16]> {
+        let mut used: SmallVec<[bool; 16]> = SmallVec::from_elem(false, self.origins.len());
         for (id, _) in &self.tombstones {
             used[id.o as usize] = true;
         }
@@ -748,7 +772,15 @@ impl RowState {
                 preds.push(l);
             }
         }
-        self.fields[i].write(op, id, w, &preds, row, &self.row_dead);
+        self.fields[i].write(
+            op,
+            id,
+            w,
+            &preds,
+            row,
+            &self.row_dead,
+            &self.origins[id.o as usize],
+        );
         i + 1
     }
 
