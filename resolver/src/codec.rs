@@ -165,7 +165,12 @@ impl RowState {
     /// The stored form (format in `resolver/src/codec.rs`): equal states
     /// give equal bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(64 + 48 * self.fields.len()));
+        let guess: usize = self
+            .fields
+            .iter()
+            .map(|f| 40 + 40 * f.gone.len() + 8 * f.counters.len())
+            .sum();
+        let mut w = Writer(Vec::with_capacity(64 + guess));
         w.byte(VERSION);
         w.len(self.origins.len());
         for o in &self.origins {
@@ -594,7 +599,10 @@ mod tests {
         let via_postcard: RowState =
             postcard::from_bytes(&postcard::to_allocvec(&r).unwrap()).unwrap();
         assert_eq!(via_postcard, r);
-        assert_eq!(RowState::decode(&RowState::default().encode()).unwrap(), RowState::default());
+        assert_eq!(
+            RowState::decode(&RowState::default().encode()).unwrap(),
+            RowState::default()
+        );
         let mut cut = VersionVector::default();
         cut.set(NodeId::new("edge-a").unwrap(), 1);
         let mut gc = r.clone();
@@ -620,7 +628,16 @@ mod tests {
         // Every single-byte change: an error or a state that encodes back
         // to exactly those bytes (the decoder only accepts canonical input).
         for i in 0..bytes.len() {
-            for v in [0u8, 1, 2, 0x7f, 0x80, 0xff, bytes[i] ^ 1, bytes[i].wrapping_add(1)] {
+            for v in [
+                0u8,
+                1,
+                2,
+                0x7f,
+                0x80,
+                0xff,
+                bytes[i] ^ 1,
+                bytes[i].wrapping_add(1),
+            ] {
                 let mut b = bytes.clone();
                 b[i] = v;
                 if let Ok(r) = RowState::decode(&b) {

@@ -677,9 +677,12 @@ impl RowState {
                 }
             }
         }
+        let mut emptied = !op.row_pred.is_empty();
         match op.kind {
             OpKind::Upsert => {
                 let row = row_killers(&self.row_dead, id);
+                // A counted write of an op superseded row-wide stores nothing.
+                emptied |= row.is_some();
                 if distinct_names(&op.fields) {
                     let mut next = 0;
                     for w in &op.fields {
@@ -706,8 +709,12 @@ impl RowState {
                 }
             }
         }
-        // Fields can only lose live writes and contributions here.
-        self.fields.retain(|f| !f.is_empty());
+        // Only a row-wide kill can leave a field empty (a field `pred`
+        // leaves the superseded entry behind, a write stores itself).
+        if emptied {
+            self.fields.retain(|f| !f.is_empty());
+        }
+        debug_assert!(self.fields.iter().all(|f| !f.is_empty()));
         if added {
             self.prune_origins();
         }
@@ -811,7 +818,10 @@ impl RowState {
 
     /// The live tombstones: the `row_pred` of an update.
     pub fn tombstone_pred(&self) -> Vec<OpId> {
-        self.tombstones.iter().map(|(id, _)| self.op_id(*id)).collect()
+        self.tombstones
+            .iter()
+            .map(|(id, _)| self.op_id(*id))
+            .collect()
     }
 
     /// The `row_pred` of a delete: every live write and tombstone of the row,
@@ -1191,7 +1201,11 @@ mod tests {
         for a in names {
             for b in names {
                 assert_eq!(name_before(a, b), a < b, "{a:?} < {b:?}");
-                assert_eq!(same_name(a.as_bytes(), b.as_bytes()), a == b, "{a:?} == {b:?}");
+                assert_eq!(
+                    same_name(a.as_bytes(), b.as_bytes()),
+                    a == b,
+                    "{a:?} == {b:?}"
+                );
             }
         }
     }
@@ -1438,8 +1452,15 @@ mod sizes {
     #[test]
     fn print_sizes() {
         use super::*;
-        eprintln!("Live {} Dead {} Gone {} Stored {} GoneEntry {} FieldState {} RowState {}",
-            std::mem::size_of::<Live>(), std::mem::size_of::<Dead>(), std::mem::size_of::<Gone>(),
-            std::mem::size_of::<Stored>(), std::mem::size_of::<(Lid, Gone)>(), std::mem::size_of::<FieldState>(), std::mem::size_of::<RowState>());
+        eprintln!(
+            "Live {} Dead {} Gone {} Stored {} GoneEntry {} FieldState {} RowState {}",
+            std::mem::size_of::<Live>(),
+            std::mem::size_of::<Dead>(),
+            std::mem::size_of::<Gone>(),
+            std::mem::size_of::<Stored>(),
+            std::mem::size_of::<(Lid, Gone)>(),
+            std::mem::size_of::<FieldState>(),
+            std::mem::size_of::<RowState>()
+        );
     }
 }
