@@ -294,6 +294,7 @@ impl FieldState {
 
     /// Merges one (deduplicated) write of `op`, whose id here is `id`;
     /// `preds` is the write's `pred` as row-local ids, without `id`.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         op: &Op,
@@ -1445,22 +1446,5 @@ mod tests {
         }
         assert!(!r.collect_garbage(&cut));
         assert_eq!(r.visible(&TableRules::default()), None);
-    }
-}
-#[cfg(test)]
-mod sizes {
-    #[test]
-    fn print_sizes() {
-        use super::*;
-        eprintln!(
-            "Live {} Dead {} Gone {} Stored {} GoneEntry {} FieldState {} RowState {}",
-            std::mem::size_of::<Live>(),
-            std::mem::size_of::<Dead>(),
-            std::mem::size_of::<Gone>(),
-            std::mem::size_of::<Stored>(),
-            std::mem::size_of::<(Lid, Gone)>(),
-            std::mem::size_of::<FieldState>(),
-            std::mem::size_of::<RowState>()
-        );
     }
 }

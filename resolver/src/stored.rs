@@ -45,7 +45,7 @@ impl Bytes {
         std::str::from_utf8(self.as_slice()).unwrap_or_default()
     }
 
-    fn to_string(&self) -> String {
+    fn to_text(&self) -> String {
         String::from_utf8_lossy(self.as_slice()).into_owned()
     }
 }
@@ -115,10 +115,10 @@ impl Stored {
             Stored::Bool(b) => Value::Bool(*b),
             Stored::Int(i) => Value::Int(*i),
             Stored::Float(x) => Value::Float(f64::from_bits(*x)),
-            Stored::Decimal(s) => Value::Decimal(s.to_string()),
-            Stored::Text(s) => Value::Text(s.to_string()),
+            Stored::Decimal(s) => Value::Decimal(s.to_text()),
+            Stored::Text(s) => Value::Text(s.to_text()),
             Stored::Bytes(b) => Value::Bytes(b.as_slice().to_vec()),
-            Stored::Json(s) => Value::Json(s.to_string()),
+            Stored::Json(s) => Value::Json(s.to_text()),
             Stored::Timestamp(t) => Value::Timestamp(*t),
         }
     }
