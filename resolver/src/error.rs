@@ -1,6 +1,7 @@
 use crate::{Hlc, OpId};
 
-/// Errors of the resolver: invalid identifiers and clock violations.
+/// Errors of the resolver: invalid identifiers, clock violations and
+/// corrupt stored row states.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// A node name is empty, too long, or has characters outside `[A-Za-z0-9_.-]`.
