@@ -1,6 +1,7 @@
 use crate::{Hlc, OpId};
 
-/// Errors of the resolver: invalid identifiers and clock violations.
+/// Errors of the resolver: invalid identifiers, clock violations and
+/// corrupt stored row states.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// A node name is empty, too long, or has characters outside `[A-Za-z0-9_.-]`.
@@ -23,6 +24,12 @@ pub enum Error {
         ahead_ms: u64,
         /// The configured limit, in milliseconds.
         max_ms: u64,
+    },
+    /// Stored row-state bytes that are not a row state of this version.
+    #[error("corrupt row state: {message}")]
+    CorruptRowState {
+        /// What is wrong and where.
+        message: String,
     },
 }
 

@@ -1,77 +1,140 @@
 //! Compact op-id-keyed containers of [`RowState`](crate::RowState).
 //!
 //! A row holds few origins but, until garbage collection, many superseded
-//! writes per origin. [`IdMap`] keeps them grouped by origin (sorted by
-//! name, each origin's [`NodeId`] stored once) and sorted by seq inside a
-//! group; ops reach a replica gap-free per origin, so the common insert is
-//! an append, and a `row_pred` prefix `(O, s)` is a prefix of `O`'s group.
-//! [`Killers`] holds its usual single entry inline. Both are canonical
-//! (sorted, no empty group), so equal contents serialize to equal bytes.
+//! writes per origin. The row keeps its origins once, in a table sorted by
+//! name; everything inside the row names an op by a [`Lid`] — the origin's
+//! index in that table and the seq — so ids are copied, compared and
+//! stored as two integers (no reference counts, no string compares), and
+//! their order is the order of the op ids they stand for. [`IdMap`] keeps
+//! entries in one sorted vector while small and grouped by origin (sorted
+//! by seq, so the common insert is an append and a `row_pred` prefix
+//! `(O, s)` is a prefix of `O`'s group) once large. [`Killers`] holds its
+//! usual single entry inline. Both are canonical (sorted, no empty group),
+//! so equal contents encode to equal bytes.
 
-use serde::ser::SerializeSeq;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use smallvec::SmallVec;
+/// A row-local op id: the origin's index in the row's origin table (sorted
+/// by name, so these ids order as the op ids they stand for) and the seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Lid {
+    /// Index in the row's origin table.
+    pub(crate) o: u32,
+    /// The op's seq.
+    pub(crate) seq: u64,
+}
 
-use crate::{NodeId, OpId, VersionVector};
+impl Lid {
+    pub(crate) fn new(o: u32, seq: u64) -> Self {
+        Lid { o, seq }
+    }
+}
 
 /// The ops that superseded something, as the lowest seq per origin, sorted
 /// by origin (enough to tell whether any of them is covered by a stable
-/// cut).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Killers(SmallVec<[(NodeId, u64); 1]>);
+/// cut). 16 bytes: the usual single entry inline, several boxed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Killers {
+    /// Nobody.
+    #[default]
+    Empty,
+    /// One op: origin index, seq.
+    One { o: u32, seq: u64 },
+    /// Two or more, sorted by origin (a thin box keeps the set at 16
+    /// bytes).
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<(u32, u64)>>),
+}
 
 impl Killers {
     /// Just `by`.
-    pub(crate) fn one(by: &OpId) -> Self {
-        let mut k = SmallVec::new();
-        k.push((by.origin.clone(), by.seq));
-        Killers(k)
+    pub(crate) fn one(by: Lid) -> Self {
+        Killers::One {
+            o: by.o,
+            seq: by.seq,
+        }
+    }
+
+    /// Exactly `entries` (sorted by origin, at most one per origin).
+    pub(crate) fn from_sorted(entries: Vec<(u32, u64)>) -> Self {
+        match entries.as_slice() {
+            [] => Killers::Empty,
+            [(o, seq)] => Killers::One { o: *o, seq: *seq },
+            _ => Killers::Many(Box::new(entries)),
+        }
     }
 
     /// Adds `(origin, seq)`, keeping the lowest seq per origin.
-    fn add(&mut self, origin: &NodeId, seq: u64) {
-        match self.0.as_mut_slice() {
-            [] => {
-                self.0.push((origin.clone(), seq));
-                return;
+    fn add(&mut self, origin: u32, seq: u64) {
+        match self {
+            Killers::Empty => *self = Killers::One { o: origin, seq },
+            Killers::One { o, seq: s } if *o == origin => *s = (*s).min(seq),
+            Killers::One { o, seq: s } => {
+                let mut v = vec![(*o, *s), (origin, seq)];
+                v.sort_unstable_by_key(|e| e.0);
+                *self = Killers::Many(Box::new(v));
             }
-            [(o, s)] if *o == *origin => {
-                *s = (*s).min(seq);
-                return;
-            }
-            _ => {}
-        }
-        match self.0.binary_search_by(|(o, _)| o.cmp(origin)) {
-            Ok(i) => self.0[i].1 = self.0[i].1.min(seq),
-            Err(i) => self.0.insert(i, (origin.clone(), seq)),
+            Killers::Many(v) => match v.binary_search_by(|(o, _)| o.cmp(&origin)) {
+                Ok(i) => v[i].1 = v[i].1.min(seq),
+                Err(i) => v.insert(i, (origin, seq)),
+            },
         }
     }
 
     /// Adds the op `by`.
-    pub(crate) fn note(&mut self, by: &OpId) {
-        self.add(&by.origin, by.seq);
+    pub(crate) fn note(&mut self, by: Lid) {
+        self.add(by.o, by.seq);
     }
 
     /// Adds every entry of `from`.
     pub(crate) fn join(&mut self, from: &Killers) {
-        if self.0.is_empty() {
-            self.0.clone_from(&from.0);
+        if self.is_empty() {
+            self.clone_from(from);
             return;
         }
-        for (origin, seq) in &from.0 {
-            self.add(origin, *seq);
-        }
+        from.for_each(|o, s| self.add(o, s));
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        matches!(self, Killers::Empty)
     }
 
-    /// True when one of them is covered by `stable`.
-    pub(crate) fn any_covered(&self, stable: &VersionVector) -> bool {
-        self.0
-            .iter()
-            .any(|(origin, seq)| *seq <= stable.get(origin))
+    /// The number of entries.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Killers::Empty => 0,
+            Killers::One { .. } => 1,
+            Killers::Many(v) => v.len(),
+        }
+    }
+
+    /// Calls `f` on every entry in origin order.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, u64)) {
+        match self {
+            Killers::Empty => {}
+            Killers::One { o, seq } => f(*o, *seq),
+            Killers::Many(v) => v.iter().for_each(|(o, s)| f(*o, *s)),
+        }
+    }
+
+    /// True when one of them is covered by the cut (`cut[o]` is the cut's
+    /// seq of origin `o`).
+    pub(crate) fn any_covered(&self, cut: &[u64]) -> bool {
+        let mut any = false;
+        self.for_each(|o, seq| any |= seq <= cut[o as usize]);
+        any
+    }
+
+    /// Rewrites origin indices with the monotone map `f`.
+    pub(crate) fn map_origins(&mut self, f: &impl Fn(u32) -> u32) {
+        match self {
+            Killers::Empty => {}
+            Killers::One { o, .. } => *o = f(*o),
+            Killers::Many(v) => v.iter_mut().for_each(|(o, _)| *o = f(*o)),
+        }
+    }
+
+    /// Marks the origins named.
+    pub(crate) fn mark_origins(&self, used: &mut [bool]) {
+        self.for_each(|o, _| used[o as usize] = true);
     }
 }
 
@@ -83,18 +146,18 @@ const FLAT_MAX: usize = 32;
 /// sees several superseded writes).
 const FLAT_FIRST: usize = 8;
 
-/// A map from op id to `V`, in op-id order. Small maps are one sorted
-/// vector (one allocation); from [`FLAT_MAX`] entries on, entries are
-/// grouped per origin (sorted by name) and sorted by seq inside a group, so
-/// an insert is an append even in a row with thousands of entries. The
-/// representation never shows: equality and the serialized form (the
-/// entries in op-id order) depend on the contents only.
+/// A map from row-local op id to `V`, in id order. Small maps are one
+/// sorted vector (one allocation); from [`FLAT_MAX`] entries on, entries
+/// are grouped per origin and sorted by seq inside a group, so an insert is
+/// an append even in a row with thousands of entries. The representation
+/// never shows: equality and the encoded form (the entries in id order)
+/// depend on the contents only.
 #[derive(Clone, Debug)]
 pub(crate) enum IdMap<V> {
-    /// Sorted by op id.
-    Flat(Vec<(OpId, V)>),
+    /// Sorted by id.
+    Flat(Vec<(Lid, V)>),
     /// Sorted by origin, then seq; no group is empty.
-    Grouped(Vec<(NodeId, Vec<(u64, V)>)>),
+    Grouped(Vec<(u32, Vec<(u64, V)>)>),
 }
 
 impl<V> Default for IdMap<V> {
@@ -114,44 +177,44 @@ fn seq_pos<V>(group: &[(u64, V)], seq: u64) -> Result<usize, usize> {
 }
 
 /// Position of `id` in a flat map (appends checked first).
-fn flat_pos<V>(flat: &[(OpId, V)], id: &OpId) -> Result<usize, usize> {
+fn flat_pos<V>(flat: &[(Lid, V)], id: Lid) -> Result<usize, usize> {
     match flat.last() {
         None => Err(0),
-        Some((last, _)) if *last < *id => Err(flat.len()),
-        Some(_) => flat.binary_search_by(|(k, _)| k.cmp(id)),
+        Some((last, _)) if *last < id => Err(flat.len()),
+        Some(_) => flat.binary_search_by(|(k, _)| k.cmp(&id)),
     }
 }
 
 /// The range of a flat map holding `origin`'s entries with `seq <= upto`.
-fn flat_prefix<V>(flat: &[(OpId, V)], origin: &NodeId, upto: u64) -> std::ops::Range<usize> {
-    let start = flat.partition_point(|(k, _)| k.origin < *origin);
-    let len = flat[start..].partition_point(|(k, _)| k.origin == *origin && k.seq <= upto);
+fn flat_prefix<V>(flat: &[(Lid, V)], origin: u32, upto: u64) -> std::ops::Range<usize> {
+    let start = flat.partition_point(|(k, _)| k.o < origin);
+    let len = flat[start..].partition_point(|(k, _)| k.o == origin && k.seq <= upto);
     start..start + len
 }
 
-fn origin_pos<V>(groups: &[(NodeId, Vec<(u64, V)>)], origin: &NodeId) -> Result<usize, usize> {
-    groups.binary_search_by(|(o, _)| o.cmp(origin))
+fn origin_pos<V>(groups: &[(u32, Vec<(u64, V)>)], origin: u32) -> Result<usize, usize> {
+    groups.binary_search_by(|(o, _)| o.cmp(&origin))
 }
 
 impl<V> IdMap<V> {
-    pub(crate) fn get(&self, id: &OpId) -> Option<&V> {
+    pub(crate) fn get(&self, id: Lid) -> Option<&V> {
         match self {
             IdMap::Flat(flat) => flat_pos(flat, id).ok().map(|i| &flat[i].1),
             IdMap::Grouped(groups) => {
-                let group = &groups[origin_pos(groups, &id.origin).ok()?].1;
+                let group = &groups[origin_pos(groups, id.o).ok()?].1;
                 seq_pos(group, id.seq).ok().map(|i| &group[i].1)
             }
         }
     }
 
-    pub(crate) fn get_mut(&mut self, id: &OpId) -> Option<&mut V> {
+    pub(crate) fn get_mut(&mut self, id: Lid) -> Option<&mut V> {
         match self {
             IdMap::Flat(flat) => {
                 let i = flat_pos(flat, id).ok()?;
                 Some(&mut flat[i].1)
             }
             IdMap::Grouped(groups) => {
-                let g = origin_pos(groups, &id.origin).ok()?;
+                let g = origin_pos(groups, id.o).ok()?;
                 let group = &mut groups[g].1;
                 let i = seq_pos(group, id.seq).ok()?;
                 Some(&mut group[i].1)
@@ -159,8 +222,8 @@ impl<V> IdMap<V> {
         }
     }
 
-    pub(crate) fn contains(&self, id: &OpId) -> bool {
-        self.get(id).is_some()
+    pub(crate) fn contains(&self, id: Lid) -> bool {
+        !self.is_empty() && self.get(id).is_some()
     }
 
     /// Regroups a flat map that has grown to [`FLAT_MAX`] entries.
@@ -168,11 +231,11 @@ impl<V> IdMap<V> {
         if let IdMap::Flat(flat) = self
             && flat.len() >= FLAT_MAX
         {
-            let mut groups: Vec<(NodeId, Vec<(u64, V)>)> = Vec::new();
+            let mut groups: Vec<(u32, Vec<(u64, V)>)> = Vec::new();
             for (id, v) in std::mem::take(flat) {
                 match groups.last_mut() {
-                    Some((o, g)) if *o == id.origin => g.push((id.seq, v)),
-                    _ => groups.push((id.origin, vec![(id.seq, v)])),
+                    Some((o, g)) if *o == id.o => g.push((id.seq, v)),
+                    _ => groups.push((id.o, vec![(id.seq, v)])),
                 }
             }
             *self = IdMap::Grouped(groups);
@@ -180,7 +243,7 @@ impl<V> IdMap<V> {
     }
 
     /// The value of `id`, inserted with `make` if absent.
-    pub(crate) fn get_or_insert_with(&mut self, id: &OpId, make: impl FnOnce() -> V) -> &mut V {
+    pub(crate) fn get_or_insert_with(&mut self, id: Lid, make: impl FnOnce() -> V) -> &mut V {
         self.regroup();
         match self {
             IdMap::Flat(flat) => {
@@ -190,17 +253,21 @@ impl<V> IdMap<V> {
                         if flat.capacity() == 0 {
                             flat.reserve_exact(FLAT_FIRST);
                         }
-                        flat.insert(i, (id.clone(), make()));
+                        if i == flat.len() {
+                            flat.push((id, make()));
+                        } else {
+                            flat.insert(i, (id, make()));
+                        }
                         i
                     }
                 };
                 &mut flat[i].1
             }
             IdMap::Grouped(groups) => {
-                let g = match origin_pos(groups, &id.origin) {
+                let g = match origin_pos(groups, id.o) {
                     Ok(g) => g,
                     Err(g) => {
-                        groups.insert(g, (id.origin.clone(), Vec::new()));
+                        groups.insert(g, (id.o, Vec::new()));
                         g
                     }
                 };
@@ -208,7 +275,11 @@ impl<V> IdMap<V> {
                 let i = match seq_pos(group, id.seq) {
                     Ok(i) => i,
                     Err(i) => {
-                        group.insert(i, (id.seq, make()));
+                        if i == group.len() {
+                            group.push((id.seq, make()));
+                        } else {
+                            group.insert(i, (id.seq, make()));
+                        }
                         i
                     }
                 };
@@ -218,7 +289,7 @@ impl<V> IdMap<V> {
     }
 
     /// Sets the value of `id`.
-    pub(crate) fn insert(&mut self, id: &OpId, value: V) {
+    pub(crate) fn insert(&mut self, id: Lid, value: V) {
         if let Some(slot) = self.get_mut(id) {
             *slot = value;
             return;
@@ -227,7 +298,7 @@ impl<V> IdMap<V> {
     }
 
     /// Calls `f` on every entry of `origin` with `seq <= upto`.
-    pub(crate) fn for_prefix_mut(&mut self, origin: &NodeId, upto: u64, mut f: impl FnMut(&mut V)) {
+    pub(crate) fn for_prefix_mut(&mut self, origin: u32, upto: u64, mut f: impl FnMut(&mut V)) {
         match self {
             IdMap::Flat(flat) => {
                 let r = flat_prefix(flat, origin, upto);
@@ -244,15 +315,13 @@ impl<V> IdMap<V> {
     }
 
     /// Calls `f` on every entry of `origin` with `seq >= from`.
-    pub(crate) fn for_from(&self, origin: &NodeId, from: u64, mut f: impl FnMut(&V)) {
+    pub(crate) fn for_from(&self, origin: u32, from: u64, mut f: impl FnMut(&V)) {
         match self {
             IdMap::Flat(flat) => {
-                let start = flat.partition_point(|(k, _)| {
-                    k.origin < *origin || (k.origin == *origin && k.seq < from)
-                });
+                let start = flat.partition_point(|(k, _)| *k < Lid::new(origin, from));
                 flat[start..]
                     .iter()
-                    .take_while(|(k, _)| k.origin == *origin)
+                    .take_while(|(k, _)| k.o == origin)
                     .for_each(|(_, v)| f(v));
             }
             IdMap::Grouped(groups) => {
@@ -266,7 +335,7 @@ impl<V> IdMap<V> {
     }
 
     /// Removes the entries of `origin` with `seq <= upto`.
-    pub(crate) fn remove_prefix(&mut self, origin: &NodeId, upto: u64) {
+    pub(crate) fn remove_prefix(&mut self, origin: u32, upto: u64) {
         match self {
             IdMap::Flat(flat) => {
                 let r = flat_prefix(flat, origin, upto);
@@ -288,35 +357,57 @@ impl<V> IdMap<V> {
     }
 
     /// Keeps the entries for which `keep` holds (it may change them).
-    pub(crate) fn retain_mut(&mut self, mut keep: impl FnMut(&NodeId, u64, &mut V) -> bool) {
+    pub(crate) fn retain_mut(&mut self, mut keep: impl FnMut(Lid, &mut V) -> bool) {
         match self {
-            IdMap::Flat(flat) => flat.retain_mut(|(k, v)| keep(&k.origin, k.seq, v)),
+            IdMap::Flat(flat) => flat.retain_mut(|(k, v)| keep(*k, v)),
             IdMap::Grouped(groups) => {
                 for (origin, group) in groups.iter_mut() {
-                    group.retain_mut(|(s, v)| keep(origin, *s, v));
+                    let o = *origin;
+                    group.retain_mut(|(s, v)| keep(Lid::new(o, *s), v));
                 }
                 groups.retain(|(_, g)| !g.is_empty());
             }
         }
     }
 
-    /// Calls `f` on every entry in op-id order.
-    pub(crate) fn for_each<'a>(&'a self, mut f: impl FnMut(&'a NodeId, u64, &'a V)) {
+    /// Calls `f` on every entry in id order.
+    pub(crate) fn for_each<'a>(&'a self, mut f: impl FnMut(Lid, &'a V)) {
         match self {
-            IdMap::Flat(flat) => flat.iter().for_each(|(k, v)| f(&k.origin, k.seq, v)),
+            IdMap::Flat(flat) => flat.iter().for_each(|(k, v)| f(*k, v)),
             IdMap::Grouped(groups) => {
                 for (origin, group) in groups {
-                    group.iter().for_each(|(s, v)| f(origin, *s, v));
+                    group.iter().for_each(|(s, v)| f(Lid::new(*origin, *s), v));
                 }
             }
         }
     }
 
-    /// Every entry in op-id order.
-    fn entries(&self) -> Vec<(&NodeId, u64, &V)> {
-        let mut out = Vec::with_capacity(self.len());
-        self.for_each(|o, s, v| out.push((o, s, v)));
-        out
+    /// Calls `f` on every value (any order).
+    pub(crate) fn values_mut(&mut self, mut f: impl FnMut(&mut V)) {
+        match self {
+            IdMap::Flat(flat) => flat.iter_mut().for_each(|(_, v)| f(v)),
+            IdMap::Grouped(groups) => {
+                for (_, group) in groups {
+                    group.iter_mut().for_each(|(_, v)| f(v));
+                }
+            }
+        }
+    }
+
+    /// Rewrites the keys' origin indices with the monotone map `f` (the
+    /// order of the entries does not change).
+    pub(crate) fn map_origins(&mut self, f: &impl Fn(u32) -> u32) {
+        match self {
+            IdMap::Flat(flat) => flat.iter_mut().for_each(|(k, _)| k.o = f(k.o)),
+            IdMap::Grouped(groups) => groups.iter_mut().for_each(|(o, _)| *o = f(*o)),
+        }
+    }
+
+    /// A map of `entries`, which must be strictly increasing by id.
+    pub(crate) fn from_sorted(entries: Vec<(Lid, V)>) -> Self {
+        let mut map = IdMap::Flat(entries);
+        map.regroup();
+        map
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -338,149 +429,112 @@ impl<V: PartialEq> PartialEq for IdMap<V> {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (IdMap::Flat(a), IdMap::Flat(b)) => a == b,
-            (IdMap::Grouped(a), IdMap::Grouped(b)) => a == b,
-            _ => self.entries() == other.entries(),
+            _ => {
+                if self.len() != other.len() {
+                    return false;
+                }
+                let mut a = Vec::with_capacity(self.len());
+                self.for_each(|k, v| a.push((k, v)));
+                let mut i = 0;
+                let mut same = true;
+                other.for_each(|k, v| {
+                    same = same && a[i].0 == k && a[i].1 == v;
+                    i += 1;
+                });
+                same
+            }
         }
     }
 }
 
 impl<V: Eq> Eq for IdMap<V> {}
 
-impl<V: Serialize> Serialize for IdMap<V> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        let mut result = Ok(());
-        self.for_each(|origin, s, v| {
-            if result.is_ok() {
-                result = seq.serialize_element(&((origin, s), v));
-            }
-        });
-        result?;
-        seq.end()
-    }
-}
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for IdMap<V> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let entries: Vec<((NodeId, u64), V)> = Vec::deserialize(deserializer)?;
-        let mut flat: Vec<(OpId, V)> = entries
-            .into_iter()
-            .map(|((origin, seq), v)| (OpId::new(origin, seq), v))
-            .collect();
-        if !flat.is_sorted_by(|a, b| a.0 < b.0) {
-            flat.sort_by(|a, b| a.0.cmp(&b.0));
-            flat.dedup_by(|a, b| a.0 == b.0);
-        }
-        let mut map = IdMap::Flat(flat);
-        map.regroup();
-        Ok(map)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    fn id(n: &str, s: u64) -> OpId {
-        OpId::new(NodeId::new(n).unwrap(), s)
+    fn id(o: u32, s: u64) -> Lid {
+        Lid::new(o, s)
     }
 
-    fn order(m: &IdMap<usize>) -> Vec<(String, u64, usize)> {
-        m.entries()
-            .into_iter()
-            .map(|(o, s, v)| (o.as_str().to_owned(), s, *v))
-            .collect()
+    fn order(m: &IdMap<usize>) -> Vec<(u32, u64, usize)> {
+        let mut out = Vec::new();
+        m.for_each(|k, v| out.push((k.o, k.seq, *v)));
+        out
     }
 
     #[test]
     fn id_map_is_canonical_in_any_insert_order() {
-        let ids = [id("b", 2), id("a", 3), id("b", 1), id("a", 1), id("c", 7)];
+        let ids = [id(1, 2), id(0, 3), id(1, 1), id(0, 1), id(2, 7)];
         let mut fwd = IdMap::default();
         let mut rev = IdMap::default();
         for (i, x) in ids.iter().enumerate() {
-            fwd.insert(x, i);
+            fwd.insert(*x, i);
         }
         for (i, x) in ids.iter().enumerate().rev() {
-            rev.insert(x, i);
+            rev.insert(*x, i);
         }
         assert_eq!(fwd, rev);
-        let keys: Vec<(String, u64)> = order(&fwd).into_iter().map(|(o, s, _)| (o, s)).collect();
-        assert_eq!(
-            keys,
-            [("a", 1), ("a", 3), ("b", 1), ("b", 2), ("c", 7)]
-                .map(|(o, s)| (o.to_owned(), s))
-                .to_vec()
-        );
-        fwd.insert(&id("a", 3), 9);
-        assert_eq!(fwd.get(&id("a", 3)), Some(&9));
-        assert_eq!(fwd.get(&id("a", 2)), None);
-        fwd.remove_prefix(&NodeId::new("a").unwrap(), 3);
-        fwd.retain_mut(|_, s, _| s != 7);
-        assert_eq!(order(&fwd), vec![("b".into(), 1, 2), ("b".into(), 2, 0)]);
+        let keys: Vec<(u32, u64)> = order(&fwd).into_iter().map(|(o, s, _)| (o, s)).collect();
+        assert_eq!(keys, vec![(0, 1), (0, 3), (1, 1), (1, 2), (2, 7)]);
+        fwd.insert(id(0, 3), 9);
+        assert_eq!(fwd.get(id(0, 3)), Some(&9));
+        assert_eq!(fwd.get(id(0, 2)), None);
+        fwd.remove_prefix(0, 3);
+        fwd.retain_mut(|k, _| k.seq != 7);
+        assert_eq!(order(&fwd), vec![(1, 1, 2), (1, 2, 0)]);
     }
 
     #[test]
-    fn flat_and_grouped_maps_with_the_same_entries_are_equal_and_serialize_alike() {
-        let nodes = ["d", "a", "c", "b"];
-        let ids: Vec<OpId> = (1..=50u64)
-            .flat_map(|s| nodes.iter().map(move |n| id(n, s)))
+    fn flat_and_grouped_maps_with_the_same_entries_are_equal() {
+        let nodes = [3, 0, 2, 1];
+        let ids: Vec<Lid> = (1..=50u64)
+            .flat_map(|s| nodes.iter().map(move |n| id(*n, s)))
             .collect();
         let mut grown = IdMap::default();
         for (i, x) in ids.iter().enumerate() {
-            grown.insert(x, i);
+            grown.insert(*x, i);
         }
         assert!(matches!(grown, IdMap::Grouped(_)));
         let mut backwards = IdMap::default();
         for (i, x) in ids.iter().enumerate().rev() {
-            backwards.insert(x, i);
+            backwards.insert(*x, i);
         }
         assert_eq!(grown, backwards);
-        let bytes = postcard::to_allocvec(&grown).unwrap();
-        assert_eq!(bytes, postcard::to_allocvec(&backwards).unwrap());
-        let back: IdMap<usize> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, grown);
         // Shrunk below the threshold it stays grouped, yet equals a flat map.
-        grown.retain_mut(|o, s, _| o.as_str() == "b" && s <= 3);
+        grown.retain_mut(|k, _| k.o == 1 && k.seq <= 3);
         let mut flat = IdMap::default();
         for s in 1..=3 {
-            flat.insert(&id("b", s), ((s - 1) * 4 + 3) as usize);
+            flat.insert(id(1, s), ((s - 1) * 4 + 3) as usize);
         }
         assert!(matches!(flat, IdMap::Flat(_)));
         assert_eq!(grown, flat);
-        assert_eq!(
-            postcard::to_allocvec(&grown).unwrap(),
-            postcard::to_allocvec(&flat).unwrap()
-        );
-        // Prefix queries agree in both forms.
-        let b = NodeId::new("b").unwrap();
+        // Prefix queries and shifts agree in both forms.
         for m in [&mut grown, &mut flat] {
             let mut seen = Vec::new();
-            m.for_from(&b, 2, |v| seen.push(*v));
+            m.for_from(1, 2, |v| seen.push(*v));
             assert_eq!(seen, vec![7, 11]);
-            m.for_prefix_mut(&b, 2, |v| *v += 100);
-            m.remove_prefix(&b, 1);
+            m.for_prefix_mut(1, 2, |v| *v += 100);
+            m.remove_prefix(1, 1);
+            m.map_origins(&|o| o + 1);
         }
         assert_eq!(grown, flat);
-        assert_eq!(
-            order(&flat),
-            vec![("b".into(), 2, 107), ("b".into(), 3, 11)]
-        );
+        assert_eq!(order(&flat), vec![(2, 2, 107), (2, 3, 11)]);
     }
 
     #[test]
     fn killers_keep_the_lowest_seq_per_origin() {
-        let mut k = Killers::one(&id("b", 5));
-        k.note(&id("a", 9));
-        k.note(&id("b", 3));
-        k.note(&id("b", 4));
+        let mut k = Killers::one(id(1, 5));
+        k.note(id(0, 9));
+        k.note(id(1, 3));
+        k.note(id(1, 4));
         let mut j = Killers::default();
         j.join(&k);
         assert_eq!(j, k);
-        let mut cut = VersionVector::default();
-        cut.set(NodeId::new("b").unwrap(), 2);
-        assert!(!k.any_covered(&cut));
-        cut.set(NodeId::new("b").unwrap(), 3);
-        assert!(k.any_covered(&cut));
+        assert_eq!(k, Killers::from_sorted(vec![(0, 9), (1, 3)]));
+        assert_eq!(std::mem::size_of::<Killers>(), 16);
+        assert!(!k.any_covered(&[0, 2]));
+        assert!(k.any_covered(&[0, 3]));
     }
 }

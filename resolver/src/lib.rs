@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+mod codec;
 mod conflict;
 mod decimal;
 mod error;
@@ -50,6 +51,7 @@ mod ids;
 mod op;
 mod row;
 mod rules;
+mod stored;
 mod value;
 
 pub use conflict::{Candidate, Conflict};

@@ -47,16 +47,17 @@ impl NodeId {
     /// Validates a node name.
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
+        NodeId::parse(&name).ok_or(Error::InvalidNodeId { name })
+    }
+
+    /// Validates a borrowed node name (one allocation, none for the error).
+    pub(crate) fn parse(name: &str) -> Option<Self> {
         let ok = !name.is_empty()
             && name.len() <= Self::MAX_LEN
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if ok {
-            Ok(NodeId::from_arc(Arc::from(name)))
-        } else {
-            Err(Error::InvalidNodeId { name })
-        }
+        ok.then(|| NodeId::from_arc(Arc::from(name)))
     }
 
     /// The name.

@@ -2,19 +2,21 @@
 //! tombstones, conflict memory and garbage collection. The semantics are
 //! documented on [`RowState`].
 //!
-//! Layout: one [`FieldState`] per field name (sorted by name) holding
-//! everything the row knows about that field, so a field write looks its
-//! field up once; op-id-keyed memory lives in [`IdMap`]s (per origin, per
-//! seq), whose common insert is an append. Every container is kept
-//! canonical (sorted, nothing empty), so the serialized form is a function
-//! of the op set alone.
+//! Layout: the row's origins once, sorted by name, and everything else
+//! naming ops by [`Lid`] (origin index, seq); one [`FieldState`] per field
+//! name (sorted by name) holding everything the row knows about that
+//! field, so a field write looks its field up once; op-id-keyed memory
+//! lives in [`IdMap`]s (per origin, per seq), whose common insert is an
+//! append. Every container is kept canonical (sorted, nothing empty, no
+//! origin nobody names), so the encoded form is a function of the op set
+//! alone.
 
-use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::ids::{IdMap, Killers};
+use crate::ids::{IdMap, Killers, Lid};
 use crate::rules::{Cand, pick, sum};
+use crate::stored::{Bytes, Stored};
 use crate::{
     Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
     TableRules, Value, VersionVector,
@@ -25,7 +27,7 @@ use crate::{
 pub type VisibleRow = BTreeMap<String, Value>;
 
 /// One live write of a field.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// When it was written.
     pub hlc: Hlc,
@@ -33,81 +35,105 @@ pub struct Entry {
     pub value: Value,
 }
 
+/// A live write: its row-local id, its op id and what it wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Live {
+    pub(crate) id: Lid,
+    pub(crate) op: OpId,
+    pub(crate) hlc: Hlc,
+    pub(crate) value: Stored,
+}
+
 /// A superseded, non-counted write kept for conflict records.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Dead {
-    hlc: Hlc,
-    value: Value,
-    by: Killers,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Dead {
+    pub(crate) hlc: Hlc,
+    pub(crate) value: Stored,
+    pub(crate) by: Killers,
 }
 
 /// What a row knows about a superseded write of one field.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Gone {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Gone {
     /// Field-scope supersession: who named it in a field `pred` (empty:
     /// nobody).
-    pred_by: Killers,
+    pub(crate) pred_by: Killers,
     /// Its HLC and value if its op arrived and the write is not counted, and
     /// everyone who superseded it.
-    dead: Option<Dead>,
+    pub(crate) dead: Option<Dead>,
 }
 
-fn covered(id: &OpId, stable: &VersionVector) -> bool {
-    id.seq <= stable.get(&id.origin)
+/// `cut[o]`: the stable cut's seq of the row's origin `o`.
+fn covered(id: Lid, cut: &[u64]) -> bool {
+    id.seq <= cut[id.o as usize]
 }
 
 /// Row-scope supersession: origin, seq `s` (every op of the origin up to `s`
 /// is superseded), by whom.
-type RowDead = IdMap<Killers>;
+pub(crate) type RowDead = IdMap<Killers>;
 
 /// Who superseded `id` row-wide, if anyone did.
-fn row_killers(row_dead: &RowDead, id: &OpId) -> Option<Killers> {
+fn row_killers(row_dead: &RowDead, id: Lid) -> Option<Killers> {
     if row_dead.is_empty() {
         return None;
     }
     let mut by = Killers::default();
-    row_dead.for_from(&id.origin, id.seq, |k| by.join(k));
+    row_dead.for_from(id.o, id.seq, |k| by.join(k));
     (!by.is_empty()).then_some(by)
 }
 
 /// Everything a row knows about one field.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct FieldState {
-    /// The column name.
-    name: String,
-    /// Live writes, sorted by op id (the multi-value register); usually
-    /// one, held inline.
-    live: SmallVec<[(OpId, Entry); 1]>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FieldState {
+    /// The column name (UTF-8).
+    pub(crate) name: Bytes,
+    /// Live writes, sorted by id (the multi-value register); usually one,
+    /// held inline.
+    pub(crate) live: SmallVec<[Live; 1]>,
     /// Live counter contributions: op id to delta.
-    counters: IdMap<Value>,
+    pub(crate) counters: IdMap<Value>,
     /// Superseded writes: who superseded them by field `pred`, and the
     /// non-counted ones' values for conflict records. No entry is empty.
-    gone: IdMap<Gone>,
+    pub(crate) gone: IdMap<Gone>,
     /// Candidate sets named by `pred`s of two or more ids, sorted.
-    pred_sets: Vec<Vec<OpId>>,
+    pub(crate) pred_sets: Vec<Vec<Lid>>,
 }
 
 impl FieldState {
     fn new(name: &str) -> Self {
         FieldState {
-            name: name.to_owned(),
-            ..FieldState::default()
+            name: Bytes::new(name.as_bytes()),
+            live: SmallVec::new(),
+            counters: IdMap::default(),
+            gone: IdMap::default(),
+            pred_sets: Vec::new(),
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.live.is_empty()
             && self.counters.is_empty()
             && self.gone.is_empty()
             && self.pred_sets.is_empty()
     }
 
-    fn live_pos(&self, id: &OpId) -> Result<usize, usize> {
-        self.live.binary_search_by(|(k, _)| k.cmp(id))
+    fn live_pos(&self, id: Lid) -> Result<usize, usize> {
+        match self.live.as_slice() {
+            [] => Err(0),
+            [l] => match l.id.cmp(&id) {
+                std::cmp::Ordering::Equal => Ok(0),
+                std::cmp::Ordering::Less => Err(1),
+                std::cmp::Ordering::Greater => Err(0),
+            },
+            live => live.binary_search_by(|l| l.id.cmp(&id)),
+        }
     }
 
     /// Who named `id` in a field `pred`, if anyone did.
-    fn pred_killers(&self, id: &OpId) -> Option<&Killers> {
+    fn pred_killers(&self, id: Lid) -> Option<&Killers> {
+        if self.gone.is_empty() {
+            return None;
+        }
         self.gone
             .get(id)
             .map(|g| &g.pred_by)
@@ -115,13 +141,13 @@ impl FieldState {
     }
 
     /// The remembered value of `id`'s superseded write.
-    fn history(&self, id: &OpId) -> Option<&Dead> {
+    fn history(&self, id: Lid) -> Option<&Dead> {
         self.gone.get(id).and_then(|g| g.dead.as_ref())
     }
 
     /// Who superseded `id`'s write of this field, by field `pred` or
     /// row-wide.
-    fn killers(&self, id: &OpId, row_dead: &RowDead) -> Killers {
+    fn killers(&self, id: Lid, row_dead: &RowDead) -> Killers {
         let mut by = row_killers(row_dead, id).unwrap_or_default();
         if let Some(k) = self.pred_killers(id) {
             by.join(k);
@@ -130,37 +156,47 @@ impl FieldState {
     }
 
     /// Moves a superseded live write to history (unless it is counted).
-    fn bury(&mut self, id: &OpId, entry: Entry, row_dead: &RowDead) {
-        if self.counters.contains(id) {
+    fn bury(&mut self, l: Live, row_dead: &RowDead) {
+        if self.counters.contains(l.id) {
             return;
         }
-        let by = self.killers(id, row_dead);
-        self.gone.get_or_insert_with(id, Gone::default).dead = Some(Dead {
-            hlc: entry.hlc,
-            value: entry.value,
+        let by = self.killers(l.id, row_dead);
+        self.gone.get_or_insert_with(l.id, Gone::default).dead = Some(Dead {
+            hlc: l.hlc,
+            value: l.value,
             by,
         });
     }
 
     /// `by`'s field `pred` names `x`.
-    fn kill(&mut self, x: &OpId, by: &OpId, row_dead: &RowDead) {
+    fn kill(&mut self, x: Lid, by: Lid, row_dead: &RowDead) {
         // A live write moves to history (unless it is counted).
         let buried = match self.live_pos(x) {
             Ok(i) => {
                 let counted = self.counters.contains(x);
-                Some((self.live.remove(i).1, counted))
+                let l = if self.live.len() == 1 {
+                    self.live.pop()
+                } else {
+                    Some(self.live.remove(i))
+                };
+                l.map(|l| (l, counted))
             }
             Err(_) => None,
         };
         let g = self.gone.get_or_insert_with(x, Gone::default);
         g.pred_by.note(by);
         match buried {
-            Some((entry, false)) => {
-                let mut killers = row_killers(row_dead, x).unwrap_or_default();
-                killers.join(&g.pred_by);
+            Some((l, false)) => {
+                let killers = match row_killers(row_dead, x) {
+                    None => g.pred_by.clone(),
+                    Some(mut k) => {
+                        k.join(&g.pred_by);
+                        k
+                    }
+                };
                 g.dead = Some(Dead {
-                    hlc: entry.hlc,
-                    value: entry.value,
+                    hlc: l.hlc,
+                    value: l.value,
                     by: killers,
                 });
             }
@@ -175,13 +211,13 @@ impl FieldState {
 
     /// Supersedes everything of `origin` up to `upto` (the row-wide mark is
     /// already in `row_dead`).
-    fn kill_prefix(&mut self, origin: &NodeId, upto: u64, by: &OpId, row_dead: &RowDead) {
+    fn kill_prefix(&mut self, origin: u32, upto: u64, by: Lid, row_dead: &RowDead) {
         let mut i = 0;
         while i < self.live.len() {
-            let id = &self.live[i].0;
-            if id.origin == *origin && id.seq <= upto {
-                let (id, entry) = self.live.remove(i);
-                self.bury(&id, entry, row_dead);
+            let id = self.live[i].id;
+            if id.o == origin && id.seq <= upto {
+                let l = self.live.remove(i);
+                self.bury(l, row_dead);
             } else {
                 i += 1;
             }
@@ -196,38 +232,59 @@ impl FieldState {
 
     /// Phase 2 of a field write: store `w` as live, as a contribution or as
     /// dead on arrival. `row` is who superseded `op` row-wide.
-    fn add_write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>) {
+    fn add_write(
+        &mut self,
+        op: &Op,
+        id: Lid,
+        w: &FieldWrite,
+        row: Option<&Killers>,
+        origin: &NodeId,
+    ) {
         if row.is_none()
             && let Some(delta) = &w.delta
         {
-            self.counters.insert(&op.id, delta.clone());
+            self.counters.insert(id, delta.clone());
         }
-        let field = self.pred_killers(&op.id);
+        let field = self.pred_killers(id);
         if row.is_none() && field.is_none() {
-            let entry = Entry {
-                hlc: op.hlc,
-                value: w.value.clone(),
-            };
-            match self.live_pos(&op.id) {
-                Ok(i) => self.live[i].1 = entry,
-                Err(i) => self.live.insert(i, (op.id.clone(), entry)),
+            let value = Stored::from(&w.value);
+            match self.live_pos(id) {
+                Ok(i) => {
+                    self.live[i].hlc = op.hlc;
+                    self.live[i].value = value;
+                }
+                Err(i) => {
+                    let l = Live {
+                        // The row's own copy of the origin: its reference
+                        // count is hot, the op's is not.
+                        op: OpId::new(origin.clone(), id.seq),
+                        id,
+                        hlc: op.hlc,
+                        value,
+                    };
+                    if i == self.live.len() {
+                        self.live.push(l);
+                    } else {
+                        self.live.insert(i, l);
+                    }
+                }
             }
         } else if w.delta.is_none() {
             let mut by = row.cloned().unwrap_or_default();
             if let Some(k) = field {
                 by.join(k);
             }
-            let g = self.gone.get_or_insert_with(&op.id, Gone::default);
+            let g = self.gone.get_or_insert_with(id, Gone::default);
             match &mut g.dead {
                 Some(d) => {
                     d.hlc = op.hlc;
-                    d.value = w.value.clone();
+                    d.value = Stored::from(&w.value);
                     d.by.join(&by);
                 }
                 None => {
                     g.dead = Some(Dead {
                         hlc: op.hlc,
-                        value: w.value.clone(),
+                        value: Stored::from(&w.value),
                         by,
                     })
                 }
@@ -235,45 +292,105 @@ impl FieldState {
         }
     }
 
-    /// Merges one (deduplicated) write of `op`.
-    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>, row_dead: &RowDead) {
-        if w.delta.is_none() && w.pred.len() >= 2 {
-            let mut set: SmallVec<[&OpId; 4]> = w.pred.iter().filter(|p| **p != op.id).collect();
-            set.sort_unstable();
-            set.dedup();
-            if set.len() >= 2 {
-                let set: Vec<OpId> = set.into_iter().cloned().collect();
-                if let Err(i) = self.pred_sets.binary_search(&set) {
-                    self.pred_sets.insert(i, set);
+    /// Merges one (deduplicated) write of `op`, whose id here is `id`;
+    /// `preds` is the write's `pred` as row-local ids, without `id`.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        op: &Op,
+        id: Lid,
+        w: &FieldWrite,
+        preds: &[Lid],
+        row: Option<&Killers>,
+        row_dead: &RowDead,
+        origin: &NodeId,
+    ) {
+        if w.delta.is_none() && preds.len() >= 2 {
+            let sorted = preds.windows(2).all(|p| p[0] < p[1]);
+            let found = if sorted {
+                self.pred_sets.binary_search_by(|s| s.as_slice().cmp(preds))
+            } else {
+                Ok(0)
+            };
+            match found {
+                Ok(_) if sorted => {}
+                Err(i) => self.pred_sets.insert(i, preds.to_vec()),
+                _ => {
+                    let mut set = preds.to_vec();
+                    set.sort_unstable();
+                    set.dedup();
+                    if set.len() >= 2
+                        && let Err(i) = self.pred_sets.binary_search(&set)
+                    {
+                        self.pred_sets.insert(i, set);
+                    }
                 }
             }
         }
-        for p in w.pred.iter().filter(|p| **p != op.id) {
-            self.kill(p, &op.id, row_dead);
+        for p in preds {
+            self.kill(*p, id, row_dead);
         }
-        self.add_write(op, w, row);
+        self.add_write(op, id, w, row, origin);
     }
 
     /// The HLC and value of `id`'s write, if the op set has it.
-    fn known(&self, id: &OpId) -> Option<(&Hlc, &Value)> {
+    fn known(&self, id: Lid) -> Option<(&Hlc, &Stored)> {
         if let Ok(i) = self.live_pos(id) {
-            let e = &self.live[i].1;
-            return Some((&e.hlc, &e.value));
+            let l = &self.live[i];
+            return Some((&l.hlc, &l.value));
         }
         self.history(id).map(|d| (&d.hlc, &d.value))
     }
 
     /// True when `id`'s write is covered and was superseded by a covered op
     /// (no future `pred` can name it).
-    fn settled(&self, id: &OpId, stable: &VersionVector, row_dead: &RowDead) -> bool {
-        if !covered(id, stable) || self.live_pos(id).is_ok() {
+    fn settled(&self, id: Lid, cut: &[u64], row_dead: &RowDead) -> bool {
+        if !covered(id, cut) || self.live_pos(id).is_ok() {
             return false;
         }
         let mut by = self.killers(id, row_dead);
         if let Some(d) = self.history(id) {
             by.join(&d.by);
         }
-        by.any_covered(stable)
+        by.any_covered(cut)
+    }
+
+    /// Rewrites every origin index with the monotone map `f`.
+    fn map_origins(&mut self, f: &impl Fn(u32) -> u32) {
+        for l in self.live.iter_mut() {
+            l.id.o = f(l.id.o);
+        }
+        self.counters.map_origins(f);
+        self.gone.map_origins(f);
+        self.gone.values_mut(|g| {
+            g.pred_by.map_origins(f);
+            if let Some(d) = &mut g.dead {
+                d.by.map_origins(f);
+            }
+        });
+        for set in &mut self.pred_sets {
+            for id in set {
+                id.o = f(id.o);
+            }
+        }
+    }
+
+    /// Marks every origin index this field uses.
+    fn mark_origins(&self, used: &mut [bool]) {
+        for l in &self.live {
+            used[l.id.o as usize] = true;
+        }
+        self.counters.for_each(|k, _| used[k.o as usize] = true);
+        self.gone.for_each(|k, g| {
+            used[k.o as usize] = true;
+            g.pred_by.mark_origins(used);
+            if let Some(d) = &g.dead {
+                d.by.mark_origins(used);
+            }
+        });
+        for id in self.pred_sets.iter().flatten() {
+            used[id.o as usize] = true;
+        }
     }
 }
 
@@ -385,29 +502,41 @@ impl FieldState {
 /// that, replicas that collect garbage at different times converge to the
 /// rows of the union of all ops (`tests/laws.rs`,
 /// `replicas_collecting_garbage_while_writing_converge_to_the_union`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowState {
+    /// Every origin the row names, sorted by name, none unnamed: a
+    /// [`Lid`]'s `o` is an index into it.
+    pub(crate) origins: Vec<NodeId>,
     /// Per field, sorted by name; none is empty.
-    fields: Vec<FieldState>,
-    /// Live deletes, sorted by op id.
-    tombstones: Vec<(OpId, Hlc)>,
+    pub(crate) fields: Vec<FieldState>,
+    /// Live deletes, sorted by id.
+    pub(crate) tombstones: Vec<(Lid, Hlc)>,
     /// Row-scope supersession: origin, seq `s` (every op of the origin up to
     /// `s` is superseded), by whom.
-    row_dead: RowDead,
+    pub(crate) row_dead: RowDead,
 }
 
 /// The first 8 bytes of a name, zero-padded, big-endian: names compare as
 /// their keys unless the keys tie.
 fn name_key(name: &str) -> u64 {
-    let b = name.as_bytes();
+    bytes_key(name.as_bytes())
+}
+
+/// The first 8 bytes, zero-padded, big-endian.
+fn bytes_key(b: &[u8]) -> u64 {
     (0..8).fold(0u64, |k, i| {
         (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
     })
 }
 
 /// `a == b` for field names, without a `memcmp` call for short names.
-fn same_name(a: &str, b: &str) -> bool {
-    a.len() == b.len() && (a.len() > 8 || name_key(a) == name_key(b)) && a == b
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && if a.len() <= 8 {
+            bytes_key(a) == bytes_key(b)
+        } else {
+            a == b
+        }
 }
 
 /// `a < b` for field names, without a `memcmp` call for short names.
@@ -430,8 +559,83 @@ fn distinct_names(writes: &[FieldWrite]) -> bool {
             .enumerate()
             .all(|(i, w)| writes[i + 1..].iter().all(|x| x.name != w.name))
 }
-
 impl RowState {
+    /// The index of `origin` in the origin table (which must hold it).
+    fn ix(&self, origin: &NodeId) -> u32 {
+        self.origins
+            .iter()
+            .position(|o| o == origin)
+            .unwrap_or_default() as u32
+    }
+
+    /// Adds `origin` to the origin table if it is not there; true when it
+    /// was added.
+    fn intern(&mut self, origin: &NodeId) -> bool {
+        if self.origins.iter().any(|o| o == origin) {
+            return false;
+        }
+        let at = self.origins.partition_point(|o| o < origin);
+        self.origins.insert(at, origin.clone());
+        let at = at as u32;
+        self.map_origins(&|o| if o >= at { o + 1 } else { o });
+        true
+    }
+
+    /// Rewrites every origin index with the monotone map `f`.
+    fn map_origins(&mut self, f: &impl Fn(u32) -> u32) {
+        for (id, _) in &mut self.tombstones {
+            id.o = f(id.o);
+        }
+        self.row_dead.map_origins(f);
+        self.row_dead.values_mut(|k| k.map_origins(f));
+        for field in &mut self.fields {
+            field.map_origins(f);
+        }
+    }
+
+    /// True when every origin of the table is named by something.
+    pub(crate) fn names_every_origin(&self) -> bool {
+        self.used_origins().iter().all(|u| *u)
+    }
+
+    /// Per origin of the table, whether something names it.
+    fn used_origins(&self) -> SmallVec<[bool; 16]> {
+        let mut used: SmallVec<[bool; 16]> = SmallVec::from_elem(false, self.origins.len());
+        for (id, _) in &self.tombstones {
+            used[id.o as usize] = true;
+        }
+        self.row_dead.for_each(|k, v| {
+            used[k.o as usize] = true;
+            v.mark_origins(&mut used);
+        });
+        for field in &self.fields {
+            field.mark_origins(&mut used);
+        }
+        used
+    }
+
+    /// Drops origins nothing names any more (keeps the table canonical).
+    fn prune_origins(&mut self) {
+        let used = self.used_origins();
+        if used.iter().all(|u| *u) {
+            return;
+        }
+        let mut new = Vec::with_capacity(used.len());
+        let mut next = 0u32;
+        for u in &used {
+            new.push(next);
+            if *u {
+                next += 1;
+            }
+        }
+        let mut i = 0;
+        self.origins.retain(|_| {
+            i += 1;
+            used[i - 1]
+        });
+        self.map_origins(&|o| new[o as usize]);
+    }
+
     /// Merges one op into the row. Applying the same op again changes nothing.
     ///
     /// Malformed ops are read deterministically: an op that writes one field
@@ -440,34 +644,50 @@ impl RowState {
     /// in `row_pred` counts up to the op's seq − 1, its own id in a field
     /// `pred` is ignored).
     pub fn apply(&mut self, op: &Op) {
+        // Every origin the op names gets an index first (indices shift when
+        // one is added).
+        let mut added = self.intern(&op.id.origin);
+        for p in &op.row_pred {
+            added |= self.intern(&p.origin);
+        }
+        for w in &op.fields {
+            for p in &w.pred {
+                added |= self.intern(&p.origin);
+            }
+        }
+        let id = Lid::new(self.ix(&op.id.origin), op.id.seq);
         if !op.row_pred.is_empty() {
             // Row predecessors as prefixes: the highest seq per origin says it all.
-            let mut upto: SmallVec<[(&NodeId, u64); 4]> = SmallVec::new();
+            let mut upto: SmallVec<[(u32, u64); 4]> = SmallVec::new();
             for p in &op.row_pred {
-                let seq = if p.origin == op.id.origin {
+                let o = self.ix(&p.origin);
+                let seq = if o == id.o {
                     p.seq.min(op.id.seq.saturating_sub(1))
                 } else {
                     p.seq
                 };
-                match upto.iter_mut().find(|(o, _)| **o == p.origin) {
+                match upto.iter_mut().find(|(x, _)| *x == o) {
                     Some(e) => e.1 = e.1.max(seq),
-                    None => upto.push((&p.origin, seq)),
+                    None => upto.push((o, seq)),
                 }
             }
-            upto.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            upto.sort_unstable_by_key(|e| e.0);
             for (origin, seq) in upto {
                 if seq > 0 {
-                    self.kill_row(origin, seq, &op.id);
+                    self.kill_row(origin, seq, id);
                 }
             }
         }
+        let mut emptied = !op.row_pred.is_empty();
         match op.kind {
             OpKind::Upsert => {
-                let row = row_killers(&self.row_dead, &op.id);
+                let row = row_killers(&self.row_dead, id);
+                // A counted write of an op superseded row-wide stores nothing.
+                emptied |= row.is_some();
                 if distinct_names(&op.fields) {
                     let mut next = 0;
                     for w in &op.fields {
-                        next = self.write(op, w, row.as_ref(), next);
+                        next = self.write(op, id, w, row.as_ref(), next);
                     }
                 } else {
                     // The last write of each name counts.
@@ -477,43 +697,62 @@ impl RowState {
                     writes.dedup_by(|later, first| later.1.name == first.1.name);
                     let mut next = 0;
                     for (_, w) in writes {
-                        next = self.write(op, w, row.as_ref(), next);
+                        next = self.write(op, id, w, row.as_ref(), next);
                     }
                 }
             }
             OpKind::Delete => {
-                if row_killers(&self.row_dead, &op.id).is_none() {
-                    match self.tombstone_pos(&op.id) {
+                if row_killers(&self.row_dead, id).is_none() {
+                    match self.tombstone_pos(id) {
                         Ok(i) => self.tombstones[i].1 = op.hlc,
-                        Err(i) => self.tombstones.insert(i, (op.id.clone(), op.hlc)),
+                        Err(i) => self.tombstones.insert(i, (id, op.hlc)),
                     }
                 }
             }
         }
-        // Fields can only lose live writes and contributions here.
-        self.fields.retain(|f| !f.is_empty());
+        // Only a row-wide kill can leave a field empty (a field `pred`
+        // leaves the superseded entry behind, a write stores itself).
+        if emptied {
+            self.fields.retain(|f| !f.is_empty());
+        }
+        debug_assert!(self.fields.iter().all(|f| !f.is_empty()));
+        if added {
+            self.prune_origins();
+        }
     }
 
     fn field(&self, name: &str) -> Option<&FieldState> {
         self.fields
-            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .binary_search_by(|f| f.name.as_slice().cmp(name.as_bytes()))
             .ok()
             .map(|i| &self.fields[i])
     }
 
-    fn tombstone_pos(&self, id: &OpId) -> Result<usize, usize> {
-        self.tombstones.binary_search_by(|(k, _)| k.cmp(id))
+    fn tombstone_pos(&self, id: Lid) -> Result<usize, usize> {
+        self.tombstones.binary_search_by(|(k, _)| k.cmp(&id))
+    }
+
+    /// The op id of a row-local id.
+    fn op_id(&self, id: Lid) -> OpId {
+        OpId::new(self.origins[id.o as usize].clone(), id.seq)
     }
 
     /// Merges one write of `op` (the op writes no other field of that name).
     /// `hint` is where the field probably is (ops write the same fields in
     /// the same order); returns the next hint.
-    fn write(&mut self, op: &Op, w: &FieldWrite, row: Option<&Killers>, hint: usize) -> usize {
+    fn write(
+        &mut self,
+        op: &Op,
+        id: Lid,
+        w: &FieldWrite,
+        row: Option<&Killers>,
+        hint: usize,
+    ) -> usize {
         let i = match self.fields.get(hint) {
-            Some(f) if same_name(&f.name, &w.name) => hint,
+            Some(f) if same_name(f.name.as_slice(), w.name.as_bytes()) => hint,
             _ => match self
                 .fields
-                .binary_search_by(|f| f.name.as_str().cmp(&w.name))
+                .binary_search_by(|f| f.name.as_slice().cmp(w.name.as_bytes()))
             {
                 Ok(i) => i,
                 Err(i) => {
@@ -525,14 +764,38 @@ impl RowState {
                 }
             },
         };
-        self.fields[i].write(op, w, row, &self.row_dead);
+        let mut preds: SmallVec<[Lid; 4]> = SmallVec::new();
+        let mut last: Option<(&NodeId, u32)> = None;
+        for p in &w.pred {
+            let o = match last {
+                Some((n, o)) if *n == p.origin => o,
+                _ => {
+                    let o = self.ix(&p.origin);
+                    last = Some((&p.origin, o));
+                    o
+                }
+            };
+            let l = Lid::new(o, p.seq);
+            if l != id {
+                preds.push(l);
+            }
+        }
+        self.fields[i].write(
+            op,
+            id,
+            w,
+            &preds,
+            row,
+            &self.row_dead,
+            &self.origins[id.o as usize],
+        );
         i + 1
     }
 
-    fn kill_row(&mut self, origin: &NodeId, upto: u64, by: &OpId) {
-        let p = OpId::new(origin.clone(), upto);
+    fn kill_row(&mut self, origin: u32, upto: u64, by: Lid) {
+        let p = Lid::new(origin, upto);
         let mut fresh = false;
-        let k = self.row_dead.get_or_insert_with(&p, || {
+        let k = self.row_dead.get_or_insert_with(p, || {
             fresh = true;
             Killers::one(by)
         });
@@ -543,39 +806,42 @@ impl RowState {
             f.kill_prefix(origin, upto, by, &self.row_dead);
         }
         self.tombstones
-            .retain(|(id, _)| !(id.origin == *origin && id.seq <= upto));
+            .retain(|(id, _)| !(id.o == origin && id.seq <= upto));
     }
 
     /// The ids a new write of `field` at this replica supersedes (its live
     /// writes).
     pub fn field_pred(&self, field: &str) -> Vec<OpId> {
         self.field(field)
-            .map(|f| f.live.iter().map(|(id, _)| id.clone()).collect())
+            .map(|f| f.live.iter().map(|l| l.op.clone()).collect())
             .unwrap_or_default()
     }
 
     /// The live tombstones: the `row_pred` of an update.
     pub fn tombstone_pred(&self) -> Vec<OpId> {
-        self.tombstones.iter().map(|(id, _)| id.clone()).collect()
+        self.tombstones
+            .iter()
+            .map(|(id, _)| self.op_id(*id))
+            .collect()
     }
 
     /// The `row_pred` of a delete: every live write and tombstone of the row,
     /// and for counter contributions the highest live one per origin (a
     /// `row_pred` id stands for its origin's prefix, see [`RowState`]).
     pub fn delete_pred(&self) -> Vec<OpId> {
-        let mut ids: BTreeSet<OpId> = self.tombstones.iter().map(|(id, _)| id.clone()).collect();
+        let mut ids: BTreeSet<Lid> = self.tombstones.iter().map(|(id, _)| *id).collect();
         for f in &self.fields {
-            ids.extend(f.live.iter().map(|(id, _)| id.clone()));
+            ids.extend(f.live.iter().map(|l| l.id));
         }
-        let mut top: BTreeMap<&NodeId, u64> = BTreeMap::new();
+        let mut top: BTreeMap<u32, u64> = BTreeMap::new();
         for f in &self.fields {
-            f.counters.for_each(|origin, seq, _| {
-                let e = top.entry(origin).or_insert(0);
-                *e = (*e).max(seq);
+            f.counters.for_each(|k, _| {
+                let e = top.entry(k.o).or_insert(0);
+                *e = (*e).max(k.seq);
             });
         }
-        ids.extend(top.into_iter().map(|(o, s)| OpId::new(o.clone(), s)));
-        ids.into_iter().collect()
+        ids.extend(top.into_iter().map(|(o, s)| Lid::new(o, s)));
+        ids.into_iter().map(|id| self.op_id(id)).collect()
     }
 
     /// The `row_pred` of an upsert that (re)creates the row — the row was
@@ -604,10 +870,18 @@ impl RowState {
 
     /// Live writes of `field` (more than one means concurrent writes), in
     /// op-id order.
-    pub fn entries(&self, field: &str) -> impl Iterator<Item = (&OpId, &Entry)> {
-        self.field(field)
-            .into_iter()
-            .flat_map(|f| f.live.iter().map(|(id, e)| (id, e)))
+    pub fn entries(&self, field: &str) -> impl Iterator<Item = (&OpId, Entry)> {
+        self.field(field).into_iter().flat_map(|f| {
+            f.live.iter().map(|l| {
+                (
+                    &l.op,
+                    Entry {
+                        hlc: l.hlc,
+                        value: l.value.to_value(),
+                    },
+                )
+            })
+        })
     }
 
     /// True when a live delete is present.
@@ -636,25 +910,30 @@ impl RowState {
             if f.live.is_empty() && f.counters.is_empty() {
                 continue;
             }
-            let strategy = rules.strategy(&f.name);
+            let strategy = rules.strategy(f.name.as_str());
             let counted = match strategy {
                 Strategy::Sum if !f.counters.is_empty() => {
                     let mut deltas = Vec::with_capacity(f.counters.len());
-                    f.counters.for_each(|_, _, d| deltas.push(d));
+                    f.counters.for_each(|_, d| deltas.push(d));
                     sum(deltas.into_iter())
                 }
                 _ => None,
             };
-            let value = counted.or_else(|| {
-                let cands = f.live.iter().map(|(op, e)| Cand {
-                    op,
-                    hlc: &e.hlc,
-                    value: &e.value,
-                });
-                pick(strategy, rules, cands).map(|c| c.value.clone())
+            let value = counted.or_else(|| match f.live.as_slice() {
+                [l] => Some(l.value.to_value()),
+                live => {
+                    let values: SmallVec<[Value; 4]> =
+                        live.iter().map(|l| l.value.to_value()).collect();
+                    let cands = live.iter().zip(&values).map(|(l, value)| Cand {
+                        op: &l.op,
+                        hlc: &l.hlc,
+                        value,
+                    });
+                    pick(strategy, rules, cands).map(|c| c.value.clone())
+                }
             });
             if let Some(v) = value {
-                row.insert(f.name.clone(), v);
+                row.insert(f.name.as_str().to_owned(), v);
             }
         }
         (!row.is_empty()).then_some(row)
@@ -669,38 +948,43 @@ impl RowState {
             if f.live.is_empty() && f.pred_sets.is_empty() {
                 continue;
             }
-            let strategy = rules.strategy(&f.name);
+            let strategy = rules.strategy(f.name.as_str());
             if *strategy == Strategy::Sum {
                 continue;
             }
-            let mut sets: BTreeSet<Vec<OpId>> = f.pred_sets.iter().cloned().collect();
+            let mut sets: BTreeSet<Vec<Lid>> = f.pred_sets.iter().cloned().collect();
             if f.live.len() >= 2 {
-                sets.insert(f.live.iter().map(|(id, _)| id.clone()).collect());
+                sets.insert(f.live.iter().map(|l| l.id).collect());
             }
             for ids in sets {
-                out.push(Self::conflict(f, strategy, rules, ids));
+                out.push(self.conflict(f, strategy, rules, ids));
             }
         }
         out
     }
 
     fn conflict(
+        &self,
         f: &FieldState,
         strategy: &Strategy,
         rules: &TableRules,
-        ids: Vec<OpId>,
+        ids: Vec<Lid>,
     ) -> Conflict {
+        let ops: Vec<OpId> = ids.iter().map(|id| self.op_id(*id)).collect();
+        let knowns: Vec<Option<(Hlc, Value)>> = ids
+            .iter()
+            .map(|id| f.known(*id).map(|(h, v)| (*h, v.to_value())))
+            .collect();
         let mut known = Vec::new();
         let mut candidates = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let k = f.known(id);
+        for (op, k) in ops.iter().zip(&knowns) {
             if let Some((hlc, value)) = k {
-                known.push(Cand { op: id, hlc, value });
+                known.push(Cand { op, hlc, value });
             }
             candidates.push(Candidate {
-                op: id.clone(),
-                hlc: k.map(|(h, _)| *h),
-                value: k.map(|(_, v)| v.clone()),
+                op: op.clone(),
+                hlc: k.as_ref().map(|(h, _)| *h),
+                value: k.as_ref().map(|(_, v)| v.clone()),
             });
         }
         let hlc = known.iter().map(|c| *c.hlc).max();
@@ -710,7 +994,7 @@ impl RowState {
             None
         };
         Conflict {
-            field: f.name.clone(),
+            field: f.name.as_str().to_owned(),
             candidates,
             strategy: strategy.name().to_owned(),
             winner: winner.map(|c| c.op.clone()),
@@ -729,24 +1013,26 @@ impl RowState {
     /// further ops that respect (P2) either; [`RowState::conflicts`] loses
     /// exactly the records whose candidates are all settled.
     pub fn collect_garbage(&mut self, stable: &VersionVector) -> bool {
+        let cut: Vec<u64> = self.origins.iter().map(|o| stable.get(o)).collect();
+        let cut = cut.as_slice();
         let row_dead = &self.row_dead;
         for f in &mut self.fields {
             // Candidate sets: keep those with an unsettled candidate.
-            let kept: Vec<Vec<OpId>> = f
+            let kept: Vec<Vec<Lid>> = f
                 .pred_sets
                 .iter()
-                .filter(|ids| !ids.iter().all(|id| f.settled(id, stable, row_dead)))
+                .filter(|ids| !ids.iter().all(|id| f.settled(*id, cut, row_dead)))
                 .cloned()
                 .collect();
-            let needed: BTreeSet<&OpId> = kept.iter().flatten().collect();
+            let needed: BTreeSet<Lid> = kept.iter().flatten().copied().collect();
             // Superseded values: drop the settled ones no kept set names.
             // Supersession memory of covered ids.
-            f.gone.retain_mut(|origin, seq, g| {
-                let covered = seq <= stable.get(origin);
+            f.gone.retain_mut(|id, g| {
+                let covered = covered(id, cut);
                 if let Some(d) = &g.dead
                     && covered
-                    && d.by.any_covered(stable)
-                    && !needed.contains(&OpId::new(origin.clone(), seq))
+                    && d.by.any_covered(cut)
+                    && !needed.contains(&id)
                 {
                     g.dead = None;
                 }
@@ -758,17 +1044,17 @@ impl RowState {
             drop(needed);
             f.pred_sets = kept;
         }
-        self.row_dead
-            .retain_mut(|origin, seq, _| seq > stable.get(origin));
+        self.row_dead.retain_mut(|id, _| !covered(id, cut));
         // Covered tombstones of a row with nothing live.
         if self
             .fields
             .iter()
             .all(|f| f.live.is_empty() && f.counters.is_empty())
         {
-            self.tombstones.retain(|(id, _)| !covered(id, stable));
+            self.tombstones.retain(|(id, _)| !covered(*id, cut));
         }
         self.fields.retain(|f| !f.is_empty());
+        self.prune_origins();
         self.is_empty()
     }
 }
@@ -916,7 +1202,11 @@ mod tests {
         for a in names {
             for b in names {
                 assert_eq!(name_before(a, b), a < b, "{a:?} < {b:?}");
-                assert_eq!(same_name(a, b), a == b, "{a:?} == {b:?}");
+                assert_eq!(
+                    same_name(a.as_bytes(), b.as_bytes()),
+                    a == b,
+                    "{a:?} == {b:?}"
+                );
             }
         }
     }
