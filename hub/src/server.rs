@@ -437,6 +437,9 @@ async fn run_actor(
                         let started = std::time::Instant::now();
                         let node = core.session_node(sid).map(|n| n.to_string());
                         let ctl = core.handle_message(wall_now(), sid, msg)?;
+                        while let Some(line) = core.poll_notice() {
+                            tracing::warn!(session = sid, "{line}");
+                        }
                         // Flushed: lag samples end now.
                         obs.telemetry.update(wall_ms(), core.metrics_mut());
                         let ms = started.elapsed().as_millis() as u64;

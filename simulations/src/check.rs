@@ -222,6 +222,8 @@ fn hub_ops(hub: &mut HubCore<Shared>, now: Ntp64) -> Result<BTreeMap<NodeId, Vec
             mode: "subscribe".into(),
             engine: String::new(),
             seen: None,
+            resnap: false,
+            snapshot: None,
         })),
     };
     hub.handle_message(now, sid, hello)

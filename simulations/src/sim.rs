@@ -910,6 +910,9 @@ impl Sim {
                         ));
                     }
                 }
+                NodeEvent::Resnapshot(line) => {
+                    self.log(format!("{name} re-snapshot: {line}"));
+                }
                 NodeEvent::HubError { code, message } => {
                     self.log(format!("{name} hub error {code}: {message}"));
                 }
