@@ -2399,4 +2399,172 @@ mod tests {
         assert_eq!(a.poll_gc(10).unwrap(), 0);
         assert!(a.gc_cut().is_empty());
     }
+
+    fn snapshot_reply() -> pb::HubMessage {
+        let mut reply = hello_reply();
+        if let Some(pb::hub_message::Body::Hello(h)) = &mut reply.body {
+            h.cut = Some(pb::StableCut::default());
+            h.snapshot = true;
+        }
+        reply
+    }
+
+    fn chunk(rows: &[(i64, &RowState)], last: bool) -> pb::HubMessage {
+        let mut vv = VersionVector::default();
+        vv.set(NodeId::new("b").unwrap(), 4);
+        let cut = wire::StableCut {
+            stable: vv.clone(),
+            horizon: vv.clone(),
+        };
+        pb::HubMessage {
+            body: Some(pb::hub_message::Body::Snapshot(pb::SnapshotChunk {
+                id: 7,
+                cut: Some(wire::cut_to_proto(&cut)),
+                version_vector: Some(wire::vv_to_proto(&vv)),
+                tables: vec!["t".into()],
+                rows: rows
+                    .iter()
+                    .map(|(id, st)| pb::SnapshotRow {
+                        table: "t".into(),
+                        key: vec![wire::value_to_proto(&Value::Int(*id))],
+                        state: postcard::to_allocvec(st).unwrap(),
+                    })
+                    .collect(),
+                after_key: rows
+                    .last()
+                    .map(|(id, _)| row_key(b"", "t", &[Value::Int(*id)]).unwrap())
+                    .unwrap_or_default(),
+                last,
+                state_format: syncmesh_proto::SNAPSHOT_STATE_FORMAT,
+            })),
+        }
+    }
+
+    fn reopen(c: NodeCore<MemStore>) -> NodeCore<MemStore> {
+        let mut store = c.into_store();
+        store.crash();
+        NodeCore::open(settings("c"), vec![schema()], store, 0).unwrap()
+    }
+
+    fn snapshot_acks(msgs: &[pb::NodeMessage]) -> Vec<pb::SnapshotAck> {
+        msgs.iter()
+            .filter_map(|m| match &m.body {
+                Some(pb::node_message::Body::SnapshotAck(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// c holds rows 1 and 2 of b; the hub's snapshot has rows 2 and 3 (b
+    /// deleted row 1 and it was collected). Crashes after the first chunk
+    /// and in the middle of the install resume; the half-installed state
+    /// is never applied, sent or acknowledged as installed.
+    #[test]
+    fn a_crash_mid_snapshot_resumes_and_never_uses_a_half_installed_state() {
+        let ops = ops_from_b(&[
+            change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+            change(2, ChangeKind::Insert, None, row(2, "x", "y")),
+            change(3, ChangeKind::Insert, None, row(3, "x", "y")),
+            change(4, ChangeKind::Delete, row(1, "x", "y"), None),
+        ]);
+        let state = |i: usize| {
+            let mut st = RowState::default();
+            st.apply(&wire::op_from_proto(ops[i].clone()).unwrap());
+            st
+        };
+        let (row2, row3) = (state(1), state(2));
+        let mut c = connected("c");
+        c.handle_message(t(1000), remote_batch(ops[..2].to_vec()))
+            .unwrap();
+        let p = c.poll_apply(10).unwrap();
+        c.handle_applied(&p, 0).unwrap();
+        drain(&mut c);
+        // The snapshot starts; the first chunk is flushed and acknowledged.
+        c.handle_connected(0);
+        drain(&mut c);
+        c.handle_message(t(1000), snapshot_reply()).unwrap();
+        c.handle_message(t(1000), chunk(&[(2, &row2)], false))
+            .unwrap();
+        let acks = snapshot_acks(&drain(&mut c));
+        assert_eq!(acks.len(), 1);
+        assert!(!acks[0].installed);
+        // Crash: the staged chunk survives, and the hello says where it is.
+        let mut c = reopen(c);
+        assert_eq!(c.resnap_progress(), Some((7, false)));
+        assert!(!c.resnap_installing());
+        c.poll_connect(u64::MAX / 2);
+        c.handle_connected(0);
+        let hello = drain(&mut c);
+        let Some(pb::node_message::Body::Hello(h)) = &hello[0].body else {
+            panic!("{hello:?}")
+        };
+        let progress = h.snapshot.clone().unwrap();
+        assert!(h.resnap && !progress.installed);
+        assert_eq!(
+            progress.after_key,
+            row_key(b"", "t", &[Value::Int(2)]).unwrap()
+        );
+        c.handle_message(t(1000), snapshot_reply()).unwrap();
+        c.handle_message(t(1000), chunk(&[(3, &row3)], true))
+            .unwrap();
+        assert!(c.resnap_installing());
+        // One key installed, then a crash: still installing after restart.
+        assert_eq!(c.poll_gc(1).unwrap(), 1);
+        let mut c = reopen(c);
+        assert!(c.resnap_installing());
+        assert!(
+            c.poll_apply(10).unwrap().is_empty(),
+            "nothing half-installed is applied"
+        );
+        assert_eq!(
+            c.handle_captured(
+                t(2000),
+                &[change(
+                    5,
+                    ChangeKind::Update,
+                    row(2, "x", "y"),
+                    row(2, "z", "y")
+                )]
+            )
+            .unwrap(),
+            c.capture_checkpoint(),
+            "capture waits"
+        );
+        assert_eq!(c.stats().own_ops, 0);
+        c.poll_connect(u64::MAX / 2);
+        c.handle_connected(0);
+        assert!(drain(&mut c).is_empty(), "the hello waits for the install");
+        for _ in 0..20 {
+            c.poll_gc(1).unwrap();
+        }
+        assert!(!c.resnap_installing());
+        assert_eq!(c.resnap_progress(), Some((7, true)));
+        let b = NodeId::new("b").unwrap();
+        assert_eq!(c.version_vector().get(&b), 4);
+        assert_eq!(
+            c.row_state("t", &[Value::Int(1)]).unwrap(),
+            RowState::default()
+        );
+        assert_eq!(c.row_state("t", &[Value::Int(2)]).unwrap(), row2);
+        assert_eq!(c.row_state("t", &[Value::Int(3)]).unwrap(), row3);
+        let hello = drain(&mut c);
+        assert!(
+            matches!(&hello[0].body, Some(pb::node_message::Body::Hello(h))
+                if h.snapshot.as_ref().is_some_and(|p| p.installed)),
+            "{hello:?}"
+        );
+        // Row 1 is deleted from the database, row 3 written (row 2 is
+        // unchanged).
+        let mut writes: Vec<(Vec<Value>, bool)> = c
+            .poll_apply(10)
+            .unwrap()
+            .iter()
+            .map(|p| (p.write.key.clone(), p.write.row.is_some()))
+            .collect();
+        writes.sort_by_key(|w| format!("{:?}", w.0));
+        assert_eq!(
+            writes,
+            vec![(vec![Value::Int(1)], false), (vec![Value::Int(3)], true)]
+        );
+    }
 }
