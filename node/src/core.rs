@@ -1483,6 +1483,9 @@ impl<S: LogStore> NodeCore<S> {
     }
 }
 
+/// A row's current and staged state bytes during a re-snapshot install.
+type OldNew<'a> = (Option<&'a Vec<u8>>, Option<&'a Vec<u8>>);
+
 /// Re-snapshot from the hub (see ARCHITECTURE.md, invariant 6).
 impl<S: LogStore> NodeCore<S> {
     /// True while a re-snapshot replaces the row states (capture, apply
@@ -1659,7 +1662,7 @@ impl<S: LogStore> NodeCore<S> {
                 });
             }
         }
-        let mut keys: BTreeMap<Vec<u8>, (Option<&Vec<u8>>, Option<&Vec<u8>>)> = BTreeMap::new();
+        let mut keys: BTreeMap<Vec<u8>, OldNew<'_>> = BTreeMap::new();
         for (k, v) in &current {
             keys.entry(k[P_ROW.len()..].to_vec()).or_default().0 = Some(v);
         }
