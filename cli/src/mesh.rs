@@ -135,6 +135,8 @@ pub fn render_status(s: &pb::StatusReply) -> String {
         .map(|v| {
             v.entries
                 .iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
                 .map(|(n, q)| format!("{n}:{q}"))
                 .collect::<Vec<_>>()
                 .join(", ")
