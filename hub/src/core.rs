@@ -675,6 +675,16 @@ impl<S: LogStore> HubCore<S> {
             match self.gc_resnap_needed(&node, &node_vv, subscribe_only, progress.as_ref()) {
                 Resnap::No => {}
                 Resnap::Trusted => self.trust(&node)?,
+                Resnap::Needed(why) if self.gc.unmerged => {
+                    // Rows of tables the hub does not merge exist only in
+                    // its op log: a snapshot of its row states would miss them.
+                    self.gc.stats.refused += 1;
+                    let msg = format!(
+                        "{why}; the hub cannot re-snapshot it because it relays tables it does \
+                         not merge (add every synced table to the hub's config)"
+                    );
+                    return Ok(self.reject(sid, "missed_collected_tombstones", msg, None));
+                }
                 Resnap::Needed(why) if h.resnap && (gc || subscribe_only) => {
                     snap = Some(self.start_snapshot(now_ms, sid, &node, why, progress.as_ref())?);
                 }
@@ -2184,6 +2194,40 @@ mod tests {
             .unwrap();
         assert_eq!(ctl, Control::Continue);
         assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 1);
+    }
+
+    #[test]
+    fn a_hub_relaying_unmerged_tables_neither_compacts_nor_serves_partial_snapshots() {
+        let mut h = gc_hub();
+        h.set_tombstone_grace_ms(1_000);
+        let a = gc_session(&mut h, "a", "bidirectional");
+        let mut ops = three_rows_one_deleted();
+        let mut relayed = op("a", 5, 0);
+        relayed.table = "u".into();
+        ops.push(relayed);
+        h.handle_message(now(), a, batch(ops)).unwrap();
+        h.handle_message(now(), a, seen(&vv(&[("a", 5)]))).unwrap();
+        for step in 0..4 {
+            h.handle_gc(later(1_500 + step), 100).unwrap();
+        }
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 5)]));
+        assert_eq!(
+            h.gc_stats().ops_compacted,
+            0,
+            "the log is all there is of u"
+        );
+        let sid = h.handle_open();
+        let ctl = h
+            .handle_message(
+                later(1_700),
+                sid,
+                gc_hello("c", "bidirectional", &vv(&[("c", 1)]), &vv(&[("c", 1)])),
+            )
+            .unwrap();
+        assert!(
+            matches!(ctl, Control::Close(ref m) if m.contains("does not merge")),
+            "{ctl:?}"
+        );
     }
 
     #[test]
