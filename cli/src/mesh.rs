@@ -128,6 +128,34 @@ pub fn render_status(s: &pb::StatusReply) -> String {
         "last 24 h   records {}   errors {}   conflicts {}   (ops held {}, errors since start {})",
         day.records, day.errors, day.conflicts, s.total_ops, s.errors_total
     );
+    let cut = s
+        .gc_cut
+        .as_ref()
+        .and_then(|c| c.stable.as_ref())
+        .map(|v| {
+            v.entries
+                .iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .map(|(n, q)| format!("{n}:{q}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let advanced = if s.gc_cut_advanced_unix_ms == 0 {
+        "not since start".to_owned()
+    } else {
+        syncmesh_hub::telemetry::when(s.gc_cut_advanced_unix_ms, now)
+    };
+    let _ = writeln!(
+        o,
+        "tombstone GC  stable cut [{cut}] (advanced {advanced})   row states collected {} dropped {}   ops compacted {}   re-snapshots served {}   refused {}",
+        s.gc_rows_collected,
+        s.gc_rows_dropped,
+        s.gc_ops_compacted,
+        s.gc_snapshots_served,
+        s.gc_refused
+    );
     let _ = writeln!(o);
     let _ = writeln!(
         o,

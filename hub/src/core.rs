@@ -31,6 +31,16 @@ const P_ROW_CONFLICTS: &[u8] = b"x/";
 const K_GC_CUT: &[u8] = b"g/cut";
 /// Tombstone GC: per node, its last seen report and the cut it joined at.
 const P_GC_NODE: &[u8] = b"g/n/";
+/// Op-log compaction: per origin, the highest seq dropped from `o/`.
+const K_GC_COMPACTED: &[u8] = b"g/compacted";
+/// Set once the hub stored an op of a table it does not merge: such ops
+/// exist only in the op log, so it is never compacted.
+const K_GC_UNMERGED: &[u8] = b"g/unmerged";
+
+/// Most row states in one re-snapshot chunk.
+pub const SNAPSHOT_ROWS_PER_CHUNK: usize = 512;
+/// Most op keys one compaction step removes (one flushed batch).
+pub const COMPACT_OPS_PER_STEP: usize = 512;
 
 /// Default of `hub.tombstone_grace_hours`: a writer silent for longer no
 /// longer holds back tombstone collection (7 days).
@@ -98,6 +108,25 @@ struct Session {
     outbox: VecDeque<pb::HubMessage>,
     /// Batches sent and not yet acknowledged (for lag at the node).
     sent_batches: VecDeque<SentBatch>,
+    /// The node can take a re-snapshot (its hello set `resnap`).
+    resnap: bool,
+    /// A re-snapshot being served: no ops are sent until it is installed.
+    snap: Option<SnapServe>,
+}
+
+/// A re-snapshot being served to one session.
+#[derive(Debug, Clone)]
+struct SnapServe {
+    id: u64,
+    cut: StableCut,
+    /// The hub's version vector when the snapshot began.
+    vv: VersionVector,
+    /// Next row key (`r/…`) to send.
+    cursor: Vec<u8>,
+    /// A chunk is sent and not yet acknowledged.
+    inflight: bool,
+    /// The last chunk is sent.
+    sent_last: bool,
 }
 
 /// What the hub remembers of a sent batch until the node acknowledges it.
@@ -107,6 +136,22 @@ struct SentBatch {
     upto: Vec<(NodeId, u64)>,
     /// Oldest capture HLC (NTP64 time) per table in the batch.
     oldest: BTreeMap<String, u64>,
+}
+
+/// Whether a hello needs a re-snapshot.
+enum Resnap {
+    No,
+    /// The node installed a re-snapshot at the current cut: trust it.
+    Trusted,
+    /// Why it needs one.
+    Needed(String),
+}
+
+fn fmt_vv(v: &VersionVector) -> String {
+    v.0.iter()
+        .map(|(o, s)| format!("{o}:{s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The hub state machine.
@@ -149,6 +194,12 @@ pub struct GcStats {
     pub rows_dropped: u64,
     /// Sessions refused because the node missed collected tombstones.
     pub refused: u64,
+    /// Unix ms when the cut last advanced (0: not since start).
+    pub cut_advanced_ms: u64,
+    /// Re-snapshots installed by a node (served to the end).
+    pub snapshots_served: u64,
+    /// Ops dropped from the op log (below the stable cut).
+    pub ops_compacted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +216,12 @@ struct Gc {
     cursor: Option<Vec<u8>>,
     nodes: BTreeMap<NodeId, GcNode>,
     stats: GcStats,
+    /// Per origin, the highest seq dropped from the op log.
+    compacted: VersionVector,
+    /// An op of a table the hub does not merge was stored: no compaction.
+    unmerged: bool,
+    /// Lines for the shell to log (re-snapshots started and installed).
+    notices: VecDeque<String>,
 }
 
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -243,6 +300,15 @@ impl<S: LogStore> HubCore<S> {
             // Collection restarts from the first row after a restart.
             gc.cursor = (!gc.cut.is_empty()).then(|| P_ROW.to_vec());
         }
+        if let Some(b) = store.get(K_GC_COMPACTED)? {
+            gc.compacted = postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
+                path: "<hub>".into(),
+                message: format!(
+                    "corrupt compaction record in the hub store: {e}; restore the hub data_dir"
+                ),
+            })?;
+        }
+        gc.unmerged = store.get(K_GC_UNMERGED)?.is_some();
         for (k, v) in store.range(P_GC_NODE, &prefix_end(P_GC_NODE), usize::MAX)? {
             let node = NodeId::new(String::from_utf8_lossy(&k[P_GC_NODE.len()..]).into_owned())
                 .map_err(syncmesh_node::Error::from)?;
@@ -566,6 +632,7 @@ impl<S: LogStore> HubCore<S> {
                 }
                 Err(e) => Ok(self.reject(sid, "bad_seen_report", e.to_string(), None)),
             },
+            (Some(Body::SnapshotAck(a)), Some(n)) => self.snapshot_ack(sid, &n, a),
         }
     }
 
@@ -628,11 +695,45 @@ impl<S: LogStore> HubCore<S> {
             self.to_close
                 .push_back((id, format!("node {node} opened a newer stream")));
         }
-        if !subscribe_only && let Some(why) = self.gc_refusal(&node, &node_vv) {
+        let gc = seen.is_some();
+        let progress = match h
+            .snapshot
+            .map(wire::snapshot_progress_from_proto)
+            .transpose()
+        {
+            Ok(p) => p,
+            Err(e) => return Ok(self.reject(sid, "bad_snapshot_progress", e.to_string(), None)),
+        };
+        let mut snap = None;
+        if !publish_only {
+            match self.gc_resnap_needed(&node, &node_vv, subscribe_only, progress.as_ref()) {
+                Resnap::No => {}
+                Resnap::Trusted => self.trust(&node)?,
+                Resnap::Needed(why) if self.gc.unmerged => {
+                    // Rows of tables the hub does not merge exist only in
+                    // its op log: a snapshot of its row states would miss them.
+                    self.gc.stats.refused += 1;
+                    let msg = format!(
+                        "{why}; the hub cannot re-snapshot it because it relays tables it does \
+                         not merge (add every synced table to the hub's config)"
+                    );
+                    return Ok(self.reject(sid, "missed_collected_tombstones", msg, None));
+                }
+                Resnap::Needed(why) if h.resnap && (gc || subscribe_only) => {
+                    snap = Some(self.start_snapshot(now_ms, sid, &node, why, progress.as_ref())?);
+                }
+                Resnap::Needed(why) => {
+                    self.gc.stats.refused += 1;
+                    let msg = format!(
+                        "{why}; this node cannot take a re-snapshot from the hub: upgrade it"
+                    );
+                    return Ok(self.reject(sid, "missed_collected_tombstones", msg, None));
+                }
+            }
+        } else if let Some(why) = self.gc_refusal(&node, &node_vv) {
             self.gc.stats.refused += 1;
             return Ok(self.reject(sid, "missed_collected_tombstones", why, None));
         }
-        let gc = seen.is_some();
         if let Some(seen) = seen {
             self.note_seen(&node, seen)?;
         }
@@ -657,9 +758,12 @@ impl<S: LogStore> HubCore<S> {
                 hub: self.settings.name.as_str().to_owned(),
                 version_vector: Some(wire::vv_to_proto(&self.vv)),
                 cut: gc.then(|| wire::cut_to_proto(&self.gc.cut)),
+                snapshot: snap.is_some(),
             })),
         };
         if let Some(s) = self.sessions.get_mut(&sid) {
+            s.resnap = h.resnap;
+            s.snap = snap;
             s.gc = gc;
             s.node = Some(node);
             s.publish_only = publish_only;
@@ -748,6 +852,11 @@ impl<S: LogStore> HubCore<S> {
                 control = self.reject(sid, "clock_drift", e.to_string(), raw_id);
                 break;
             }
+            if !self.gc.unmerged && !self.tables.contains_key(&op.table) {
+                // Only the op log holds this table's rows: never compact it.
+                self.gc.unmerged = true;
+                batch.put(K_GC_UNMERGED.to_vec(), vec![1]);
+            }
             self.merge(&op, &mut rows, &mut batch)?;
             if chunk.len() == OPS_PER_KEY {
                 put_packed(&mut batch, &node, std::mem::take(&mut chunk));
@@ -833,6 +942,9 @@ impl<S: LogStore> HubCore<S> {
         let Some(node) = s.node.clone() else {
             return Ok(None);
         };
+        if s.snap.is_some() {
+            return self.snapshot_chunk(sid);
+        }
         if s.publish_only || s.inflight >= MAX_INFLIGHT_BATCHES {
             return Ok(None);
         }
@@ -976,6 +1088,9 @@ impl<S: LogStore> HubCore<S> {
             gc_rows_collected: self.gc.stats.rows_collected,
             gc_rows_dropped: self.gc.stats.rows_dropped,
             gc_refused: self.gc.stats.refused,
+            gc_cut_advanced_unix_ms: self.gc.stats.cut_advanced_ms,
+            gc_snapshots_served: self.gc.stats.snapshots_served,
+            gc_ops_compacted: self.gc.stats.ops_compacted,
             ..Default::default()
         }
     }
@@ -1036,8 +1151,13 @@ impl<S: LogStore> HubCore<S> {
             && cut.stable.dominates(&self.gc.cut.stable)
         {
             self.adopt(cut, participants)?;
+            self.gc.stats.cut_advanced_ms = now_ms;
         }
-        self.gc_step(max_rows.max(1))
+        let n = self.gc_step(max_rows.max(1))?;
+        if self.gc.cursor.is_none() {
+            self.compact_step(COMPACT_OPS_PER_STEP.min(max_rows.max(1)))?;
+        }
+        Ok(n)
     }
 
     /// The componentwise minimum of the seen reports of every writer that
@@ -1280,11 +1400,324 @@ impl<S: LogStore> HubCore<S> {
             "node {node} wrote ops before it saw deletes the mesh has already garbage-collected \
              (it was silent longer than tombstone_grace_hours = {} h, or joined after collection \
              began); merging them could bring deleted rows back, so the hub refuses them. They \
-             stay in the node's log. Re-snapshot is not implemented yet: to rejoin, save the \
-             node's local changes, then start it with an empty data_dir and a copy of another \
-             replica's database",
+             stay in the node's log: a bidirectional node is re-snapshotted from the hub on its \
+             next connection and then sends them; a publish-only node cannot be (it applies \
+             nothing): save its local changes and rebuild it from another replica's database",
             self.gc.grace_ms / 3_600_000
         ))
+    }
+
+    /// Lines the shell should log (a re-snapshot started or installed).
+    pub fn poll_notice(&mut self) -> Option<String> {
+        self.gc.notices.pop_front()
+    }
+
+    /// Per origin, the highest seq dropped from the op log by compaction.
+    pub fn gc_compacted(&self) -> &VersionVector {
+        &self.gc.compacted
+    }
+
+    /// Ops the hub's op log holds (for tests and status).
+    pub fn stored_op_count(&self) -> Result<usize> {
+        Ok(self
+            .store
+            .range(P_OPS, &prefix_end(P_OPS), usize::MAX)?
+            .len())
+    }
+
+    /// Whether the node of a hello must be re-snapshotted: it is not
+    /// trusted (missed the collected cut) and holds own ops the hub lacks
+    /// (written before it saw collected deletes), or it lacks ops the hub
+    /// compacted away. A node that installed a re-snapshot at the current
+    /// cut is trusted again.
+    fn gc_resnap_needed(
+        &self,
+        node: &NodeId,
+        node_vv: &VersionVector,
+        subscribe_only: bool,
+        progress: Option<&wire::SnapshotProgress>,
+    ) -> Resnap {
+        let compacted = self
+            .gc
+            .compacted
+            .0
+            .iter()
+            .find(|(o, c)| *o != node && node_vv.get(o) < **c)
+            .map(|(o, c)| format!("it lacks ops of {o} up to #{c} that the hub compacted away"));
+        let untrusted = if subscribe_only {
+            None
+        } else {
+            self.gc_untrusted(node)
+        };
+        let held = self.vv.get(node);
+        let has = node_vv.get(node);
+        if untrusted.is_some()
+            && compacted.is_none()
+            && progress
+                .is_some_and(|p| p.installed && p.cut.stable == self.gc.cut.stable && has >= held)
+        {
+            return Resnap::Trusted;
+        }
+        let unsent = (untrusted.is_some() && has > held).then(|| {
+            format!(
+                "it missed deletes the mesh has garbage-collected (away longer than \
+                 tombstone_grace_hours = {} h, or new) and holds unsent ops {node}#{}..={node}#{has} \
+                 written before it saw them",
+                self.gc.grace_ms / 3_600_000,
+                held + 1
+            )
+        });
+        match (unsent, compacted) {
+            (Some(a), Some(b)) => Resnap::Needed(format!("{a}, and {b}")),
+            (Some(a), None) | (None, Some(a)) => Resnap::Needed(a),
+            (None, None) => Resnap::No,
+        }
+    }
+
+    /// Marks `node` as having seen the collected cut (its ops are accepted).
+    fn set_joined(&mut self, node: &NodeId, joined: VersionVector) -> Result<()> {
+        let rec = self.gc.nodes.entry(node.clone()).or_default();
+        rec.joined = joined;
+        let mut batch = WriteBatch::default();
+        batch.put(
+            Self::gc_node_key(node),
+            postcard::to_allocvec(rec).unwrap_or_default(),
+        );
+        self.store.write(batch)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    fn trust(&mut self, node: &NodeId) -> Result<()> {
+        let cut = self.gc.cut.stable.clone();
+        self.set_joined(node, cut)
+    }
+
+    /// Starts (or resumes, when the node's progress is for the current cut
+    /// and every op above its vector is still here) a re-snapshot.
+    fn start_snapshot(
+        &mut self,
+        now_ms: u64,
+        sid: SessionId,
+        node: &NodeId,
+        why: String,
+        progress: Option<&wire::SnapshotProgress>,
+    ) -> Result<SnapServe> {
+        let resume = progress.filter(|p| {
+            !p.installed
+                && p.id != 0
+                && p.cut.stable == self.gc.cut.stable
+                && self.vv.dominates(&p.vv)
+                && p.vv.dominates(&self.gc.compacted)
+        });
+        let snap = match resume {
+            Some(p) => {
+                let mut cursor = P_ROW.to_vec();
+                cursor.extend_from_slice(&p.after_key);
+                if !p.after_key.is_empty() {
+                    cursor.push(0);
+                }
+                SnapServe {
+                    id: p.id,
+                    cut: self.gc.cut.clone(),
+                    vv: p.vv.clone(),
+                    cursor,
+                    inflight: false,
+                    sent_last: false,
+                }
+            }
+            None => SnapServe {
+                id: (now_ms << 16) | (sid & 0xffff),
+                cut: self.gc.cut.clone(),
+                vv: self.vv.clone(),
+                cursor: P_ROW.to_vec(),
+                inflight: false,
+                sent_last: false,
+            },
+        };
+        self.gc.notices.push_back(format!(
+            "re-snapshot of node {node}: {why}; the hub {} snapshot {} of its row states at stable \
+             cut [{}]: the node replaces its row states with them (rows deleted meanwhile are \
+             deleted from its database), then its unsent writes are merged (under delete_wins, \
+             updates to rows deleted and collected meanwhile are dropped)",
+            if resume.is_some() { "resumes" } else { "sends" },
+            snap.id,
+            fmt_vv(&snap.cut.stable),
+        ));
+        Ok(snap)
+    }
+
+    /// The next chunk of the session's re-snapshot, if one may go now.
+    fn snapshot_chunk(&mut self, sid: SessionId) -> Result<Option<pb::HubMessage>> {
+        let Some(snap) = self.sessions.get(&sid).and_then(|s| s.snap.clone()) else {
+            return Ok(None);
+        };
+        if snap.inflight || snap.sent_last {
+            return Ok(None);
+        }
+        let rows = self
+            .store
+            .range(&snap.cursor, &prefix_end(P_ROW), SNAPSHOT_ROWS_PER_CHUNK)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut bytes = 0usize;
+        let mut last_key: Option<&Vec<u8>> = None;
+        let mut complete = rows.len() < SNAPSHOT_ROWS_PER_CHUNK;
+        for (i, (k, v)) in rows.iter().enumerate() {
+            let (table, key) = syncmesh_node::core::split_row_key(k, P_ROW.len())?;
+            let row = pb::SnapshotRow {
+                table,
+                key: key.iter().map(wire::value_to_proto).collect(),
+                state: v.clone(),
+            };
+            bytes += row.encoded_len();
+            out.push(row);
+            last_key = Some(k);
+            if bytes >= MAX_BATCH_BYTES && i + 1 < rows.len() {
+                complete = false;
+                break;
+            }
+        }
+        let after_key = last_key
+            .map(|k| k[P_ROW.len()..].to_vec())
+            .unwrap_or_default();
+        let cursor = match last_key {
+            Some(k) => {
+                let mut c = k.clone();
+                c.push(0);
+                c
+            }
+            None => snap.cursor.clone(),
+        };
+        let msg = pb::SnapshotChunk {
+            id: snap.id,
+            cut: Some(wire::cut_to_proto(&snap.cut)),
+            version_vector: Some(wire::vv_to_proto(&snap.vv)),
+            tables: self.tables.keys().cloned().collect(),
+            rows: out,
+            after_key,
+            last: complete,
+            state_format: syncmesh_proto::SNAPSHOT_STATE_FORMAT,
+        };
+        if let Some(s) = self.sessions.get_mut(&sid).and_then(|s| s.snap.as_mut()) {
+            s.inflight = true;
+            s.sent_last = complete;
+            s.cursor = cursor;
+        }
+        Ok(Some(pb::HubMessage {
+            body: Some(pb::hub_message::Body::Snapshot(msg)),
+        }))
+    }
+
+    fn snapshot_ack(
+        &mut self,
+        sid: SessionId,
+        node: &NodeId,
+        a: pb::SnapshotAck,
+    ) -> Result<Control> {
+        let Some(snap) = self.sessions.get(&sid).and_then(|s| s.snap.clone()) else {
+            return Ok(self.reject(
+                sid,
+                "unexpected_snapshot_ack",
+                format!(
+                    "node {node} acknowledged a snapshot chunk but no re-snapshot is being served"
+                ),
+                None,
+            ));
+        };
+        if a.id != snap.id || (a.installed && !snap.sent_last) {
+            return Ok(self.reject(
+                sid,
+                "bad_snapshot_ack",
+                format!(
+                    "node {node} acknowledged snapshot {} (installed: {}) but the hub serves snapshot {} (last chunk sent: {})",
+                    a.id, a.installed, snap.id, snap.sent_last
+                ),
+                None,
+            ));
+        }
+        if !a.installed {
+            if let Some(s) = self.sessions.get_mut(&sid).and_then(|s| s.snap.as_mut()) {
+                s.inflight = false;
+            }
+            return Ok(Control::Continue);
+        }
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.snap = None;
+            s.sent = snap.vv.clone();
+            s.inflight = 0;
+            s.sent_batches.clear();
+        }
+        let rec = self.nodes.entry(node.clone()).or_default();
+        for (o, v) in &snap.vv.0 {
+            rec.acked.advance(o, *v);
+        }
+        let rec = rec.clone();
+        self.save_node(node, &rec)?;
+        self.set_joined(node, snap.cut.stable.clone())?;
+        self.gc.stats.snapshots_served += 1;
+        self.gc.notices.push_back(format!(
+            "re-snapshot of node {node}: snapshot {} installed; it holds the hub's row states at \
+             [{}] and publishes again",
+            snap.id,
+            fmt_vv(&snap.vv)
+        ));
+        Ok(Control::Continue)
+    }
+
+    /// Drops ops from the op log that every writer has seen (below the
+    /// stable cut) and every connected node was sent: at most `max` keys in
+    /// one flushed batch. A node that needs them later gets a re-snapshot.
+    fn compact_step(&mut self, max: usize) -> Result<usize> {
+        if self.gc.unmerged || self.gc.cut.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        let mut n = 0usize;
+        let mut compacted = self.gc.compacted.clone();
+        for (origin, stable) in &self.gc.cut.stable.0 {
+            if n >= max {
+                break;
+            }
+            let mut upto = (*stable).min(self.vv.get(origin));
+            for s in self.sessions.values() {
+                if s.node.as_ref().is_some_and(|x| x != origin) && !s.publish_only {
+                    upto = upto.min(s.sent.get(origin));
+                }
+            }
+            let from = compacted.get(origin);
+            if upto <= from {
+                continue;
+            }
+            let keys = self.store.range(
+                &op_key(origin, from + 1),
+                &op_key(origin, upto + 1),
+                max - n,
+            )?;
+            let done = keys.len() < max - n;
+            let mut last = from;
+            for (k, _) in keys {
+                last = k
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|i| k[i..].try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(last);
+                batch.remove(k);
+                n += 1;
+            }
+            compacted.set(origin.clone(), if done { upto } else { last });
+        }
+        if compacted != self.gc.compacted {
+            batch.put(
+                K_GC_COMPACTED.to_vec(),
+                postcard::to_allocvec(&compacted).unwrap_or_default(),
+            );
+            self.store.write(batch)?;
+            self.store.flush()?;
+            self.gc.compacted = compacted;
+            self.gc.stats.ops_compacted += n as u64;
+        }
+        Ok(n)
     }
 
     /// Why a hello must be refused: the node is not trusted and holds own
@@ -1344,6 +1777,8 @@ mod tests {
                 mode: mode.into(),
                 engine: "sqlite".into(),
                 seen: None,
+                resnap: false,
+                snapshot: None,
             })),
         }
     }
@@ -1640,6 +2075,8 @@ mod tests {
                 mode: mode.into(),
                 engine: "sqlite".into(),
                 seen: Some(wire::vv_to_proto(seen)),
+                resnap: true,
+                snapshot: None,
             })),
         }
     }
@@ -1795,15 +2232,14 @@ mod tests {
         assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
         assert_eq!(h.row_state_count().unwrap(), 2);
         // c comes back with an op the hub lacks, written before it could
-        // see the collected delete: refused, not stored.
+        // see the collected delete; a node that cannot take a re-snapshot
+        // is refused, and the op is not stored.
         let sid = h.handle_open();
-        let ctl = h
-            .handle_message(
-                later(1_600),
-                sid,
-                gc_hello("c", "bidirectional", &vv(&[("c", 1)]), &vv(&[("c", 1)])),
-            )
-            .unwrap();
+        let mut old_node = gc_hello("c", "bidirectional", &vv(&[("c", 1)]), &vv(&[("c", 1)]));
+        if let Some(pb::node_message::Body::Hello(hello)) = &mut old_node.body {
+            hello.resnap = false;
+        }
+        let ctl = h.handle_message(later(1_600), sid, old_node).unwrap();
         assert!(
             matches!(ctl, Control::Close(ref m) if m.contains("tombstone_grace_hours")),
             "{ctl:?}"
@@ -1813,8 +2249,14 @@ mod tests {
             Some("missed_collected_tombstones")
         );
         assert_eq!(h.gc_stats().refused, 1);
-        // Back with no unsent op: served (replay), but may not publish
-        // until it reports having seen the cut.
+        assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 0);
+        // Back with no unsent op: the ops it lacks were compacted away
+        // (every writer saw them), so it gets a re-snapshot of the two
+        // surviving rows instead of a replay, and may not publish yet.
+        for step in 0..4 {
+            h.handle_gc(later(1_650 + step), 100).unwrap();
+        }
+        assert_eq!(h.gc_compacted().get(&NodeId::new("a").unwrap()), 4);
         let sid = h.handle_open();
         let empty = VersionVector::default();
         h.handle_message(
@@ -1824,14 +2266,19 @@ mod tests {
         )
         .unwrap();
         let msgs = drain(&mut h, sid);
-        let replayed: usize = msgs
+        assert!(
+            matches!(&msgs[0].body, Some(pb::hub_message::Body::Hello(r)) if r.snapshot),
+            "{msgs:?}"
+        );
+        let rows: usize = msgs
             .iter()
             .map(|m| match &m.body {
-                Some(pb::hub_message::Body::Ops(o)) => o.ops.len(),
+                Some(pb::hub_message::Body::Snapshot(c)) => c.rows.len(),
+                Some(pb::hub_message::Body::Ops(_)) => panic!("no ops during a snapshot"),
                 _ => 0,
             })
             .sum();
-        assert_eq!(replayed, 4, "the whole log is replayed");
+        assert_eq!(rows, 2, "the surviving rows, not the log");
         let ctl = h
             .handle_message(now(), sid, batch(vec![op("c", 1, 0)]))
             .unwrap();
@@ -1852,6 +2299,40 @@ mod tests {
             .unwrap();
         assert_eq!(ctl, Control::Continue);
         assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 1);
+    }
+
+    #[test]
+    fn a_hub_relaying_unmerged_tables_neither_compacts_nor_serves_partial_snapshots() {
+        let mut h = gc_hub();
+        h.set_tombstone_grace_ms(1_000);
+        let a = gc_session(&mut h, "a", "bidirectional");
+        let mut ops = three_rows_one_deleted();
+        let mut relayed = op("a", 5, 0);
+        relayed.table = "u".into();
+        ops.push(relayed);
+        h.handle_message(now(), a, batch(ops)).unwrap();
+        h.handle_message(now(), a, seen(&vv(&[("a", 5)]))).unwrap();
+        for step in 0..4 {
+            h.handle_gc(later(1_500 + step), 100).unwrap();
+        }
+        assert_eq!(h.gc_cut().stable, vv(&[("a", 5)]));
+        assert_eq!(
+            h.gc_stats().ops_compacted,
+            0,
+            "the log is all there is of u"
+        );
+        let sid = h.handle_open();
+        let ctl = h
+            .handle_message(
+                later(1_700),
+                sid,
+                gc_hello("c", "bidirectional", &vv(&[("c", 1)]), &vv(&[("c", 1)])),
+            )
+            .unwrap();
+        assert!(
+            matches!(ctl, Control::Close(ref m) if m.contains("does not merge")),
+            "{ctl:?}"
+        );
     }
 
     #[test]
@@ -1877,5 +2358,281 @@ mod tests {
             error_code(&drain(&mut h, a)).as_deref(),
             Some("bad_seen_report")
         );
+    }
+
+    mod resnap {
+        use super::*;
+        use std::collections::BTreeMap as Map;
+        use syncmesh_node::adapter::{CapturedChange, ChangeKind, ColumnInfo, TableSchema};
+        use syncmesh_node::config::Mode;
+        use syncmesh_node::core::{
+            Control as NodeControl, Event, NodeCore, NodeSettings, TableInfo,
+        };
+        use syncmesh_resolver::DeletePolicy;
+
+        type Node = NodeCore<MemStore>;
+
+        fn info(deletes: DeletePolicy) -> TableInfo {
+            let col = |n: &str| ColumnInfo {
+                name: n.into(),
+                decl_type: "TEXT".into(),
+                not_null: false,
+            };
+            TableInfo {
+                schema: TableSchema {
+                    name: "t".into(),
+                    columns: vec![col("id"), col("a")],
+                    key: vec!["id".into()],
+                },
+                rules: TableRules {
+                    deletes,
+                    ..TableRules::default()
+                },
+            }
+        }
+
+        fn node(name: &str, deletes: DeletePolicy) -> Node {
+            let settings = NodeSettings {
+                name: NodeId::new(name).unwrap(),
+                mode: Mode::Bidirectional,
+                batch_size: 100,
+                max_clock_drift_ms: 500,
+            };
+            NodeCore::open(settings, vec![info(deletes)], MemStore::default(), 0).unwrap()
+        }
+
+        fn row(id: i64, a: &str) -> Option<Map<String, Value>> {
+            Some(Map::from([
+                ("id".into(), Value::Int(id)),
+                ("a".into(), Value::Text(a.into())),
+            ]))
+        }
+
+        fn change(
+            id: i64,
+            kind: ChangeKind,
+            old: Option<Map<String, Value>>,
+            new: Option<Map<String, Value>>,
+        ) -> CapturedChange {
+            CapturedChange {
+                change_id: id,
+                table: "t".into(),
+                kind,
+                old,
+                new,
+            }
+        }
+
+        fn connect(h: &mut HubCore<MemStore>, n: &mut Node) -> SessionId {
+            let sid = h.handle_open();
+            assert!(n.poll_connect(u64::MAX / 2));
+            n.handle_connected(0);
+            sid
+        }
+
+        /// Passes messages both ways and lets the node apply (at change
+        /// id `watermark`) and collect/install, for a few rounds.
+        fn pump(
+            h: &mut HubCore<MemStore>,
+            sid: SessionId,
+            n: &mut Node,
+            now: Ntp64,
+            watermark: i64,
+        ) {
+            for _ in 0..64 {
+                while let Some(m) = n.poll_transmit().unwrap() {
+                    assert_eq!(h.handle_message(now, sid, m).unwrap(), Control::Continue);
+                }
+                while let Some(m) = h.poll_transmit(sid).unwrap() {
+                    assert_eq!(n.handle_message(now, m).unwrap(), NodeControl::Continue);
+                }
+                let p = n.poll_apply(100).unwrap();
+                if !p.is_empty() {
+                    n.handle_applied(&p, watermark).unwrap();
+                }
+                n.poll_gc(2).unwrap();
+            }
+        }
+
+        fn visible(
+            h: &HubCore<MemStore>,
+            rules: &TableRules,
+            id: i64,
+        ) -> Option<Map<String, Value>> {
+            let k = row_key(P_ROW, "t", &[Value::Int(id)]).unwrap();
+            let state: RowState = match h.store.get(&k).unwrap() {
+                Some(b) => postcard::from_bytes(&b).unwrap(),
+                None => RowState::default(),
+            };
+            state.visible(rules)
+        }
+
+        /// a and c hold rows 1..=3; c goes away beyond the grace; a deletes
+        /// row 1 and the hub collects it; offline, c updates rows 1 and 2
+        /// (captured), and row 1 again (captured only after the snapshot is
+        /// installed, before its apply). Returns hub, a, c, c's session and
+        /// c's events.
+        fn scenario(
+            deletes: DeletePolicy,
+        ) -> (HubCore<MemStore>, Node, Node, SessionId, Vec<Event>) {
+            let mut h = gc_hub();
+            h.set_tables(BTreeMap::from([(
+                "t".to_owned(),
+                info(deletes).rules.clone(),
+            )]));
+            h.set_tombstone_grace_ms(1_000);
+            let mut a = node("a", deletes);
+            let mut c = node("c", deletes);
+            let sa = connect(&mut h, &mut a);
+            let sc = connect(&mut h, &mut c);
+            let inserts: Vec<CapturedChange> = (1..=3)
+                .map(|i| change(i, ChangeKind::Insert, None, row(i, "v")))
+                .collect();
+            a.handle_captured(later(0), &inserts).unwrap();
+            pump(&mut h, sa, &mut a, later(0), 10);
+            pump(&mut h, sc, &mut c, later(0), 10);
+            pump(&mut h, sa, &mut a, later(0), 10);
+            assert_eq!(c.version_vector().get(&NodeId::new("a").unwrap()), 3);
+            h.handle_close(sc);
+            c.handle_disconnected(0, 0);
+            // a deletes row 1; beyond the grace the hub collects it.
+            a.handle_captured(
+                later(100),
+                &[change(11, ChangeKind::Delete, row(1, "v"), None)],
+            )
+            .unwrap();
+            pump(&mut h, sa, &mut a, later(100), 20);
+            for step in 0..4 {
+                h.handle_gc(later(2_000 + step), 100).unwrap();
+            }
+            assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
+            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+            // c's user writes while its node is away.
+            c.handle_captured(
+                later(200),
+                &[
+                    change(11, ChangeKind::Update, row(1, "v"), row(1, "c1")),
+                    change(12, ChangeKind::Update, row(2, "v"), row(2, "c2")),
+                ],
+            )
+            .unwrap();
+            // c comes back: re-snapshot instead of a refusal.
+            let sc = connect(&mut h, &mut c);
+            let now = later(2_100);
+            for _ in 0..64 {
+                while let Some(m) = c.poll_transmit().unwrap() {
+                    assert_eq!(h.handle_message(now, sc, m).unwrap(), Control::Continue);
+                }
+                while let Some(m) = h.poll_transmit(sc).unwrap() {
+                    assert_eq!(c.handle_message(now, m).unwrap(), NodeControl::Continue);
+                }
+                c.poll_gc(1).unwrap();
+            }
+            assert_eq!(c.resnap_progress().map(|p| p.1), Some(true));
+            // A change made before the apply of the snapshot, captured now.
+            c.handle_captured(
+                later(2_200),
+                &[change(13, ChangeKind::Update, row(1, "c1"), row(1, "c3"))],
+            )
+            .unwrap();
+            pump(&mut h, sc, &mut c, later(2_300), 30);
+            pump(&mut h, sa, &mut a, later(2_300), 30);
+            let mut events = Vec::new();
+            while let Some(e) = c.poll_event() {
+                events.push(e);
+            }
+            (h, a, c, sc, events)
+        }
+
+        #[test]
+        fn a_node_that_wrote_while_away_is_resnapshotted_and_nothing_resurrects() {
+            let (mut h, a, c, _, events) = scenario(DeletePolicy::DeleteWins);
+            let rules = info(DeletePolicy::DeleteWins).rules;
+            let notice = h.poll_notice().unwrap();
+            assert!(
+                notice.contains("re-snapshot of node c") && notice.contains("a:4"),
+                "{notice}"
+            );
+            assert_eq!(h.gc_stats().refused, 0, "re-snapshotted, not refused");
+            assert_eq!(h.gc_stats().snapshots_served, 1);
+            let lines: Vec<&String> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Resnapshot(l) => Some(l),
+                    _ => None,
+                })
+                .collect();
+            assert!(lines.iter().any(|l| l.contains("installed")), "{lines:?}");
+            // Every write of c reached the hub (the two to row 1 emptied).
+            assert_eq!(h.version_vector().get(&NodeId::new("c").unwrap()), 3);
+            let c_ops = c.own_ops(1, 10).unwrap();
+            assert!(c_ops[0].fields.is_empty() && c_ops[2].fields.is_empty());
+            assert_eq!(c_ops[1].fields.len(), 1);
+            // Row 1 stays deleted everywhere; c's write to row 2 is kept.
+            assert_eq!(visible(&h, &rules, 1), None);
+            assert_eq!(visible(&h, &rules, 2), row(2, "c2"));
+            assert_eq!(visible(&h, &rules, 3), row(3, "v"));
+            for n in [&a, &c] {
+                for id in 1..=3 {
+                    assert_eq!(
+                        n.row_state("t", &[Value::Int(id)]).unwrap().visible(&rules),
+                        visible(&h, &rules, id),
+                        "{} row {id}",
+                        n.name()
+                    );
+                }
+            }
+            // c adopted the hub's vector and is trusted again.
+            assert_eq!(c.version_vector().get(&NodeId::new("a").unwrap()), 4);
+            assert!(h.gc_untrusted(&NodeId::new("c").unwrap()).is_none());
+        }
+
+        #[test]
+        fn under_update_wins_the_concurrently_updated_row_comes_back() {
+            let (h, a, c, _, _) = scenario(DeletePolicy::UpdateWins);
+            let rules = info(DeletePolicy::UpdateWins).rules;
+            let c3 = Some(Map::from([("a".to_owned(), Value::Text("c3".into()))]));
+            assert_eq!(visible(&h, &rules, 1), c3, "fields written concurrently");
+            assert_eq!(visible(&h, &rules, 2), row(2, "c2"));
+            for n in [&a, &c] {
+                assert_eq!(
+                    n.row_state("t", &[Value::Int(1)]).unwrap().visible(&rules),
+                    c3
+                );
+            }
+        }
+
+        #[test]
+        fn the_op_log_is_compacted_below_the_cut_and_a_new_node_gets_a_snapshot() {
+            let (mut h, _, _, _, _) = scenario(DeletePolicy::DeleteWins);
+            let rules = info(DeletePolicy::DeleteWins).rules;
+            for step in 0..8 {
+                h.handle_gc(later(3_000 + step), 2).unwrap();
+            }
+            assert!(h.gc_stats().ops_compacted >= 4, "{:?}", h.gc_stats());
+            assert_eq!(h.gc_compacted().get(&NodeId::new("a").unwrap()), 4);
+            assert_eq!(
+                h.stored_op_count().unwrap() as u64,
+                7 - h.gc_stats().ops_compacted
+            );
+            // A brand-new node with an empty database needs ops the hub
+            // dropped: it gets the snapshot, then the rest of the log.
+            let mut d = node("d", DeletePolicy::DeleteWins);
+            let sd = connect(&mut h, &mut d);
+            pump(&mut h, sd, &mut d, later(3_100), 40);
+            assert_eq!(d.resnap_progress().map(|p| p.1), Some(true));
+            assert_eq!(d.version_vector(), &{
+                let mut v = h.version_vector().clone();
+                v.0.retain(|_, s| *s > 0);
+                v
+            });
+            for id in 1..=3 {
+                assert_eq!(
+                    d.row_state("t", &[Value::Int(id)]).unwrap().visible(&rules),
+                    visible(&h, &rules, id),
+                    "row {id}"
+                );
+            }
+        }
     }
 }

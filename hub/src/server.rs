@@ -33,7 +33,7 @@ enum Cmd {
         out: Out,
         reply: oneshot::Sender<SessionId>,
     },
-    Msg(SessionId, pb::NodeMessage),
+    Msg(SessionId, Box<pb::NodeMessage>),
     Closed(SessionId),
     Status(oneshot::Sender<pb::StatusReply>),
     Conflicts(
@@ -115,7 +115,7 @@ impl pb::sync_server::Sync for Service {
             loop {
                 match inbound.message().await {
                     Ok(Some(m)) => {
-                        if cmds.send(Cmd::Msg(sid, m)).await.is_err() {
+                        if cmds.send(Cmd::Msg(sid, Box::new(m))).await.is_err() {
                             break;
                         }
                     }
@@ -436,7 +436,10 @@ async fn run_actor(
                     Cmd::Msg(sid, msg) => {
                         let started = std::time::Instant::now();
                         let node = core.session_node(sid).map(|n| n.to_string());
-                        let ctl = core.handle_message(wall_now(), sid, msg)?;
+                        let ctl = core.handle_message(wall_now(), sid, *msg)?;
+                        while let Some(line) = core.poll_notice() {
+                            tracing::warn!(session = sid, "{line}");
+                        }
                         // Flushed: lag samples end now.
                         obs.telemetry.update(wall_ms(), core.metrics_mut());
                         let ms = started.elapsed().as_millis() as u64;

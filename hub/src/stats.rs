@@ -100,6 +100,8 @@ mod tests {
                 mode: "bidirectional".into(),
                 engine: "sqlite".into(),
                 seen: None,
+                resnap: false,
+                snapshot: None,
             })),
         }
     }

@@ -364,6 +364,17 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
             "errors_total": t.errors_total,
             "conflicts_total": t.conflicts_total,
         })).collect::<Vec<_>>(),
+        "gc": {
+            "stable_cut": vv_map(&s.gc_cut.as_ref().and_then(|c| c.stable.clone())),
+            "cut_horizon": vv_map(&s.gc_cut.as_ref().and_then(|c| c.horizon.clone())),
+            "cut_advanced_unix_ms": s.gc_cut_advanced_unix_ms,
+            "cuts": s.gc_cuts,
+            "rows_collected": s.gc_rows_collected,
+            "rows_dropped": s.gc_rows_dropped,
+            "ops_compacted": s.gc_ops_compacted,
+            "snapshots_served": s.gc_snapshots_served,
+            "refused": s.gc_refused,
+        },
         "nodes": s.nodes.iter().map(|n| json!({
             "node": n.node,
             "connected": n.connected,

@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
-    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, Strategy, TableRules,
-    Value, VersionVector, VisibleRow,
+    DeletePolicy, FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, OpKind, RowState,
+    Strategy, TableRules, Value, VersionVector, VisibleRow,
 };
 
 use crate::adapter::{CapturedChange, ChangeKind, RowWrite, TableSchema};
@@ -49,6 +49,10 @@ const P_VIEW: &[u8] = b"w/";
 /// Adapters' own durable records (`m/x/<name>`): a snapshot cursor, a
 /// change-stream resume token.
 const P_META: &[u8] = b"m/x/";
+/// Re-snapshot: its progress and phase.
+const K_RESNAP: &[u8] = b"s/meta";
+/// Re-snapshot: staged row states, `s/r/<id: u64 BE><table>\0<key>`.
+const P_RESNAP_ROW: &[u8] = b"s/r/";
 
 /// An adapter record to write with a batch: name and value (`None`
 /// removes it).
@@ -156,6 +160,9 @@ pub enum Event {
     },
     /// A problem with input from the hub; the core carried on.
     Warning(String),
+    /// A re-snapshot from the hub started, was installed, or changed a
+    /// write (one line for the log).
+    Resnapshot(String),
     /// The hub reported an error.
     HubError {
         /// Stable code.
@@ -256,6 +263,53 @@ pub struct NodeCore<S: LogStore> {
     durable: BTreeMap<String, u64>,
     /// Tombstone garbage collection.
     gc: NodeGc,
+    /// A re-snapshot in progress, or the last one installed.
+    resnap: Option<Resnap>,
+    /// The hub said snapshot chunks follow on this stream: own ops wait.
+    resnap_expected: bool,
+    /// The hello is built when it is sent (not while a re-snapshot installs).
+    hello_due: bool,
+}
+
+/// A re-snapshot from the hub (persisted under `s/meta`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Resnap {
+    progress: wire::SnapshotProgress,
+    tables: Vec<String>,
+    phase: ResnapPhase,
+    /// Counters for the log line.
+    replaced: u64,
+    removed: u64,
+    dropped_writes: u64,
+}
+
+/// Where a re-snapshot is. Staging: chunks arrive into `s/r/`. Rows: the
+/// staged states replace `r/` (cursor: next row key). Own: own ops the
+/// hub lacks are merged again (next seq, last seq). Cleanup: `s/r/` is
+/// removed. Done: installed (kept: the hello tells the hub).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum ResnapPhase {
+    Staging,
+    Rows(Vec<u8>),
+    Own(u64, u64),
+    Cleanup,
+    Done,
+}
+
+/// Whether `op`, an own write made before this node saw the collected cut,
+/// is an update of a row the collected deletes removed: under
+/// `delete_wins`, an upsert with no `row_pred` (an update of a row its
+/// database showed, not an insert) to a row whose merged state has no
+/// live write and no tombstone. Every write it saw was superseded by ops
+/// it did not see, ending in a delete whose tombstone is gone; without
+/// collection that tombstone would hide it. ARCHITECTURE.md, invariant 6.
+fn lost_update(info: &TableInfo, state: &RowState, op: &Op) -> bool {
+    info.rules.deletes == DeletePolicy::DeleteWins
+        && op.kind == OpKind::Upsert
+        && op.row_pred.is_empty()
+        && !op.fields.is_empty()
+        && !state.has_tombstone()
+        && state.visible(&info.rules).is_none()
 }
 
 /// Tombstone GC state of a node (in memory: the hub sends its cut again in
@@ -363,7 +417,9 @@ pub fn row_key(prefix: &[u8], table: &str, key: &[Value]) -> Result<Vec<u8>> {
     Ok(k)
 }
 
-fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
+/// Splits a key made by [`row_key`] (after `prefix_len` prefix bytes) into
+/// table and key values.
+pub fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
     let rest = &k[prefix_len.min(k.len())..];
     let nul = rest
         .iter()
@@ -471,7 +527,13 @@ impl<S: LogStore> NodeCore<S> {
             engine: String::new(),
             durable: BTreeMap::new(),
             gc: NodeGc::default(),
+            resnap: None,
+            resnap_expected: false,
+            hello_due: false,
         };
+        if let Some(b) = core.store.get(K_RESNAP)? {
+            core.resnap = Some(dec(&b, "re-snapshot progress")?);
+        }
         let mut batch = WriteBatch::default();
         let loaded: Vec<Vec<u8>> = core.db_views.keys().cloned().collect();
         for rk in loaded {
@@ -636,6 +698,11 @@ impl<S: LogStore> NodeCore<S> {
         changes: &[CapturedChange],
         meta: &[MetaWrite],
     ) -> Result<i64> {
+        if self.resnap_installing() {
+            // Captured after the re-snapshot is installed (the change rows
+            // stay in the change table until then).
+            return Ok(self.checkpoint);
+        }
         let Some(last) = changes.last() else {
             self.handle_meta(meta)?;
             return Ok(self.checkpoint);
@@ -679,6 +746,14 @@ impl<S: LogStore> NodeCore<S> {
         rows: &[CapturedChange],
         meta: &[MetaWrite],
     ) -> Result<()> {
+        if self.resnap_installing() {
+            return Err(Error::Database {
+                database: self.settings.name.to_string(),
+                message: "a re-snapshot from the hub is being installed; the initial snapshot \
+                          continues once it is"
+                    .into(),
+            });
+        }
         if rows.is_empty() {
             return self.handle_meta(meta);
         }
@@ -747,7 +822,7 @@ impl<S: LogStore> NodeCore<S> {
                         ids.into_iter().collect::<Vec<_>>()
                     }
                 };
-                let op = match fields {
+                let mut op = match fields {
                     None => Op::delete(
                         id,
                         hlc,
@@ -786,6 +861,23 @@ impl<S: LogStore> NodeCore<S> {
                         op
                     }
                 };
+                // Written from a database view older than a re-snapshot
+                // that removed the row (a collected delete it never saw).
+                if let Some(floor) = self.resnap_floor()
+                    && view
+                        .as_ref()
+                        .is_some_and(|(_, seen)| !seen.dominates(floor))
+                    && lost_update(&info, &row, &op)
+                {
+                    op.fields.clear();
+                    self.stats.warnings += 1;
+                    self.events.push_back(Event::Resnapshot(format!(
+                        "write {} to table {} key {:?} was made before this node saw a delete \
+                         of the row that the mesh has garbage-collected; delete_wins: the \
+                         write is dropped and the row deleted here too",
+                        op.id, op.table, op.key
+                    )));
+                }
                 row.apply(&op);
                 self.vv.set(self.settings.name.clone(), self.seq);
 
@@ -871,7 +963,17 @@ impl<S: LogStore> NodeCore<S> {
     pub fn handle_connected(&mut self, _now_ms: u64) {
         self.conn = Conn::Handshaking;
         self.outbox.clear();
-        self.outbox.push_back(pb::NodeMessage {
+        self.hello_due = true;
+        self.resnap_expected = false;
+        self.gc.hub_speaks = false;
+        self.gc.reported = None;
+        self.gc.report_due = false;
+    }
+
+    /// The hello, built when it is sent (a re-snapshot being installed
+    /// holds it back, so it carries the installed state).
+    fn hello(&self) -> pb::NodeMessage {
+        pb::NodeMessage {
             body: Some(pb::node_message::Body::Hello(pb::Hello {
                 protocol_version: syncmesh_proto::PROTOCOL_VERSION,
                 node: self.settings.name.as_str().to_owned(),
@@ -882,11 +984,13 @@ impl<S: LogStore> NodeCore<S> {
                 // follows as a `SeenReport` after a flush (see
                 // `poll_seen_report`).
                 seen: Some(pb::VersionVector::default()),
+                resnap: true,
+                snapshot: self
+                    .resnap
+                    .as_ref()
+                    .map(|r| wire::snapshot_progress_to_proto(&r.progress)),
             })),
-        });
-        self.gc.hub_speaks = false;
-        self.gc.reported = None;
-        self.gc.report_due = false;
+        }
     }
 
     /// The stream closed or could not be opened; `jitter_ms` (from the
@@ -939,6 +1043,16 @@ impl<S: LogStore> NodeCore<S> {
                     sent_own: has,
                 };
                 self.events.push_back(Event::Connected { hub_has_own: has });
+                self.resnap_expected = h.snapshot;
+                if !h.snapshot
+                    && let Some(r) = &mut self.resnap
+                    && r.phase == ResnapPhase::Staging
+                {
+                    // The hub no longer serves it: drop what was staged.
+                    r.phase = ResnapPhase::Cleanup;
+                    let r = r.clone();
+                    self.save_resnap(&r)?;
+                }
                 if let Some(cut) = h.cut {
                     self.gc.hub_speaks = true;
                     self.gc.report_due = true;
@@ -965,8 +1079,12 @@ impl<S: LogStore> NodeCore<S> {
                     e.code, e.message
                 )))
             }
+            Some(Body::Ops(_)) if self.resnap_expected => Ok(Control::Reconnect(
+                "the hub sent ops during a re-snapshot; reconnecting".into(),
+            )),
             Some(Body::Ops(batch)) => self.handle_remote_ops(now, batch),
             Some(Body::Cut(cut)) => self.handle_cut(cut),
+            Some(Body::Snapshot(chunk)) => self.handle_snapshot_chunk(chunk),
         }
     }
 
@@ -1104,13 +1222,20 @@ impl<S: LogStore> NodeCore<S> {
 
     /// The next message for the hub, if any.
     pub fn poll_transmit(&mut self) -> Result<Option<pb::NodeMessage>> {
+        if self.resnap_installing() {
+            return Ok(None);
+        }
+        if self.hello_due && !matches!(self.conn, Conn::Disconnected { .. }) {
+            self.hello_due = false;
+            return Ok(Some(self.hello()));
+        }
         if let Some(m) = self.outbox.pop_front() {
             return Ok(Some(m));
         }
         if let Some(m) = self.poll_seen_report()? {
             return Ok(Some(m));
         }
-        if self.settings.mode == Mode::Subscribe {
+        if self.settings.mode == Mode::Subscribe || self.resnap_expected {
             return Ok(None);
         }
         let Conn::Connected {
@@ -1188,6 +1313,10 @@ impl<S: LogStore> NodeCore<S> {
     /// Up to `limit` rows whose visible state must be written to the database.
     pub fn poll_apply(&mut self, limit: usize) -> Result<Vec<PendingApply>> {
         let mut out = Vec::new();
+        if self.resnap_installing() {
+            // Rows are written once the whole snapshot is installed.
+            return Ok(out);
+        }
         for (k, generation) in self.dirty.iter().take(limit) {
             let (table, key) = split_row_key(k, 0)?;
             let Some(info) = self.tables.get(&table) else {
@@ -1353,6 +1482,14 @@ impl<S: LogStore> NodeCore<S> {
     /// future captures have seen dominates its stable vector (P2 for its
     /// own ops). Returns the rows examined.
     pub fn poll_gc(&mut self, max_rows: usize) -> Result<usize> {
+        if self.resnap.as_ref().is_some_and(|r| {
+            matches!(
+                r.phase,
+                ResnapPhase::Rows(_) | ResnapPhase::Own(..) | ResnapPhase::Cleanup
+            )
+        }) {
+            return self.resnap_step(max_rows.max(1));
+        }
         if self.gc.cursor.is_none()
             && let Some(cut) = &self.gc.pending
             && self.vv.dominates(&cut.horizon)
@@ -1385,6 +1522,357 @@ impl<S: LogStore> NodeCore<S> {
             self.store.flush()?;
         }
         Ok(rows.len())
+    }
+}
+
+/// A row's current and staged state bytes during a re-snapshot install.
+type OldNew<'a> = (Option<&'a Vec<u8>>, Option<&'a Vec<u8>>);
+
+/// Re-snapshot from the hub (see ARCHITECTURE.md, invariant 6).
+impl<S: LogStore> NodeCore<S> {
+    /// True while a re-snapshot replaces the row states (capture, apply
+    /// and the hub stream wait).
+    pub fn resnap_installing(&self) -> bool {
+        self.resnap
+            .as_ref()
+            .is_some_and(|r| matches!(r.phase, ResnapPhase::Rows(_) | ResnapPhase::Own(..)))
+    }
+
+    /// Re-snapshots installed or being installed: the snapshot's id and
+    /// whether it is installed (for tests and status).
+    pub fn resnap_progress(&self) -> Option<(u64, bool)> {
+        self.resnap
+            .as_ref()
+            .map(|r| (r.progress.id, r.progress.installed))
+    }
+
+    /// The stable cut of the installed re-snapshot: a write from a database
+    /// view that had not seen it may hit a row its collected deletes
+    /// removed.
+    fn resnap_floor(&self) -> Option<&VersionVector> {
+        self.resnap
+            .as_ref()
+            .filter(|r| r.progress.installed)
+            .map(|r| &r.progress.cut.stable)
+    }
+
+    fn save_resnap(&mut self, r: &Resnap) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(K_RESNAP.to_vec(), enc(r)?);
+        self.store.write(batch)?;
+        self.store.flush()
+    }
+
+    fn staged_prefix(id: u64) -> Vec<u8> {
+        let mut k = P_RESNAP_ROW.to_vec();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    /// Stages one chunk (flushed with the progress record), then
+    /// acknowledges it; the last one starts the install.
+    fn handle_snapshot_chunk(&mut self, chunk: pb::SnapshotChunk) -> Result<Control> {
+        if !self.resnap_expected {
+            return Ok(Control::Reconnect(
+                "the hub sent a snapshot chunk it had not announced; reconnecting".into(),
+            ));
+        }
+        let chunk = match wire::snapshot_chunk_from_proto(chunk) {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(Control::Reconnect(format!(
+                    "bad snapshot chunk from the hub: {e}"
+                )));
+            }
+        };
+        let same = self.resnap.as_ref().is_some_and(|r| {
+            r.phase == ResnapPhase::Staging
+                && r.progress.id == chunk.progress.id
+                && r.progress.cut == chunk.progress.cut
+                && r.progress.vv == chunk.progress.vv
+        });
+        let mut r = match (&self.resnap, same) {
+            (Some(r), true) => r.clone(),
+            _ => {
+                self.events.push_back(Event::Resnapshot(format!(
+                    "re-snapshot {} from the hub: this node missed deletes the mesh has \
+                     garbage-collected (stable cut {:?}); its row states are replaced by the \
+                     hub's, rows deleted meanwhile are deleted from the database, then its \
+                     unsent writes are merged and sent",
+                    chunk.progress.id, chunk.progress.cut.stable.0
+                )));
+                Resnap {
+                    progress: wire::SnapshotProgress {
+                        after_key: Vec::new(),
+                        ..chunk.progress.clone()
+                    },
+                    tables: chunk.tables.clone(),
+                    phase: ResnapPhase::Staging,
+                    replaced: 0,
+                    removed: 0,
+                    dropped_writes: 0,
+                }
+            }
+        };
+        let prefix = Self::staged_prefix(r.progress.id);
+        let mut batch = WriteBatch::default();
+        for (table, key, state) in &chunk.rows {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&row_key(b"", table, key)?);
+            batch.put(k, enc(state)?);
+        }
+        if !chunk.rows.is_empty() {
+            r.progress.after_key = chunk.progress.after_key.clone();
+        }
+        if chunk.last {
+            r.phase = ResnapPhase::Rows(Vec::new());
+        }
+        batch.put(K_RESNAP.to_vec(), enc(&r)?);
+        self.store.write(batch)?;
+        self.store.flush()?;
+        if !chunk.last {
+            self.outbox.push_back(pb::NodeMessage {
+                body: Some(pb::node_message::Body::SnapshotAck(pb::SnapshotAck {
+                    id: r.progress.id,
+                    after_key: r.progress.after_key.clone(),
+                    installed: false,
+                })),
+            });
+        }
+        self.resnap = Some(r);
+        Ok(Control::Continue)
+    }
+
+    /// One bounded step of installing a re-snapshot (at most `max` keys,
+    /// one flushed batch).
+    fn resnap_step(&mut self, max: usize) -> Result<usize> {
+        let Some(mut r) = self.resnap.clone() else {
+            return Ok(0);
+        };
+        match r.phase.clone() {
+            ResnapPhase::Rows(cursor) => self.resnap_rows(&mut r, &cursor, max),
+            ResnapPhase::Own(next, upto) => self.resnap_own(&mut r, next, upto, max),
+            ResnapPhase::Cleanup => {
+                let keys = self
+                    .store
+                    .range(P_RESNAP_ROW, &prefix_end(P_RESNAP_ROW), max)?;
+                let n = keys.len();
+                let mut batch = WriteBatch::default();
+                for (k, _) in keys {
+                    batch.remove(k);
+                }
+                if n < max {
+                    if r.progress.installed {
+                        r.phase = ResnapPhase::Done;
+                        batch.put(K_RESNAP.to_vec(), enc(&r)?);
+                        self.resnap = Some(r);
+                    } else {
+                        batch.remove(K_RESNAP.to_vec());
+                        self.resnap = None;
+                    }
+                }
+                self.store.write(batch)?;
+                self.store.flush()?;
+                Ok(n)
+            }
+            ResnapPhase::Staging | ResnapPhase::Done => Ok(0),
+        }
+    }
+
+    /// Replaces the row states from `cursor` on with the staged ones (rows
+    /// the hub does not have go: their deletes were collected). A changed
+    /// row keeps a view of what the database shows until it is applied,
+    /// and is journaled dirty.
+    fn resnap_rows(&mut self, r: &mut Resnap, cursor: &[u8], max: usize) -> Result<usize> {
+        let prefix = Self::staged_prefix(r.progress.id);
+        let mut from_rows = P_ROW.to_vec();
+        from_rows.extend_from_slice(cursor);
+        let mut from_staged = prefix.clone();
+        from_staged.extend_from_slice(cursor);
+        let current = self.store.range(&from_rows, &prefix_end(P_ROW), max)?;
+        let staged = self.store.range(&from_staged, &prefix_end(&prefix), max)?;
+        // Keys beyond the end of a full range may be missing from it.
+        let mut bound: Option<Vec<u8>> = None;
+        for (rows, plen) in [(&current, P_ROW.len()), (&staged, prefix.len())] {
+            if rows.len() >= max
+                && let Some((k, _)) = rows.last()
+            {
+                let k = k[plen..].to_vec();
+                bound = Some(match bound {
+                    Some(b) if b < k => b,
+                    _ => k,
+                });
+            }
+        }
+        let mut keys: BTreeMap<Vec<u8>, OldNew<'_>> = BTreeMap::new();
+        for (k, v) in &current {
+            keys.entry(k[P_ROW.len()..].to_vec()).or_default().0 = Some(v);
+        }
+        for (k, v) in &staged {
+            keys.entry(k[prefix.len()..].to_vec()).or_default().1 = Some(v);
+        }
+        let mut ov = Overlay::default();
+        let mut n = 0;
+        let mut last: Option<Vec<u8>> = None;
+        for (k, (old, new)) in keys {
+            if bound.as_ref().is_some_and(|b| k > *b) {
+                break;
+            }
+            n += 1;
+            last = Some(k.clone());
+            let (table, _) = split_row_key(&k, 0)?;
+            if !r.tables.contains(&table) {
+                continue; // a table the hub does not merge: kept as it is
+            }
+            let old: RowState = match old {
+                Some(b) => dec(b, "row state")?,
+                None => RowState::default(),
+            };
+            let new: RowState = match new {
+                Some(b) => dec(b, "staged row state")?,
+                None => RowState::default(),
+            };
+            if old == new {
+                continue;
+            }
+            let mut rk = P_ROW.to_vec();
+            rk.extend_from_slice(&k);
+            if self.settings.mode == Mode::Bidirectional && !self.db_views.contains_key(&rk) {
+                let view = DbView {
+                    from: i64::MIN,
+                    state: old,
+                    seen: self.vv.clone(),
+                };
+                ov.views.insert(k.clone(), view.clone());
+                self.db_views.insert(rk.clone(), vec![view]);
+            }
+            if new.is_empty() {
+                ov.batch.remove(rk);
+                r.removed += 1;
+            } else {
+                ov.batch.put(rk, enc(&new)?);
+                r.replaced += 1;
+            }
+            ov.dirty.insert(k);
+        }
+        let more = bound.is_some();
+        r.phase = match (more, last) {
+            (true, Some(mut k)) => {
+                k.push(0);
+                ResnapPhase::Rows(k)
+            }
+            _ => ResnapPhase::Own(r.progress.vv.get(&self.settings.name) + 1, self.seq),
+        };
+        ov.batch.put(K_RESNAP.to_vec(), enc(&*r)?);
+        self.commit(ov)?;
+        self.resnap = Some(r.clone());
+        Ok(n)
+    }
+
+    /// Merges own ops `next..=upto` (the hub lacks them) into the installed
+    /// states, dropping updates of rows collected deletes removed
+    /// ([`lost_update`]; the op is rewritten in the log before it is ever
+    /// sent). The last step adopts the snapshot's version vector.
+    fn resnap_own(&mut self, r: &mut Resnap, next: u64, upto: u64, max: usize) -> Result<usize> {
+        let ops = if next <= upto {
+            self.own_ops(next, max.min((upto - next + 1) as usize))?
+        } else {
+            Vec::new()
+        };
+        let mut ov = Overlay::default();
+        let mut last = next.saturating_sub(1);
+        for mut op in ops {
+            if op.id.seq > upto {
+                break;
+            }
+            last = op.id.seq;
+            let Some(info) = self.tables.get(&op.table).cloned() else {
+                continue;
+            };
+            if !r.tables.contains(&op.table) {
+                continue;
+            }
+            let rk = row_key(P_ROW, &op.table, &op.key)?;
+            let mut row = self.load_row(&mut ov, &rk)?;
+            if lost_update(&info, &row, &op) {
+                op.fields.clear();
+                r.dropped_writes += 1;
+                self.stats.warnings += 1;
+                self.events.push_back(Event::Resnapshot(format!(
+                    "unsent write {} to table {} key {:?} was made before this node saw a delete \
+                     of the row that the mesh has garbage-collected; delete_wins: the write is \
+                     dropped and the row stays deleted",
+                    op.id, op.table, op.key
+                )));
+                let mut lk = P_LOG.to_vec();
+                lk.extend_from_slice(&op.id.seq.to_be_bytes());
+                ov.batch.put(lk, enc(&op)?);
+            }
+            row.apply(&op);
+            ov.rows.insert(rk, row);
+            ov.dirty.insert(row_key(b"", &op.table, &op.key)?);
+        }
+        let done = last >= upto;
+        if done {
+            // Installed: adopt the hub's version vector (own ops stay).
+            let me = self.settings.name.clone();
+            let old: Vec<NodeId> = self.vv.0.keys().cloned().collect();
+            for o in old {
+                if o != me && r.progress.vv.get(&o) == 0 {
+                    let mut vk = P_VV.to_vec();
+                    vk.extend_from_slice(o.as_str().as_bytes());
+                    ov.batch.remove(vk);
+                    self.vv.0.remove(&o);
+                }
+            }
+            for (o, s) in &r.progress.vv.0 {
+                if *o != me {
+                    let mut vk = P_VV.to_vec();
+                    vk.extend_from_slice(o.as_str().as_bytes());
+                    ov.batch.put(vk, s.to_be_bytes().to_vec());
+                    self.vv.set(o.clone(), *s);
+                }
+            }
+            self.stats.remote_ops = self.vv.total() - self.vv.get(&me);
+            r.progress.installed = true;
+            r.phase = ResnapPhase::Cleanup;
+        } else {
+            r.phase = ResnapPhase::Own(last + 1, upto);
+        }
+        ov.batch.put(K_RESNAP.to_vec(), enc(&*r)?);
+        self.commit(ov)?;
+        self.resnap = Some(r.clone());
+        if done {
+            let cut = r.progress.cut.clone();
+            let newer = cut.stable != self.gc.active.stable
+                && cut.stable.dominates(&self.gc.active.stable)
+                && self
+                    .gc
+                    .pending
+                    .as_ref()
+                    .is_none_or(|p| cut.stable.dominates(&p.stable));
+            if newer {
+                self.gc.pending = Some(cut);
+            }
+            self.gc.report_due = true;
+            self.events.push_back(Event::Resnapshot(format!(
+                "re-snapshot {} installed: {} row states replaced, {} removed (their rows are \
+                 deleted from the database), {} unsent writes dropped under delete_wins; the \
+                 node's unsent ops follow",
+                r.progress.id, r.replaced, r.removed, r.dropped_writes
+            )));
+            if self.resnap_expected && matches!(self.conn, Conn::Connected { .. }) {
+                self.outbox.push_back(pb::NodeMessage {
+                    body: Some(pb::node_message::Body::SnapshotAck(pb::SnapshotAck {
+                        id: r.progress.id,
+                        after_key: r.progress.after_key.clone(),
+                        installed: true,
+                    })),
+                });
+            }
+            self.resnap_expected = false;
+        }
+        Ok((last + 1).saturating_sub(next) as usize)
     }
 }
 
@@ -1580,6 +2068,7 @@ mod tests {
                 hub: "hub".into(),
                 version_vector: None,
                 cut: None,
+                snapshot: false,
             })),
         }
     }
@@ -1854,6 +2343,7 @@ mod tests {
                 hub: "hub".into(),
                 version_vector: Some(wire::vv_to_proto(&vv)),
                 cut: None,
+                snapshot: false,
             })),
         };
         let err = a.handle_message(t(1000), reply).unwrap_err().to_string();
@@ -2005,5 +2495,173 @@ mod tests {
             .unwrap();
         assert_eq!(a.poll_gc(10).unwrap(), 0);
         assert!(a.gc_cut().is_empty());
+    }
+
+    fn snapshot_reply() -> pb::HubMessage {
+        let mut reply = hello_reply();
+        if let Some(pb::hub_message::Body::Hello(h)) = &mut reply.body {
+            h.cut = Some(pb::StableCut::default());
+            h.snapshot = true;
+        }
+        reply
+    }
+
+    fn chunk(rows: &[(i64, &RowState)], last: bool) -> pb::HubMessage {
+        let mut vv = VersionVector::default();
+        vv.set(NodeId::new("b").unwrap(), 4);
+        let cut = wire::StableCut {
+            stable: vv.clone(),
+            horizon: vv.clone(),
+        };
+        pb::HubMessage {
+            body: Some(pb::hub_message::Body::Snapshot(pb::SnapshotChunk {
+                id: 7,
+                cut: Some(wire::cut_to_proto(&cut)),
+                version_vector: Some(wire::vv_to_proto(&vv)),
+                tables: vec!["t".into()],
+                rows: rows
+                    .iter()
+                    .map(|(id, st)| pb::SnapshotRow {
+                        table: "t".into(),
+                        key: vec![wire::value_to_proto(&Value::Int(*id))],
+                        state: postcard::to_allocvec(st).unwrap(),
+                    })
+                    .collect(),
+                after_key: rows
+                    .last()
+                    .map(|(id, _)| row_key(b"", "t", &[Value::Int(*id)]).unwrap())
+                    .unwrap_or_default(),
+                last,
+                state_format: syncmesh_proto::SNAPSHOT_STATE_FORMAT,
+            })),
+        }
+    }
+
+    fn reopen(c: NodeCore<MemStore>) -> NodeCore<MemStore> {
+        let mut store = c.into_store();
+        store.crash();
+        NodeCore::open(settings("c"), vec![schema()], store, 0).unwrap()
+    }
+
+    fn snapshot_acks(msgs: &[pb::NodeMessage]) -> Vec<pb::SnapshotAck> {
+        msgs.iter()
+            .filter_map(|m| match &m.body {
+                Some(pb::node_message::Body::SnapshotAck(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// c holds rows 1 and 2 of b; the hub's snapshot has rows 2 and 3 (b
+    /// deleted row 1 and it was collected). Crashes after the first chunk
+    /// and in the middle of the install resume; the half-installed state
+    /// is never applied, sent or acknowledged as installed.
+    #[test]
+    fn a_crash_mid_snapshot_resumes_and_never_uses_a_half_installed_state() {
+        let ops = ops_from_b(&[
+            change(1, ChangeKind::Insert, None, row(1, "x", "y")),
+            change(2, ChangeKind::Insert, None, row(2, "x", "y")),
+            change(3, ChangeKind::Insert, None, row(3, "x", "y")),
+            change(4, ChangeKind::Delete, row(1, "x", "y"), None),
+        ]);
+        let state = |i: usize| {
+            let mut st = RowState::default();
+            st.apply(&wire::op_from_proto(ops[i].clone()).unwrap());
+            st
+        };
+        let (row2, row3) = (state(1), state(2));
+        let mut c = connected("c");
+        c.handle_message(t(1000), remote_batch(ops[..2].to_vec()))
+            .unwrap();
+        let p = c.poll_apply(10).unwrap();
+        c.handle_applied(&p, 0).unwrap();
+        drain(&mut c);
+        // The snapshot starts; the first chunk is flushed and acknowledged.
+        c.handle_connected(0);
+        drain(&mut c);
+        c.handle_message(t(1000), snapshot_reply()).unwrap();
+        c.handle_message(t(1000), chunk(&[(2, &row2)], false))
+            .unwrap();
+        let acks = snapshot_acks(&drain(&mut c));
+        assert_eq!(acks.len(), 1);
+        assert!(!acks[0].installed);
+        // Crash: the staged chunk survives, and the hello says where it is.
+        let mut c = reopen(c);
+        assert_eq!(c.resnap_progress(), Some((7, false)));
+        assert!(!c.resnap_installing());
+        c.poll_connect(u64::MAX / 2);
+        c.handle_connected(0);
+        let hello = drain(&mut c);
+        let Some(pb::node_message::Body::Hello(h)) = &hello[0].body else {
+            panic!("{hello:?}")
+        };
+        let progress = h.snapshot.clone().unwrap();
+        assert!(h.resnap && !progress.installed);
+        assert_eq!(
+            progress.after_key,
+            row_key(b"", "t", &[Value::Int(2)]).unwrap()
+        );
+        c.handle_message(t(1000), snapshot_reply()).unwrap();
+        c.handle_message(t(1000), chunk(&[(3, &row3)], true))
+            .unwrap();
+        assert!(c.resnap_installing());
+        // One key installed, then a crash: still installing after restart.
+        assert_eq!(c.poll_gc(1).unwrap(), 1);
+        let mut c = reopen(c);
+        assert!(c.resnap_installing());
+        assert!(
+            c.poll_apply(10).unwrap().is_empty(),
+            "nothing half-installed is applied"
+        );
+        assert_eq!(
+            c.handle_captured(
+                t(2000),
+                &[change(
+                    5,
+                    ChangeKind::Update,
+                    row(2, "x", "y"),
+                    row(2, "z", "y")
+                )]
+            )
+            .unwrap(),
+            c.capture_checkpoint(),
+            "capture waits"
+        );
+        assert_eq!(c.stats().own_ops, 0);
+        c.poll_connect(u64::MAX / 2);
+        c.handle_connected(0);
+        assert!(drain(&mut c).is_empty(), "the hello waits for the install");
+        for _ in 0..20 {
+            c.poll_gc(1).unwrap();
+        }
+        assert!(!c.resnap_installing());
+        assert_eq!(c.resnap_progress(), Some((7, true)));
+        let b = NodeId::new("b").unwrap();
+        assert_eq!(c.version_vector().get(&b), 4);
+        assert_eq!(
+            c.row_state("t", &[Value::Int(1)]).unwrap(),
+            RowState::default()
+        );
+        assert_eq!(c.row_state("t", &[Value::Int(2)]).unwrap(), row2);
+        assert_eq!(c.row_state("t", &[Value::Int(3)]).unwrap(), row3);
+        let hello = drain(&mut c);
+        assert!(
+            matches!(&hello[0].body, Some(pb::node_message::Body::Hello(h))
+                if h.snapshot.as_ref().is_some_and(|p| p.installed)),
+            "{hello:?}"
+        );
+        // Row 1 is deleted from the database, row 3 written (row 2 is
+        // unchanged).
+        let mut writes: Vec<(Vec<Value>, bool)> = c
+            .poll_apply(10)
+            .unwrap()
+            .iter()
+            .map(|p| (p.write.key.clone(), p.write.row.is_some()))
+            .collect();
+        writes.sort_by_key(|w| format!("{:?}", w.0));
+        assert_eq!(
+            writes,
+            vec![(vec![Value::Int(1)], false), (vec![Value::Int(3)], true)]
+        );
     }
 }

@@ -509,6 +509,10 @@ impl Shell {
     async fn capture_all(&mut self, link: Option<&Link>) -> Result<usize> {
         let mut captured = 0;
         loop {
+            if self.core.resnap_installing() {
+                // Changes wait in the change table until it is installed.
+                return Ok(());
+            }
             let changes = self
                 .db
                 .read_changes(self.core.capture_checkpoint(), self.batch_size)
@@ -606,6 +610,9 @@ impl Shell {
                 Event::Warning(w) => {
                     self.count_error("", "warning");
                     tracing::warn!(node = %self.core.name(), "{w}")
+                }
+                Event::Resnapshot(line) => {
+                    tracing::warn!(node = %self.core.name(), "{line}")
                 }
                 Event::HubError { code, message } => {
                     self.count_error("", &code);

@@ -268,6 +268,136 @@ pub fn seen_from_proto(seen: Option<pb::VersionVector>) -> Result<VersionVector>
     bounded_vv("seen report", seen)
 }
 
+/// Longest row-key resume point accepted in a snapshot message (bytes).
+pub const MAX_SNAPSHOT_KEY_BYTES: usize = 64 * 1024;
+
+/// Where a node is in a re-snapshot (see `SnapshotChunk` in the proto).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotProgress {
+    /// The snapshot's id.
+    pub id: u64,
+    /// The cut the hub had collected at when it began.
+    pub cut: StableCut,
+    /// The hub's version vector when it began.
+    pub vv: VersionVector,
+    /// The row key (`table\0key`) of the last row flushed here.
+    pub after_key: Vec<u8>,
+    /// Every chunk arrived and was installed.
+    pub installed: bool,
+}
+
+/// Encodes re-snapshot progress.
+pub fn snapshot_progress_to_proto(p: &SnapshotProgress) -> pb::SnapshotProgress {
+    pb::SnapshotProgress {
+        id: p.id,
+        cut: Some(cut_to_proto(&p.cut)),
+        version_vector: Some(vv_to_proto(&p.vv)),
+        after_key: p.after_key.clone(),
+        installed: p.installed,
+    }
+}
+
+/// Decodes re-snapshot progress from a node (bounded).
+pub fn snapshot_progress_from_proto(p: pb::SnapshotProgress) -> Result<SnapshotProgress> {
+    if p.after_key.len() > MAX_SNAPSHOT_KEY_BYTES {
+        return Err(bad(format!(
+            "snapshot progress: resume key of {} bytes exceeds the limit of {MAX_SNAPSHOT_KEY_BYTES}",
+            p.after_key.len()
+        )));
+    }
+    Ok(SnapshotProgress {
+        id: p.id,
+        cut: cut_from_proto(p.cut.unwrap_or_default())?,
+        vv: bounded_vv("snapshot progress", p.version_vector)?,
+        after_key: p.after_key,
+        installed: p.installed,
+    })
+}
+
+/// One decoded re-snapshot chunk.
+#[derive(Clone, Debug)]
+pub struct SnapshotChunk {
+    /// Progress after this chunk (`installed` false).
+    pub progress: SnapshotProgress,
+    /// Tables the snapshot covers.
+    pub tables: Vec<String>,
+    /// Rows: table, key values, the hub's row state.
+    pub rows: Vec<(String, Vec<Value>, syncmesh_resolver::RowState)>,
+    /// No row follows.
+    pub last: bool,
+}
+
+/// Decodes and validates a re-snapshot chunk from the hub.
+pub fn snapshot_chunk_from_proto(c: pb::SnapshotChunk) -> Result<SnapshotChunk> {
+    use syncmesh_proto::{MAX_SNAPSHOT_ROWS, SNAPSHOT_STATE_FORMAT};
+    if c.state_format != SNAPSHOT_STATE_FORMAT {
+        return Err(bad(format!(
+            "snapshot chunk: row-state format {} is not known to this node (it reads {SNAPSHOT_STATE_FORMAT}): upgrade the node",
+            c.state_format
+        )));
+    }
+    if c.rows.len() > MAX_SNAPSHOT_ROWS || c.tables.len() > MAX_VV_ENTRIES {
+        return Err(bad(format!(
+            "snapshot chunk: {} rows and {} tables exceed the limits of {MAX_SNAPSHOT_ROWS} and {MAX_VV_ENTRIES}",
+            c.rows.len(),
+            c.tables.len()
+        )));
+    }
+    if c.after_key.len() > MAX_SNAPSHOT_KEY_BYTES {
+        return Err(bad(format!(
+            "snapshot chunk: resume key of {} bytes exceeds the limit of {MAX_SNAPSHOT_KEY_BYTES}",
+            c.after_key.len()
+        )));
+    }
+    let name_ok = |n: &str| !n.is_empty() && n.len() <= MAX_NAME_BYTES && !n.contains('\0');
+    if let Some(t) = c.tables.iter().find(|t| !name_ok(t)) {
+        return Err(bad(format!(
+            "snapshot chunk: table name of {} bytes is empty, too long or contains NUL",
+            t.len()
+        )));
+    }
+    let mut rows = Vec::with_capacity(c.rows.len());
+    for r in c.rows {
+        if !name_ok(&r.table) || !c.tables.contains(&r.table) {
+            return Err(bad(format!(
+                "snapshot chunk: a row of table {:?}, which the snapshot does not list or is not a valid name",
+                r.table.chars().take(64).collect::<String>()
+            )));
+        }
+        if r.key.is_empty() || r.key.len() > MAX_KEY_VALUES {
+            return Err(bad(format!(
+                "snapshot chunk: a row of table {} has {} key values; 1 to {MAX_KEY_VALUES} are allowed",
+                r.table,
+                r.key.len()
+            )));
+        }
+        let key = r
+            .key
+            .into_iter()
+            .map(value_from_proto)
+            .collect::<Result<Vec<_>>>()?;
+        let state = postcard::from_bytes(&r.state).map_err(|e| {
+            bad(format!(
+                "snapshot chunk: undecodable row state of table {}: {e}",
+                r.table
+            ))
+        })?;
+        rows.push((r.table, key, state));
+    }
+    Ok(SnapshotChunk {
+        progress: SnapshotProgress {
+            id: c.id,
+            cut: cut_from_proto(c.cut.unwrap_or_default())?,
+            vv: bounded_vv("snapshot version vector", c.version_vector)?,
+            after_key: c.after_key,
+            installed: false,
+        },
+        tables: c.tables,
+        rows,
+        last: c.last,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

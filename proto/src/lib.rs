@@ -36,3 +36,10 @@ pub const MAX_VV_ENTRIES: usize = 4096;
 
 /// Most primary-key values accepted in one op.
 pub const MAX_KEY_VALUES: usize = 32;
+
+/// Most rows in one `SnapshotChunk` (re-snapshot).
+pub const MAX_SNAPSHOT_ROWS: usize = 4096;
+
+/// The `SnapshotChunk.state_format` this build writes and reads: the
+/// resolver's `RowState` encoded with postcard.
+pub const SNAPSHOT_STATE_FORMAT: u32 = 1;

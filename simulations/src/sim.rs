@@ -190,7 +190,7 @@ enum Inbound {
     /// A message; `ack_loss`: break the connection right after handling it
     /// (its ack is lost); `replayed`: injected duplicate.
     Msg {
-        m: pb::HubMessage,
+        m: Box<pb::HubMessage>,
         ack_loss: bool,
         replayed: bool,
     },
@@ -382,6 +382,7 @@ fn fmt_node_msg(m: &pb::NodeMessage) -> String {
         Some(Body::Ops(b)) => fmt_ops(&b.ops),
         Some(Body::Ack(a)) => format!("ack {}", fmt_vv(&a.version_vector)),
         Some(Body::Seen(r)) => format!("seen {}", fmt_vv(&r.seen)),
+        Some(Body::SnapshotAck(a)) => format!("snapshot-ack {} installed {}", a.id, a.installed),
         None => "empty".into(),
     }
 }
@@ -394,6 +395,13 @@ fn fmt_hub_msg(m: &pb::HubMessage) -> String {
         Some(Body::Ack(a)) => format!("ack {}", fmt_vv(&a.version_vector)),
         Some(Body::Error(e)) => format!("error {}: {}", e.code, e.message),
         Some(Body::Cut(c)) => format!("cut {} horizon {}", fmt_vv(&c.stable), fmt_vv(&c.horizon)),
+        Some(Body::Snapshot(c)) => format!(
+            "snapshot {} rows {} last {} at {}",
+            c.id,
+            c.rows.len(),
+            c.last,
+            fmt_vv(&c.version_vector)
+        ),
         None => "empty".into(),
     }
 }
@@ -910,6 +918,9 @@ impl Sim {
                         ));
                     }
                 }
+                NodeEvent::Resnapshot(line) => {
+                    self.log(format!("{name} re-snapshot: {line}"));
+                }
                 NodeEvent::HubError { code, message } => {
                     self.log(format!("{name} hub error {code}: {message}"));
                 }
@@ -966,7 +977,7 @@ impl Sim {
         self.nodes[i].inbox.push_back((
             lid,
             Inbound::Msg {
-                m,
+                m: Box::new(m),
                 ack_loss: false,
                 replayed: true,
             },
@@ -1019,7 +1030,7 @@ impl Sim {
                 let Some(core) = self.nodes[i].core.as_mut() else {
                     return;
                 };
-                let ctl = match core.handle_message(now, m) {
+                let ctl = match core.handle_message(now, *m) {
                     Ok(c) => c,
                     Err(e) => {
                         self.fail(Failure::new(
@@ -1037,7 +1048,7 @@ impl Sim {
                     NodeControl::Continue => {
                         if let Some(m) = keep {
                             let r = &mut self.nodes[i].replayable;
-                            r.push_back(m);
+                            r.push_back(*m);
                             if r.len() > REPLAY_HISTORY {
                                 r.pop_front();
                             }
@@ -1621,7 +1632,7 @@ impl Sim {
                 self.nodes[i].inbox.push_back((
                     lid,
                     Inbound::Msg {
-                        m,
+                        m: Box::new(m),
                         ack_loss,
                         replayed: false,
                     },

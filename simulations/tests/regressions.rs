@@ -208,6 +208,8 @@ fn the_hub_does_not_starve_later_origins_of_a_lagging_node() {
             mode: mode.into(),
             engine: String::new(),
             seen: None,
+            resnap: false,
+            snapshot: None,
         })),
     };
     for origin in ["a", "b"] {

@@ -47,6 +47,8 @@ fn hello(node: &str) -> pb::NodeMessage {
         mode: "bidirectional".into(),
         engine: String::new(),
         seen: None,
+        resnap: false,
+        snapshot: None,
     }))
 }
 

@@ -774,6 +774,8 @@ async fn forged(url: &str, node: &str, op: Option<pb::Op>) -> Result<()> {
                 mode: "bidirectional".into(),
                 engine: "sqlite".into(),
                 seen: None,
+                resnap: false,
+                snapshot: None,
             })),
         })
         .await?;
