@@ -602,35 +602,40 @@ impl<S: LogStore> NodeCore<S> {
         }
     }
 
-    /// Own ops from `seq` `from` on, in order (at most `limit`).
+    /// Own ops from `seq` `from` on, in order (at most `limit`). An op
+    /// under a single-op key (`l/<seq>`: written by earlier versions, or
+    /// rewritten by a re-snapshot install) replaces the op of that seq in
+    /// a packed chunk.
     pub fn own_ops(&self, from: u64, limit: usize) -> Result<Vec<Op>> {
-        let mut start = P_LOG.to_vec();
-        start.extend_from_slice(&from.to_be_bytes());
-        let mut out: Vec<Op> = self
-            .store
-            .range(&start, &prefix_end(P_LOG), limit)?
-            .into_iter()
-            .map(|(_, v)| dec(&v, "op"))
-            .collect::<Result<_>>()?;
+        let mut ops: BTreeMap<u64, Op> = BTreeMap::new();
         // Packed keys are named by their last seq: the first key at or
         // above `from` holds it.
         let mut start = P_LOG_PACKED.to_vec();
         start.extend_from_slice(&from.to_be_bytes());
         let end = prefix_end(P_LOG_PACKED);
-        while out.len() < limit {
+        let mut packed = 0;
+        while packed < limit {
             let Some((k, v)) = self.store.range(&start, &end, 1)?.pop() else {
                 break;
             };
-            let ops: Vec<Op> = dec(&v, "packed ops")?;
-            out.extend(
-                ops.into_iter()
-                    .filter(|op| op.id.seq >= from)
-                    .take(limit - out.len()),
-            );
+            let chunk: Vec<Op> = dec(&v, "packed ops")?;
+            for op in chunk.into_iter().filter(|op| op.id.seq >= from) {
+                if packed == limit {
+                    break;
+                }
+                packed += 1;
+                ops.insert(op.id.seq, op);
+            }
             start = k;
             start.push(0);
         }
-        Ok(out)
+        let mut start = P_LOG.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        for (_, v) in self.store.range(&start, &prefix_end(P_LOG), limit)? {
+            let op: Op = dec(&v, "op")?;
+            ops.insert(op.id.seq, op);
+        }
+        Ok(ops.into_values().take(limit).collect())
     }
 
     /// Next event to log or count.
@@ -2199,6 +2204,24 @@ mod tests {
         assert_eq!(seqs(603, 10), vec![603]);
         assert!(seqs(604, 10).is_empty());
         assert_eq!(a.own_ops(300, 1).unwrap()[0].key, vec![Value::Int(300)]);
+        // A single-op key replaces the packed op of its seq (as a
+        // re-snapshot install rewrites an unsent write).
+        let mut rewritten = a.own_ops(300, 1).unwrap().remove(0);
+        rewritten.fields.clear();
+        let mut k = P_LOG.to_vec();
+        k.extend_from_slice(&300u64.to_be_bytes());
+        let mut batch = WriteBatch::default();
+        batch.put(k, enc(&rewritten).unwrap());
+        let mut store = a.into_store();
+        store.write(batch).unwrap();
+        let a = NodeCore::open(settings("a"), vec![schema()], store, 0).unwrap();
+        let got = a.own_ops(299, 3).unwrap();
+        assert_eq!(
+            got.iter().map(|o| o.id.seq).collect::<Vec<_>>(),
+            vec![299, 300, 301]
+        );
+        assert!(got[1].fields.is_empty() && !got[0].fields.is_empty());
+        assert_eq!(a.own_ops(1, 1000).unwrap().len(), 603);
     }
 
     #[test]

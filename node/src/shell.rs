@@ -511,7 +511,7 @@ impl Shell {
         loop {
             if self.core.resnap_installing() {
                 // Changes wait in the change table until it is installed.
-                return Ok(());
+                return Ok(captured);
             }
             let changes = self
                 .db
