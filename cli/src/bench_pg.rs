@@ -52,29 +52,10 @@ async fn load_and_wait(
     batch: u64,
 ) -> Result<(Duration, Duration)> {
     let start = Instant::now();
-    let mut id = 0u64;
-    while id < rows {
-        let n = batch.min(rows - id);
-        sqlx::query(
-            "INSERT INTO items SELECT g, 'item-' || g, (g % 100)::int, (g % 10000) / 100.0 \
-             FROM generate_series($1::bigint, $2::bigint) g",
-        )
-        .bind((id + 1) as i64)
-        .bind((id + n) as i64)
-        .execute(source)
-        .await?;
-        id += n;
-    }
+    insert_items(source, rows, batch).await?;
     let inserted = start.elapsed();
-    loop {
-        if count(target, rows).await? == rows as i64 {
-            return Ok((inserted, start.elapsed()));
-        }
-        if start.elapsed() > DEADLINE {
-            bail!("the target did not receive all {rows} rows within {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let total = wait_count(target, rows, start, Duration::from_millis(20)).await?;
+    Ok((inserted, total))
 }
 
 async fn native_run(
@@ -214,11 +195,12 @@ async fn syncmesh_run(
 }
 
 /// Inserts `rows` rows on A before anything replicates.
-async fn preload(src: &sqlx::PgPool, rows: u64) -> Result<()> {
-    let chunk = 100_000u64;
+/// Inserts `rows` items with ids 1..=rows on `src`, `batch` rows per
+/// transaction.
+async fn insert_items(src: &sqlx::PgPool, rows: u64, batch: u64) -> Result<()> {
     let mut id = 0;
     while id < rows {
-        let n = chunk.min(rows - id);
+        let n = batch.min(rows - id);
         sqlx::query(
             "INSERT INTO items SELECT g, 'item-' || g, (g % 100)::int, (g % 10000) / 100.0 \
              FROM generate_series($1::bigint, $2::bigint) g",
@@ -232,7 +214,14 @@ async fn preload(src: &sqlx::PgPool, rows: u64) -> Result<()> {
     Ok(())
 }
 
-async fn wait_count(target: &sqlx::PgPool, rows: u64, start: Instant) -> Result<Duration> {
+/// Waits (polling every `poll`) until `target` holds `rows` items; returns
+/// the time since `start`.
+async fn wait_count(
+    target: &sqlx::PgPool,
+    rows: u64,
+    start: Instant,
+    poll: Duration,
+) -> Result<Duration> {
     loop {
         if count(target, rows).await? >= rows as i64 {
             return Ok(start.elapsed());
@@ -240,7 +229,7 @@ async fn wait_count(target: &sqlx::PgPool, rows: u64, start: Instant) -> Result<
         if start.elapsed() > DEADLINE {
             bail!("the target did not receive all {rows} rows within {DEADLINE:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -256,7 +245,7 @@ async fn snapshot_runs(
     let db = format!("native_snap_{run}");
     create_both(a, b, &db).await?;
     let src = a.pool(&db).await?;
-    preload(&src, rows).await?;
+    insert_items(&src, rows, 100_000).await?;
     a.exec(&db, "CREATE PUBLICATION bench FOR TABLE items")
         .await?;
     let dst = b.pool(&db).await?;
@@ -269,7 +258,7 @@ async fn snapshot_runs(
         ),
     )
     .await?;
-    let took = wait_count(&dst, rows, start).await?;
+    let took = wait_count(&dst, rows, start, Duration::from_millis(100)).await?;
     let native = rows as f64 / took.as_secs_f64();
     println!(
         "run {run}: native initial table copy of {rows} rows: {took:.2?} -> {native:.0} rows/s"
@@ -280,11 +269,11 @@ async fn snapshot_runs(
     let db = format!("mesh_snap_{run}");
     create_both(a, b, &db).await?;
     let src = a.pool(&db).await?;
-    preload(&src, rows).await?;
+    insert_items(&src, rows, 100_000).await?;
     let dst = b.pool(&db).await?;
     let start = Instant::now();
     let mesh = Mesh::start(a, b, base, &db).await?;
-    let took = wait_count(&dst, rows, start).await?;
+    let took = wait_count(&dst, rows, start, Duration::from_millis(100)).await?;
     let ours = rows as f64 / took.as_secs_f64();
     println!(
         "run {run}: syncmesh initial snapshot of {rows} rows (node start to all on PG B): {took:.2?} -> {ours:.0} rows/s"
