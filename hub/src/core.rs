@@ -224,6 +224,26 @@ struct Gc {
     notices: VecDeque<String>,
 }
 
+/// Encodes a stored record.
+fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    Ok(
+        postcard::to_allocvec(v).map_err(|e| syncmesh_node::Error::Store {
+            path: "<hub>".into(),
+            message: format!("cannot encode state: {e}"),
+        })?,
+    )
+}
+
+/// Decodes a stored record; `what` names it in the error.
+fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    Ok(
+        postcard::from_bytes(bytes).map_err(|e| syncmesh_node::Error::Store {
+            path: "<hub>".into(),
+            message: format!("corrupt {what} in the hub store: {e}; restore the hub data_dir"),
+        })?,
+    )
+}
+
 fn op_key(origin: &NodeId, seq: u64) -> Vec<u8> {
     op_key_in(P_OPS, origin, seq)
 }
@@ -291,31 +311,18 @@ impl<S: LogStore> HubCore<S> {
             ..Gc::default()
         };
         if let Some(b) = store.get(K_GC_CUT)? {
-            gc.cut = postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
-                path: "<hub>".into(),
-                message: format!(
-                    "corrupt stable cut in the hub store: {e}; restore the hub data_dir"
-                ),
-            })?;
+            gc.cut = dec(&b, "stable cut")?;
             // Collection restarts from the first row after a restart.
             gc.cursor = (!gc.cut.is_empty()).then(|| P_ROW.to_vec());
         }
         if let Some(b) = store.get(K_GC_COMPACTED)? {
-            gc.compacted = postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
-                path: "<hub>".into(),
-                message: format!(
-                    "corrupt compaction record in the hub store: {e}; restore the hub data_dir"
-                ),
-            })?;
+            gc.compacted = dec(&b, "compaction record")?;
         }
         gc.unmerged = store.get(K_GC_UNMERGED)?.is_some();
         for (k, v) in store.range(P_GC_NODE, &prefix_end(P_GC_NODE), usize::MAX)? {
             let node = NodeId::new(String::from_utf8_lossy(&k[P_GC_NODE.len()..]).into_owned())
                 .map_err(syncmesh_node::Error::from)?;
-            let rec = postcard::from_bytes::<GcNode>(&v).map_err(|e| syncmesh_node::Error::Store {
-                path: "<hub>".into(),
-                message: format!("corrupt GC record of node {node} in the hub store: {e}; restore the hub data_dir"),
-            })?;
+            let rec = dec::<GcNode>(&v, &format!("GC record of node {node}"))?;
             gc.nodes.insert(node, rec);
         }
         Ok(HubCore {
@@ -366,12 +373,7 @@ impl<S: LogStore> HubCore<S> {
         let rk = row_key(P_ROW, &op.table, &op.key)?;
         if !rows.contains_key(&rk) {
             let state = match self.store.get(&rk)? {
-                Some(b) => postcard::from_bytes(&b).map_err(|e| syncmesh_node::Error::Store {
-                    path: "<hub>".into(),
-                    message: format!(
-                        "corrupt row state in the hub store: {e}; restore the hub data_dir"
-                    ),
-                })?,
+                Some(b) => dec(&b, "row state")?,
                 None => RowState::default(),
             };
             rows.insert(rk.clone(), state);
@@ -442,10 +444,7 @@ impl<S: LogStore> HubCore<S> {
             batch.remove(k.clone());
         }
         if now_keys != before {
-            batch.put(
-                xk.clone(),
-                postcard::to_allocvec(&now_keys).unwrap_or_default(),
-            );
+            batch.put(xk.clone(), enc(&now_keys)?);
         }
         self.row_conflicts.insert(xk, now_keys);
         Ok(())
@@ -640,7 +639,7 @@ impl<S: LogStore> HubCore<S> {
         let mut k = P_NODE.to_vec();
         k.extend_from_slice(n.as_str().as_bytes());
         let mut b = WriteBatch::default();
-        b.put(k, postcard::to_allocvec(rec).unwrap_or_default());
+        b.put(k, enc(rec)?);
         self.store.write(b)?;
         Ok(())
     }
@@ -874,13 +873,7 @@ impl<S: LogStore> HubCore<S> {
         put_packed(&mut batch, &node, chunk);
         if have > start {
             for (k, row) in rows {
-                batch.put(
-                    k,
-                    postcard::to_allocvec(&row).map_err(|e| syncmesh_node::Error::Store {
-                        path: "<hub>".into(),
-                        message: format!("cannot encode row state: {e}"),
-                    })?,
-                );
+                batch.put(k, enc(&row)?);
             }
             let mut k = P_VV.to_vec();
             k.extend_from_slice(node.as_str().as_bytes());
@@ -1231,17 +1224,11 @@ impl<S: LogStore> HubCore<S> {
     /// every GC-speaking session.
     fn adopt(&mut self, cut: StableCut, participants: Vec<NodeId>) -> Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put(
-            K_GC_CUT.to_vec(),
-            postcard::to_allocvec(&cut).unwrap_or_default(),
-        );
+        batch.put(K_GC_CUT.to_vec(), enc(&cut)?);
         for n in participants {
             let rec = self.gc.nodes.entry(n.clone()).or_default();
             rec.joined = cut.stable.clone();
-            batch.put(
-                Self::gc_node_key(&n),
-                postcard::to_allocvec(rec).unwrap_or_default(),
-            );
+            batch.put(Self::gc_node_key(&n), enc(rec)?);
         }
         self.store.write(batch)?;
         self.store.flush()?;
@@ -1267,13 +1254,7 @@ impl<S: LogStore> HubCore<S> {
         let rows = self.store.range(&from, &prefix_end(P_ROW), max_rows)?;
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
-            let mut row: RowState =
-                postcard::from_bytes(v).map_err(|e| syncmesh_node::Error::Store {
-                    path: "<hub>".into(),
-                    message: format!(
-                        "corrupt row state in the hub store: {e}; restore the hub data_dir"
-                    ),
-                })?;
+            let mut row: RowState = dec(v, "row state")?;
             let before = row.clone();
             let mut xk = P_ROW_CONFLICTS.to_vec();
             xk.extend_from_slice(&k[P_ROW.len()..]);
@@ -1285,13 +1266,7 @@ impl<S: LogStore> HubCore<S> {
                 self.gc.stats.rows_dropped += 1;
             } else if row != before {
                 self.forget_settled_conflicts(&xk, &row, &mut batch)?;
-                batch.put(
-                    k.clone(),
-                    postcard::to_allocvec(&row).map_err(|e| syncmesh_node::Error::Store {
-                        path: "<hub>".into(),
-                        message: format!("cannot encode row state: {e}"),
-                    })?,
-                );
+                batch.put(k.clone(), enc(&row)?);
                 self.gc.stats.rows_collected += 1;
             }
         }
@@ -1350,10 +1325,7 @@ impl<S: LogStore> HubCore<S> {
             }
         }
         if kept != keys {
-            batch.put(
-                xk.to_vec(),
-                postcard::to_allocvec(&kept).unwrap_or_default(),
-            );
+            batch.put(xk.to_vec(), enc(&kept)?);
         }
         Ok(())
     }
@@ -1372,10 +1344,7 @@ impl<S: LogStore> HubCore<S> {
         }
         rec.seen = Some(seen);
         let mut batch = WriteBatch::default();
-        batch.put(
-            Self::gc_node_key(node),
-            postcard::to_allocvec(rec).unwrap_or_default(),
-        );
+        batch.put(Self::gc_node_key(node), enc(rec)?);
         self.store.write(batch)?;
         if trusted_now {
             // Its ops are accepted from now on: that must survive a crash.
@@ -1491,10 +1460,7 @@ impl<S: LogStore> HubCore<S> {
         let rec = self.gc.nodes.entry(node.clone()).or_default();
         rec.joined = joined;
         let mut batch = WriteBatch::default();
-        batch.put(
-            Self::gc_node_key(node),
-            postcard::to_allocvec(rec).unwrap_or_default(),
-        );
+        batch.put(Self::gc_node_key(node), enc(rec)?);
         self.store.write(batch)?;
         self.store.flush()?;
         Ok(())
@@ -1734,10 +1700,7 @@ impl<S: LogStore> HubCore<S> {
             compacted.set(origin.clone(), if done { upto } else { last });
         }
         if compacted != self.gc.compacted {
-            batch.put(
-                K_GC_COMPACTED.to_vec(),
-                postcard::to_allocvec(&compacted).unwrap_or_default(),
-            );
+            batch.put(K_GC_COMPACTED.to_vec(), enc(&compacted)?);
             self.store.write(batch)?;
             self.store.flush()?;
             // Ops, not keys: a packed key holds up to OPS_PER_KEY ops.
