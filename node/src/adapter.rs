@@ -309,3 +309,20 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
+
+/// Refuses a write whose key values do not match the table's key columns
+/// (every SQL apply checks this before building statements).
+pub fn check_key_arity(w: &RowWrite, schema: &TableSchema) -> crate::Result<()> {
+    if w.key.len() == schema.key.len() {
+        return Ok(());
+    }
+    Err(crate::Error::Schema {
+        table: w.table.clone(),
+        message: format!(
+            "write has {} key values but the key ({}) has {} columns",
+            w.key.len(),
+            schema.key.join(", "),
+            schema.key.len()
+        ),
+    })
+}

@@ -688,17 +688,7 @@ impl MysqlAdapter {
                 ));
             };
             check_schema(schema)?;
-            if w.key.len() != schema.key.len() {
-                return Err(schema_err(
-                    &w.table,
-                    &format!(
-                        "write has {} key values but the key ({}) has {} columns",
-                        w.key.len(),
-                        schema.key.join(", "),
-                        schema.key.len()
-                    ),
-                ));
-            }
+            crate::adapter::check_key_arity(w, schema)?;
             match &w.row {
                 None => {
                     flush_upserts(&mut chunk, &mut planned);

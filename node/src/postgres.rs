@@ -890,17 +890,7 @@ impl PostgresAdapter {
                 if w.table != schema.name || w.row.is_none() != delete {
                     break;
                 }
-                if w.key.len() != schema.key.len() {
-                    return Err(Error::Schema {
-                        table: w.table.clone(),
-                        message: format!(
-                            "write has {} key values but the key ({}) has {} columns",
-                            w.key.len(),
-                            schema.key.join(", "),
-                            schema.key.len()
-                        ),
-                    });
-                }
+                crate::adapter::check_key_arity(w, schema)?;
                 match &w.row {
                     None => {
                         for ((k, v), col) in schema.key.iter().zip(&w.key).zip(&mut columns) {

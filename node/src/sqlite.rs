@@ -685,17 +685,7 @@ impl SqliteAdapter {
                 check_schema_names(schema)?;
                 checked.push(&schema.name);
             }
-            if w.key.len() != schema.key.len() {
-                return Err(schema_err(
-                    &w.table,
-                    &format!(
-                        "write has {} key values but the key ({}) has {} columns",
-                        w.key.len(),
-                        schema.key.join(", "),
-                        schema.key.len()
-                    ),
-                ));
-            }
+            crate::adapter::check_key_arity(w, schema)?;
             match &w.row {
                 None => {
                     flush_upserts(&mut chunk, &mut planned);
