@@ -408,11 +408,27 @@ fn u64_at(store: &impl LogStore, key: &[u8]) -> Result<u64> {
     })
 }
 
-/// The store key of a row: prefix, table, NUL, encoded key values.
+/// Consecutive integer keys that share a row page in [`crate::store::SledStore`]:
+/// 2^`ROW_PAGE_BITS`.
+pub const ROW_PAGE_BITS: u32 = 5;
+
+/// The store key of a row: prefix, table, NUL, a group, encoded key
+/// values. The group is [`crate::store::PAGE_TAG`] and 8 bytes (the key
+/// shifted right by [`ROW_PAGE_BITS`], sign flipped so it sorts) for a
+/// key of one integer, so under `r/` 32 consecutive ids share one sled
+/// value; `0` for every other key (one value per row).
 pub fn row_key(prefix: &[u8], table: &str, key: &[Value]) -> Result<Vec<u8>> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(table.as_bytes());
     k.push(0);
+    match key {
+        [Value::Int(i)] => {
+            k.push(crate::store::PAGE_TAG);
+            let group = ((*i as u64) ^ (1 << 63)) >> ROW_PAGE_BITS;
+            k.extend_from_slice(&group.to_be_bytes());
+        }
+        _ => k.push(0),
+    }
     k.extend_from_slice(&enc(&key)?);
     Ok(k)
 }
@@ -420,16 +436,20 @@ pub fn row_key(prefix: &[u8], table: &str, key: &[Value]) -> Result<Vec<u8>> {
 /// Splits a key made by [`row_key`] (after `prefix_len` prefix bytes) into
 /// table and key values.
 pub fn split_row_key(k: &[u8], prefix_len: usize) -> Result<(String, Vec<Value>)> {
+    let corrupt = || Error::Store {
+        path: "<decode>".into(),
+        message: "corrupt row key in the log store".into(),
+    };
     let rest = &k[prefix_len.min(k.len())..];
-    let nul = rest
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or_else(|| Error::Store {
-            path: "<decode>".into(),
-            message: "corrupt row key in the log store".into(),
-        })?;
+    let nul = rest.iter().position(|b| *b == 0).ok_or_else(corrupt)?;
     let table = String::from_utf8_lossy(&rest[..nul]).into_owned();
-    Ok((table, dec(&rest[nul + 1..], "row key")?))
+    let skip = match rest.get(nul + 1) {
+        Some(&crate::store::PAGE_TAG) => 1 + crate::store::PAGE_GROUP_BYTES,
+        Some(0) => 1,
+        _ => return Err(corrupt()),
+    };
+    let key = rest.get(nul + 1 + skip..).ok_or_else(corrupt)?;
+    Ok((table, dec(key, "row key")?))
 }
 
 /// Rows read and written during one handle call, written as one batch.
