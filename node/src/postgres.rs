@@ -25,7 +25,11 @@
 //! are this node's applies. [`PostgresAdapter::delete_changes_through`]
 //! advances the slot (`pg_replication_slot_advance`) to the checkpoint the
 //! core returned, i.e. only after the ops are flushed in sled. A peek that
-//! found only skipped transactions advances past them at once.
+//! found only skipped transactions advances past them at once. One peek
+//! reads a window of up to [`PEEK_CHANGES_PER_CALL`] changes, handed to the
+//! core in `batch_size` pieces of whole transactions; the slot is advanced
+//! once the window is used up (each peek and advance re-decodes the WAL
+//! from the slot's `restart_lsn`, so fewer, larger calls cost less).
 //!
 //! `TRUNCATE` of a synced table cannot be expressed as row ops: it is an
 //! error that stops capture with what to do. An update whose new tuple says
@@ -98,6 +102,14 @@ use crate::{Error, Result};
 pub const ORIGIN_PREFIX: &str = "syncmesh_";
 /// Most rows per apply statement (each column travels as one text array).
 const ROWS_PER_STATEMENT: usize = 10_000;
+/// Most changes one peek asks for (`upto_nchanges`; PostgreSQL finishes
+/// the transaction it is in). A peek, and the advance after it, decode the
+/// WAL from the slot's `restart_lsn`, which PostgreSQL moves on only at its
+/// running-transactions records (about every 15 s): each call re-decodes up
+/// to 15 s of WAL. So capture peeks a large window once, hands it to the
+/// core in `batch_size` pieces (whole transactions) and advances once the
+/// window is used up, instead of peeking and advancing per batch.
+pub const PEEK_CHANGES_PER_CALL: usize = 50_000;
 /// Above this much WAL retained by the slot, the node (and `syncmesh
 /// check`) warns: a slot that is not consumed keeps WAL forever.
 pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
@@ -192,6 +204,14 @@ pub struct PostgresAdapter {
     /// last transaction it decoded). Once the first is checkpointed the slot
     /// may move to the second.
     tail: Option<(i64, i64)>,
+    /// Changes of the last peek not yet handed out (whole transactions, in
+    /// commit order), and that peek's tail (see `tail`), which applies
+    /// once they are all handed out.
+    peeked: std::collections::VecDeque<CapturedChange>,
+    peeked_tail: Option<(i64, i64)>,
+    /// The changes the last `read_changes` returned, until a checkpoint
+    /// covers them (so a failed capture call loses none of them).
+    handed_out: Vec<CapturedChange>,
     /// When the retained WAL was last looked at.
     wal_checked: Option<std::time::Instant>,
     /// When the retained-WAL warning was last logged.
@@ -274,6 +294,9 @@ impl PostgresAdapter {
             relations: HashMap::new(),
             kinds: HashMap::new(),
             tail: None,
+            peeked: std::collections::VecDeque::new(),
+            peeked_tail: None,
+            handed_out: Vec::new(),
             wal_checked: None,
             wal_warned: None,
             retained_wal: None,
@@ -643,6 +666,52 @@ impl PostgresAdapter {
         after_lsn: i64,
         limit: usize,
     ) -> Result<Vec<CapturedChange>> {
+        // Handed out before but not captured (the core failed or refused
+        // them): hand them out again.
+        for c in std::mem::take(&mut self.handed_out).into_iter().rev() {
+            if c.change_id > after_lsn {
+                self.peeked.push_front(c);
+            }
+        }
+        // Already captured.
+        while self
+            .peeked
+            .front()
+            .is_some_and(|c| c.change_id <= after_lsn)
+        {
+            self.peeked.pop_front();
+        }
+        if self.peeked.is_empty() {
+            let fresh = self.peek(after_lsn).await?;
+            self.peeked = fresh.into();
+            self.peeked_tail = self.tail.take();
+        }
+        // Whole transactions, at least one, up to `limit` changes.
+        let mut out: Vec<CapturedChange> = Vec::new();
+        while let Some(c) = self.peeked.front() {
+            let same_tx = out.last().is_some_and(|l| l.change_id == c.change_id);
+            if out.len() >= limit.max(1) && !same_tx {
+                break;
+            }
+            if let Some(c) = self.peeked.pop_front() {
+                out.push(c);
+            }
+        }
+        self.handed_out = out.clone();
+        // The slot may move past the window's trailing skipped
+        // transactions once its last change is handed out and checkpointed.
+        self.tail = if self.peeked.is_empty() {
+            self.peeked_tail.take()
+        } else {
+            None
+        };
+        Ok(out)
+    }
+
+    /// One peek of up to [`PEEK_CHANGES_PER_CALL`] changes after
+    /// `after_lsn`, decoded and filtered (own applies, captured already,
+    /// resume windows).
+    async fn peek(&mut self, after_lsn: i64) -> Result<Vec<CapturedChange>> {
         if self
             .wal_checked
             .is_none_or(|t| t.elapsed() >= WAL_CHECK_INTERVAL)
@@ -659,7 +728,7 @@ impl PostgresAdapter {
                 tracing::warn!(database = %self.url, slot = %self.slot, retained_mib = retained >> 20, "the replication slot retains more than {} MiB of WAL: capture is behind (or was stopped); PostgreSQL keeps that WAL until the node catches up", RETAINED_WAL_WARN_BYTES >> 20);
             }
         }
-        let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        let limit = i32::try_from(PEEK_CHANGES_PER_CALL).unwrap_or(i32::MAX);
         tracing::trace!(slot = %self.slot, after = %format_lsn(after_lsn), "peeking");
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
@@ -848,6 +917,22 @@ impl PostgresAdapter {
     /// Consumes the slot through `through_lsn`, the checkpoint the core
     /// returned after flushing the ops (plus own applies right after it).
     pub async fn delete_changes_through(&mut self, through_lsn: i64) -> Result<()> {
+        self.handed_out.retain(|c| c.change_id > through_lsn);
+        if !self.handed_out.is_empty() {
+            // The core kept an earlier checkpoint than what it was handed:
+            // peek again from the slot (which never moved past it).
+            self.handed_out.clear();
+            self.peeked.clear();
+            self.peeked_tail = None;
+            self.tail = None;
+        }
+        if !self.peeked.is_empty() {
+            // More of this peek's window to hand out: advance once it is
+            // used up (one decode instead of one per batch). Nothing is
+            // lost meanwhile: a restart re-reads from the slot and skips
+            // what is at or below the core's checkpoint.
+            return Ok(());
+        }
         let to = match self.tail.take() {
             Some((captured, end)) if through_lsn >= captured => end.max(through_lsn),
             _ => through_lsn,

@@ -1139,3 +1139,99 @@ async fn sigkill_during_initial_snapshot_resumes_without_loss_or_double_count() 
     a.assert_running(dir)?;
     Ok(())
 }
+
+/// One peek window is handed to the core in whole transactions of about
+/// `limit` changes; what was handed out comes back until a checkpoint
+/// covers it (a failed capture call loses nothing); the slot moves only
+/// once the window is used up; a checkpoint below what was handed out
+/// makes capture read from the slot again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peek_window_is_handed_out_in_whole_transactions_until_checkpointed() -> Result<()> {
+    use syncmesh_node::postgres::PostgresAdapter;
+    let pg = PgCluster::start()?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("peekwin"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    for (from, to) in [(1, 10), (11, 35), (36, 45)] {
+        pg.exec(
+            "app",
+            &format!(
+                "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series({from}, {to}) g"
+            ),
+        )
+        .await?;
+    }
+    let pool = pg.pool("app").await?;
+    // Decoding sees only flushed WAL (the test clusters commit
+    // asynchronously): wait until all three are, so one peek holds them.
+    let inserted: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&pool)
+        .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+        .bind(&inserted)
+        .fetch_one(&pool)
+        .await?
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WAL not flushed within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let confirmed = || async {
+        let lsn: String = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'peekwin'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        anyhow::Ok(lsn)
+    };
+    let at_start = confirmed().await?;
+    let ids = |cs: &[syncmesh_node::adapter::CapturedChange]| -> Vec<Value> {
+        cs.iter()
+            .map(|c| c.new.as_ref().unwrap()["id"].clone())
+            .collect()
+    };
+    // A transaction is never split, even above the limit.
+    let t1 = db.read_changes(0, 5).await?;
+    assert_eq!(t1.len(), 10);
+    // Not checkpointed (the core failed): the same changes again.
+    assert_eq!(ids(&db.read_changes(0, 5).await?), ids(&t1));
+    let cp1 = t1.last().unwrap().change_id;
+    let t2 = db.read_changes(cp1, 20).await?;
+    assert_eq!(t2.len(), 25);
+    assert_eq!(ids(&t2)[0], Value::Int(11));
+    // The core kept cp1 (below what it was handed): t2 is read again,
+    // from the slot.
+    db.delete_changes_through(cp1).await?;
+    let again = db.read_changes(cp1, 20).await?;
+    assert_eq!(ids(&again), ids(&t2));
+    let cp2 = again.last().unwrap().change_id;
+    db.delete_changes_through(cp2).await?;
+    // The window still holds t3: the slot has not moved past cp1's peek.
+    let moved = confirmed().await?;
+    let t3 = db.read_changes(cp2, 20).await?;
+    assert_eq!(t3.len(), 10);
+    assert_eq!(ids(&t3)[0], Value::Int(36));
+    let cp3 = t3.last().unwrap().change_id;
+    db.delete_changes_through(cp3).await?;
+    let end = confirmed().await?;
+    assert!(db.read_changes(cp3, 20).await?.is_empty());
+    let lsn = |s: &str| {
+        let (hi, lo) = s.split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    assert!(
+        lsn(&moved) <= lsn(&at_start).max(cp1 as u64),
+        "{moved} moved past cp1 before the window was used up"
+    );
+    assert!(
+        lsn(&end) >= cp3 as u64,
+        "{end} is below the last checkpoint"
+    );
+    db.close().await;
+    Ok(())
+}
