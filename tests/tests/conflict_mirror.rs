@@ -282,10 +282,33 @@ async fn an_unreachable_mirror_never_blocks_sync_and_catches_up() -> Result<()> 
     .await?;
     assert!(!path.exists());
     std::fs::create_dir(&later)?;
-    let ids = wait_mirrored(&mesh, &MirrorDb::Sqlite(path)).await?;
+    let db = MirrorDb::Sqlite(path.clone());
+    let ids = wait_mirrored(&mesh, &db).await?;
     assert_eq!(
         fetch(&mesh.hub_url, None, 0).await?.total as usize,
         ids.len()
     );
+
+    // Later the database refuses the writes (the table lost its columns):
+    // new records wait in the hub's queue and are copied once it is fixed
+    // (no full copy this time: that one completed).
+    let fix = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path)).await?;
+    sqlx::raw_sql(
+        "ALTER TABLE sync_conflicts RENAME TO saved; CREATE TABLE sync_conflicts (id TEXT PRIMARY KEY)",
+    )
+    .execute(&fix)
+    .await?;
+    let failed = hub.mirror_errors();
+    make_conflicts(&mesh, 3).await?;
+    wait_until("the refused writes to be counted", LONG, || async {
+        Ok(hub.mirror_errors() > failed)
+    })
+    .await?;
+    sqlx::raw_sql("DROP TABLE sync_conflicts; ALTER TABLE saved RENAME TO sync_conflicts")
+        .execute(&fix)
+        .await?;
+    fix.close().await;
+    let after = wait_mirrored(&mesh, &db).await?;
+    assert!(after.len() > ids.len(), "{ids:?} then {after:?}");
     mesh.stop().await
 }
