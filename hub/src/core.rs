@@ -1915,6 +1915,70 @@ mod tests {
         assert_eq!(h.version_vector().get(&NodeId::new("a").unwrap()), 5);
     }
 
+    /// The mirror queue names every record added or removed, in the
+    /// flushed batch that stores it; off clears it.
+    #[test]
+    fn conflict_mirror_queue_follows_added_and_replaced_records() {
+        let queue = |h: &HubCore<MemStore>| -> Vec<Vec<u8>> {
+            h.store
+                .range(P_MIRROR_QUEUE, &prefix_end(P_MIRROR_QUEUE), usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| {
+                    assert!(mirror_queue_number(&k).is_some());
+                    v
+                })
+                .collect()
+        };
+        let write = |origin: &str, v: i64| {
+            let o = NodeId::new(origin).unwrap();
+            let hlc = Hlc {
+                time: Ntp64::from_unix_millis(1_000_000 + v as u64).0,
+                id: o.hlc_id(),
+            };
+            batch(vec![wire::op_to_proto(&Op::upsert(
+                OpId::new(o, 1),
+                hlc,
+                "t",
+                vec![Value::Int(7)],
+                vec![FieldWrite::new("v", Value::Int(v))],
+            ))])
+        };
+        let mut h = hub();
+        h.set_tables(BTreeMap::from([("t".to_owned(), TableRules::default())]));
+        h.set_conflict_mirror(true).unwrap();
+        let sids: Vec<SessionId> = ["a", "b", "c"]
+            .iter()
+            .map(|n| session(&mut h, n, "bidirectional"))
+            .collect();
+        h.handle_message(now(), sids[0], write("a", 1)).unwrap();
+        assert!(queue(&h).is_empty(), "one write is no conflict");
+        h.handle_message(now(), sids[1], write("b", 2)).unwrap();
+        let q = queue(&h);
+        assert_eq!(q.len(), 1, "the record of two writes");
+        h.handle_message(now(), sids[2], write("c", 3)).unwrap();
+        // Flushed with the records: a crash keeps them.
+        h.store.crash();
+        let q = queue(&h);
+        assert_eq!(q.len(), 3, "two-write record removed, three-write added");
+        assert_eq!(q[0], q[1]);
+        assert!(h.store.get(&q[0]).unwrap().is_none(), "replaced");
+        let three = pb::ConflictRecord::decode(h.store.get(&q[2]).unwrap().unwrap().as_slice());
+        assert_eq!(three.unwrap().candidates.len(), 3);
+        // Reopened with the mirror on: numbering continues.
+        let store = std::mem::take(&mut h.store);
+        let mut h = HubCore::open(h.settings.clone(), store).unwrap();
+        h.set_conflict_mirror(true).unwrap();
+        assert_eq!(h.mirror_next, Some(3));
+        // Off: the queue and the full-copy marker go.
+        let mut b = WriteBatch::default();
+        b.put(K_MIRROR.to_vec(), b"x".to_vec());
+        h.store.write(b).unwrap();
+        h.set_conflict_mirror(false).unwrap();
+        assert!(queue(&h).is_empty());
+        assert!(h.store.get(K_MIRROR).unwrap().is_none());
+    }
+
     #[test]
     fn replays_old_single_op_keys_then_packed_chunks_in_order() {
         let settings = HubSettings {
