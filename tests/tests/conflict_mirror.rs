@@ -264,7 +264,9 @@ async fn mariadb_mirror_holds_each_record_once() -> Result<()> {
 
 /// The mirror's database cannot be opened at start (its directory does
 /// not exist): sync goes on, failures are counted, and once the directory
-/// is there every record is copied.
+/// is there every record is copied. Later it refuses writes: the records
+/// made meanwhile are copied from the hub's queue once it is fixed, and a
+/// row past retention is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_mirror_never_blocks_sync_and_catches_up() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -304,11 +306,18 @@ async fn an_unreachable_mirror_never_blocks_sync_and_catches_up() -> Result<()> 
         Ok(hub.mirror_errors() > failed)
     })
     .await?;
+    // A row past retention_days (30): deleted once the mirror is back.
+    sqlx::raw_sql(
+        "INSERT INTO saved VALUES ('old', '1970-01-01T00:00:01.000Z', 1000, 'accounts', '[]', 'note', 'last_write_wins', 'x', '[]')",
+    )
+    .execute(&fix)
+    .await?;
     sqlx::raw_sql("DROP TABLE sync_conflicts; ALTER TABLE saved RENAME TO sync_conflicts")
         .execute(&fix)
         .await?;
     fix.close().await;
     let after = wait_mirrored(&mesh, &db).await?;
     assert!(after.len() > ids.len(), "{ids:?} then {after:?}");
+    assert!(!after.contains(&"old".to_owned()), "expired");
     mesh.stop().await
 }
