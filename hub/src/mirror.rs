@@ -474,6 +474,45 @@ async fn run(
     }
 }
 
+/// For `syncmesh check`: connects to the mirror database (SQLite: its
+/// directory must exist; the hub creates the file) and checks that the
+/// table can be created or exists. Returns a one-line description.
+pub async fn probe(cfg: &MirrorConfig) -> Result<String> {
+    let kind = cfg.kind();
+    if kind == DatabaseKind::Sqlite {
+        let opts =
+            SqliteConnectOptions::from_str(cfg.url.expose()).map_err(|e| db_error(cfg, &e))?;
+        let file = opts.get_filename();
+        if !file.exists() {
+            return match file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(d) if !d.is_dir() => Err(Error::Mirror {
+                    target: target_name(cfg),
+                    message: format!(
+                        "directory {} does not exist: create it (the hub creates the file)",
+                        d.display()
+                    ),
+                }),
+                _ => Ok(format!(
+                    "{}: the hub will create the file",
+                    target_name(cfg)
+                )),
+            };
+        }
+    }
+    let db = Db::connect(kind, cfg.url.expose())
+        .await
+        .map_err(|e| db_error(cfg, &e))?;
+    let mut res = Ok(format!("{}: reachable", target_name(cfg)));
+    for stmt in &Sql::new(kind, &cfg.table).create {
+        if let Err(e) = db.execute(stmt).await {
+            res = Err(db_error(cfg, &e));
+            break;
+        }
+    }
+    db.close().await;
+    res
+}
+
 fn db_error(cfg: &MirrorConfig, e: &sqlx::Error) -> Error {
     Error::Mirror {
         target: target_name(cfg),

@@ -210,6 +210,11 @@ async fn restart_hub_forgetting_the_copy(mesh: &mut Mesh) -> Result<()> {
 /// The whole story against one mirror database.
 async fn mirror_story(dir: &Path, url: &str, db: MirrorDb) -> Result<()> {
     let mut mesh = Mesh::start_with(dir, 500, &DDL, &tables(url)).await?;
+    let config = dir.canonicalize()?.join("syncmesh.yaml");
+    assert!(
+        syncmesh::check::run(&config, None).await?,
+        "check reaches the mirror"
+    );
     make_conflicts(&mesh, 1).await?;
     let ids = wait_mirrored(&mesh, &db).await?;
     assert_eq!(
@@ -274,6 +279,11 @@ async fn an_unreachable_mirror_never_blocks_sync_and_catches_up() -> Result<()> 
     let path = later.join("conflicts.db");
     let url = format!("sqlite://{}", path.display());
     let mesh = Mesh::start_with(&dir.path().join("mesh"), 500, &DDL, &tables(&url)).await?;
+    let config = dir.path().canonicalize()?.join("mesh/syncmesh.yaml");
+    assert!(
+        !syncmesh::check::run(&config, None).await?,
+        "check reports the missing directory"
+    );
     make_conflicts(&mesh, 1).await?;
     make_conflicts(&mesh, 2).await?;
     assert!(fetch(&mesh.hub_url, None, 0).await?.total >= 4);
