@@ -439,31 +439,23 @@ async fn run(
 ) {
     let what = target_name(&cfg);
     let mut delay = RETRY_INITIAL;
-    let mut failing = false;
+    let mut health = Health::default();
     loop {
-        let mut connected = false;
-        let res = session(
-            &mut store,
-            &cfg,
-            retention_days,
-            &mut wake,
-            &mut connected,
-            failing,
-        )
-        .await;
-        if connected {
+        health.connected = false;
+        let res = session(&mut store, &cfg, retention_days, &mut wake, &mut health).await;
+        if health.connected {
             delay = RETRY_INITIAL;
         }
         match res {
             Ok(()) => return,
             Err(e) => {
                 errors.fetch_add(1, Ordering::Relaxed);
-                if !failing {
+                if !health.failing {
                     tracing::warn!(
                         "conflict mirror: cannot write to {what}: {e}; the hub keeps syncing and holds the records in its store, and copies them once the database is reachable (retrying every {}s at most); check conflicts.mirror.url and that the database is up",
                         RETRY_MAX.as_secs()
                     );
-                    failing = true;
+                    health.failing = true;
                 } else {
                     tracing::debug!("conflict mirror: still failing: {e}");
                 }
@@ -527,6 +519,15 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How the mirror is doing, across sessions.
+#[derive(Default)]
+struct Health {
+    /// An outage was logged and the queue has not been drained since.
+    failing: bool,
+    /// This session connected and has the table.
+    connected: bool,
+}
+
 /// Connects, then mirrors until the wake channel closes (`Ok`) or the
 /// database fails (`Err`).
 async fn session(
@@ -534,37 +535,24 @@ async fn session(
     cfg: &MirrorConfig,
     retention_days: u32,
     wake: &mut mpsc::Receiver<()>,
-    connected: &mut bool,
-    recovering: bool,
+    health: &mut Health,
 ) -> Result<()> {
     let kind = cfg.kind();
     let sql = Sql::new(kind, &cfg.table);
     let db = Db::connect(kind, cfg.url.expose())
         .await
         .map_err(|e| db_error(cfg, &e))?;
-    let res = mirror_on(
-        store,
-        cfg,
-        retention_days,
-        wake,
-        connected,
-        recovering,
-        &db,
-        &sql,
-    )
-    .await;
+    let res = mirror_on(store, cfg, retention_days, wake, health, &db, &sql).await;
     db.close().await;
     res
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn mirror_on(
     store: &mut SledStore,
     cfg: &MirrorConfig,
     retention_days: u32,
     wake: &mut mpsc::Receiver<()>,
-    connected: &mut bool,
-    recovering: bool,
+    health: &mut Health,
     db: &Db,
     sql: &Sql,
 ) -> Result<()> {
@@ -572,7 +560,7 @@ async fn mirror_on(
     for stmt in &sql.create {
         db.execute(stmt).await.map_err(|e| db_error(cfg, &e))?;
     }
-    *connected = true;
+    health.connected = true;
     let marker = target_name(cfg).into_bytes();
     if store.get(K_MIRROR)?.as_deref() != Some(marker.as_slice()) {
         let copied = full_copy(store, cfg, db, sql).await?;
@@ -589,14 +577,15 @@ async fn mirror_on(
     let mut copied_since = 0u64;
     let mut last_expire: Option<tokio::time::Instant> = None;
     loop {
-        // Only what sled holds durably goes to the database.
-        store.flush()?;
         let entries = store.range(
             P_MIRROR_QUEUE,
             &prefix_end(P_MIRROR_QUEUE),
             MIRROR_BATCH_RECORDS,
         )?;
         if !entries.is_empty() {
+            // Only what sled holds durably goes to the database: the
+            // entries, and the records read below.
+            store.flush()?;
             let mut seen = BTreeSet::new();
             let mut writes = Vec::with_capacity(entries.len());
             for (_, record_key) in &entries {
@@ -627,13 +616,13 @@ async fn mirror_on(
             copied_since += writes.len() as u64;
             continue;
         }
-        if recovering && copied_since > 0 {
+        if health.failing {
             tracing::info!(
                 records = copied_since,
                 "conflict mirror: {} is reachable again; caught up",
                 target_name(cfg)
             );
-            copied_since = 0;
+            health.failing = false;
         }
         if last_expire.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
             let keep_ms = u64::from(retention_days) * 86_400_000;
