@@ -137,7 +137,8 @@ pub struct MirrorRow {
     pub field: String,
     /// The resolution strategy.
     pub strategy: String,
-    /// The visible value the strategy chose.
+    /// The visible value the strategy chose, as `syncmesh conflicts`
+    /// shows values (text quoted, `NULL`, numbers as written).
     pub result_value: String,
     /// The candidates as a JSON array (see [`record_json`]).
     pub competing_values: String,
@@ -714,12 +715,13 @@ mod tests {
         assert_eq!(r.detected_at, "1970-01-01T00:00:02.000Z");
         assert_eq!(r.detected_at_unix_ms, 2_000);
         assert_eq!(r.row_key, "[\"7\"]");
-        assert_eq!(r.result_value, "from-b");
+        // Values as `syncmesh conflicts` shows them: text quoted.
+        assert_eq!(r.result_value, "\"from-b\"");
         let cands: serde_json::Value = serde_json::from_str(&r.competing_values).unwrap();
         assert_eq!(cands[1]["origin"], "b");
         assert_eq!(cands[1]["seq"], 2);
         assert_eq!(cands[1]["op"], "b#2");
-        assert_eq!(cands[1]["value"], "from-b");
+        assert_eq!(cands[1]["value"], "\"from-b\"");
         assert_eq!(cands[0]["hlc"]["id"], "0102");
         assert_eq!(record_json(&record())["candidates"], cands);
         assert_eq!(
