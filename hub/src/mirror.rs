@@ -17,7 +17,8 @@
 //!
 //! A mirror that has never completed a full copy for its target (redacted
 //! url and table, kept under `g/mirror`) first copies every record in
-//! `c/`, in pages of [`MIRROR_BATCH_RECORDS`]. While the database is
+//! `c/`, in pages of [`MIRROR_BATCH_RECORDS`], and deletes the rows whose
+//! id no record has (records replaced while the mirror was off). While the database is
 //! unreachable the queue stays in sled (nothing is lost); the task logs one
 //! warning line per outage, counts every failed attempt in
 //! `sync_errors_total{table="",error_type="conflict_mirror"}` and retries
@@ -181,6 +182,8 @@ struct Sql {
     insert: String,
     delete: String,
     expire: String,
+    /// The next page of ids after `$1`, in id order.
+    ids_after: String,
 }
 
 const COLUMNS: &str = "id, detected_at, detected_at_unix_ms, table_name, row_key, field, strategy, result_value, competing_values";
@@ -202,6 +205,9 @@ impl Sql {
                 ),
                 delete: format!("DELETE FROM {t} WHERE id = $1"),
                 expire: format!("DELETE FROM {t} WHERE detected_at_unix_ms < $1"),
+                ids_after: format!(
+                    "SELECT id FROM {t} WHERE id > $1 ORDER BY id LIMIT {MIRROR_BATCH_RECORDS}"
+                ),
             },
             DatabaseKind::Mysql => Sql {
                 create: vec![format!(
@@ -212,6 +218,9 @@ impl Sql {
                 ),
                 delete: format!("DELETE FROM {t} WHERE id = ?"),
                 expire: format!("DELETE FROM {t} WHERE detected_at_unix_ms < ?"),
+                ids_after: format!(
+                    "SELECT id FROM {t} WHERE id > ? ORDER BY id LIMIT {MIRROR_BATCH_RECORDS}"
+                ),
             },
             _ => Sql {
                 create: vec![
@@ -227,6 +236,9 @@ impl Sql {
                 ),
                 delete: format!("DELETE FROM {t} WHERE id = ?"),
                 expire: format!("DELETE FROM {t} WHERE detected_at_unix_ms < ?"),
+                ids_after: format!(
+                    "SELECT id FROM {t} WHERE id > ? ORDER BY id LIMIT {MIRROR_BATCH_RECORDS}"
+                ),
             },
         }
     }
@@ -338,6 +350,19 @@ impl Db {
                 .await?
                 .rows_affected(),
         })
+    }
+
+    async fn ids_after(
+        &self,
+        sql: &Sql,
+        after: &str,
+    ) -> std::result::Result<Vec<String>, sqlx::Error> {
+        let q = AssertSqlSafe(sql.ids_after.clone());
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
+            Db::Mysql(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
+        }
     }
 
     async fn write(
@@ -645,12 +670,15 @@ async fn mirror_on(
 }
 
 /// Copies every record in `c/` (pages of [`MIRROR_BATCH_RECORDS`], one
-/// transaction each); returns how many.
+/// transaction each), then deletes the rows of records the hub no longer
+/// holds (replaced while the mirror was off); returns how many were copied.
 async fn full_copy(store: &mut SledStore, cfg: &MirrorConfig, db: &Db, sql: &Sql) -> Result<u64> {
     store.flush()?;
     let end = prefix_end(P_CONFLICT_RECORDS);
     let mut start = P_CONFLICT_RECORDS.to_vec();
     let mut copied = 0u64;
+    // The ids of every record (16 bytes each, bounded by what sled holds).
+    let mut held: BTreeSet<String> = BTreeSet::new();
     loop {
         let page = store.range(&start, &end, MIRROR_BATCH_RECORDS)?;
         let writes: Vec<Write> = page
@@ -665,10 +693,32 @@ async fn full_copy(store: &mut SledStore, cfg: &MirrorConfig, db: &Db, sql: &Sql
             .await
             .map_err(|e| db_error(cfg, &e))?;
         copied += writes.len() as u64;
+        held.extend(page.iter().map(|(k, _)| record_id(k)));
         match next_cursor(&page, MIRROR_BATCH_RECORDS) {
             Some(next) => start = next,
-            None => return Ok(copied),
+            None => break,
         }
+    }
+    let mut after = String::new();
+    loop {
+        let ids = db
+            .ids_after(sql, &after)
+            .await
+            .map_err(|e| db_error(cfg, &e))?;
+        let Some(last) = ids.last().cloned() else {
+            return Ok(copied);
+        };
+        let stale: Vec<Write> = ids
+            .into_iter()
+            .filter(|id| !held.contains(id))
+            .map(Write::Delete)
+            .collect();
+        if !stale.is_empty() {
+            db.write(sql, cfg.kind(), &stale)
+                .await
+                .map_err(|e| db_error(cfg, &e))?;
+        }
+        after = last;
     }
 }
 

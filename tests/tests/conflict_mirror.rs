@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -57,6 +58,25 @@ type Raw = (
 );
 
 impl MirrorDb {
+    async fn insert_stale(&self) -> Result<()> {
+        let sql = "INSERT INTO sync_conflicts (id, detected_at, detected_at_unix_ms, table_name, row_key, field, strategy, result_value, competing_values) VALUES ('0stale', '2100-01-01 00:00:00', 4102444800000, 'accounts', '[]', 'note', 'last_write_wins', 'x', '[]')";
+        match self {
+            MirrorDb::Sqlite(path) => {
+                let pool =
+                    SqlitePool::connect_with(SqliteConnectOptions::new().filename(path)).await?;
+                sqlx::query(sql).execute(&pool).await?;
+                pool.close().await;
+            }
+            MirrorDb::Postgres(pool) => {
+                sqlx::query(sql).execute(pool).await?;
+            }
+            MirrorDb::Mysql(pool) => {
+                sqlx::query(sql).execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn rows(&self) -> Result<Option<Vec<(String, Content)>>> {
         let cols = "table_name, row_key, field, strategy, result_value, competing_values FROM sync_conflicts ORDER BY id";
         let raw: Vec<Raw> = match self {
@@ -192,9 +212,15 @@ async fn make_conflicts(mesh: &Mesh, id: i64) -> Result<()> {
 }
 
 /// Stops the hub, forgets that the mirror completed its full copy (so the
-/// next start copies every record again) and starts it.
-async fn restart_hub_forgetting_the_copy(mesh: &mut Mesh) -> Result<()> {
+/// next start copies every record again, as after the mirror was turned
+/// off and on) and starts it; `stale` runs on the mirror database while the
+/// hub is down.
+async fn restart_hub_forgetting_the_copy(
+    mesh: &mut Mesh,
+    stale: impl Future<Output = Result<()>>,
+) -> Result<()> {
     mesh.stop_hub().await?;
+    stale.await?;
     let hub_dir = mesh.cfg.hub()?.data_dir.clone();
     {
         let mut store = SledStore::open(&hub_dir)?;
@@ -226,7 +252,9 @@ async fn mirror_story(dir: &Path, url: &str, db: MirrorDb) -> Result<()> {
 
     // A restart that copies every record again adds nothing, and the
     // ids are stable.
-    restart_hub_forgetting_the_copy(&mut mesh).await?;
+    // A row of a record the hub no longer holds (replaced while the mirror
+    // was off): the full copy deletes it.
+    restart_hub_forgetting_the_copy(&mut mesh, db.insert_stale()).await?;
     make_conflicts(&mesh, 2).await?;
     let after = wait_mirrored(&mesh, &db).await?;
     assert!(
