@@ -34,10 +34,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use sqlx::AssertSqlSafe;
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection};
 use syncmesh_node::adapter::redact_password;
 use syncmesh_node::config::{DatabaseKind, MirrorConfig};
 use syncmesh_node::store::{LogStore, SledStore, WriteBatch, next_cursor, prefix_end};
@@ -62,6 +62,8 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const IDLE: Duration = Duration::from_secs(1);
 /// Waiting for a connection or a statement.
 const DB_TIMEOUT: Duration = Duration::from_secs(10);
+/// Waiting for one transaction of at most [`MIRROR_BATCH_RECORDS`] writes.
+const TX_TIMEOUT: Duration = Duration::from_secs(60);
 /// The `error_type` label of mirror failures in `sync_errors_total`.
 pub const ERROR_TYPE: &str = "conflict_mirror";
 
@@ -169,11 +171,11 @@ enum Write {
     Delete(String),
 }
 
-/// The mirror database.
+/// The mirror database: one connection.
 enum Db {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-    Mysql(MySqlPool),
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+    Mysql(MySqlConnection),
 }
 
 /// The SQL of one engine and table.
@@ -253,10 +255,10 @@ fn time_literal(kind: DatabaseKind, rfc: &str) -> String {
     }
 }
 
-/// Writes `writes` in one transaction of pool `$pool`.
+/// Writes `writes` in one transaction on connection `$conn`.
 macro_rules! write_all {
-    ($pool:expr, $sql:expr, $kind:expr, $writes:expr) => {{
-        let mut tx = $pool.begin().await?;
+    ($conn:expr, $sql:expr, $kind:expr, $writes:expr) => {{
+        let mut tx = sqlx::Connection::begin($conn).await?;
         for w in $writes {
             match w {
                 Write::Insert(r) => {
@@ -285,106 +287,125 @@ macro_rules! write_all {
     }};
 }
 
+/// `fut`, or a timeout error after `limit` (a database that stopped
+/// answering must not stall the mirror forever).
+async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+) -> std::result::Result<T, sqlx::Error> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", limit.as_secs()),
+        )))
+    })
+}
+
 impl Db {
     async fn connect(kind: DatabaseKind, url: &str) -> std::result::Result<Db, sqlx::Error> {
-        Ok(match kind {
-            DatabaseKind::Postgresql => Db::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(DB_TIMEOUT)
-                    .connect(url)
-                    .await?,
-            ),
-            DatabaseKind::Mysql => {
-                let url = match url.strip_prefix("mariadb://") {
-                    Some(rest) => format!("mysql://{rest}"),
-                    None => url.to_owned(),
-                };
-                Db::Mysql(
-                    MySqlPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(DB_TIMEOUT)
-                        .connect(&url)
-                        .await?,
-                )
-            }
-            _ => Db::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(DB_TIMEOUT)
-                    .connect_with(
-                        SqliteConnectOptions::from_str(url)?
+        within(DB_TIMEOUT, async {
+            Ok(match kind {
+                DatabaseKind::Postgresql => Db::Postgres(
+                    PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?,
+                ),
+                DatabaseKind::Mysql => {
+                    let url = match url.strip_prefix("mariadb://") {
+                        Some(rest) => format!("mysql://{rest}"),
+                        None => url.to_owned(),
+                    };
+                    Db::Mysql(
+                        MySqlConnection::connect_with(&MySqlConnectOptions::from_str(&url)?)
+                            .await?,
+                    )
+                }
+                _ => Db::Sqlite(
+                    SqliteConnection::connect_with(
+                        &SqliteConnectOptions::from_str(url)?
                             .create_if_missing(true)
                             .busy_timeout(DB_TIMEOUT),
                     )
                     .await?,
-            ),
+                ),
+            })
         })
+        .await
     }
 
-    async fn execute(&self, sql: &str) -> std::result::Result<(), sqlx::Error> {
+    async fn execute(&mut self, sql: &str) -> std::result::Result<(), sqlx::Error> {
         let q = AssertSqlSafe(sql.to_owned());
-        match self {
-            Db::Sqlite(p) => sqlx::query(q).execute(p).await.map(drop),
-            Db::Postgres(p) => sqlx::query(q).execute(p).await.map(drop),
-            Db::Mysql(p) => sqlx::query(q).execute(p).await.map(drop),
-        }
+        within(DB_TIMEOUT, async {
+            match self {
+                Db::Sqlite(c) => sqlx::query(q).execute(c).await.map(drop),
+                Db::Postgres(c) => sqlx::query(q).execute(c).await.map(drop),
+                Db::Mysql(c) => sqlx::query(q).execute(c).await.map(drop),
+            }
+        })
+        .await
     }
 
-    async fn expire(&self, sql: &Sql, before_ms: i64) -> std::result::Result<u64, sqlx::Error> {
+    async fn expire(&mut self, sql: &Sql, before_ms: i64) -> std::result::Result<u64, sqlx::Error> {
         let q = AssertSqlSafe(sql.expire.clone());
-        Ok(match self {
-            Db::Sqlite(p) => sqlx::query(q)
-                .bind(before_ms)
-                .execute(p)
-                .await?
-                .rows_affected(),
-            Db::Postgres(p) => sqlx::query(q)
-                .bind(before_ms)
-                .execute(p)
-                .await?
-                .rows_affected(),
-            Db::Mysql(p) => sqlx::query(q)
-                .bind(before_ms)
-                .execute(p)
-                .await?
-                .rows_affected(),
+        within(TX_TIMEOUT, async {
+            Ok(match self {
+                Db::Sqlite(c) => sqlx::query(q)
+                    .bind(before_ms)
+                    .execute(c)
+                    .await?
+                    .rows_affected(),
+                Db::Postgres(c) => sqlx::query(q)
+                    .bind(before_ms)
+                    .execute(c)
+                    .await?
+                    .rows_affected(),
+                Db::Mysql(c) => sqlx::query(q)
+                    .bind(before_ms)
+                    .execute(c)
+                    .await?
+                    .rows_affected(),
+            })
         })
+        .await
     }
 
     async fn ids_after(
-        &self,
+        &mut self,
         sql: &Sql,
         after: &str,
     ) -> std::result::Result<Vec<String>, sqlx::Error> {
         let q = AssertSqlSafe(sql.ids_after.clone());
-        match self {
-            Db::Sqlite(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
-            Db::Postgres(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
-            Db::Mysql(p) => sqlx::query_scalar(q).bind(after).fetch_all(p).await,
-        }
+        within(DB_TIMEOUT, async {
+            match self {
+                Db::Sqlite(c) => sqlx::query_scalar(q).bind(after).fetch_all(c).await,
+                Db::Postgres(c) => sqlx::query_scalar(q).bind(after).fetch_all(c).await,
+                Db::Mysql(c) => sqlx::query_scalar(q).bind(after).fetch_all(c).await,
+            }
+        })
+        .await
     }
 
     async fn write(
-        &self,
+        &mut self,
         sql: &Sql,
         kind: DatabaseKind,
         writes: &[Write],
     ) -> std::result::Result<(), sqlx::Error> {
-        match self {
-            Db::Sqlite(p) => write_all!(p, sql, kind, writes),
-            Db::Postgres(p) => write_all!(p, sql, kind, writes),
-            Db::Mysql(p) => write_all!(p, sql, kind, writes),
-        }
-        Ok(())
+        within(TX_TIMEOUT, async {
+            match self {
+                Db::Sqlite(c) => write_all!(c, sql, kind, writes),
+                Db::Postgres(c) => write_all!(c, sql, kind, writes),
+                Db::Mysql(c) => write_all!(c, sql, kind, writes),
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn close(self) {
-        match self {
-            Db::Sqlite(p) => p.close().await,
-            Db::Postgres(p) => p.close().await,
-            Db::Mysql(p) => p.close().await,
-        }
+        let _ = match self {
+            Db::Sqlite(c) => c.close().await,
+            Db::Postgres(c) => c.close().await,
+            Db::Mysql(c) => c.close().await,
+        };
     }
 }
 
@@ -463,7 +484,6 @@ async fn run(
     errors: Arc<AtomicU64>,
     mut wake: mpsc::Receiver<()>,
 ) {
-    let what = target_name(&cfg);
     let mut delay = RETRY_INITIAL;
     let mut health = Health::default();
     loop {
@@ -478,7 +498,7 @@ async fn run(
                 errors.fetch_add(1, Ordering::Relaxed);
                 if !health.failing {
                     tracing::warn!(
-                        "conflict mirror: cannot write to {what}: {e}; the hub keeps syncing and holds the records in its store, and copies them once the database is reachable (retrying every {}s at most); check conflicts.mirror.url and that the database is up",
+                        "conflict mirror: cannot write to {e}; the hub keeps syncing and holds the records in its store, and copies them once the database is reachable (retrying every {}s at most); check conflicts.mirror.url and that the database is up",
                         RETRY_MAX.as_secs()
                     );
                     health.failing = true;
@@ -517,7 +537,7 @@ pub async fn probe(cfg: &MirrorConfig) -> Result<String> {
             };
         }
     }
-    let db = Db::connect(kind, cfg.url.expose())
+    let mut db = Db::connect(kind, cfg.url.expose())
         .await
         .map_err(|e| db_error(cfg, &e))?;
     let mut res = Ok(format!("{}: reachable", target_name(cfg)));
@@ -565,10 +585,10 @@ async fn session(
 ) -> Result<()> {
     let kind = cfg.kind();
     let sql = Sql::new(kind, &cfg.table);
-    let db = Db::connect(kind, cfg.url.expose())
+    let mut db = Db::connect(kind, cfg.url.expose())
         .await
         .map_err(|e| db_error(cfg, &e))?;
-    let res = mirror_on(store, cfg, retention_days, wake, health, &db, &sql).await;
+    let res = mirror_on(store, cfg, retention_days, wake, health, &mut db, &sql).await;
     db.close().await;
     res
 }
@@ -579,7 +599,7 @@ async fn mirror_on(
     retention_days: u32,
     wake: &mut mpsc::Receiver<()>,
     health: &mut Health,
-    db: &Db,
+    db: &mut Db,
     sql: &Sql,
 ) -> Result<()> {
     let kind = cfg.kind();
@@ -672,7 +692,12 @@ async fn mirror_on(
 /// Copies every record in `c/` (pages of [`MIRROR_BATCH_RECORDS`], one
 /// transaction each), then deletes the rows of records the hub no longer
 /// holds (replaced while the mirror was off); returns how many were copied.
-async fn full_copy(store: &mut SledStore, cfg: &MirrorConfig, db: &Db, sql: &Sql) -> Result<u64> {
+async fn full_copy(
+    store: &mut SledStore,
+    cfg: &MirrorConfig,
+    db: &mut Db,
+    sql: &Sql,
+) -> Result<u64> {
     store.flush()?;
     let end = prefix_end(P_CONFLICT_RECORDS);
     let mut start = P_CONFLICT_RECORDS.to_vec();
