@@ -18,8 +18,9 @@
 //! A mirror that has never completed a full copy for its target (redacted
 //! url and table, kept under `g/mirror`) first copies every record in
 //! `c/`, in pages of [`MIRROR_BATCH_RECORDS`], and deletes the rows whose
-//! id no record has (records replaced while the mirror was off). While the database is
-//! unreachable the queue stays in sled (nothing is lost); the task logs one
+//! id no record has (records replaced while the mirror was off). While
+//! the database is unreachable or refuses the writes the queue stays in
+//! sled (nothing is lost); the task logs one
 //! warning line per outage, counts every failed attempt in
 //! `sync_errors_total{table="",error_type="conflict_mirror"}` and retries
 //! with backoff from [`RETRY_INITIAL`] to [`RETRY_MAX`]. Rows older than
@@ -472,7 +473,7 @@ impl Drop for Mirror {
     }
 }
 
-/// `what`: a one-line description of the target, without the password.
+/// The target in one line (`table T at URL`), without the password.
 fn target_name(cfg: &MirrorConfig) -> String {
     format!("table {} at {}", cfg.table, cfg.url.redacted())
 }
@@ -487,9 +488,9 @@ async fn run(
     let mut delay = RETRY_INITIAL;
     let mut health = Health::default();
     loop {
-        health.connected = false;
+        health.progressed = false;
         let res = session(&mut store, &cfg, retention_days, &mut wake, &mut health).await;
-        if health.connected {
+        if health.progressed {
             delay = RETRY_INITIAL;
         }
         match res {
@@ -570,8 +571,8 @@ fn wall_ms() -> u64 {
 struct Health {
     /// An outage was logged and the queue has not been drained since.
     failing: bool,
-    /// This session connected and has the table.
-    connected: bool,
+    /// This session committed a transaction or found nothing to copy.
+    progressed: bool,
 }
 
 /// Connects, then mirrors until the wake channel closes (`Ok`) or the
@@ -606,7 +607,6 @@ async fn mirror_on(
     for stmt in &sql.create {
         db.execute(stmt).await.map_err(|e| db_error(cfg, &e))?;
     }
-    health.connected = true;
     let marker = target_name(cfg).into_bytes();
     if store.get(K_MIRROR)?.as_deref() != Some(marker.as_slice()) {
         let copied = full_copy(store, cfg, db, sql).await?;
@@ -660,8 +660,10 @@ async fn mirror_on(
             }
             store.write(batch)?;
             copied_since += writes.len() as u64;
+            health.progressed = true;
             continue;
         }
+        health.progressed = true;
         if health.failing {
             tracing::info!(
                 records = copied_since,
