@@ -92,6 +92,15 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
             }
         }
     }
+    if let Some(m) = cfg.conflicts.mirror.as_ref().filter(|_| only.is_none()) {
+        match syncmesh_hub::mirror::probe(m).await {
+            Ok(line) => println!("ok   conflict mirror: {line}"),
+            Err(e) => {
+                println!("FAIL conflict mirror: {e}");
+                ok = false;
+            }
+        }
+    }
     if !ok {
         println!("check failed: fix the lines marked FAIL and run `syncmesh check` again");
     }

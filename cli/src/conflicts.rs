@@ -81,23 +81,16 @@ fn op_name(c: &pb::ConflictCandidate) -> String {
         .unwrap_or_default()
 }
 
-/// The records as JSON.
+/// The records as JSON (each as [`syncmesh_hub::mirror::record_json`],
+/// the same content the `sync_conflicts` mirror table holds).
 pub fn to_json(reply: &pb::ConflictsReply) -> serde_json::Value {
     json!({
         "total": reply.total,
-        "conflicts": reply.conflicts.iter().map(|c| json!({
-            "time": when(&c.hlc),
-            "table": c.table,
-            "key": c.key.iter().map(|k| value(&Some(k.clone())).to_string()).collect::<Vec<_>>(),
-            "field": c.field,
-            "strategy": c.strategy,
-            "result": value(&c.result).to_string(),
-            "candidates": c.candidates.iter().map(|x| json!({
-                "op": op_name(x),
-                "time": when(&x.hlc),
-                "value": value(&x.value).to_string(),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "conflicts": reply
+            .conflicts
+            .iter()
+            .map(syncmesh_hub::mirror::record_json)
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -39,6 +39,7 @@ pub fn hub_settings_from(cfg: &Config, hub: &HubConfig) -> Result<(HubSettings, 
         conflict_retention_days: cfg.conflicts.retention_days,
         metrics: hub.metrics,
         alert: cfg.conflicts.alert.clone(),
+        mirror: cfg.conflicts.mirror.clone(),
         tombstone_grace_ms: hub.tombstone_grace_hours.saturating_mul(3_600_000),
         nodes: cfg
             .nodes

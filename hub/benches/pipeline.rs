@@ -87,7 +87,10 @@ fn inserts(from: usize, n: usize) -> Vec<CapturedChange> {
                 ("id".into(), Value::Int(i as i64 + 1)),
                 ("item".into(), Value::Text(format!("item-{i}"))),
                 ("qty".into(), Value::Int((i % 100) as i64)),
-                ("price".into(), Value::Decimal(format!("{}.{:02}", i % 1000, i % 100))),
+                (
+                    "price".into(),
+                    Value::Decimal(format!("{}.{:02}", i % 1000, i % 100)),
+                ),
             ])),
         })
         .collect()
@@ -233,8 +236,16 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
     // and gets one small round (it checks the bench still runs).
     let benching = std::env::args().any(|a| a == "--bench");
-    let rows = if benching { env("PIPELINE_ROWS", 50_000) } else { 2_000 };
-    let rounds = if benching { env("PIPELINE_ROUNDS", 5) } else { 1 };
+    let rows = if benching {
+        env("PIPELINE_ROWS", 50_000)
+    } else {
+        2_000
+    };
+    let rounds = if benching {
+        env("PIPELINE_ROUNDS", 5)
+    } else {
+        1
+    };
     let results: Vec<Vec<f64>> = (0..rounds).map(|_| round(rows)).collect();
     println!("pipeline: {rows} inserts, {rounds} rounds, median µs per op (min-max)");
     let mut total = Vec::new();

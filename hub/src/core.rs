@@ -27,6 +27,17 @@ const P_NODE: &[u8] = b"n/";
 const P_CONFLICT: &[u8] = b"c/";
 const P_ROW: &[u8] = b"r/";
 const P_ROW_CONFLICTS: &[u8] = b"x/";
+/// The conflict mirror's queue (only while `conflicts.mirror` is set):
+/// `q/<n: u64 BE>` → the key of a conflict record that was added or
+/// removed, written in the same batch as the record. The mirror
+/// ([`crate::mirror`]) copies the record's current state (or its absence)
+/// into the mirror table and then removes the entry.
+pub const P_MIRROR_QUEUE: &[u8] = b"q/";
+/// The mirror target (redacted url and table) whose full copy of `c/`
+/// completed; absent: the next mirror start copies every record.
+pub const K_MIRROR: &[u8] = b"g/mirror";
+/// The prefix of conflict records (`c/<hlc time: u64 BE><table>\0…`).
+pub const P_CONFLICT_RECORDS: &[u8] = P_CONFLICT;
 /// Tombstone GC: the collected cut.
 const K_GC_CUT: &[u8] = b"g/cut";
 /// Tombstone GC: per node, its last seen report and the cut it joined at.
@@ -147,6 +158,19 @@ enum Resnap {
     Needed(String),
 }
 
+/// `q/<n>`.
+pub fn mirror_queue_key(n: u64) -> Vec<u8> {
+    let mut k = P_MIRROR_QUEUE.to_vec();
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The number of a `q/<n>` key.
+pub fn mirror_queue_number(key: &[u8]) -> Option<u64> {
+    let n: [u8; 8] = key.strip_prefix(P_MIRROR_QUEUE)?.try_into().ok()?;
+    Some(u64::from_be_bytes(n))
+}
+
 fn fmt_vv(v: &VersionVector) -> String {
     v.0.iter()
         .map(|(o, s)| format!("{o}:{s}"))
@@ -171,6 +195,8 @@ pub struct HubCore<S: LogStore> {
     row_conflicts: BTreeMap<Vec<u8>, Vec<Vec<u8>>>,
     metrics: HubMetrics,
     gc: Gc,
+    /// The next `q/` number while the conflict mirror is on.
+    mirror_next: Option<u64>,
 }
 
 /// What the hub remembers about a node for tombstone GC.
@@ -338,6 +364,7 @@ impl<S: LogStore> HubCore<S> {
             conflict_retention_days: DEFAULT_CONFLICT_RETENTION_DAYS,
             tables: BTreeMap::new(),
             row_conflicts: BTreeMap::new(),
+            mirror_next: None,
             metrics: HubMetrics::default(),
             gc,
         })
@@ -442,12 +469,54 @@ impl<S: LogStore> HubCore<S> {
         }
         for k in before.iter().filter(|k| !now_keys.contains(k)) {
             batch.remove(k.clone());
+            self.queue_mirror(batch, k);
+        }
+        for k in now_keys.iter().filter(|k| !before.contains(k)) {
+            self.queue_mirror(batch, k);
         }
         if now_keys != before {
             batch.put(xk.clone(), enc(&now_keys)?);
         }
         self.row_conflicts.insert(xk, now_keys);
         Ok(())
+    }
+
+    /// Turns the conflict mirror's queue (`q/`) on or off. Off also forgets
+    /// that a mirror ever completed a full copy (`g/mirror`), so turning it
+    /// on again copies every record once more (the copy is idempotent).
+    pub fn set_conflict_mirror(&mut self, on: bool) -> Result<()> {
+        if on {
+            let end = prefix_end(P_MIRROR_QUEUE);
+            let next = match self.store.last_in(P_MIRROR_QUEUE, &end)? {
+                Some((k, _)) => mirror_queue_number(&k).map_or(0, |n| n.saturating_add(1)),
+                None => 0,
+            };
+            self.mirror_next = Some(next);
+            return Ok(());
+        }
+        self.mirror_next = None;
+        let mut batch = WriteBatch::default();
+        if self.store.get(K_MIRROR)?.is_some() {
+            batch.remove(K_MIRROR.to_vec());
+        }
+        // Stale queue entries: the next full copy covers them.
+        let end = prefix_end(P_MIRROR_QUEUE);
+        for (k, _) in self.store.range(P_MIRROR_QUEUE, &end, 100_000)? {
+            batch.remove(k);
+        }
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queues the record under `key` for the mirror (if it is on).
+    fn queue_mirror(&mut self, batch: &mut WriteBatch, key: &[u8]) {
+        if let Some(n) = self.mirror_next {
+            batch.put(mirror_queue_key(n), key.to_vec());
+            self.mirror_next = Some(n.saturating_add(1));
+        }
     }
 
     /// Keeps conflict records for `days` (at least 1).
@@ -1844,6 +1913,70 @@ mod tests {
         store.crash();
         let h = HubCore::open(h.settings.clone(), store).unwrap();
         assert_eq!(h.version_vector().get(&NodeId::new("a").unwrap()), 5);
+    }
+
+    /// The mirror queue names every record added or removed, in the
+    /// flushed batch that stores it; off clears it.
+    #[test]
+    fn conflict_mirror_queue_follows_added_and_replaced_records() {
+        let queue = |h: &HubCore<MemStore>| -> Vec<Vec<u8>> {
+            h.store
+                .range(P_MIRROR_QUEUE, &prefix_end(P_MIRROR_QUEUE), usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| {
+                    assert!(mirror_queue_number(&k).is_some());
+                    v
+                })
+                .collect()
+        };
+        let write = |origin: &str, v: i64| {
+            let o = NodeId::new(origin).unwrap();
+            let hlc = Hlc {
+                time: Ntp64::from_unix_millis(1_000_000 + v as u64).0,
+                id: o.hlc_id(),
+            };
+            batch(vec![wire::op_to_proto(&Op::upsert(
+                OpId::new(o, 1),
+                hlc,
+                "t",
+                vec![Value::Int(7)],
+                vec![FieldWrite::new("v", Value::Int(v))],
+            ))])
+        };
+        let mut h = hub();
+        h.set_tables(BTreeMap::from([("t".to_owned(), TableRules::default())]));
+        h.set_conflict_mirror(true).unwrap();
+        let sids: Vec<SessionId> = ["a", "b", "c"]
+            .iter()
+            .map(|n| session(&mut h, n, "bidirectional"))
+            .collect();
+        h.handle_message(now(), sids[0], write("a", 1)).unwrap();
+        assert!(queue(&h).is_empty(), "one write is no conflict");
+        h.handle_message(now(), sids[1], write("b", 2)).unwrap();
+        let q = queue(&h);
+        assert_eq!(q.len(), 1, "the record of two writes");
+        h.handle_message(now(), sids[2], write("c", 3)).unwrap();
+        // Flushed with the records: a crash keeps them.
+        h.store.crash();
+        let q = queue(&h);
+        assert_eq!(q.len(), 3, "two-write record removed, three-write added");
+        assert_eq!(q[0], q[1]);
+        assert!(h.store.get(&q[0]).unwrap().is_none(), "replaced");
+        let three = pb::ConflictRecord::decode(h.store.get(&q[2]).unwrap().unwrap().as_slice());
+        assert_eq!(three.unwrap().candidates.len(), 3);
+        // Reopened with the mirror on: numbering continues.
+        let store = std::mem::take(&mut h.store);
+        let mut h = HubCore::open(h.settings.clone(), store).unwrap();
+        h.set_conflict_mirror(true).unwrap();
+        assert_eq!(h.mirror_next, Some(3));
+        // Off: the queue and the full-copy marker go.
+        let mut b = WriteBatch::default();
+        b.put(K_MIRROR.to_vec(), b"x".to_vec());
+        h.store.write(b).unwrap();
+        h.set_conflict_mirror(false).unwrap();
+        assert!(queue(&h).is_empty());
+        assert!(h.store.get(K_MIRROR).unwrap().is_none());
     }
 
     #[test]

@@ -17,6 +17,14 @@ pub enum Error {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Ops(#[from] syncmesh_ops::Error),
+    /// The conflict mirror's database failed (the hub keeps running).
+    #[error("{target}: {message}")]
+    Mirror {
+        /// `table T at URL` with the password hidden.
+        target: String,
+        /// The database's error, password hidden.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("hub server: {0}")]
     Server(String),

@@ -1,6 +1,8 @@
 //! The tonic shell of the hub: one actor task owns the [`HubCore`]; every
 //! `Sync` stream becomes a session whose messages are fed to the core, and
-//! whose outgoing queue is filled from [`HubCore::poll_transmit`].
+//! whose outgoing queue is filled from [`HubCore::poll_transmit`]. With
+//! `conflicts.mirror` set, a [`Mirror`] task copies conflict records into
+//! the mirror table; the actor only wakes it (never waits for it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::{Control, HubCore, HubSettings, SessionId};
+use crate::mirror::Mirror;
 use crate::telemetry::{Telemetry, status_json};
 use crate::{Error, Result};
 
@@ -168,6 +171,7 @@ pub struct HubHandle {
     /// Where `/metrics` and the status page are served, if configured.
     pub metrics_addr: Option<SocketAddr>,
     metrics: Option<syncmesh_ops::http::MetricsServer>,
+    mirror: Option<Mirror>,
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<()>>,
     actor: tokio::task::JoinHandle<Result<()>>,
@@ -187,15 +191,24 @@ impl HubHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // The mirror holds a handle of the store: stop it first.
+        if let Some(m) = self.mirror.take() {
+            m.stop().await;
+        }
         if self.stopped {
             return Ok(());
         }
         self.server.abort();
         let _ = (&mut self.server).await;
-        match self.actor.await {
+        match (&mut self.actor).await {
             Ok(r) => r,
             Err(e) => Err(Error::Server(format!("hub actor failed: {e}"))),
         }
+    }
+
+    /// Mirror failures counted so far (`sync_errors_total{error_type="conflict_mirror"}`).
+    pub fn mirror_errors(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, Mirror::errors)
     }
 
     /// Waits until the hub stops by itself (an error) or forever.
@@ -231,6 +244,8 @@ pub struct HubOptions {
     pub metrics: Option<SocketAddr>,
     /// `conflicts.alert`: threshold and webhook.
     pub alert: Option<syncmesh_node::config::AlertConfig>,
+    /// `conflicts.mirror`: the table conflict records are copied into.
+    pub mirror: Option<syncmesh_node::config::MirrorConfig>,
     /// `hub.tombstone_grace_hours` in ms (0 = the default of 7 days).
     pub tombstone_grace_ms: u64,
     /// The configured nodes (name to mode), for tombstone GC: a configured
@@ -283,17 +298,20 @@ where
     serve(opened, &options, incoming, addr).await
 }
 
-/// A hub core with its name and configured tables.
+/// A hub core with its name and configured tables, and another handle of
+/// its store for the mirror.
 struct Opened {
     core: HubCore<SledStore>,
     name: String,
     tables: Vec<String>,
+    store: SledStore,
 }
 
 fn open_core(settings: HubSettings, options: &HubOptions, data_dir: &Path) -> Result<Opened> {
     let store = SledStore::open(data_dir)?;
     let name = settings.name.as_str().to_owned();
-    let mut core = HubCore::open(settings, store)?;
+    let mut core = HubCore::open(settings, store.clone())?;
+    core.set_conflict_mirror(options.mirror.is_some())?;
     let tables: Vec<String> = options.tables.keys().cloned().collect();
     core.set_tables(options.tables.clone());
     if options.conflict_retention_days > 0 {
@@ -303,7 +321,12 @@ fn open_core(settings: HubSettings, options: &HubOptions, data_dir: &Path) -> Re
         core.set_tombstone_grace_ms(options.tombstone_grace_ms);
     }
     core.set_gc_nodes(options.nodes.clone());
-    Ok(Opened { core, name, tables })
+    Ok(Opened {
+        core,
+        name,
+        tables,
+        store,
+    })
 }
 
 async fn serve<I, IO, IE>(
@@ -322,7 +345,12 @@ where
         + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let Opened { core, name, tables } = opened;
+    let Opened {
+        core,
+        name,
+        tables,
+        store,
+    } = opened;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
@@ -339,9 +367,26 @@ where
         None => None,
     };
     let telemetry = Telemetry::new(&name, wall_ms(), options.alert.as_ref());
+    let mirror = options.mirror.clone().map(|m| {
+        tracing::info!(
+            "conflict mirror: copying conflict records into table {} at {}",
+            m.table,
+            m.url.redacted()
+        );
+        let days = if options.conflict_retention_days > 0 {
+            options.conflict_retention_days
+        } else {
+            crate::core::DEFAULT_CONFLICT_RETENTION_DAYS
+        };
+        Mirror::start(store, m, days)
+    });
     let actor = tokio::spawn(run_actor(
         core,
-        Observed { telemetry, tables },
+        Observed {
+            telemetry,
+            tables,
+            mirror: mirror.as_ref().map(Mirror::waker),
+        },
         cmd_rx,
         actor_stop_rx,
     ));
@@ -367,22 +412,45 @@ where
         addr,
         metrics_addr: metrics.as_ref().map(|m| m.addr),
         metrics,
+        mirror,
         shutdown: Some(shutdown_tx),
         server,
         actor,
     })
 }
 
-/// What the actor keeps besides the core: telemetry and the configured tables.
+/// What the actor keeps besides the core: telemetry, the configured
+/// tables and the mirror's waker.
 struct Observed {
     telemetry: Telemetry,
     tables: Vec<String>,
+    mirror: Option<crate::mirror::Waker>,
 }
 
 impl Observed {
+    /// Telemetry from the core's counters (and the mirror's failures).
+    fn update(&mut self, core: &mut HubCore<SledStore>) {
+        if let Some(m) = &self.mirror {
+            let n = m.errors();
+            if n > 0 {
+                core.metrics_mut()
+                    .errors
+                    .insert((String::new(), crate::mirror::ERROR_TYPE.to_owned()), n);
+            }
+        }
+        self.telemetry.update(wall_ms(), core.metrics_mut());
+    }
+
+    /// Wakes the mirror: records may have changed.
+    fn wake_mirror(&self) {
+        if let Some(m) = &self.mirror {
+            m.wake();
+        }
+    }
+
     fn status(&mut self, core: &mut HubCore<SledStore>) -> pb::StatusReply {
         let now = wall_ms();
-        self.telemetry.update(now, core.metrics_mut());
+        self.update(core);
         let mut reply = core.status();
         self.telemetry
             .fill_status(&mut reply, core.metrics(), &self.tables, now);
@@ -440,8 +508,10 @@ async fn run_actor(
                         while let Some(line) = core.poll_notice() {
                             tracing::warn!(session = sid, "{line}");
                         }
-                        // Flushed: lag samples end now.
-                        obs.telemetry.update(wall_ms(), core.metrics_mut());
+                        // Flushed: lag samples end now; new conflict
+                        // records are durable and may be mirrored.
+                        obs.update(&mut core);
+                        obs.wake_mirror();
                         let ms = started.elapsed().as_millis() as u64;
                         tracing::debug!(session = sid, ms, "message handled");
                         match ctl {
@@ -463,7 +533,7 @@ async fn run_actor(
                         let _ = reply.send(obs.status(&mut core));
                     }
                     Cmd::Metrics(reply) => {
-                        obs.telemetry.update(wall_ms(), core.metrics_mut());
+                        obs.update(&mut core);
                         let _ = reply.send(obs.telemetry.metrics().render());
                     }
                     Cmd::Page(reply) => {

@@ -36,7 +36,7 @@ impl TableSchema {
 
 /// Removes the password of a database `url` (`scheme://user:pw@host/...`)
 /// from an error text, for messages and logs.
-pub(crate) fn redact_password(text: &str, url: &str) -> String {
+pub fn redact_password(text: &str, url: &str) -> String {
     let password = url
         .split_once("://")
         .and_then(|(_, rest)| rest.split('/').next())

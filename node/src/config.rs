@@ -470,6 +470,8 @@ pub struct ConflictsConfig {
     pub retention_days: u32,
     /// Alerting on conflict rate, if configured.
     pub alert: Option<AlertConfig>,
+    /// `conflicts.mirror`: a database table every record is copied into.
+    pub mirror: Option<MirrorConfig>,
 }
 
 impl Default for ConflictsConfig {
@@ -477,8 +479,40 @@ impl Default for ConflictsConfig {
         ConflictsConfig {
             retention_days: DEFAULT_RETENTION_DAYS,
             alert: None,
+            mirror: None,
         }
     }
+}
+
+/// Default of `conflicts.mirror.table`.
+pub const DEFAULT_MIRROR_TABLE: &str = "sync_conflicts";
+
+/// `conflicts.mirror`: the hub copies every conflict record into `table`
+/// of the database at `url` (SQLite, PostgreSQL or MySQL/MariaDB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The database; its `Debug` and `Display` hide the password.
+    pub url: Secret,
+    /// The table (a plain identifier, created if missing).
+    pub table: String,
+}
+
+impl MirrorConfig {
+    /// The engine the url names.
+    pub fn kind(&self) -> DatabaseKind {
+        mirror_kind(self.url.expose()).unwrap_or(DatabaseKind::Sqlite)
+    }
+}
+
+/// The engine of a mirror url, if it is one the mirror supports.
+fn mirror_kind(url: &str) -> Option<DatabaseKind> {
+    [
+        DatabaseKind::Sqlite,
+        DatabaseKind::Postgresql,
+        DatabaseKind::Mysql,
+    ]
+    .into_iter()
+    .find(|k| k.url_prefixes().iter().any(|p| url.starts_with(p)))
 }
 
 /// `conflicts.alert`. Its `Debug` hides the webhook path, which often
@@ -952,13 +986,26 @@ struct RawSync {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a conflicts map with retention_days and/or alert"
+    expecting = "a conflicts map with retention_days, alert and/or mirror"
 )]
 struct RawConflicts {
     #[serde(default)]
     retention_days: Option<RetentionDays>,
     #[serde(default)]
     alert: Option<RawAlert>,
+    #[serde(default)]
+    mirror: Option<Checked<RawMirror>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mirror map with url and optionally table"
+)]
+struct RawMirror {
+    url: Parsed<Secret>,
+    #[serde(default)]
+    table: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1029,6 +1076,57 @@ impl Check for RawNode {
             ));
         }
         Ok(self)
+    }
+}
+
+impl Check for RawMirror {
+    const EXPECTING: &'static str = "a mirror map with url and optionally table";
+    fn check(self) -> std::result::Result<Self, String> {
+        let url = self.url.0.expose();
+        if url.trim().is_empty() {
+            return Err("mirror url is empty: give the database url (e.g. \"sqlite:///var/lib/syncmesh/conflicts.db\" or \"${MIRROR_URL}\")".to_owned());
+        }
+        if mirror_kind(url).is_none() {
+            let scheme = match url.find(':') {
+                Some(i)
+                    if i > 0
+                        && url[..i]
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+                {
+                    format!("it starts with `{}:`", &url[..i])
+                }
+                _ => "it has no scheme".to_owned(),
+            };
+            return Err(format!(
+                "mirror url is not a supported database ({scheme}): use sqlite:, postgres://, postgresql://, mysql:// or mariadb://"
+            ));
+        }
+        if let Some(t) = &self.table {
+            check_mirror_table(t)?;
+        }
+        Ok(self)
+    }
+}
+
+/// A mirror table name: a plain SQL identifier every engine accepts
+/// unquoted (letters, digits, `_`; not starting with a digit; ≤ 63 bytes).
+fn check_mirror_table(t: &str) -> std::result::Result<(), String> {
+    let ok = !t.is_empty()
+        && t.len() <= 63
+        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !t.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else if t.is_empty() {
+        Err(
+            "mirror table is empty: give a table name such as sync_conflicts or leave table out"
+                .to_owned(),
+        )
+    } else {
+        Err(format!(
+            "mirror table `{t}` is not a plain identifier: use letters, digits and `_` (not starting with a digit, at most 63 bytes), e.g. sync_conflicts"
+        ))
     }
 }
 
@@ -1597,6 +1695,18 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
             alert: c.alert.map(|a| AlertConfig {
                 per_hour: a.per_hour,
                 webhook: a.webhook.map(|w| w.0.0),
+            }),
+            mirror: c.mirror.map(|Checked(m)| {
+                let url = m.url.0.expose();
+                let url = if url.starts_with("sqlite:") {
+                    resolve_sqlite_url(url, base)
+                } else {
+                    url.to_owned()
+                };
+                MirrorConfig {
+                    url: Secret::new(url),
+                    table: m.table.unwrap_or_else(|| DEFAULT_MIRROR_TABLE.to_owned()),
+                }
             }),
         },
         None => ConflictsConfig::default(),
@@ -2415,6 +2525,76 @@ conflicts:
             e.contains("line 3") && e.contains("fix the YAML syntax"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn conflicts_mirror_defaults_resolves_and_redacts() {
+        let c = parse(
+            "tables: [{name: t}]\nconflicts:\n  retention_days: 9\n  mirror:\n    url: \"sqlite:./m.db\"\n",
+        )
+        .unwrap();
+        let m = c.conflicts.mirror.as_ref().unwrap();
+        assert_eq!(m.table, DEFAULT_MIRROR_TABLE);
+        assert_eq!(
+            m.url.expose(),
+            "sqlite:///base/m.db",
+            "relative to the config"
+        );
+        assert_eq!(m.kind(), DatabaseKind::Sqlite);
+        assert_eq!(c.conflicts.retention_days, 9);
+        let c = parse(
+            "tables: [{name: t}]\nconflicts:\n  mirror: { url: \"${PG_URL}\", table: conflicts_2 }\n",
+        )
+        .unwrap();
+        let m = c.conflicts.mirror.as_ref().unwrap();
+        assert_eq!(m.table, "conflicts_2");
+        assert_eq!(m.kind(), DatabaseKind::Postgresql);
+        assert_eq!(m.url.expose(), PG, "the variable expands");
+        assert!(!format!("{m:?}").contains("pw"), "{m:?}");
+        let c =
+            parse("tables: [{name: t}]\nconflicts:\n  mirror: { url: \"mysql://u:pw@h/db\" }\n")
+                .unwrap();
+        assert_eq!(c.conflicts.mirror.unwrap().kind(), DatabaseKind::Mysql);
+        assert_eq!(
+            parse("tables: [{name: t}]\n").unwrap().conflicts.mirror,
+            None
+        );
+    }
+
+    #[test]
+    fn conflicts_mirror_bad_config_is_one_clear_line() {
+        let mirror = |m: &str| {
+            err(&format!(
+                "tables: [{{name: t}}]\nconflicts:\n  mirror: {m}\n"
+            ))
+        };
+        let e = mirror("{ url: \"sqlite:a.db\", tabel: x }");
+        assert!(
+            e.contains("unknown key `tabel`") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = mirror("{ url: \"sqlite:a.db\", table: \"\" }");
+        assert!(e.contains("mirror table is empty"), "{e}");
+        let e = mirror("{ url: \"sqlite:a.db\", table: \"x; DROP TABLE y\" }");
+        assert!(e.contains("not a plain identifier"), "{e}");
+        let e = mirror("{ url: \"sqlite:a.db\", table: 9lives }");
+        assert!(e.contains("not a plain identifier"), "{e}");
+        let e = mirror(&format!(
+            "{{ url: \"sqlite:a.db\", table: {} }}",
+            "t".repeat(64)
+        ));
+        assert!(e.contains("at most 63 bytes"), "{e}");
+        let e = mirror("{ url: \"mongodb://u:pw@h/db\" }");
+        assert!(
+            e.contains("not a supported database (it starts with `mongodb:`)") && !e.contains("pw"),
+            "{e}"
+        );
+        let e = mirror("{ url: \"u:pw@h/db\" }");
+        assert!(e.contains("not a supported database"), "{e}");
+        let e = mirror("{ url: \"\" }");
+        assert!(e.contains("mirror url is empty"), "{e}");
+        let e = mirror("{ table: t }");
+        assert!(e.contains("missing key `url`"), "{e}");
     }
 
     #[test]

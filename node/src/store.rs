@@ -93,7 +93,9 @@ pub fn next_cursor<V>(rows: &[(Vec<u8>, V)], max_rows: usize) -> Option<Vec<u8>>
     }
 }
 
-/// sled-backed store (one tree, flushed with fsync).
+/// sled-backed store (one tree, flushed with fsync). A clone is another
+/// handle to the same database (the hub's conflict mirror reads through one).
+#[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
     path: PathBuf,

@@ -929,3 +929,47 @@ fn metrics_address_in_use_is_one_clear_line() -> Result<()> {
     drop(busy);
     Ok(())
 }
+
+/// A conflict mirror whose database cannot be opened is counted in
+/// `sync_errors_total{error_type="conflict_mirror"}` and the hub keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_mirror_failures_are_counted_in_sync_errors_total() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!(
+        "sqlite://{}",
+        dir.path()
+            .join("missing-dir")
+            .join("conflicts.db")
+            .display()
+    );
+    let options = HubOptions {
+        tables: BTreeMap::from([("orders".to_owned(), TableRules::default())]),
+        metrics: Some("127.0.0.1:0".parse()?),
+        mirror: Some(syncmesh_node::config::MirrorConfig {
+            url: syncmesh_node::config::Secret::new(url),
+            table: "sync_conflicts".to_owned(),
+        }),
+        ..Default::default()
+    };
+    let settings = HubSettings {
+        name: NodeId::new("hub")?,
+        batch_size: 100,
+        max_clock_drift_ms: 500,
+    };
+    let hub = start_hub(settings, options, dir.path(), "127.0.0.1:0".parse()?).await?;
+    let addr = hub.metrics_addr.unwrap();
+    wait_until("a counted mirror failure", LIMIT, || async {
+        let (samples, _) = scrape(addr).await?;
+        Ok(sum(
+            &samples,
+            "sync_errors_total",
+            &[("table", ""), ("error_type", "conflict_mirror")],
+        ) >= 1.0)
+    })
+    .await?;
+    assert!(hub.mirror_errors() >= 1);
+    hub_status(&hub.url()).await?;
+    hub.shutdown().await?;
+    Ok(())
+}
