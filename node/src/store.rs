@@ -245,7 +245,7 @@ impl LogStore for SledStore {
     fn write(&mut self, batch: WriteBatch) -> Result<()> {
         let mut b = sled::Batch::default();
         // Paged writes, per page in batch order (a later write wins).
-        let mut pages: BTreeMap<Vec<u8>, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+        let mut pages: BTreeMap<Vec<u8>, Vec<Write>> = BTreeMap::new();
         for (k, v) in batch.ops {
             if let Some((page, suffix)) = split_paged(&k) {
                 pages
@@ -287,6 +287,11 @@ impl LogStore for SledStore {
         self.db.flush().map_err(|e| self.err(e)).map(|_| ())
     }
 }
+
+/// A put (`Some`) or remove (`None`) of one key.
+type Write = (Vec<u8>, Option<Vec<u8>>);
+/// One entry of a page: the key's rest after the page part, and the value.
+type Entry<'a> = (&'a [u8], &'a [u8]);
 
 /// The prefix of the keys [`SledStore`] keeps in pages.
 const PAGED_PREFIX: &[u8] = b"r/";
@@ -367,7 +372,7 @@ fn encode_page(entries: &BTreeMap<&[u8], &[u8]>) -> Vec<u8> {
     out
 }
 
-fn decode_page(buf: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, &'static str> {
+fn decode_page(buf: &[u8]) -> std::result::Result<Vec<Entry<'_>>, &'static str> {
     if buf.first() != Some(&PAGE_VERSION) {
         return Err("unknown page version");
     }
