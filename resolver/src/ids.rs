@@ -28,9 +28,16 @@ impl Lid {
     }
 }
 
+/// Entries of a boxed [`Killers`] set held in its one allocation.
+const MANY_INLINE: usize = 3;
+
+/// Two or more killers, sorted by origin.
+type ManyKillers = smallvec::SmallVec<[(u32, u64); MANY_INLINE]>;
+
 /// The ops that superseded something, as the lowest seq per origin, sorted
 /// by origin (enough to tell whether any of them is covered by a stable
-/// cut). 16 bytes: the usual single entry inline, several boxed.
+/// cut). 16 bytes: the usual single entry inline, several boxed (one
+/// allocation for up to [`MANY_INLINE`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Killers {
     /// Nobody.
@@ -40,8 +47,7 @@ pub(crate) enum Killers {
     One { o: u32, seq: u64 },
     /// Two or more, sorted by origin (a thin box keeps the set at 16
     /// bytes).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<(u32, u64)>>),
+    Many(Box<ManyKillers>),
 }
 
 impl Killers {
@@ -58,19 +64,20 @@ impl Killers {
         match entries.as_slice() {
             [] => Killers::Empty,
             [(o, seq)] => Killers::One { o: *o, seq: *seq },
-            _ => Killers::Many(Box::new(entries)),
+            _ => Killers::Many(Box::new(entries.into_iter().collect())),
         }
     }
 
     /// Adds `(origin, seq)`, keeping the lowest seq per origin.
+    #[inline]
     fn add(&mut self, origin: u32, seq: u64) {
         match self {
             Killers::Empty => *self = Killers::One { o: origin, seq },
             Killers::One { o, seq: s } if *o == origin => *s = (*s).min(seq),
             Killers::One { o, seq: s } => {
-                let mut v = vec![(*o, *s), (origin, seq)];
-                v.sort_unstable_by_key(|e| e.0);
-                *self = Killers::Many(Box::new(v));
+                let (a, b) = ((*o, *s), (origin, seq));
+                let pair = if a.0 < b.0 { [a, b] } else { [b, a] };
+                *self = Killers::Many(Box::new(ManyKillers::from_slice(&pair)));
             }
             Killers::Many(v) => match v.binary_search_by(|(o, _)| o.cmp(&origin)) {
                 Ok(i) => v[i].1 = v[i].1.min(seq),
@@ -80,6 +87,7 @@ impl Killers {
     }
 
     /// Adds the op `by`.
+    #[inline]
     pub(crate) fn note(&mut self, by: Lid) {
         self.add(by.o, by.seq);
     }

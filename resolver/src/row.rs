@@ -63,6 +63,11 @@ pub(crate) struct Gone {
     pub(crate) dead: Option<Dead>,
 }
 
+/// The bit of origin index `o` in a 64-bit set (none past 63).
+fn bit(o: u32) -> u64 {
+    1u64.checked_shl(o).unwrap_or(0)
+}
+
 /// `cut[o]`: the stable cut's seq of the row's origin `o`.
 fn covered(id: Lid, cut: &[u64]) -> bool {
     id.seq <= cut[id.o as usize]
@@ -524,9 +529,14 @@ fn name_key(name: &str) -> u64 {
 
 /// The first 8 bytes, zero-padded, big-endian.
 fn bytes_key(b: &[u8]) -> u64 {
-    (0..8).fold(0u64, |k, i| {
-        (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
-    })
+    match b.first_chunk::<8>() {
+        Some(k) => u64::from_be_bytes(*k),
+        // Byte by byte: no `memcpy` call for a short name.
+        None => b
+            .iter()
+            .enumerate()
+            .fold(0u64, |k, (i, &x)| k | (u64::from(x) << (56 - 8 * i))),
+    }
 }
 
 /// `a == b` for field names, without a `memcmp` call for short names.
@@ -645,22 +655,25 @@ impl RowState {
     /// `pred` is ignored).
     pub fn apply(&mut self, op: &Op) {
         // Every origin the op names gets an index first (indices shift when
-        // one is added).
-        let mut added = self.intern(&op.id.origin);
-        for p in &op.row_pred {
-            added |= self.intern(&p.origin);
+        // one is added), then every id of the op becomes a row-local id, in
+        // op order: the op's own, its `row_pred`, each write's `pred`.
+        let mut lids: SmallVec<[Lid; 32]> = SmallVec::new();
+        let mut added: SmallVec<[NodeId; 4]> = SmallVec::new();
+        while let Err(missing) = self.local_ids(op, &mut lids) {
+            let missing = missing.clone();
+            self.intern(&missing);
+            added.push(missing);
         }
-        for w in &op.fields {
-            for p in &w.pred {
-                added |= self.intern(&p.origin);
-            }
-        }
-        let id = Lid::new(self.ix(&op.id.origin), op.id.seq);
+        let id = lids[0];
+        // Origins (by index, below 64) something of this op surely names
+        // once it is merged: then adding them leaves no origin unnamed.
+        let mut named = 0u64;
+        let rows = 1 + op.row_pred.len();
         if !op.row_pred.is_empty() {
             // Row predecessors as prefixes: the highest seq per origin says it all.
             let mut upto: SmallVec<[(u32, u64); 4]> = SmallVec::new();
-            for p in &op.row_pred {
-                let o = self.ix(&p.origin);
+            for (p, l) in op.row_pred.iter().zip(&lids[1..rows]) {
+                let o = l.o;
                 let seq = if o == id.o {
                     p.seq.min(op.id.seq.saturating_sub(1))
                 } else {
@@ -674,6 +687,8 @@ impl RowState {
             upto.sort_unstable_by_key(|e| e.0);
             for (origin, seq) in upto {
                 if seq > 0 {
+                    // The mark names `origin`, its killer names the op.
+                    named |= bit(origin) | bit(id.o);
                     self.kill_row(origin, seq, id);
                 }
             }
@@ -684,24 +699,40 @@ impl RowState {
                 let row = row_killers(&self.row_dead, id);
                 // A counted write of an op superseded row-wide stores nothing.
                 emptied |= row.is_some();
+                // Any write names the op: stored live, as a contribution,
+                // dead on arrival, or (a counted write superseded row-wide)
+                // by the row-wide mark of its own origin.
+                if !op.fields.is_empty() {
+                    named |= bit(id.o);
+                }
                 if distinct_names(&op.fields) {
                     let mut next = 0;
+                    let mut at = rows;
                     for w in &op.fields {
-                        next = self.write(op, id, w, row.as_ref(), next);
+                        let preds = &lids[at..at + w.pred.len()];
+                        at += w.pred.len();
+                        next = self.write(op, id, w, preds, row.as_ref(), next, &mut named);
                     }
                 } else {
                     // The last write of each name counts.
-                    let mut writes: Vec<(usize, &FieldWrite)> =
-                        op.fields.iter().enumerate().collect();
+                    let mut writes: Vec<(usize, &FieldWrite, usize)> = Vec::new();
+                    let mut at = rows;
+                    for (i, w) in op.fields.iter().enumerate() {
+                        writes.push((i, w, at));
+                        at += w.pred.len();
+                    }
                     writes.sort_by(|a, b| a.1.name.cmp(&b.1.name).then(b.0.cmp(&a.0)));
                     writes.dedup_by(|later, first| later.1.name == first.1.name);
                     let mut next = 0;
-                    for (_, w) in writes {
-                        next = self.write(op, id, w, row.as_ref(), next);
+                    for (_, w, at) in writes {
+                        let preds = &lids[at..at + w.pred.len()];
+                        next = self.write(op, id, w, preds, row.as_ref(), next, &mut named);
                     }
                 }
             }
             OpKind::Delete => {
+                // A tombstone, or the row-wide mark that superseded it.
+                named |= bit(id.o);
                 if row_killers(&self.row_dead, id).is_none() {
                     match self.tombstone_pos(id) {
                         Ok(i) => self.tombstones[i].1 = op.hlc,
@@ -716,9 +747,40 @@ impl RowState {
             self.fields.retain(|f| !f.is_empty());
         }
         debug_assert!(self.fields.iter().all(|f| !f.is_empty()));
-        if added {
+        // Nothing that was named stops being named by a merge, so only an
+        // added origin can be unnamed.
+        if added.iter().any(|n| named & bit(self.ix(n)) == 0) {
             self.prune_origins();
         }
+        debug_assert!(self.names_every_origin());
+    }
+
+    /// The row-local ids of `op` (its id, its `row_pred`, every write's
+    /// `pred`, in op order) into `out`, or the first origin the table lacks.
+    fn local_ids<'o>(&self, op: &'o Op, out: &mut SmallVec<[Lid; 32]>) -> Result<(), &'o NodeId> {
+        out.clear();
+        let mut last: Option<(&NodeId, u32)> = None;
+        let mut local = |n: &'o NodeId, seq: u64| -> Result<Lid, &'o NodeId> {
+            let o = match last {
+                Some((l, o)) if l == n => o,
+                _ => {
+                    let o = self.origins.iter().position(|o| o == n).ok_or(n)? as u32;
+                    last = Some((n, o));
+                    o
+                }
+            };
+            Ok(Lid::new(o, seq))
+        };
+        out.push(local(&op.id.origin, op.id.seq)?);
+        for p in &op.row_pred {
+            out.push(local(&p.origin, p.seq)?);
+        }
+        for w in &op.fields {
+            for p in &w.pred {
+                out.push(local(&p.origin, p.seq)?);
+            }
+        }
+        Ok(())
     }
 
     fn field(&self, name: &str) -> Option<&FieldState> {
@@ -740,13 +802,18 @@ impl RowState {
     /// Merges one write of `op` (the op writes no other field of that name).
     /// `hint` is where the field probably is (ops write the same fields in
     /// the same order); returns the next hint.
+    /// `lids` is the write's `pred` as row-local ids; the origins of the
+    /// ids it supersedes are marked in `named`.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         op: &Op,
         id: Lid,
         w: &FieldWrite,
+        lids: &[Lid],
         row: Option<&Killers>,
         hint: usize,
+        named: &mut u64,
     ) -> usize {
         let i = match self.fields.get(hint) {
             Some(f) if same_name(f.name.as_slice(), w.name.as_bytes()) => hint,
@@ -765,18 +832,10 @@ impl RowState {
             },
         };
         let mut preds: SmallVec<[Lid; 4]> = SmallVec::new();
-        let mut last: Option<(&NodeId, u32)> = None;
-        for p in &w.pred {
-            let o = match last {
-                Some((n, o)) if *n == p.origin => o,
-                _ => {
-                    let o = self.ix(&p.origin);
-                    last = Some((&p.origin, o));
-                    o
-                }
-            };
-            let l = Lid::new(o, p.seq);
+        for &l in lids {
             if l != id {
+                // Its superseded entry names the origin.
+                *named |= bit(l.o);
                 preds.push(l);
             }
         }
@@ -905,7 +964,8 @@ impl RowState {
         if self.has_tombstone() && rules.deletes == DeletePolicy::DeleteWins {
             return None;
         }
-        let mut row = VisibleRow::new();
+        // Fields are sorted by name, so the map is built in one pass.
+        let mut row: Vec<(String, Value)> = Vec::with_capacity(self.fields.len());
         for f in &self.fields {
             if f.live.is_empty() && f.counters.is_empty() {
                 continue;
@@ -933,10 +993,10 @@ impl RowState {
                 }
             });
             if let Some(v) = value {
-                row.insert(f.name.as_str().to_owned(), v);
+                row.push((f.name.as_str().to_owned(), v));
             }
         }
-        (!row.is_empty()).then_some(row)
+        (!row.is_empty()).then(|| row.into_iter().collect())
     }
 
     /// The conflict records of this row under `rules`, sorted by field and
