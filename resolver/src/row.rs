@@ -586,8 +586,11 @@ impl RowState {
         }
         let at = self.origins.partition_point(|o| o < origin);
         self.origins.insert(at, origin.clone());
-        let at = at as u32;
-        self.map_origins(&|o| if o >= at { o + 1 } else { o });
+        // Indices from `at` on shift (none when it is the last).
+        if at + 1 < self.origins.len() {
+            let at = at as u32;
+            self.map_origins(&|o| if o >= at { o + 1 } else { o });
+        }
         true
     }
 
