@@ -471,6 +471,17 @@ impl<V> IdMap<V> {
         }
     }
 
+    /// The values in id order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + Clone {
+        let (flat, groups) = match self {
+            IdMap::Flat(flat) => (flat.as_slice(), &[][..]),
+            IdMap::Grouped(groups) => (&[][..], groups.as_slice()),
+        };
+        flat.iter()
+            .map(|(_, v)| v)
+            .chain(groups.iter().flat_map(|(_, g)| g.iter().map(|(_, v)| v)))
+    }
+
     /// Calls `f` on every value (any order).
     pub(crate) fn values_mut(&mut self, mut f: impl FnMut(&mut V)) {
         match self {

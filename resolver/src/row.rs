@@ -975,11 +975,7 @@ impl RowState {
             }
             let strategy = rules.strategy(f.name.as_str());
             let counted = match strategy {
-                Strategy::Sum if !f.counters.is_empty() => {
-                    let mut deltas = Vec::with_capacity(f.counters.len());
-                    f.counters.for_each(|_, d| deltas.push(d));
-                    sum(deltas.into_iter())
-                }
+                Strategy::Sum if !f.counters.is_empty() => sum(f.counters.values()),
                 _ => None,
             };
             let value = counted.or_else(|| match f.live.as_slice() {
