@@ -320,6 +320,13 @@ impl<V> IdMap<V> {
         if let IdMap::Flat(flat) = self
             && flat.len() >= FLAT_MAX
         {
+            self.regroup_now();
+        }
+    }
+
+    #[cold]
+    fn regroup_now(&mut self) {
+        if let IdMap::Flat(flat) = self {
             let mut groups: Vec<(u32, Vec<(u64, V)>)> = Vec::new();
             for (id, v) in std::mem::take(flat) {
                 match groups.last_mut() {

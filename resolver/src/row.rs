@@ -93,8 +93,8 @@ pub(crate) struct FieldState {
     /// The column name (UTF-8).
     pub(crate) name: Bytes,
     /// Live writes, sorted by id (the multi-value register); usually one,
-    /// held inline.
-    pub(crate) live: SmallVec<[Live; 1]>,
+    /// two when writes were concurrent: up to two held inline.
+    pub(crate) live: SmallVec<[Live; 2]>,
     /// Live counter contributions: op id to delta.
     pub(crate) counters: IdMap<Value>,
     /// Superseded writes: who superseded them by field `pred`, and the
