@@ -351,6 +351,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_node_ids_are_inline_and_long_ones_shared() {
+        assert_eq!(std::mem::size_of::<NodeId>(), 24);
+        let short = NodeId::new("edge-a").unwrap();
+        assert!(matches!(short.tail, Tail::Short(6)));
+        let long = NodeId::new("edge-eu-west-1").unwrap();
+        let copy = long.clone();
+        assert!(
+            matches!((&long.tail, &copy.tail), (Tail::Long(a), Tail::Long(b)) if Arc::ptr_eq(a, b))
+        );
+        assert_eq!(copy.as_str(), "edge-eu-west-1");
+        assert_eq!(short.as_str(), "edge-a");
+        let back: NodeId = postcard::from_bytes(&postcard::to_allocvec(&long).unwrap()).unwrap();
+        assert_eq!(back, long);
+        assert_eq!(back.cmp(&long), Ordering::Equal);
+    }
+
+    #[test]
     fn node_ids_order_and_compare_as_their_names() {
         let names = [
             "",

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::{IdMap, Killers, Lid};
 use crate::rules::{Cand, pick, sum};
-use crate::stored::{Bytes, Stored};
+use crate::stored::{Bytes, PackedHlc, Stored};
 use crate::{
     Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
     TableRules, Value, VersionVector,
@@ -40,14 +40,14 @@ pub struct Entry {
 pub(crate) struct Live {
     pub(crate) id: Lid,
     pub(crate) op: OpId,
-    pub(crate) hlc: Hlc,
+    pub(crate) hlc: PackedHlc,
     pub(crate) value: Stored,
 }
 
 /// A superseded, non-counted write kept for conflict records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Dead {
-    pub(crate) hlc: Hlc,
+    pub(crate) hlc: PackedHlc,
     pub(crate) value: Stored,
     pub(crate) by: Killers,
 }
@@ -255,7 +255,7 @@ impl FieldState {
             let value = Stored::from(&w.value);
             match self.live_pos(id) {
                 Ok(i) => {
-                    self.live[i].hlc = op.hlc;
+                    self.live[i].hlc = op.hlc.into();
                     self.live[i].value = value;
                 }
                 Err(i) => {
@@ -264,7 +264,7 @@ impl FieldState {
                         // count is hot, the op's is not.
                         op: OpId::new(origin.clone(), id.seq),
                         id,
-                        hlc: op.hlc,
+                        hlc: op.hlc.into(),
                         value,
                     };
                     if i == self.live.len() {
@@ -282,13 +282,13 @@ impl FieldState {
             let g = self.gone.get_or_insert_with(id, Gone::default);
             match &mut g.dead {
                 Some(d) => {
-                    d.hlc = op.hlc;
+                    d.hlc = op.hlc.into();
                     d.value = Stored::from(&w.value);
                     d.by.join(&by);
                 }
                 None => {
                     g.dead = Some(Dead {
-                        hlc: op.hlc,
+                        hlc: op.hlc.into(),
                         value: Stored::from(&w.value),
                         by,
                     })
@@ -339,12 +339,12 @@ impl FieldState {
     }
 
     /// The HLC and value of `id`'s write, if the op set has it.
-    fn known(&self, id: Lid) -> Option<(&Hlc, &Stored)> {
+    fn known(&self, id: Lid) -> Option<(Hlc, &Stored)> {
         if let Ok(i) = self.live_pos(id) {
             let l = &self.live[i];
-            return Some((&l.hlc, &l.value));
+            return Some((l.hlc.get(), &l.value));
         }
-        self.history(id).map(|d| (&d.hlc, &d.value))
+        self.history(id).map(|d| (d.hlc.get(), &d.value))
     }
 
     /// True when `id`'s write is covered and was superseded by a covered op
@@ -951,7 +951,7 @@ impl RowState {
                 (
                     &l.op,
                     Entry {
-                        hlc: l.hlc,
+                        hlc: l.hlc.get(),
                         value: l.value.to_value(),
                     },
                 )
@@ -994,11 +994,13 @@ impl RowState {
             let value = counted.or_else(|| match f.live.as_slice() {
                 [l] => Some(l.value.to_value()),
                 live => {
-                    let values: SmallVec<[Value; 4]> =
-                        live.iter().map(|l| l.value.to_value()).collect();
-                    let cands = live.iter().zip(&values).map(|(l, value)| Cand {
+                    let values: SmallVec<[(Hlc, Value); 4]> = live
+                        .iter()
+                        .map(|l| (l.hlc.get(), l.value.to_value()))
+                        .collect();
+                    let cands = live.iter().zip(&values).map(|(l, (hlc, value))| Cand {
                         op: &l.op,
-                        hlc: &l.hlc,
+                        hlc,
                         value,
                     });
                     pick(strategy, rules, cands).map(|c| c.value.clone())
@@ -1045,7 +1047,7 @@ impl RowState {
         let ops: Vec<OpId> = ids.iter().map(|id| self.op_id(*id)).collect();
         let knowns: Vec<Option<(Hlc, Value)>> = ids
             .iter()
-            .map(|id| f.known(*id).map(|(h, v)| (*h, v.to_value())))
+            .map(|id| f.known(*id).map(|(h, v)| (h, v.to_value())))
             .collect();
         let mut known = Vec::new();
         let mut candidates = Vec::with_capacity(ids.len());
