@@ -182,7 +182,7 @@ impl RowState {
             w.len(f.live.len());
             for l in &f.live {
                 w.id(l.id);
-                w.hlc(&l.hlc);
+                w.hlc(&l.hlc.get());
                 w.stored(&l.value);
             }
             w.map(&f.counters, |w, v| w.value(v));
@@ -192,7 +192,7 @@ impl RowState {
                     None => w.byte(0),
                     Some(d) => {
                         w.byte(1);
-                        w.hlc(&d.hlc);
+                        w.hlc(&d.hlc.get());
                         w.stored(&d.value);
                         w.killers(&d.by);
                     }
@@ -388,7 +388,7 @@ impl<'a> Reader<'a> {
                 live.push(Live {
                     id,
                     op: OpId::new(origins[id.o as usize].clone(), id.seq),
-                    hlc,
+                    hlc: hlc.into(),
                     value,
                 });
             }
@@ -401,7 +401,7 @@ impl<'a> Reader<'a> {
                 let dead = match r.byte()? {
                     0 => None,
                     1 => Some(Dead {
-                        hlc: r.hlc()?,
+                        hlc: r.hlc()?.into(),
                         value: r.stored()?,
                         by: r.killers(no)?,
                     }),

@@ -12,6 +12,8 @@
 //! usual single entry inline. Both are canonical (sorted, no empty group),
 //! so equal contents encode to equal bytes.
 
+use smallvec::SmallVec;
+
 /// A row-local op id: the origin's index in the row's origin table (sorted
 /// by name, so these ids order as the op ids they stand for) and the seq.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,20 +30,49 @@ impl Lid {
     }
 }
 
+/// Entries of a boxed [`Killers`] set held in its one allocation.
+const MANY_INLINE: usize = 3;
+
+/// Two or more killers, sorted by origin.
+type ManyKillers = SmallVec<[(u32, u64); MANY_INLINE]>;
+
 /// The ops that superseded something, as the lowest seq per origin, sorted
 /// by origin (enough to tell whether any of them is covered by a stable
-/// cut). 16 bytes: the usual single entry inline, several boxed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// cut). 16 bytes: one entry, or two with small indices and seqs (a write
+/// superseded by a write and a concurrent one) inline; more boxed (one
+/// allocation for up to [`MANY_INLINE`]). Equality sees the entries only.
+#[derive(Clone, Debug, Default)]
 pub(crate) enum Killers {
     /// Nobody.
     #[default]
     Empty,
     /// One op: origin index, seq.
     One { o: u32, seq: u64 },
+    /// Two ops, origins increasing, each index below 2^16 and seq below
+    /// 2^32.
+    Two { o: [u16; 2], seq: [u32; 2] },
     /// Two or more, sorted by origin (a thin box keeps the set at 16
     /// bytes).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<(u32, u64)>>),
+    Many(Box<ManyKillers>),
+}
+
+/// `(a, b)` inline, if both fit (`a.0 < b.0`).
+fn two(a: (u32, u64), b: (u32, u64)) -> Option<Killers> {
+    Some(Killers::Two {
+        o: [u16::try_from(a.0).ok()?, u16::try_from(b.0).ok()?],
+        seq: [u32::try_from(a.1).ok()?, u32::try_from(b.1).ok()?],
+    })
+}
+
+/// Exactly `entries` (sorted by origin, at most one per origin, at least
+/// two), in the smallest form.
+fn several(entries: &[(u32, u64)]) -> Killers {
+    match entries {
+        [a, b] => {
+            two(*a, *b).unwrap_or_else(|| Killers::Many(Box::new(ManyKillers::from_slice(entries))))
+        }
+        _ => Killers::Many(Box::new(ManyKillers::from_slice(entries))),
+    }
 }
 
 impl Killers {
@@ -58,19 +89,39 @@ impl Killers {
         match entries.as_slice() {
             [] => Killers::Empty,
             [(o, seq)] => Killers::One { o: *o, seq: *seq },
-            _ => Killers::Many(Box::new(entries)),
+            _ => several(&entries),
         }
     }
 
     /// Adds `(origin, seq)`, keeping the lowest seq per origin.
+    #[inline]
     fn add(&mut self, origin: u32, seq: u64) {
         match self {
             Killers::Empty => *self = Killers::One { o: origin, seq },
             Killers::One { o, seq: s } if *o == origin => *s = (*s).min(seq),
             Killers::One { o, seq: s } => {
-                let mut v = vec![(*o, *s), (origin, seq)];
-                v.sort_unstable_by_key(|e| e.0);
-                *self = Killers::Many(Box::new(v));
+                let (a, b) = ((*o, *s), (origin, seq));
+                *self = if a.0 < b.0 {
+                    several(&[a, b])
+                } else {
+                    several(&[b, a])
+                };
+            }
+            Killers::Two { o, seq: s } => {
+                let a = (u32::from(o[0]), u64::from(s[0]));
+                let b = (u32::from(o[1]), u64::from(s[1]));
+                let new = (origin, seq);
+                *self = if origin == a.0 {
+                    several(&[(a.0, a.1.min(seq)), b])
+                } else if origin == b.0 {
+                    several(&[a, (b.0, b.1.min(seq))])
+                } else if origin < a.0 {
+                    several(&[new, a, b])
+                } else if origin < b.0 {
+                    several(&[a, new, b])
+                } else {
+                    several(&[a, b, new])
+                };
             }
             Killers::Many(v) => match v.binary_search_by(|(o, _)| o.cmp(&origin)) {
                 Ok(i) => v[i].1 = v[i].1.min(seq),
@@ -80,6 +131,7 @@ impl Killers {
     }
 
     /// Adds the op `by`.
+    #[inline]
     pub(crate) fn note(&mut self, by: Lid) {
         self.add(by.o, by.seq);
     }
@@ -102,6 +154,7 @@ impl Killers {
         match self {
             Killers::Empty => 0,
             Killers::One { .. } => 1,
+            Killers::Two { .. } => 2,
             Killers::Many(v) => v.len(),
         }
     }
@@ -111,6 +164,10 @@ impl Killers {
         match self {
             Killers::Empty => {}
             Killers::One { o, seq } => f(*o, *seq),
+            Killers::Two { o, seq } => {
+                f(u32::from(o[0]), u64::from(seq[0]));
+                f(u32::from(o[1]), u64::from(seq[1]));
+            }
             Killers::Many(v) => v.iter().for_each(|(o, s)| f(*o, *s)),
         }
     }
@@ -128,6 +185,15 @@ impl Killers {
         match self {
             Killers::Empty => {}
             Killers::One { o, .. } => *o = f(*o),
+            Killers::Two { .. } => {
+                let mut e = [(0, 0); 2];
+                let mut i = 0;
+                self.for_each(|o, s| {
+                    e[i] = (f(o), s);
+                    i += 1;
+                });
+                *self = several(&e);
+            }
             Killers::Many(v) => v.iter_mut().for_each(|(o, _)| *o = f(*o)),
         }
     }
@@ -137,6 +203,28 @@ impl Killers {
         self.for_each(|o, _| used[o as usize] = true);
     }
 }
+
+impl PartialEq for Killers {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Killers::Empty, Killers::Empty) => true,
+            (Killers::One { o, seq }, Killers::One { o: p, seq: t }) => o == p && seq == t,
+            (Killers::Two { o, seq }, Killers::Two { o: p, seq: t }) => o == p && seq == t,
+            _ => {
+                if self.len() != other.len() {
+                    return false;
+                }
+                let mut a: SmallVec<[(u32, u64); 4]> = SmallVec::new();
+                self.for_each(|o, s| a.push((o, s)));
+                let mut b: SmallVec<[(u32, u64); 4]> = SmallVec::new();
+                other.for_each(|o, s| b.push((o, s)));
+                a == b
+            }
+        }
+    }
+}
+
+impl Eq for Killers {}
 
 /// Entries an [`IdMap`] keeps in one flat vector before it groups them by
 /// origin.
@@ -227,10 +315,18 @@ impl<V> IdMap<V> {
     }
 
     /// Regroups a flat map that has grown to [`FLAT_MAX`] entries.
+    #[inline]
     fn regroup(&mut self) {
         if let IdMap::Flat(flat) = self
             && flat.len() >= FLAT_MAX
         {
+            self.regroup_now();
+        }
+    }
+
+    #[cold]
+    fn regroup_now(&mut self) {
+        if let IdMap::Flat(flat) = self {
             let mut groups: Vec<(u32, Vec<(u64, V)>)> = Vec::new();
             for (id, v) in std::mem::take(flat) {
                 match groups.last_mut() {
@@ -380,6 +476,17 @@ impl<V> IdMap<V> {
                 }
             }
         }
+    }
+
+    /// The values in id order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + Clone {
+        let (flat, groups) = match self {
+            IdMap::Flat(flat) => (flat.as_slice(), &[][..]),
+            IdMap::Grouped(groups) => (&[][..], groups.as_slice()),
+        };
+        flat.iter()
+            .map(|(_, v)| v)
+            .chain(groups.iter().flat_map(|(_, g)| g.iter().map(|(_, v)| v)))
     }
 
     /// Calls `f` on every value (any order).

@@ -12,30 +12,64 @@ use crate::{Error, Hlc, Result, Value};
 /// The name of a node (or hub), unique in the mesh: 1-64 characters from
 /// `[A-Za-z0-9_.-]`.
 ///
-/// Shared (`Arc<str>`): a clone is a reference-count increment. The first
-/// 8 bytes are also kept as a big-endian integer, so names of up to 8 bytes
-/// compare without reading the string, and longer ones mostly do. Ordered
-/// (by bytes), hashed and serialized exactly as its name (a plain string).
+/// A name of up to 8 bytes is held inline (a clone is a copy, no reference
+/// count); a longer one is shared (`Arc<str>`: a clone is a reference-count
+/// increment). The first 8 bytes are kept inline in both cases, so names
+/// compare as big-endian integers first, without reading a string: names
+/// of up to 8 bytes always, longer ones mostly. Ordered (by bytes), hashed
+/// and serialized exactly as its name (a plain string).
 #[derive(Clone)]
 pub struct NodeId {
-    /// The first 8 bytes of the name, zero-padded, big-endian: ordered as
-    /// the names are, up to ties.
-    key: u64,
-    name: Arc<str>,
+    /// The first 8 bytes of the name, zero-padded: as a big-endian integer
+    /// ordered as the names are, up to ties.
+    head: [u8; KEY_BYTES],
+    /// The rest: the length of a short name, or the whole long name.
+    tail: Tail,
 }
 
-/// Bytes of a name held in [`NodeId`]'s key.
+/// A [`NodeId`]'s name beyond its first bytes.
+#[derive(Clone)]
+enum Tail {
+    /// The name is `head[..len]`.
+    Short(u8),
+    /// The whole name (longer than [`KEY_BYTES`]).
+    Long(Arc<str>),
+}
+
+/// Bytes of a name held in [`NodeId`]'s head.
 const KEY_BYTES: usize = 8;
 
 impl NodeId {
     /// Wraps a name (not validated).
+    #[cfg(test)]
     fn from_arc(name: Arc<str>) -> Self {
-        let mut b = [0u8; KEY_BYTES];
+        NodeId::from_str_unchecked(&name, Some(&name))
+    }
+
+    /// Wraps a name (not validated); `shared` is the same name already
+    /// shared, if the caller has it.
+    fn from_str_unchecked(name: &str, shared: Option<&Arc<str>>) -> Self {
+        let mut head = [0u8; KEY_BYTES];
         let n = name.len().min(KEY_BYTES);
-        b[..n].copy_from_slice(&name.as_bytes()[..n]);
-        NodeId {
-            key: u64::from_be_bytes(b),
-            name,
+        head[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let tail = if name.len() <= KEY_BYTES {
+            Tail::Short(name.len() as u8)
+        } else {
+            Tail::Long(shared.cloned().unwrap_or_else(|| Arc::from(name)))
+        };
+        NodeId { head, tail }
+    }
+
+    /// The head as an integer: names order as their keys unless they tie.
+    fn key(&self) -> u64 {
+        u64::from_be_bytes(self.head)
+    }
+
+    /// The name's length in bytes.
+    fn len(&self) -> usize {
+        match &self.tail {
+            Tail::Short(n) => usize::from(*n),
+            Tail::Long(name) => name.len(),
         }
     }
 }
@@ -50,19 +84,26 @@ impl NodeId {
         NodeId::parse(&name).ok_or(Error::InvalidNodeId { name })
     }
 
-    /// Validates a borrowed node name (one allocation, none for the error).
+    /// Validates a borrowed node name (at most one allocation, none for
+    /// the error).
     pub(crate) fn parse(name: &str) -> Option<Self> {
         let ok = !name.is_empty()
             && name.len() <= Self::MAX_LEN
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        ok.then(|| NodeId::from_arc(Arc::from(name)))
+        ok.then(|| NodeId::from_str_unchecked(name, None))
     }
 
     /// The name.
     pub fn as_str(&self) -> &str {
-        &self.name
+        match &self.tail {
+            // A whole string's bytes: always UTF-8.
+            Tail::Short(n) => {
+                std::str::from_utf8(&self.head[..usize::from(*n)]).unwrap_or_default()
+            }
+            Tail::Long(name) => name,
+        }
     }
 
     /// The 128-bit HLC id of this node: FNV-1a of the name, never zero.
@@ -70,7 +111,7 @@ impl NodeId {
         const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
         const PRIME: u128 = 0x0000000001000000000000000000013B;
         let mut h = OFFSET;
-        for b in self.name.bytes() {
+        for b in self.as_str().bytes() {
             h ^= u128::from(b);
             h = h.wrapping_mul(PRIME);
         }
@@ -80,18 +121,19 @@ impl NodeId {
 
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("NodeId").field(&&*self.name).finish()
+        f.debug_tuple("NodeId").field(&self.as_str()).finish()
     }
 }
 
 impl PartialEq for NodeId {
     fn eq(&self, other: &Self) -> bool {
-        // Equal keys and lengths up to KEY_BYTES mean equal names.
-        self.key == other.key
-            && self.name.len() == other.name.len()
-            && (self.name.len() <= KEY_BYTES
-                || Arc::ptr_eq(&self.name, &other.name)
-                || *self.name == *other.name)
+        // Equal heads and lengths up to KEY_BYTES mean equal names.
+        self.head == other.head
+            && match (&self.tail, &other.tail) {
+                (Tail::Short(a), Tail::Short(b)) => a == b,
+                (Tail::Long(a), Tail::Long(b)) => Arc::ptr_eq(a, b) || **a == **b,
+                _ => false,
+            }
     }
 }
 
@@ -107,28 +149,26 @@ impl Ord for NodeId {
     fn cmp(&self, other: &Self) -> Ordering {
         // Different keys: the first differing byte is within the key (a
         // shorter name reads as zero-padded, and a zero byte is the least).
-        self.key.cmp(&other.key).then_with(|| {
-            if self.name.len() <= KEY_BYTES && other.name.len() <= KEY_BYTES {
+        self.key()
+            .cmp(&other.key())
+            .then_with(|| match (&self.tail, &other.tail) {
                 // Same bytes as far as the shorter goes: it is a prefix.
-                self.name.len().cmp(&other.name.len())
-            } else if Arc::ptr_eq(&self.name, &other.name) {
-                Ordering::Equal
-            } else {
-                self.name.cmp(&other.name)
-            }
-        })
+                (Tail::Short(_), _) | (_, Tail::Short(_)) => self.len().cmp(&other.len()),
+                (Tail::Long(a), Tail::Long(b)) if Arc::ptr_eq(a, b) => Ordering::Equal,
+                (Tail::Long(a), Tail::Long(b)) => a.cmp(b),
+            })
     }
 }
 
 impl Hash for NodeId {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.name.hash(state);
+        self.as_str().hash(state);
     }
 }
 
 impl Serialize for NodeId {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_newtype_struct("NodeId", &*self.name)
+        serializer.serialize_newtype_struct("NodeId", self.as_str())
     }
 }
 
@@ -138,13 +178,13 @@ impl<'de> Deserialize<'de> for NodeId {
         #[serde(rename = "NodeId")]
         struct Name(String);
         let Name(name) = Name::deserialize(deserializer)?;
-        Ok(NodeId::from_arc(Arc::from(name)))
+        Ok(NodeId::from_str_unchecked(&name, None))
     }
 }
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)
+        f.write_str(self.as_str())
     }
 }
 
@@ -309,6 +349,23 @@ impl VersionVector {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_node_ids_are_inline_and_long_ones_shared() {
+        assert_eq!(std::mem::size_of::<NodeId>(), 24);
+        let short = NodeId::new("edge-a").unwrap();
+        assert!(matches!(short.tail, Tail::Short(6)));
+        let long = NodeId::new("edge-eu-west-1").unwrap();
+        let copy = long.clone();
+        assert!(
+            matches!((&long.tail, &copy.tail), (Tail::Long(a), Tail::Long(b)) if Arc::ptr_eq(a, b))
+        );
+        assert_eq!(copy.as_str(), "edge-eu-west-1");
+        assert_eq!(short.as_str(), "edge-a");
+        let back: NodeId = postcard::from_bytes(&postcard::to_allocvec(&long).unwrap()).unwrap();
+        assert_eq!(back, long);
+        assert_eq!(back.cmp(&long), Ordering::Equal);
+    }
 
     #[test]
     fn node_ids_order_and_compare_as_their_names() {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::{IdMap, Killers, Lid};
 use crate::rules::{Cand, pick, sum};
-use crate::stored::{Bytes, Stored};
+use crate::stored::{Bytes, PackedHlc, Stored};
 use crate::{
     Candidate, Conflict, DeletePolicy, FieldWrite, Hlc, NodeId, Op, OpId, OpKind, Strategy,
     TableRules, Value, VersionVector,
@@ -40,14 +40,14 @@ pub struct Entry {
 pub(crate) struct Live {
     pub(crate) id: Lid,
     pub(crate) op: OpId,
-    pub(crate) hlc: Hlc,
+    pub(crate) hlc: PackedHlc,
     pub(crate) value: Stored,
 }
 
 /// A superseded, non-counted write kept for conflict records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Dead {
-    pub(crate) hlc: Hlc,
+    pub(crate) hlc: PackedHlc,
     pub(crate) value: Stored,
     pub(crate) by: Killers,
 }
@@ -61,6 +61,11 @@ pub(crate) struct Gone {
     /// Its HLC and value if its op arrived and the write is not counted, and
     /// everyone who superseded it.
     pub(crate) dead: Option<Dead>,
+}
+
+/// The bit of origin index `o` in a 64-bit set (none past 63).
+fn bit(o: u32) -> u64 {
+    1u64.checked_shl(o).unwrap_or(0)
 }
 
 /// `cut[o]`: the stable cut's seq of the row's origin `o`.
@@ -88,8 +93,8 @@ pub(crate) struct FieldState {
     /// The column name (UTF-8).
     pub(crate) name: Bytes,
     /// Live writes, sorted by id (the multi-value register); usually one,
-    /// held inline.
-    pub(crate) live: SmallVec<[Live; 1]>,
+    /// two when writes were concurrent: up to two held inline.
+    pub(crate) live: SmallVec<[Live; 2]>,
     /// Live counter contributions: op id to delta.
     pub(crate) counters: IdMap<Value>,
     /// Superseded writes: who superseded them by field `pred`, and the
@@ -250,7 +255,7 @@ impl FieldState {
             let value = Stored::from(&w.value);
             match self.live_pos(id) {
                 Ok(i) => {
-                    self.live[i].hlc = op.hlc;
+                    self.live[i].hlc = op.hlc.into();
                     self.live[i].value = value;
                 }
                 Err(i) => {
@@ -259,7 +264,7 @@ impl FieldState {
                         // count is hot, the op's is not.
                         op: OpId::new(origin.clone(), id.seq),
                         id,
-                        hlc: op.hlc,
+                        hlc: op.hlc.into(),
                         value,
                     };
                     if i == self.live.len() {
@@ -277,13 +282,13 @@ impl FieldState {
             let g = self.gone.get_or_insert_with(id, Gone::default);
             match &mut g.dead {
                 Some(d) => {
-                    d.hlc = op.hlc;
+                    d.hlc = op.hlc.into();
                     d.value = Stored::from(&w.value);
                     d.by.join(&by);
                 }
                 None => {
                     g.dead = Some(Dead {
-                        hlc: op.hlc,
+                        hlc: op.hlc.into(),
                         value: Stored::from(&w.value),
                         by,
                     })
@@ -334,12 +339,12 @@ impl FieldState {
     }
 
     /// The HLC and value of `id`'s write, if the op set has it.
-    fn known(&self, id: Lid) -> Option<(&Hlc, &Stored)> {
+    fn known(&self, id: Lid) -> Option<(Hlc, &Stored)> {
         if let Ok(i) = self.live_pos(id) {
             let l = &self.live[i];
-            return Some((&l.hlc, &l.value));
+            return Some((l.hlc.get(), &l.value));
         }
-        self.history(id).map(|d| (&d.hlc, &d.value))
+        self.history(id).map(|d| (d.hlc.get(), &d.value))
     }
 
     /// True when `id`'s write is covered and was superseded by a covered op
@@ -524,9 +529,14 @@ fn name_key(name: &str) -> u64 {
 
 /// The first 8 bytes, zero-padded, big-endian.
 fn bytes_key(b: &[u8]) -> u64 {
-    (0..8).fold(0u64, |k, i| {
-        (k << 8) | u64::from(b.get(i).copied().unwrap_or(0))
-    })
+    match b.first_chunk::<8>() {
+        Some(k) => u64::from_be_bytes(*k),
+        // Byte by byte: no `memcpy` call for a short name.
+        None => b
+            .iter()
+            .enumerate()
+            .fold(0u64, |k, (i, &x)| k | (u64::from(x) << (56 - 8 * i))),
+    }
 }
 
 /// `a == b` for field names, without a `memcmp` call for short names.
@@ -545,6 +555,15 @@ fn name_before(a: &str, b: &str) -> bool {
         std::cmp::Ordering::Equal if a.len() <= 8 && b.len() <= 8 => a.len() < b.len(),
         std::cmp::Ordering::Equal => a < b,
         o => o.is_lt(),
+    }
+}
+
+/// The first byte of a value's text or bytes, if it has any.
+fn first_byte(v: &Value) -> Option<u8> {
+    match v {
+        Value::Decimal(s) | Value::Text(s) | Value::Json(s) => s.as_bytes().first().copied(),
+        Value::Bytes(b) => b.first().copied(),
+        _ => None,
     }
 }
 
@@ -576,8 +595,11 @@ impl RowState {
         }
         let at = self.origins.partition_point(|o| o < origin);
         self.origins.insert(at, origin.clone());
-        let at = at as u32;
-        self.map_origins(&|o| if o >= at { o + 1 } else { o });
+        // Indices from `at` on shift (none when it is the last).
+        if at + 1 < self.origins.len() {
+            let at = at as u32;
+            self.map_origins(&|o| if o >= at { o + 1 } else { o });
+        }
         true
     }
 
@@ -645,22 +667,25 @@ impl RowState {
     /// `pred` is ignored).
     pub fn apply(&mut self, op: &Op) {
         // Every origin the op names gets an index first (indices shift when
-        // one is added).
-        let mut added = self.intern(&op.id.origin);
-        for p in &op.row_pred {
-            added |= self.intern(&p.origin);
+        // one is added), then every id of the op becomes a row-local id, in
+        // op order: the op's own, its `row_pred`, each write's `pred`.
+        let mut lids: SmallVec<[Lid; 32]> = SmallVec::new();
+        let mut added: SmallVec<[NodeId; 4]> = SmallVec::new();
+        while let Err(missing) = self.local_ids(op, &mut lids) {
+            let missing = missing.clone();
+            self.intern(&missing);
+            added.push(missing);
         }
-        for w in &op.fields {
-            for p in &w.pred {
-                added |= self.intern(&p.origin);
-            }
-        }
-        let id = Lid::new(self.ix(&op.id.origin), op.id.seq);
+        let id = lids[0];
+        // Origins (by index, below 64) something of this op surely names
+        // once it is merged: then adding them leaves no origin unnamed.
+        let mut named = 0u64;
+        let rows = 1 + op.row_pred.len();
         if !op.row_pred.is_empty() {
             // Row predecessors as prefixes: the highest seq per origin says it all.
             let mut upto: SmallVec<[(u32, u64); 4]> = SmallVec::new();
-            for p in &op.row_pred {
-                let o = self.ix(&p.origin);
+            for (p, l) in op.row_pred.iter().zip(&lids[1..rows]) {
+                let o = l.o;
                 let seq = if o == id.o {
                     p.seq.min(op.id.seq.saturating_sub(1))
                 } else {
@@ -674,6 +699,8 @@ impl RowState {
             upto.sort_unstable_by_key(|e| e.0);
             for (origin, seq) in upto {
                 if seq > 0 {
+                    // The mark names `origin`, its killer names the op.
+                    named |= bit(origin) | bit(id.o);
                     self.kill_row(origin, seq, id);
                 }
             }
@@ -684,24 +711,40 @@ impl RowState {
                 let row = row_killers(&self.row_dead, id);
                 // A counted write of an op superseded row-wide stores nothing.
                 emptied |= row.is_some();
+                // Any write names the op: stored live, as a contribution,
+                // dead on arrival, or (a counted write superseded row-wide)
+                // by the row-wide mark of its own origin.
+                if !op.fields.is_empty() {
+                    named |= bit(id.o);
+                }
                 if distinct_names(&op.fields) {
                     let mut next = 0;
+                    let mut at = rows;
                     for w in &op.fields {
-                        next = self.write(op, id, w, row.as_ref(), next);
+                        let preds = &lids[at..at + w.pred.len()];
+                        at += w.pred.len();
+                        next = self.write(op, id, w, preds, row.as_ref(), next, &mut named);
                     }
                 } else {
                     // The last write of each name counts.
-                    let mut writes: Vec<(usize, &FieldWrite)> =
-                        op.fields.iter().enumerate().collect();
+                    let mut writes: Vec<(usize, &FieldWrite, usize)> = Vec::new();
+                    let mut at = rows;
+                    for (i, w) in op.fields.iter().enumerate() {
+                        writes.push((i, w, at));
+                        at += w.pred.len();
+                    }
                     writes.sort_by(|a, b| a.1.name.cmp(&b.1.name).then(b.0.cmp(&a.0)));
                     writes.dedup_by(|later, first| later.1.name == first.1.name);
                     let mut next = 0;
-                    for (_, w) in writes {
-                        next = self.write(op, id, w, row.as_ref(), next);
+                    for (_, w, at) in writes {
+                        let preds = &lids[at..at + w.pred.len()];
+                        next = self.write(op, id, w, preds, row.as_ref(), next, &mut named);
                     }
                 }
             }
             OpKind::Delete => {
+                // A tombstone, or the row-wide mark that superseded it.
+                named |= bit(id.o);
                 if row_killers(&self.row_dead, id).is_none() {
                     match self.tombstone_pos(id) {
                         Ok(i) => self.tombstones[i].1 = op.hlc,
@@ -716,9 +759,44 @@ impl RowState {
             self.fields.retain(|f| !f.is_empty());
         }
         debug_assert!(self.fields.iter().all(|f| !f.is_empty()));
-        if added {
+        // Nothing that was named stops being named by a merge, so only an
+        // added origin can be unnamed.
+        if added.iter().any(|n| named & bit(self.ix(n)) == 0) {
             self.prune_origins();
         }
+        debug_assert!(self.names_every_origin());
+    }
+
+    /// The row-local ids of `op` (its id, its `row_pred`, every write's
+    /// `pred`, in op order) into `out`, or the first origin the table lacks.
+    fn local_ids<'o>(&self, op: &'o Op, out: &mut SmallVec<[Lid; 32]>) -> Result<(), &'o NodeId> {
+        out.clear();
+        let mut last: Option<(&NodeId, u32)> = None;
+        let mut local = |n: &'o NodeId, seq: u64| -> Result<Lid, &'o NodeId> {
+            let o = match last {
+                Some((l, o)) if l == n => o,
+                _ => {
+                    let o = self.origins.iter().position(|o| o == n).ok_or(n)? as u32;
+                    last = Some((n, o));
+                    o
+                }
+            };
+            Ok(Lid::new(o, seq))
+        };
+        out.push(local(&op.id.origin, op.id.seq)?);
+        for p in &op.row_pred {
+            out.push(local(&p.origin, p.seq)?);
+        }
+        for w in &op.fields {
+            for p in &w.pred {
+                out.push(local(&p.origin, p.seq)?);
+            }
+            // A decoded op's names and texts are separate allocations:
+            // reading one byte of each here starts their cache misses
+            // together, instead of one at a time as each write is merged.
+            std::hint::black_box((w.name.as_bytes().first().copied(), first_byte(&w.value)));
+        }
+        Ok(())
     }
 
     fn field(&self, name: &str) -> Option<&FieldState> {
@@ -740,13 +818,18 @@ impl RowState {
     /// Merges one write of `op` (the op writes no other field of that name).
     /// `hint` is where the field probably is (ops write the same fields in
     /// the same order); returns the next hint.
+    /// `lids` is the write's `pred` as row-local ids; the origins of the
+    /// ids it supersedes are marked in `named`.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         op: &Op,
         id: Lid,
         w: &FieldWrite,
+        lids: &[Lid],
         row: Option<&Killers>,
         hint: usize,
+        named: &mut u64,
     ) -> usize {
         let i = match self.fields.get(hint) {
             Some(f) if same_name(f.name.as_slice(), w.name.as_bytes()) => hint,
@@ -765,18 +848,10 @@ impl RowState {
             },
         };
         let mut preds: SmallVec<[Lid; 4]> = SmallVec::new();
-        let mut last: Option<(&NodeId, u32)> = None;
-        for p in &w.pred {
-            let o = match last {
-                Some((n, o)) if *n == p.origin => o,
-                _ => {
-                    let o = self.ix(&p.origin);
-                    last = Some((&p.origin, o));
-                    o
-                }
-            };
-            let l = Lid::new(o, p.seq);
+        for &l in lids {
             if l != id {
+                // Its superseded entry names the origin.
+                *named |= bit(l.o);
                 preds.push(l);
             }
         }
@@ -876,7 +951,7 @@ impl RowState {
                 (
                     &l.op,
                     Entry {
-                        hlc: l.hlc,
+                        hlc: l.hlc.get(),
                         value: l.value.to_value(),
                     },
                 )
@@ -905,38 +980,37 @@ impl RowState {
         if self.has_tombstone() && rules.deletes == DeletePolicy::DeleteWins {
             return None;
         }
-        let mut row = VisibleRow::new();
+        // Fields are sorted by name, so the map is built in one pass.
+        let mut row: Vec<(String, Value)> = Vec::with_capacity(self.fields.len());
         for f in &self.fields {
             if f.live.is_empty() && f.counters.is_empty() {
                 continue;
             }
             let strategy = rules.strategy(f.name.as_str());
             let counted = match strategy {
-                Strategy::Sum if !f.counters.is_empty() => {
-                    let mut deltas = Vec::with_capacity(f.counters.len());
-                    f.counters.for_each(|_, d| deltas.push(d));
-                    sum(deltas.into_iter())
-                }
+                Strategy::Sum if !f.counters.is_empty() => sum(f.counters.values()),
                 _ => None,
             };
             let value = counted.or_else(|| match f.live.as_slice() {
                 [l] => Some(l.value.to_value()),
                 live => {
-                    let values: SmallVec<[Value; 4]> =
-                        live.iter().map(|l| l.value.to_value()).collect();
-                    let cands = live.iter().zip(&values).map(|(l, value)| Cand {
+                    let values: SmallVec<[(Hlc, Value); 4]> = live
+                        .iter()
+                        .map(|l| (l.hlc.get(), l.value.to_value()))
+                        .collect();
+                    let cands = live.iter().zip(&values).map(|(l, (hlc, value))| Cand {
                         op: &l.op,
-                        hlc: &l.hlc,
+                        hlc,
                         value,
                     });
                     pick(strategy, rules, cands).map(|c| c.value.clone())
                 }
             });
             if let Some(v) = value {
-                row.insert(f.name.as_str().to_owned(), v);
+                row.push((f.name.as_str().to_owned(), v));
             }
         }
-        (!row.is_empty()).then_some(row)
+        (!row.is_empty()).then(|| row.into_iter().collect())
     }
 
     /// The conflict records of this row under `rules`, sorted by field and
@@ -973,7 +1047,7 @@ impl RowState {
         let ops: Vec<OpId> = ids.iter().map(|id| self.op_id(*id)).collect();
         let knowns: Vec<Option<(Hlc, Value)>> = ids
             .iter()
-            .map(|id| f.known(*id).map(|(h, v)| (*h, v.to_value())))
+            .map(|id| f.known(*id).map(|(h, v)| (h, v.to_value())))
             .collect();
         let mut known = Vec::new();
         let mut candidates = Vec::with_capacity(ids.len());

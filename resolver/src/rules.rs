@@ -277,7 +277,21 @@ pub fn counter_delta(old: &Value, new: &Value) -> Option<Value> {
 
 /// The exact sum of counter deltas, taken in the order given (callers pass
 /// them sorted by op id); `None` when no delta counts. Rules: [`Strategy::Sum`].
-pub(crate) fn sum<'a>(deltas: impl Iterator<Item = &'a Value>) -> Option<Value> {
+pub(crate) fn sum<'a>(deltas: impl Iterator<Item = &'a Value> + Clone) -> Option<Value> {
+    // All integers (the usual counter): the exact total without a buffer.
+    let mut ints = 0i128;
+    let mut any = false;
+    if deltas.clone().all(|d| match d {
+        Value::Int(i) => {
+            ints = ints.saturating_add(i128::from(*i));
+            any = true;
+            true
+        }
+        _ => false,
+    }) {
+        let clamped = ints.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+        return any.then_some(Value::Int(clamped as i64));
+    }
     enum Term<'v> {
         Int(i64),
         Float(f64),
