@@ -111,6 +111,7 @@ impl SledStore {
                 "cannot create the data directory: {e}; check data_dir and permissions"
             ),
         })?;
+        remove_unfinished_snapshots(&dir.join("log"))?;
         let db = sled::Config::new()
             .path(dir.join("log"))
             .flush_every_ms(None)
@@ -179,11 +180,9 @@ impl LogStore for SledStore {
             let Some(v) = self.db.get(page).map_err(|e| self.err(e))? else {
                 return Ok(None);
             };
-            return Ok(decode_page(&v)
-                .map_err(|e| self.corrupt(page, e))?
-                .into_iter()
-                .find(|(s, _)| *s == suffix)
-                .map(|(_, v)| v.to_vec()));
+            return find_in_page(&v, suffix)
+                .map(|found| found.map(<[u8]>::to_vec))
+                .map_err(|e| self.corrupt(page, e));
         }
         Ok(self
             .db
@@ -288,6 +287,40 @@ impl LogStore for SledStore {
     }
 }
 
+/// Removes `snap.<lsn>.generating` files from sled's directory: a
+/// snapshot that a killed process was still writing. sled 0.34 renames a
+/// snapshot to `snap.<lsn>` only once it is complete and synced, but when it
+/// opens it also considers the unfinished files and, if one sorts last,
+/// refuses to open ("Read corrupted data at file offset None"). The log
+/// and the last complete snapshot hold everything, so the unfinished file
+/// is safe to drop; this was seen after a SIGKILL in this project's tests.
+fn remove_unfinished_snapshots(log_dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(log_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::Store {
+                path: log_dir.display().to_string(),
+                message: format!("cannot list the sled log directory: {e}; check permissions"),
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a sled snapshot that was not finished (the process stopped while writing it); the log still holds every flushed write");
+            std::fs::remove_file(entry.path()).map_err(|e| Error::Store {
+                path: entry.path().display().to_string(),
+                message: format!(
+                    "cannot remove an unfinished sled snapshot: {e}; remove it by hand"
+                ),
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// A put (`Some`) or remove (`None`) of one key.
 type Write = (Vec<u8>, Option<Vec<u8>>);
 /// One entry of a page: the key's rest after the page part, and the value.
@@ -370,6 +403,39 @@ fn encode_page(entries: &BTreeMap<&[u8], &[u8]>) -> Vec<u8> {
         out.extend_from_slice(v);
     }
     out
+}
+
+/// The value of `entry` in a page, reading no further than it (no
+/// allocation).
+fn find_in_page<'a>(
+    buf: &'a [u8],
+    entry: &[u8],
+) -> std::result::Result<Option<&'a [u8]>, &'static str> {
+    if buf.first() != Some(&PAGE_VERSION) {
+        return Err("unknown page version");
+    }
+    let mut pos = 1;
+    let take = |pos: &mut usize| -> std::result::Result<&'a [u8], &'static str> {
+        let n = take_varint(buf, pos)?;
+        let end = pos
+            .checked_add(n)
+            .filter(|e| *e <= buf.len())
+            .ok_or("truncated entry")?;
+        let s = &buf[*pos..end];
+        *pos = end;
+        Ok(s)
+    };
+    while pos < buf.len() {
+        let k = take(&mut pos)?;
+        let v = take(&mut pos)?;
+        match k.cmp(entry) {
+            std::cmp::Ordering::Equal => return Ok(Some(v)),
+            // Entries are sorted: it is not there.
+            std::cmp::Ordering::Greater => return Ok(None),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    Ok(None)
 }
 
 fn decode_page(buf: &[u8]) -> std::result::Result<Vec<Entry<'_>>, &'static str> {
@@ -672,6 +738,28 @@ mod tests {
             e.contains("earlier syncmesh build") && e.contains("re-create the data dir"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_unfinished_sled_snapshot_left_by_a_kill_does_not_stop_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = SledStore::open(dir.path()).unwrap();
+            let mut b = WriteBatch::default();
+            b.put(b"k".to_vec(), b"v".to_vec());
+            s.write(b).unwrap();
+            s.flush().unwrap();
+        }
+        // What a process killed while sled wrote a snapshot leaves behind.
+        std::fs::write(
+            dir.path()
+                .join("log")
+                .join("snap.FFFFFFFFFFFFFFFF.generating"),
+            b"partial",
+        )
+        .unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.get(b"k").unwrap().unwrap(), b"v");
     }
 
     #[test]
