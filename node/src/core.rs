@@ -235,6 +235,11 @@ pub struct NodeCore<S: LogStore> {
     /// database, with a generation to detect re-dirtying. Persisted as a
     /// journal: one `d/<n>` record per committed batch that dirtied rows.
     dirty: BTreeMap<Vec<u8>, u64>,
+    /// Row states just made durable by `commit` for rows waiting to be
+    /// applied (full row key → state as stored), so `poll_apply` need not
+    /// read them back; at most [`RECENT_ROWS_MAX`]. Cleared whenever rows
+    /// are written any other way (collection, re-snapshot).
+    recent: HashMap<Vec<u8>, RowState>,
     dirty_gen: u64,
     journal_next: u64,
     conn: Conn,
@@ -408,6 +413,9 @@ fn u64_at(store: &impl LogStore, key: &[u8]) -> Result<u64> {
     })
 }
 
+/// Most just-merged row states kept for `poll_apply` (see `NodeCore`).
+pub const RECENT_ROWS_MAX: usize = 65_536;
+
 /// Consecutive integer keys that share a row page in [`crate::store::SledStore`]:
 /// 2^`ROW_PAGE_BITS`.
 pub const ROW_PAGE_BITS: u32 = 5;
@@ -530,6 +538,7 @@ impl<S: LogStore> NodeCore<S> {
             vv,
             checkpoint,
             dirty,
+            recent: HashMap::new(),
             dirty_gen: 1,
             journal_next,
             conn: Conn::Disconnected {
@@ -685,8 +694,8 @@ impl<S: LogStore> NodeCore<S> {
 
     fn commit(&mut self, ov: Overlay) -> Result<()> {
         let mut batch = ov.batch;
-        for (k, r) in ov.rows {
-            batch.put(k, enc(&r)?);
+        for (k, r) in &ov.rows {
+            batch.put(k.clone(), enc(r)?);
         }
         batch.put(K_HLC.to_vec(), self.clock.last().to_be_bytes().to_vec());
         if !ov.dirty.is_empty() {
@@ -699,6 +708,18 @@ impl<S: LogStore> NodeCore<S> {
         }
         self.store.write(batch)?;
         self.store.flush()?;
+        if self.resnap.is_some() {
+            // Rows may have been written outside `ov.rows`.
+            self.recent.clear();
+        } else {
+            for (k, r) in ov.rows {
+                let waiting = ov.dirty.contains(&k[P_ROW.len().min(k.len())..]);
+                if (waiting && self.recent.len() < RECENT_ROWS_MAX) || self.recent.contains_key(&k)
+                {
+                    self.recent.insert(k, r);
+                }
+            }
+        }
         for k in ov.dirty {
             self.dirty_gen += 1;
             self.dirty.insert(k, self.dirty_gen);
@@ -1347,15 +1368,18 @@ impl<S: LogStore> NodeCore<S> {
             let Some(info) = self.tables.get(&table) else {
                 continue;
             };
-            let state = self.row_state(&table, &key)?;
+            let mut rk = P_ROW.to_vec();
+            rk.extend_from_slice(k);
+            let state = match self.recent.remove(&rk) {
+                Some(state) => state,
+                None => self.row_state(&table, &key)?,
+            };
             let row = state.visible(&info.rules).map(|mut r| {
                 for (col, val) in info.schema.key.iter().zip(&key) {
                     r.insert(col.clone(), val.clone());
                 }
                 r
             });
-            let mut rk = P_ROW.to_vec();
-            rk.extend_from_slice(k);
             if self.db_views.contains_key(&rk) {
                 self.apply_snaps.insert(
                     rk,
@@ -1513,6 +1537,7 @@ impl<S: LogStore> NodeCore<S> {
                 ResnapPhase::Rows(_) | ResnapPhase::Own(..) | ResnapPhase::Cleanup
             )
         }) {
+            self.recent.clear();
             return self.resnap_step(max_rows.max(1));
         }
         if self.gc.cursor.is_none()
@@ -1543,6 +1568,7 @@ impl<S: LogStore> NodeCore<S> {
         }
         self.gc.cursor = crate::store::next_cursor(&rows, max_rows);
         if !batch.is_empty() {
+            self.recent.clear();
             self.store.write(batch)?;
             self.store.flush()?;
         }
