@@ -405,29 +405,70 @@ fn encode_page(entries: &BTreeMap<&[u8], &[u8]>) -> Vec<u8> {
     out
 }
 
-/// The value of `entry` in a page, reading no further than it (no
-/// allocation).
+/// The entries of a page in order, each checked (lengths inside the page,
+/// non-empty, strictly increasing), without allocating.
+struct PageEntries<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    last: Option<&'a [u8]>,
+}
+
+impl<'a> PageEntries<'a> {
+    fn new(buf: &'a [u8]) -> std::result::Result<Self, &'static str> {
+        if buf.first() != Some(&PAGE_VERSION) {
+            return Err("unknown page version");
+        }
+        Ok(PageEntries {
+            buf,
+            pos: 1,
+            last: None,
+        })
+    }
+
+    fn take(&mut self) -> std::result::Result<&'a [u8], &'static str> {
+        let n = take_varint(self.buf, &mut self.pos)?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or("truncated entry")?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+}
+
+impl<'a> Iterator for PageEntries<'a> {
+    type Item = std::result::Result<Entry<'a>, &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.buf.len() {
+            return None;
+        }
+        let entry = (|| {
+            let k = self.take()?;
+            let v = self.take()?;
+            if k.is_empty() || self.last.is_some_and(|last| last >= k) {
+                return Err("entries out of order");
+            }
+            self.last = Some(k);
+            Ok((k, v))
+        })();
+        if entry.is_err() {
+            // Stop after the first error.
+            self.pos = self.buf.len();
+        }
+        Some(entry)
+    }
+}
+
+/// The value of `entry` in a page, reading no further than it.
 fn find_in_page<'a>(
     buf: &'a [u8],
     entry: &[u8],
 ) -> std::result::Result<Option<&'a [u8]>, &'static str> {
-    if buf.first() != Some(&PAGE_VERSION) {
-        return Err("unknown page version");
-    }
-    let mut pos = 1;
-    let take = |pos: &mut usize| -> std::result::Result<&'a [u8], &'static str> {
-        let n = take_varint(buf, pos)?;
-        let end = pos
-            .checked_add(n)
-            .filter(|e| *e <= buf.len())
-            .ok_or("truncated entry")?;
-        let s = &buf[*pos..end];
-        *pos = end;
-        Ok(s)
-    };
-    while pos < buf.len() {
-        let k = take(&mut pos)?;
-        let v = take(&mut pos)?;
+    for e in PageEntries::new(buf)? {
+        let (k, v) = e?;
         match k.cmp(entry) {
             std::cmp::Ordering::Equal => return Ok(Some(v)),
             // Entries are sorted: it is not there.
@@ -439,34 +480,7 @@ fn find_in_page<'a>(
 }
 
 fn decode_page(buf: &[u8]) -> std::result::Result<Vec<Entry<'_>>, &'static str> {
-    if buf.first() != Some(&PAGE_VERSION) {
-        return Err("unknown page version");
-    }
-    let mut pos = 1;
-    let mut out = Vec::new();
-    let take = |pos: &mut usize| -> std::result::Result<&[u8], &'static str> {
-        let n = take_varint(buf, pos)?;
-        let end = pos
-            .checked_add(n)
-            .filter(|e| *e <= buf.len())
-            .ok_or("truncated entry")?;
-        let s = &buf[*pos..end];
-        *pos = end;
-        Ok(s)
-    };
-    while pos < buf.len() {
-        let k = take(&mut pos)?;
-        let v = take(&mut pos)?;
-        if k.is_empty()
-            || out
-                .last()
-                .is_some_and(|(last, _): &(&[u8], &[u8])| *last >= k)
-        {
-            return Err("entries out of order");
-        }
-        out.push((k, v));
-    }
-    Ok(out)
+    PageEntries::new(buf)?.collect()
 }
 
 /// In-memory store that loses unflushed batches on [`MemStore::crash`].
@@ -740,16 +754,19 @@ mod tests {
         );
     }
 
+    /// Writes `k` = `v` into a new store in `dir`, flushes and closes it.
+    fn write_k_and_close(dir: &Path) {
+        let mut s = SledStore::open(dir).unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"k".to_vec(), b"v".to_vec());
+        s.write(b).unwrap();
+        s.flush().unwrap();
+    }
+
     #[test]
     fn an_unfinished_sled_snapshot_left_by_a_kill_does_not_stop_the_open() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = SledStore::open(dir.path()).unwrap();
-            let mut b = WriteBatch::default();
-            b.put(b"k".to_vec(), b"v".to_vec());
-            s.write(b).unwrap();
-            s.flush().unwrap();
-        }
+        write_k_and_close(dir.path());
         // What a process killed while sled wrote a snapshot leaves behind.
         std::fs::write(
             dir.path()
@@ -780,13 +797,7 @@ mod tests {
     #[test]
     fn sled_survives_reopen_after_flush() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = SledStore::open(dir.path()).unwrap();
-            let mut b = WriteBatch::default();
-            b.put(b"k".to_vec(), b"v".to_vec());
-            s.write(b).unwrap();
-            s.flush().unwrap();
-        }
+        write_k_and_close(dir.path());
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.get(b"k").unwrap().unwrap(), b"v");
     }
