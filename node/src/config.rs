@@ -505,6 +505,22 @@ impl MirrorConfig {
 }
 
 /// The engine of a mirror url, if it is one the mirror supports.
+/// What a URL's scheme is, for an error message (never the rest of the
+/// URL, which may hold a password).
+fn describe_scheme(url: &str) -> String {
+    match url.find(':') {
+        Some(i)
+            if i > 0
+                && url[..i]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            format!("it starts with `{}:`", &url[..i])
+        }
+        _ => "it has no scheme".to_owned(),
+    }
+}
+
 fn mirror_kind(url: &str) -> Option<DatabaseKind> {
     [
         DatabaseKind::Sqlite,
@@ -1087,17 +1103,7 @@ impl Check for RawMirror {
             return Err("mirror url is empty: give the database url (e.g. \"sqlite:///var/lib/syncmesh/conflicts.db\" or \"${MIRROR_URL}\")".to_owned());
         }
         if mirror_kind(url).is_none() {
-            let scheme = match url.find(':') {
-                Some(i)
-                    if i > 0
-                        && url[..i]
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
-                {
-                    format!("it starts with `{}:`", &url[..i])
-                }
-                _ => "it has no scheme".to_owned(),
-            };
+            let scheme = describe_scheme(url);
             return Err(format!(
                 "mirror url is not a supported database ({scheme}): use sqlite:, postgres://, postgresql://, mysql:// or mariadb://"
             ));
@@ -1256,17 +1262,7 @@ fn check_url(kind: DatabaseKind, url: &str, key: &str) -> std::result::Result<()
     if kind.url_prefixes().iter().any(|p| url.starts_with(p)) {
         return Ok(());
     }
-    let found = match url.find(':') {
-        Some(i)
-            if i > 0
-                && url[..i]
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
-        {
-            format!("it starts with `{}:`", &url[..i])
-        }
-        _ => "it has no scheme".to_owned(),
-    };
+    let found = describe_scheme(url);
     Err(format!(
         "{key} does not fit type {kind} ({found}): it must start with {}; fix the url or the type",
         kind.url_prefixes().join(" or ")
