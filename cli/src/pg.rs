@@ -236,6 +236,30 @@ impl PgCluster {
         Ok(())
     }
 
+    /// Waits until every WAL record written so far in database `db` is
+    /// flushed. Logical decoding reads only flushed WAL, and the throwaway
+    /// clusters commit asynchronously (`synchronous_commit=off`), so a
+    /// test that reads a slot right after its writes must wait for this.
+    pub async fn wait_wal_flushed(&self, db: &str) -> Result<()> {
+        let pool = self.pool(db).await?;
+        let inserted: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&pool)
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sqlx::query_scalar::<_, bool>("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+            .bind(&inserted)
+            .fetch_one(&pool)
+            .await?
+        {
+            if Instant::now() > deadline {
+                bail!("WAL up to {inserted} in database {db} was not flushed within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pool.close().await;
+        Ok(())
+    }
+
     /// A pool of connections to database `db`.
     pub async fn pool(&self, db: &str) -> Result<sqlx::PgPool> {
         Ok(sqlx::postgres::PgPoolOptions::new()

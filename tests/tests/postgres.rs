@@ -982,6 +982,9 @@ async fn capture_catches_up_when_the_slot_lags_the_checkpoint() -> Result<()> {
         )
         .await?;
     }
+    // Decoding sees only flushed WAL (the test clusters commit
+    // asynchronously): wait for all 30 inserts to be.
+    pg.wait_wal_flushed("app").await?;
     // Capture the first ~100 changes but never advance the slot (the
     // "crash"), as a restarted node with that checkpoint would see it.
     let first = db.read_changes(0, 100).await?;
@@ -1163,24 +1166,10 @@ async fn a_peek_window_is_handed_out_in_whole_transactions_until_checkpointed() 
         )
         .await?;
     }
-    let pool = pg.pool("app").await?;
     // Decoding sees only flushed WAL (the test clusters commit
     // asynchronously): wait until all three are, so one peek holds them.
-    let inserted: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-        .fetch_one(&pool)
-        .await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !sqlx::query_scalar::<_, bool>("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
-        .bind(&inserted)
-        .fetch_one(&pool)
-        .await?
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "WAL not flushed within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    pg.wait_wal_flushed("app").await?;
+    let pool = pg.pool("app").await?;
     let confirmed = || async {
         let lsn: String = sqlx::query_scalar(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'peekwin'",
