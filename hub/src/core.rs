@@ -36,6 +36,16 @@ pub const P_MIRROR_QUEUE: &[u8] = b"q/";
 /// The mirror target (redacted url and table) whose full copy of `c/`
 /// completed; absent: the next mirror start copies every record.
 pub const K_MIRROR: &[u8] = b"g/mirror";
+/// The conflict mirror queue's generation (u64 BE, absent: 0): bumped when
+/// the queue overflowed [`MIRROR_QUEUE_MAX`] and was dropped, so a full
+/// copy (whose marker names the generation it started at) is due again.
+pub const K_MIRROR_GEN: &[u8] = b"g/mirror-gen";
+/// Most entries the conflict mirror's queue (`q/`) holds while the mirror
+/// database is unreachable or slower than the conflicts (each entry is a
+/// record's key, under 100 bytes: ~10 MB). Past it the queue is dropped
+/// and the mirror copies every record again once it can: no record is
+/// lost (they stay in `c/`), the queue's disk use stays bounded.
+pub const MIRROR_QUEUE_MAX: u64 = 100_000;
 /// The prefix of conflict records (`c/<hlc time: u64 BE><table>\0…`).
 pub const P_CONFLICT_RECORDS: &[u8] = P_CONFLICT;
 /// Tombstone GC: the collected cut.
@@ -197,6 +207,11 @@ pub struct HubCore<S: LogStore> {
     gc: Gc,
     /// The next `q/` number while the conflict mirror is on.
     mirror_next: Option<u64>,
+    /// A lower bound of the first `q/` number in the store (the mirror
+    /// removes entries from the front): re-read when the queue looks full.
+    mirror_first: u64,
+    /// The queue's limit ([`MIRROR_QUEUE_MAX`]; smaller in tests).
+    mirror_queue_max: u64,
 }
 
 /// What the hub remembers about a node for tombstone GC.
@@ -365,6 +380,8 @@ impl<S: LogStore> HubCore<S> {
             tables: BTreeMap::new(),
             row_conflicts: BTreeMap::new(),
             mirror_next: None,
+            mirror_first: 0,
+            mirror_queue_max: MIRROR_QUEUE_MAX,
             metrics: HubMetrics::default(),
             gc,
         })
@@ -469,10 +486,10 @@ impl<S: LogStore> HubCore<S> {
         }
         for k in before.iter().filter(|k| !now_keys.contains(k)) {
             batch.remove(k.clone());
-            self.queue_mirror(batch, k);
+            self.queue_mirror(batch, k)?;
         }
         for k in now_keys.iter().filter(|k| !before.contains(k)) {
-            self.queue_mirror(batch, k);
+            self.queue_mirror(batch, k)?;
         }
         if now_keys != before {
             batch.put(xk.clone(), enc(&now_keys)?);
@@ -492,6 +509,7 @@ impl<S: LogStore> HubCore<S> {
                 None => 0,
             };
             self.mirror_next = Some(next);
+            self.mirror_first = self.mirror_queue_first()?.unwrap_or(next);
             return Ok(());
         }
         self.mirror_next = None;
@@ -511,12 +529,59 @@ impl<S: LogStore> HubCore<S> {
         Ok(())
     }
 
-    /// Queues the record under `key` for the mirror (if it is on).
-    fn queue_mirror(&mut self, batch: &mut WriteBatch, key: &[u8]) {
-        if let Some(n) = self.mirror_next {
-            batch.put(mirror_queue_key(n), key.to_vec());
-            self.mirror_next = Some(n.saturating_add(1));
+    /// The number of the first `q/` entry in the store.
+    fn mirror_queue_first(&self) -> Result<Option<u64>> {
+        let end = prefix_end(P_MIRROR_QUEUE);
+        Ok(self
+            .store
+            .range(P_MIRROR_QUEUE, &end, 1)?
+            .first()
+            .and_then(|(k, _)| mirror_queue_number(k)))
+    }
+
+    /// Sets the mirror queue's limit (tests; the default is
+    /// [`MIRROR_QUEUE_MAX`]).
+    pub fn set_mirror_queue_max(&mut self, max: u64) {
+        self.mirror_queue_max = max.max(1);
+    }
+
+    /// Queues the record under `key` for the mirror (if it is on). A queue
+    /// at its limit is dropped instead (in `batch`) and the generation
+    /// bumped: the mirror then copies every record, `key`'s included.
+    fn queue_mirror(&mut self, batch: &mut WriteBatch, key: &[u8]) -> Result<()> {
+        let Some(n) = self.mirror_next else {
+            return Ok(());
+        };
+        if n.saturating_sub(self.mirror_first) >= self.mirror_queue_max {
+            // Entries of the batch being built are not in the store yet:
+            // without any there, count from `n`.
+            self.mirror_first = self.mirror_queue_first()?.unwrap_or(n);
+            if n.saturating_sub(self.mirror_first) >= self.mirror_queue_max {
+                for m in self.mirror_first..n {
+                    batch.remove(mirror_queue_key(m));
+                }
+                let generation = match self.store.get(K_MIRROR_GEN)? {
+                    Some(v) => <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes),
+                    None => 0,
+                };
+                batch.put(
+                    K_MIRROR_GEN.to_vec(),
+                    generation.wrapping_add(1).to_be_bytes().to_vec(),
+                );
+                self.gc.notices.push_back(format!(
+                    "conflict mirror: {} conflict records are waiting for the mirror database, \
+                     its queue's limit; dropped the queue: the mirror copies every record again \
+                     once the database keeps up (no record is lost: the hub keeps them, \
+                     `syncmesh conflicts` shows them)",
+                    n - self.mirror_first
+                ));
+                self.mirror_first = n;
+                return Ok(());
+            }
         }
+        batch.put(mirror_queue_key(n), key.to_vec());
+        self.mirror_next = Some(n.saturating_add(1));
+        Ok(())
     }
 
     /// Keeps conflict records for `days` (at least 1).
@@ -1977,6 +2042,99 @@ mod tests {
         h.set_conflict_mirror(false).unwrap();
         assert!(queue(&h).is_empty());
         assert!(h.store.get(K_MIRROR).unwrap().is_none());
+    }
+
+    /// A queue at its limit is dropped and its generation bumped (a full
+    /// copy is due); no entry is ever queued past the limit, and queueing
+    /// goes on after the drop.
+    #[test]
+    fn conflict_mirror_queue_is_bounded_and_an_overflow_bumps_the_generation() {
+        let queued = |h: &HubCore<MemStore>| -> Vec<u64> {
+            h.store
+                .range(P_MIRROR_QUEUE, &prefix_end(P_MIRROR_QUEUE), usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| mirror_queue_number(&k).unwrap())
+                .collect()
+        };
+        let generation = |h: &HubCore<MemStore>| {
+            h.store
+                .get(K_MIRROR_GEN)
+                .unwrap()
+                .map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap()))
+        };
+        // Two concurrent writes of row `key`: one conflict record.
+        let write = |origin: &str, seq: u64, key: i64| {
+            let o = NodeId::new(origin).unwrap();
+            let hlc = Hlc {
+                time: Ntp64::from_unix_millis(1_000_000 + seq).0,
+                id: o.hlc_id(),
+            };
+            batch(vec![wire::op_to_proto(&Op::upsert(
+                OpId::new(o, seq),
+                hlc,
+                "t",
+                vec![Value::Int(key)],
+                vec![FieldWrite::new("v", Value::Int(key))],
+            ))])
+        };
+        let mut h = hub();
+        h.set_tables(BTreeMap::from([("t".to_owned(), TableRules::default())]));
+        h.set_conflict_mirror(true).unwrap();
+        h.set_mirror_queue_max(3);
+        let a = session(&mut h, "a", "bidirectional");
+        let b = session(&mut h, "b", "bidirectional");
+        let mut max_len = 0;
+        for key in 1..=3 {
+            h.handle_message(now(), a, write("a", key as u64, key))
+                .unwrap();
+            h.handle_message(now(), b, write("b", key as u64, key))
+                .unwrap();
+            max_len = max_len.max(queued(&h).len());
+        }
+        assert_eq!(
+            queued(&h),
+            vec![0, 1, 2],
+            "one entry per record, at the limit"
+        );
+        assert_eq!(generation(&h), 0);
+        // The fourth record finds the queue full: it is dropped.
+        h.handle_message(now(), a, write("a", 4, 4)).unwrap();
+        h.handle_message(now(), b, write("b", 4, 4)).unwrap();
+        assert!(queued(&h).is_empty(), "{:?}", queued(&h));
+        assert_eq!(generation(&h), 1, "a full copy is due");
+        let notice = h.poll_notice().unwrap();
+        assert!(
+            notice.contains("3 conflict records") && notice.contains("copies every record"),
+            "{notice}"
+        );
+        // Queueing goes on; the mirror consuming the front makes room.
+        for key in 5..=7 {
+            h.handle_message(now(), a, write("a", key as u64, key))
+                .unwrap();
+            h.handle_message(now(), b, write("b", key as u64, key))
+                .unwrap();
+            max_len = max_len.max(queued(&h).len());
+        }
+        assert_eq!(queued(&h), vec![3, 4, 5]);
+        let mut consumed = WriteBatch::default();
+        consumed.remove(mirror_queue_key(3));
+        h.store.write(consumed).unwrap();
+        h.handle_message(now(), a, write("a", 8, 8)).unwrap();
+        h.handle_message(now(), b, write("b", 8, 8)).unwrap();
+        assert_eq!(queued(&h), vec![4, 5, 6]);
+        assert_eq!(generation(&h), 1);
+        assert!(max_len <= 3, "the queue held {max_len} entries");
+        // Every record is still in the hub's store.
+        let records = h
+            .store
+            .range(
+                P_CONFLICT_RECORDS,
+                &prefix_end(P_CONFLICT_RECORDS),
+                usize::MAX,
+            )
+            .unwrap();
+        assert_eq!(records.len(), 8);
     }
 
     #[test]

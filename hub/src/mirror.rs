@@ -20,7 +20,10 @@
 //! `c/`, in pages of [`MIRROR_BATCH_RECORDS`], and deletes the rows whose
 //! id no record has (records replaced while the mirror was off). While
 //! the database is unreachable or refuses the writes the queue stays in
-//! sled (nothing is lost); the task logs one
+//! sled (nothing is lost; the queue is bounded by
+//! [`crate::core::MIRROR_QUEUE_MAX`]: past it the hub drops the queue and
+//! bumps a generation under `g/mirror-gen`, which makes a full copy due
+//! again, so the mirror catches up from `c/` itself); the task logs one
 //! warning line per outage, counts every failed attempt in
 //! `sync_errors_total{table="",error_type="conflict_mirror"}` and retries
 //! with backoff from [`RETRY_INITIAL`] to [`RETRY_MAX`]. Rows older than
@@ -47,7 +50,7 @@ use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{Ntp64, Value};
 use tokio::sync::mpsc;
 
-use crate::core::{K_MIRROR, P_CONFLICT_RECORDS, P_MIRROR_QUEUE};
+use crate::core::{K_MIRROR, K_MIRROR_GEN, P_CONFLICT_RECORDS, P_MIRROR_QUEUE};
 use crate::{Error, Result};
 
 /// Most records written in one database transaction (and queue entries
@@ -474,6 +477,20 @@ impl Drop for Mirror {
 }
 
 /// The target in one line (`table T at URL`), without the password.
+/// What `g/mirror` holds once a full copy for `cfg`'s target completed:
+/// the target and the queue generation the copy started at.
+fn full_copy_marker(cfg: &MirrorConfig, store: &SledStore) -> Result<Vec<u8>> {
+    let generation = match store.get(K_MIRROR_GEN)? {
+        Some(v) => <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes),
+        None => 0,
+    };
+    let mut marker = target_name(cfg).into_bytes();
+    if generation > 0 {
+        marker.extend_from_slice(format!("\0generation {generation}").as_bytes());
+    }
+    Ok(marker)
+}
+
 fn target_name(cfg: &MirrorConfig) -> String {
     format!("table {} at {}", cfg.table, cfg.url.redacted())
 }
@@ -607,22 +624,27 @@ async fn mirror_on(
     for stmt in &sql.create {
         db.execute(stmt).await.map_err(|e| db_error(cfg, &e))?;
     }
-    let marker = target_name(cfg).into_bytes();
-    if store.get(K_MIRROR)?.as_deref() != Some(marker.as_slice()) {
-        let copied = full_copy(store, cfg, db, sql).await?;
-        let mut batch = WriteBatch::default();
-        batch.put(K_MIRROR.to_vec(), marker);
-        store.write(batch)?;
-        store.flush()?;
-        tracing::info!(
-            records = copied,
-            "conflict mirror: copied every conflict record into {}",
-            target_name(cfg)
-        );
-    }
     let mut copied_since = 0u64;
     let mut last_expire: Option<tokio::time::Instant> = None;
     loop {
+        // A full copy is due for a new target, and again after the hub
+        // dropped an overflowing queue (a new generation); the marker names
+        // the generation the copy started at, so an overflow during the
+        // copy makes another one due.
+        let marker = full_copy_marker(cfg, store)?;
+        if store.get(K_MIRROR)?.as_deref() != Some(marker.as_slice()) {
+            let copied = full_copy(store, cfg, db, sql).await?;
+            let mut batch = WriteBatch::default();
+            batch.put(K_MIRROR.to_vec(), marker);
+            store.write(batch)?;
+            store.flush()?;
+            tracing::info!(
+                records = copied,
+                "conflict mirror: copied every conflict record into {}",
+                target_name(cfg)
+            );
+            health.progressed = true;
+        }
         let entries = store.range(
             P_MIRROR_QUEUE,
             &prefix_end(P_MIRROR_QUEUE),
