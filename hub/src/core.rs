@@ -175,6 +175,14 @@ pub fn mirror_queue_key(n: u64) -> Vec<u8> {
     k
 }
 
+/// The conflict mirror queue's generation (`g/mirror-gen`; absent: 0).
+pub fn mirror_generation(store: &impl LogStore) -> Result<u64> {
+    Ok(store
+        .get(K_MIRROR_GEN)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
 /// The number of a `q/<n>` key.
 pub fn mirror_queue_number(key: &[u8]) -> Option<u64> {
     let n: [u8; 8] = key.strip_prefix(P_MIRROR_QUEUE)?.try_into().ok()?;
@@ -560,10 +568,7 @@ impl<S: LogStore> HubCore<S> {
                 for m in self.mirror_first..n {
                     batch.remove(mirror_queue_key(m));
                 }
-                let generation = match self.store.get(K_MIRROR_GEN)? {
-                    Some(v) => <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes),
-                    None => 0,
-                };
+                let generation = mirror_generation(&self.store)?;
                 batch.put(
                     K_MIRROR_GEN.to_vec(),
                     generation.wrapping_add(1).to_be_bytes().to_vec(),
@@ -2057,12 +2062,6 @@ mod tests {
                 .map(|(k, _)| mirror_queue_number(&k).unwrap())
                 .collect()
         };
-        let generation = |h: &HubCore<MemStore>| {
-            h.store
-                .get(K_MIRROR_GEN)
-                .unwrap()
-                .map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap()))
-        };
         // Two concurrent writes of row `key`: one conflict record.
         let write = |origin: &str, seq: u64, key: i64| {
             let o = NodeId::new(origin).unwrap();
@@ -2084,12 +2083,15 @@ mod tests {
         h.set_mirror_queue_max(3);
         let a = session(&mut h, "a", "bidirectional");
         let b = session(&mut h, "b", "bidirectional");
-        let mut max_len = 0;
-        for key in 1..=3 {
+        let conflict = |h: &mut HubCore<MemStore>, key: i64| {
             h.handle_message(now(), a, write("a", key as u64, key))
                 .unwrap();
             h.handle_message(now(), b, write("b", key as u64, key))
                 .unwrap();
+        };
+        let mut max_len = 0;
+        for key in 1..=3 {
+            conflict(&mut h, key);
             max_len = max_len.max(queued(&h).len());
         }
         assert_eq!(
@@ -2097,12 +2099,15 @@ mod tests {
             vec![0, 1, 2],
             "one entry per record, at the limit"
         );
-        assert_eq!(generation(&h), 0);
+        assert_eq!(mirror_generation(&h.store).unwrap(), 0);
         // The fourth record finds the queue full: it is dropped.
-        h.handle_message(now(), a, write("a", 4, 4)).unwrap();
-        h.handle_message(now(), b, write("b", 4, 4)).unwrap();
+        conflict(&mut h, 4);
         assert!(queued(&h).is_empty(), "{:?}", queued(&h));
-        assert_eq!(generation(&h), 1, "a full copy is due");
+        assert_eq!(
+            mirror_generation(&h.store).unwrap(),
+            1,
+            "a full copy is due"
+        );
         let notice = h.poll_notice().unwrap();
         assert!(
             notice.contains("3 conflict records") && notice.contains("copies every record"),
@@ -2110,20 +2115,16 @@ mod tests {
         );
         // Queueing goes on; the mirror consuming the front makes room.
         for key in 5..=7 {
-            h.handle_message(now(), a, write("a", key as u64, key))
-                .unwrap();
-            h.handle_message(now(), b, write("b", key as u64, key))
-                .unwrap();
+            conflict(&mut h, key);
             max_len = max_len.max(queued(&h).len());
         }
         assert_eq!(queued(&h), vec![3, 4, 5]);
         let mut consumed = WriteBatch::default();
         consumed.remove(mirror_queue_key(3));
         h.store.write(consumed).unwrap();
-        h.handle_message(now(), a, write("a", 8, 8)).unwrap();
-        h.handle_message(now(), b, write("b", 8, 8)).unwrap();
+        conflict(&mut h, 8);
         assert_eq!(queued(&h), vec![4, 5, 6]);
-        assert_eq!(generation(&h), 1);
+        assert_eq!(mirror_generation(&h.store).unwrap(), 1);
         assert!(max_len <= 3, "the queue held {max_len} entries");
         // Every record is still in the hub's store.
         let records = h

@@ -50,7 +50,7 @@ use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{Ntp64, Value};
 use tokio::sync::mpsc;
 
-use crate::core::{K_MIRROR, K_MIRROR_GEN, P_CONFLICT_RECORDS, P_MIRROR_QUEUE};
+use crate::core::{K_MIRROR, P_CONFLICT_RECORDS, P_MIRROR_QUEUE, mirror_generation};
 use crate::{Error, Result};
 
 /// Most records written in one database transaction (and queue entries
@@ -476,14 +476,10 @@ impl Drop for Mirror {
     }
 }
 
-/// The target in one line (`table T at URL`), without the password.
 /// What `g/mirror` holds once a full copy for `cfg`'s target completed:
 /// the target and the queue generation the copy started at.
 fn full_copy_marker(cfg: &MirrorConfig, store: &SledStore) -> Result<Vec<u8>> {
-    let generation = match store.get(K_MIRROR_GEN)? {
-        Some(v) => <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes),
-        None => 0,
-    };
+    let generation = mirror_generation(store)?;
     let mut marker = target_name(cfg).into_bytes();
     if generation > 0 {
         marker.extend_from_slice(format!("\0generation {generation}").as_bytes());
@@ -491,6 +487,7 @@ fn full_copy_marker(cfg: &MirrorConfig, store: &SledStore) -> Result<Vec<u8>> {
     Ok(marker)
 }
 
+/// The target in one line (`table T at URL`), without the password.
 fn target_name(cfg: &MirrorConfig) -> String {
     format!("table {} at {}", cfg.table, cfg.url.redacted())
 }
