@@ -93,6 +93,30 @@ pub fn next_cursor<V>(rows: &[(Vec<u8>, V)], max_rows: usize) -> Option<Vec<u8>>
     }
 }
 
+/// How long [`SledStore::open`] waits for the log's file lock: a handle
+/// dropped just before (a restart in the same process) releases it once
+/// sled's background writes finish, which takes milliseconds.
+const LOCK_WAIT_MS: u64 = 5_000;
+
+/// Opens the sled database at `path`, waiting up to [`LOCK_WAIT_MS`] while
+/// its file lock is held; any other error, or a lock still held after the
+/// wait (another process), is returned.
+fn open_sled(path: &Path) -> sled::Result<sled::Db> {
+    let start = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            // sled reports a held lock as `ErrorKind::Other` with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && start.elapsed() < std::time::Duration::from_millis(LOCK_WAIT_MS) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// sled-backed store (one tree, flushed with fsync). A clone is another
 /// handle to the same database (the hub's conflict mirror reads through one).
 #[derive(Clone)]
@@ -112,16 +136,12 @@ impl SledStore {
             ),
         })?;
         remove_unfinished_snapshots(&dir.join("log"))?;
-        let db = sled::Config::new()
-            .path(dir.join("log"))
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| Error::Store {
-                path: path.display().to_string(),
-                message: format!(
-                    "cannot open the sled log: {e}; is another syncmesh process using this data_dir?"
-                ),
-            })?;
+        let db = open_sled(&dir.join("log")).map_err(|e| Error::Store {
+            path: path.display().to_string(),
+            message: format!(
+                "cannot open the sled log: {e}; is another syncmesh process using this data_dir?"
+            ),
+        })?;
         let store = SledStore { db, path };
         // In a tree of its own, so no range of a core ever sees it.
         let meta = store.db.open_tree(LAYOUT_TREE).map_err(|e| store.err(e))?;
@@ -572,6 +592,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         exercise(&mut SledStore::open(dir.path()).unwrap());
         exercise(&mut MemStore::default());
+    }
+
+    /// A restart in one process: the old handle goes away while the new
+    /// one waits for the lock, and then opens with the data intact. A
+    /// handle that stays open makes the wait end in the clear error.
+    #[test]
+    fn open_waits_for_a_released_lock_and_names_a_held_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = SledStore::open(dir.path()).unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"k".to_vec(), b"v".to_vec());
+        first.write(b).unwrap();
+        first.flush().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = SledStore::open(dir.path()).unwrap();
+        release.join().unwrap();
+        assert_eq!(second.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+
+        let err = SledStore::open(dir.path()).err().expect("the lock is held");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("could not acquire lock") && msg.contains("another syncmesh process"),
+            "{msg}"
+        );
     }
 
     /// Keys around two row pages of one table, a plain row key, another
