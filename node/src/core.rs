@@ -303,16 +303,20 @@ enum ResnapPhase {
 
 /// Whether `op`, an own write made before this node saw the collected cut,
 /// is an update of a row the collected deletes removed: under
-/// `delete_wins`, an upsert with no `row_pred` (an update of a row its
-/// database showed, not an insert) to a row whose merged state has no
-/// live write and no tombstone. Every write it saw was superseded by ops
-/// it did not see, ending in a delete whose tombstone is gone; without
-/// collection that tombstone would hide it. ARCHITECTURE.md, invariant 6.
+/// `delete_wins`, an upsert with no `row_pred` (not an insert that
+/// superseded what it saw) whose field writes name writes they replaced
+/// (an update of a row its database showed), to a row whose merged state
+/// has no live write and no tombstone. Every write it saw was superseded
+/// by ops it did not see, ending in a delete whose tombstone is gone;
+/// without collection that tombstone would hide it. An insert of a key
+/// nobody wrote before, made by a node that had seen nothing yet, names no
+/// predecessor at all (row or field) and is kept. ARCHITECTURE.md,
+/// invariant 6.
 fn lost_update(info: &TableInfo, state: &RowState, op: &Op) -> bool {
     info.rules.deletes == DeletePolicy::DeleteWins
         && op.kind == OpKind::Upsert
         && op.row_pred.is_empty()
-        && !op.fields.is_empty()
+        && op.fields.iter().any(|f| !f.pred.is_empty())
         && !state.has_tombstone()
         && state.visible(&info.rules).is_none()
 }
@@ -2731,6 +2735,46 @@ mod tests {
         assert_eq!(
             writes,
             vec![(vec![Value::Int(1)], false), (vec![Value::Int(3)], true)]
+        );
+    }
+
+    /// A node whose first op ever inserts a key nobody else wrote (the
+    /// insert names no predecessor, row or field) and which is then
+    /// re-snapshotted keeps the insert: only an update of a row its
+    /// database showed can be a write to a row collected deletes removed.
+    #[test]
+    fn a_fresh_insert_made_before_a_resnapshot_is_kept() {
+        let mut c = core("c");
+        c.handle_captured(
+            t(1000),
+            &[change(1, ChangeKind::Insert, None, row(9, "new", "row"))],
+        )
+        .unwrap();
+        let logged = c.own_ops(1, 1).unwrap();
+        assert!(
+            logged[0].row_pred.is_empty() && logged[0].fields.iter().all(|f| f.pred.is_empty())
+        );
+        assert!(c.poll_connect(0));
+        c.handle_connected(0);
+        drain(&mut c);
+        c.handle_message(t(1000), snapshot_reply()).unwrap();
+        c.handle_message(t(1000), chunk(&[], true)).unwrap();
+        for _ in 0..20 {
+            c.poll_gc(1).unwrap();
+        }
+        assert!(!c.resnap_installing());
+        assert_eq!(c.resnap_progress(), Some((7, true)));
+        let visible = c
+            .row_state("t", &[Value::Int(9)])
+            .unwrap()
+            .visible(&TableRules::default());
+        let visible = visible.expect("the inserted row is visible");
+        assert_eq!(visible.get("a"), Some(&Value::Text("new".into())));
+        assert_eq!(visible.get("b"), Some(&Value::Text("row".into())));
+        assert_eq!(
+            c.own_ops(1, 1).unwrap()[0].fields,
+            logged[0].fields,
+            "the logged op keeps its writes"
         );
     }
 }
