@@ -6,6 +6,8 @@
 //!   captures by triggers into a change table, PostgreSQL by logical
 //!   decoding (`pgoutput`); both apply visible rows in one transaction
 //!   without echo. [`adapter::Db`] picks one by the configured engine.
+//! - [`pgstream`]: the replication-protocol reader PostgreSQL capture
+//!   streams its slot with (falls back to peeking when unavailable).
 //! - [`mysql`]: MySQL / MariaDB, capture by triggers like SQLite (change
 //!   ids handed out in commit order), echo-free apply in one transaction.
 //! - [`mongodb`]: MongoDB, capture by a change stream (resume token kept
@@ -27,6 +29,7 @@ pub mod core;
 pub mod error;
 pub mod mongodb;
 pub mod mysql;
+pub mod pgstream;
 pub mod postgres;
 pub mod redis;
 pub mod shell;

@@ -96,6 +96,7 @@ use syncmesh_resolver::Value;
 use crate::adapter::{
     CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days, days_from_civil,
 };
+use crate::pgstream::{Addr, ConnParams, ReplStream, StreamError};
 use crate::{Error, Result};
 
 /// Prefix of the replication origin's name (followed by the slot name).
@@ -110,6 +111,9 @@ const ROWS_PER_STATEMENT: usize = 10_000;
 /// core in `batch_size` pieces (whole transactions) and advances once the
 /// window is used up, instead of peeking and advancing per batch.
 pub const PEEK_CHANGES_PER_CALL: usize = 50_000;
+/// How often (100 ms apart) starting a stream is tried again while the
+/// slot is still held (SQLSTATE 55006) by the walsender of the last one.
+const SLOT_BUSY_RETRIES: usize = 50;
 /// Above this much WAL retained by the slot, the node (and `syncmesh
 /// check`) warns: a slot that is not consumed keeps WAL forever.
 pub const RETAINED_WAL_WARN_BYTES: i64 = 1 << 30;
@@ -223,7 +227,78 @@ pub struct PostgresAdapter {
     /// The resumed initial snapshot's windows, while capture may still
     /// read transactions inside one (see [`SnapshotProgress`]).
     resume: Option<SnapshotProgress>,
+    /// The replication connection capture reads the slot through, once
+    /// started (behind a mutex only so that `close(&self)` can end it).
+    stream: std::sync::Mutex<Option<ReplStream>>,
+    /// How to open it, or why streaming is unavailable (capture then
+    /// peeks; see [`crate::pgstream`]).
+    stream_params: std::result::Result<ConnParams, String>,
 }
+
+/// The replication connection's parameters from the adapter's URL, or why
+/// streaming cannot be used with it.
+fn stream_params(url: &str, options: &PgConnectOptions) -> std::result::Result<ConnParams, String> {
+    use sqlx::postgres::PgSslMode;
+    let probe_tls = match options.get_ssl_mode() {
+        PgSslMode::Disable => false,
+        PgSslMode::Allow | PgSslMode::Prefer => true,
+        _ => {
+            return Err(
+                "the URL asks for TLS (sslmode=require or stricter) and the streaming reader speaks plaintext only"
+                    .into(),
+            );
+        }
+    };
+    let port = options.get_port();
+    let addr = match options.get_socket() {
+        Some(p) if p.is_dir() => Addr::Unix(p.join(format!(".s.PGSQL.{port}"))),
+        Some(p) => Addr::Unix(p.clone()),
+        None => Addr::Tcp(options.get_host().to_owned(), port),
+    };
+    let parsed = url::Url::parse(url).ok();
+    let decode = |p: &str| {
+        percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let password = parsed
+        .as_ref()
+        .and_then(|u| u.password().map(decode))
+        .or_else(|| {
+            parsed.as_ref().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == "password")
+                    .map(|(_, v)| v.into_owned())
+            })
+        })
+        .or_else(|| std::env::var("PGPASSWORD").ok());
+    let user = options.get_username().to_owned();
+    Ok(ConnParams {
+        addr,
+        database: options
+            .get_database()
+            .map(str::to_owned)
+            .unwrap_or_else(|| user.clone()),
+        user,
+        password,
+        probe_tls,
+        settings: SESSION_SETTINGS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    })
+}
+
+/// Session settings that make the text format exact and stable (on every
+/// connection, the replication connection included: its walsender prints
+/// the values pgoutput sends).
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+];
 
 /// The session settings that make the text format exact and stable.
 fn session_options(options: PgConnectOptions) -> PgConnectOptions {
@@ -233,13 +308,7 @@ fn session_options(options: PgConnectOptions) -> PgConnectOptions {
     options
         .disable_statement_logging()
         .application_name("syncmesh")
-        .options([
-            ("TimeZone", "UTC"),
-            ("DateStyle", "ISO, MDY"),
-            ("IntervalStyle", "postgres"),
-            ("extra_float_digits", "1"),
-            ("bytea_output", "hex"),
-        ])
+        .options(SESSION_SETTINGS)
 }
 
 impl PostgresAdapter {
@@ -259,6 +328,7 @@ impl PostgresAdapter {
                 crate::adapter::redact_password(&e.to_string(), url)
             ),
         })?;
+        let stream_params = stream_params(url, &options);
         let options = session_options(options);
         let pool = PgPoolOptions::new()
             .max_connections(2)
@@ -302,6 +372,8 @@ impl PostgresAdapter {
             retained_wal: None,
             schemas: HashMap::new(),
             resume: None,
+            stream: std::sync::Mutex::new(None),
+            stream_params,
         };
         adapter.ensure_origin().await?;
         Ok(adapter)
@@ -317,8 +389,32 @@ impl PostgresAdapter {
         &self.slot
     }
 
+    /// Reads the slot with `pg_logical_slot_peek_binary_changes` from now
+    /// on, never over a replication connection (for connections through
+    /// a pooler that does not pass replication connections on).
+    pub fn use_peek(&mut self) {
+        self.stream_params = Err("peek asked for".into());
+        *self.stream.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether capture reads the slot over a replication connection (an
+    /// open one, or one it will open at the next read).
+    pub fn streams(&self) -> bool {
+        self.stream_params.is_ok()
+    }
+
+    fn stream_mut(&mut self) -> &mut Option<ReplStream> {
+        self.stream.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Closes every connection.
     pub async fn close(&self) {
+        let stream = self
+            .stream
+            .lock()
+            .map(|mut s| s.take())
+            .unwrap_or_else(|mut p| p.get_mut().take());
+        drop(stream);
         self.apply_pool.close().await;
         self.pool.close().await;
     }
@@ -728,28 +824,16 @@ impl PostgresAdapter {
                 tracing::warn!(database = %self.url, slot = %self.slot, retained_mib = retained >> 20, "the replication slot retains more than {} MiB of WAL: capture is behind (or was stopped); PostgreSQL keeps that WAL until the node catches up", RETAINED_WAL_WARN_BYTES >> 20);
             }
         }
-        let limit = i32::try_from(PEEK_CHANGES_PER_CALL).unwrap_or(i32::MAX);
-        tracing::trace!(slot = %self.slot, after = %format_lsn(after_lsn), "peeking");
-        let rows: Vec<PgRow> = sqlx::query(
-            "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
-             $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
-        )
-        .bind(&self.slot)
-        .bind(limit)
-        .bind(&self.publication)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.peek_err(&e))?;
-        tracing::trace!(slot = %self.slot, messages = rows.len(), "peeked");
+        let messages = match self.stream_window(after_lsn).await? {
+            Some(m) => m,
+            None => self.peek_sql(after_lsn).await?,
+        };
         let mut out = Vec::new();
         let mut tx: Option<Tx> = None;
         let mut last_end = 0;
         let mut last_captured = after_lsn;
-        for row in &rows {
-            let data: Vec<u8> = row
-                .try_get("data")
-                .map_err(|e| self.db_err("reading decoded changes", &e))?;
-            let msg = parse_message(&data).map_err(|m| Error::Database {
+        for data in &messages {
+            let msg = parse_message(data).map_err(|m| Error::Database {
                 database: self.url.clone(),
                 message: format!(
                     "malformed pgoutput message from slot {}: {m}; this is a bug, please report it",
@@ -830,8 +914,91 @@ impl PostgresAdapter {
         Ok(out)
     }
 
+    /// Up to [`PEEK_CHANGES_PER_CALL`] changes (whole transactions) from
+    /// the slot with `pg_logical_slot_peek_binary_changes`.
+    async fn peek_sql(&self, after_lsn: i64) -> Result<Vec<bytes::Bytes>> {
+        let limit = i32::try_from(PEEK_CHANGES_PER_CALL).unwrap_or(i32::MAX);
+        tracing::trace!(slot = %self.slot, after = %format_lsn(after_lsn), "peeking");
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT lsn::text AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
+             $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
+        )
+        .bind(&self.slot)
+        .bind(limit)
+        .bind(&self.publication)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.peek_err(&e))?;
+        tracing::trace!(slot = %self.slot, messages = rows.len(), "peeked");
+        rows.iter()
+            .map(|row| {
+                row.try_get::<Vec<u8>, _>("data")
+                    .map(bytes::Bytes::from)
+                    .map_err(|e| self.db_err("reading decoded changes", &e))
+            })
+            .collect()
+    }
+
+    /// What the replication stream has (whole transactions, up to
+    /// [`PEEK_CHANGES_PER_CALL`] changes; starting it from `after_lsn` if
+    /// it is not open), or `None` when streaming is unavailable (then the
+    /// caller peeks). A failed stream is dropped: the next call starts it
+    /// again from the checkpoint, so nothing it held is lost.
+    async fn stream_window(&mut self, after_lsn: i64) -> Result<Option<Vec<bytes::Bytes>>> {
+        let params = match &self.stream_params {
+            Ok(p) => p.clone(),
+            Err(_) => return Ok(None),
+        };
+        if self.stream_mut().is_none() {
+            // The walsender of a stream dropped a moment ago may still
+            // hold the slot: wait for it to go, as install_capture does.
+            let mut started =
+                ReplStream::start(&params, &self.slot, &self.publication, after_lsn).await;
+            for _ in 0..SLOT_BUSY_RETRIES {
+                match &started {
+                    Err(StreamError::Server { code, .. }) if code == "55006" => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        started =
+                            ReplStream::start(&params, &self.slot, &self.publication, after_lsn)
+                                .await;
+                    }
+                    _ => break,
+                }
+            }
+            match started {
+                Ok(s) => {
+                    tracing::debug!(database = %self.url, slot = %self.slot, from = %format_lsn(after_lsn), "capture: streaming the slot over a replication connection");
+                    *self.stream_mut() = Some(s);
+                }
+                Err(StreamError::Unavailable(why)) => {
+                    tracing::warn!(database = %self.url, slot = %self.slot, "streaming replication is unavailable ({why}); capture reads the slot with pg_logical_slot_peek_binary_changes instead, which is slower under load");
+                    self.stream_params = Err(why);
+                    return Ok(None);
+                }
+                Err(e) => return Err(self.stream_err(&e)),
+            }
+        }
+        let Some(stream) = self.stream_mut().as_mut() else {
+            return Ok(None);
+        };
+        match stream.window(PEEK_CHANGES_PER_CALL, Duration::ZERO).await {
+            Ok(messages) => Ok(Some(messages.into_iter().map(|m| m.freeze()).collect())),
+            Err(e) => {
+                *self.stream_mut() = None;
+                Err(self.stream_err(&e))
+            }
+        }
+    }
+
+    fn stream_err(&self, e: &StreamError) -> Error {
+        self.slot_err(&format!("replication stream: {e}"))
+    }
+
     fn peek_err(&self, e: &sqlx::Error) -> Error {
-        let text = e.to_string();
+        self.slot_err(&e.to_string())
+    }
+
+    fn slot_err(&self, text: &str) -> Error {
         let message = if text.contains("is active for PID") {
             format!(
                 "replication slot {} is in use by another consumer ({text}); stop that consumer or give this node its own `slot:`",
@@ -891,7 +1058,24 @@ impl PostgresAdapter {
         })
     }
 
-    async fn advance_slot(&self, to: i64) -> Result<()> {
+    /// Lets the slot move to `to` (everything at or below it is flushed):
+    /// a standby status update on the replication stream, or
+    /// `pg_replication_slot_advance` when capture peeks.
+    async fn advance_slot(&mut self, to: i64) -> Result<()> {
+        if let Some(stream) = self.stream_mut().as_mut() {
+            let res = stream.confirm(to).await;
+            if let Err(e) = res {
+                *self.stream_mut() = None;
+                return Err(self.stream_err(&e));
+            }
+            return Ok(());
+        }
+        if self.stream_params.is_ok() {
+            // Between two streams: the next one starts at the checkpoint
+            // and confirms it (the walsender of the last may still hold
+            // the slot, so no SQL advance).
+            return Ok(());
+        }
         let confirmed: Option<String> = sqlx::query_scalar(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
         )
@@ -920,17 +1104,23 @@ impl PostgresAdapter {
         self.handed_out.retain(|c| c.change_id > through_lsn);
         if !self.handed_out.is_empty() {
             // The core kept an earlier checkpoint than what it was handed:
-            // peek again from the slot (which never moved past it).
+            // read again from the slot (which never moved past it); a
+            // stream starts over from the checkpoint.
             self.handed_out.clear();
             self.peeked.clear();
             self.peeked_tail = None;
             self.tail = None;
+            *self.stream_mut() = None;
         }
         if !self.peeked.is_empty() {
-            // More of this peek's window to hand out: advance once it is
+            // More of this window to hand out. A peek advances once it is
             // used up (one decode instead of one per batch). Nothing is
             // lost meanwhile: a restart re-reads from the slot and skips
-            // what is at or below the core's checkpoint.
+            // what is at or below the core's checkpoint. A stream
+            // confirms every checkpoint (a status message, no decoding).
+            if self.stream_mut().is_some() {
+                return self.advance_slot(through_lsn).await;
+            }
             return Ok(());
         }
         let to = match self.tail.take() {

@@ -723,6 +723,16 @@ async fn sigkill_of_pg_node_during_streaming_loses_and_duplicates_nothing() -> R
     .await?;
     let pool_a = pg.pool("pg_a").await?;
     let pool_b = pg.pool("pg_b").await?;
+    // Both nodes stream their slots over replication connections.
+    wait_until("both nodes to stream their slots", LONG, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'syncmesh'",
+        )
+        .fetch_one(&pool_a)
+        .await?;
+        Ok(n == 2)
+    })
+    .await?;
     let count = |pool: sqlx::PgPool| async move {
         anyhow::Ok(
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders")
@@ -985,22 +995,34 @@ async fn capture_catches_up_when_the_slot_lags_the_checkpoint() -> Result<()> {
     // Decoding sees only flushed WAL (the test clusters commit
     // asynchronously): wait for all 30 inserts to be.
     pg.wait_wal_flushed("app").await?;
-    // Capture the first ~100 changes but never advance the slot (the
-    // "crash"), as a restarted node with that checkpoint would see it.
-    let first = db.read_changes(0, 100).await?;
-    assert!(first.len() >= 80, "{}", first.len());
+    // Capture the first changes (up to ~100) but never advance the slot
+    // (the "crash"), as a restarted node with that checkpoint would see it.
+    let first = read_some(&mut db, 0, 100).await?;
+    assert!(!first.is_empty() && first.len() < 300, "{}", first.len());
+    // Capture streams the slot over a replication connection.
+    assert!(db.streams());
+    let pool = pg.pool("app").await?;
+    let walsenders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'syncmesh'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(walsenders, 1, "one replication connection");
     // The slot was never advanced: it holds the WAL of all 30 inserts,
     // and capture measured that (the `syncmesh_slot_retained_wal_bytes`
     // gauge).
     let retained = db.last_retained_wal_bytes();
     assert!(retained.is_some_and(|b| b > 0), "{retained:?}");
     let checkpoint = first.last().unwrap().change_id;
+    // The node dies: its replication connection goes with it.
+    db.close().await;
+    drop(db);
     let mut db = PostgresAdapter::open(&pg.url("app"), Some("lagging"), None).await?;
     db.introspect(&[("orders".into(), vec![])]).await?;
     let mut rest = Vec::new();
     let mut after = checkpoint;
-    for _ in 0..20 {
-        let batch = db.read_changes(after, 50).await?;
+    for _ in 0..40 {
+        let batch = read_some(&mut db, after, 50).await?;
         if let Some(last) = batch.last() {
             after = last.change_id;
             db.delete_changes_through(after).await?;
@@ -1143,18 +1165,50 @@ async fn sigkill_during_initial_snapshot_resumes_without_loss_or_double_count() 
     Ok(())
 }
 
-/// One peek window is handed to the core in whole transactions of about
-/// `limit` changes; what was handed out comes back until a checkpoint
-/// covers it (a failed capture call loses nothing); the slot moves only
-/// once the window is used up; a checkpoint below what was handed out
-/// makes capture read from the slot again.
+/// `read_changes` until it returns something (a stream hands out what has
+/// arrived, which right after a start may be nothing yet), for at most
+/// 20 s.
+async fn read_some(
+    db: &mut syncmesh_node::postgres::PostgresAdapter,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<syncmesh_node::adapter::CapturedChange>> {
+    let start = std::time::Instant::now();
+    loop {
+        let got = db.read_changes(after, limit).await?;
+        if !got.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            return Ok(got);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A window read from the slot is handed to the core in whole
+/// transactions of about `limit` changes; what was handed out comes back
+/// until a checkpoint covers it (a failed capture call loses nothing); a
+/// checkpoint below what was handed out makes capture read from the slot
+/// again. A peek window moves the slot only once it is used up; a stream
+/// confirms every checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peek_window_is_handed_out_in_whole_transactions_until_checkpointed() -> Result<()> {
+    window_story(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_window_is_handed_out_in_whole_transactions_until_checkpointed() -> Result<()> {
+    window_story(true).await
+}
+
+async fn window_story(stream: bool) -> Result<()> {
     use syncmesh_node::postgres::PostgresAdapter;
     let pg = PgCluster::start()?;
     pg.create_db("app").await?;
     pg.exec("app", ORDERS_PG).await?;
     let mut db = PostgresAdapter::open(&pg.url("app"), Some("peekwin"), None).await?;
+    if !stream {
+        db.use_peek();
+    }
+    assert_eq!(db.streams(), stream);
     let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
     db.install_capture(&schemas).await?;
     for (from, to) in [(1, 10), (11, 35), (36, 45)] {
@@ -1184,39 +1238,59 @@ async fn a_peek_window_is_handed_out_in_whole_transactions_until_checkpointed() 
             .map(|c| c.new.as_ref().unwrap()["id"].clone())
             .collect()
     };
+    let lsn = |s: &str| {
+        let (hi, lo) = s.split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    // The server applies a stream's status update when it reads it.
+    let confirmed_reaches = |at: i64| async move {
+        let start = std::time::Instant::now();
+        loop {
+            let now = confirmed().await?;
+            if lsn(&now) >= at as u64 || start.elapsed() > Duration::from_secs(20) {
+                return anyhow::Ok(now);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     // A transaction is never split, even above the limit.
-    let t1 = db.read_changes(0, 5).await?;
+    let t1 = read_some(&mut db, 0, 5).await?;
     assert_eq!(t1.len(), 10);
     // Not checkpointed (the core failed): the same changes again.
     assert_eq!(ids(&db.read_changes(0, 5).await?), ids(&t1));
     let cp1 = t1.last().unwrap().change_id;
-    let t2 = db.read_changes(cp1, 20).await?;
+    let t2 = read_some(&mut db, cp1, 20).await?;
     assert_eq!(t2.len(), 25);
     assert_eq!(ids(&t2)[0], Value::Int(11));
     // The core kept cp1 (below what it was handed): t2 is read again,
     // from the slot.
     db.delete_changes_through(cp1).await?;
-    let again = db.read_changes(cp1, 20).await?;
+    let again = read_some(&mut db, cp1, 20).await?;
     assert_eq!(ids(&again), ids(&t2));
     let cp2 = again.last().unwrap().change_id;
     db.delete_changes_through(cp2).await?;
-    // The window still holds t3: the slot has not moved past cp1's peek.
-    let moved = confirmed().await?;
-    let t3 = db.read_changes(cp2, 20).await?;
+    let moved = if stream {
+        // Every checkpoint is confirmed.
+        confirmed_reaches(cp2).await?
+    } else {
+        confirmed().await?
+    };
+    let t3 = read_some(&mut db, cp2, 20).await?;
     assert_eq!(t3.len(), 10);
     assert_eq!(ids(&t3)[0], Value::Int(36));
     let cp3 = t3.last().unwrap().change_id;
     db.delete_changes_through(cp3).await?;
-    let end = confirmed().await?;
+    let end = confirmed_reaches(cp3).await?;
     assert!(db.read_changes(cp3, 20).await?.is_empty());
-    let lsn = |s: &str| {
-        let (hi, lo) = s.split_once('/').unwrap();
-        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-    };
-    assert!(
-        lsn(&moved) <= lsn(&at_start).max(cp1 as u64),
-        "{moved} moved past cp1 before the window was used up"
-    );
+    if stream {
+        assert!(lsn(&moved) >= cp2 as u64, "{moved} is below cp2");
+    } else {
+        // The window still held t3: the slot did not move past cp1's peek.
+        assert!(
+            lsn(&moved) <= lsn(&at_start).max(cp1 as u64),
+            "{moved} moved past cp1 before the window was used up"
+        );
+    }
     assert!(
         lsn(&end) >= cp3 as u64,
         "{end} is below the last checkpoint"
