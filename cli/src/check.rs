@@ -151,6 +151,18 @@ async fn check_postgres(cfg: &Config, n: &NodeConfig) -> bool {
         }
         Err(e) => ok = fail(format!("{db}: reading the user's privileges: {e}")),
     }
+    if n.mode.captures() {
+        match adapter.probe_streaming().await {
+            Ok(()) => println!(
+                "ok   node {}: {db} capture streams the slot over a replication connection",
+                n.name
+            ),
+            Err(why) => println!(
+                "warn node {}: {db} capture cannot stream ({why}); it reads the slot with pg_logical_slot_peek_binary_changes, which is slower under load: allow replication connections in pg_hba.conf (`host replication USER ADDRESS scram-sha-256`)",
+                n.name
+            ),
+        }
+    }
     let wanted: Vec<_> = cfg
         .tables
         .iter()

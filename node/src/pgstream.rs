@@ -215,12 +215,60 @@ impl ReplStream {
         }
     }
 
+    /// Opens and authenticates a replication connection and closes it
+    /// again (no slot is touched): whether capture can stream.
+    pub async fn probe(params: &ConnParams) -> SResult<()> {
+        let run = async {
+            let mut s = Self::connect(params).await?;
+            s.send(&message(b'X', &[])).await
+        };
+        match tokio::time::timeout(START_TIMEOUT, run).await {
+            Ok(r) => r,
+            Err(_) => Err(StreamError::Io(format!(
+                "opening a replication connection took longer than {} s",
+                START_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
     async fn start_inner(
         params: &ConnParams,
         slot: &str,
         publication: &str,
         start_lsn: i64,
     ) -> SResult<ReplStream> {
+        let mut s = Self::connect(params).await?;
+        let query = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}')",
+            crate::postgres::quote_ident(slot),
+            crate::postgres::format_lsn(start_lsn),
+            crate::postgres::quote_ident(publication).replace('\'', "''"),
+        );
+        let mut q = Vec::new();
+        cstr(&mut q, &query);
+        s.send(&message(b'Q', &q)).await?;
+        loop {
+            let f = s.frame().await?;
+            match f.tag {
+                b'W' => break,
+                b'E' => return Err(server_error(&f.body)),
+                b'N' | b'S' => {}
+                t => {
+                    return Err(StreamError::Io(format!(
+                        "unexpected message {:?} in answer to START_REPLICATION",
+                        t as char
+                    )));
+                }
+            }
+        }
+        if start_lsn > 0 {
+            s.confirm(start_lsn).await?;
+        }
+        Ok(s)
+    }
+
+    /// A replication connection, authenticated and ready for a command.
+    async fn connect(params: &ConnParams) -> SResult<ReplStream> {
         let io: Box<dyn Io> = match &params.addr {
             Addr::Tcp(host, port) => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port))
@@ -295,32 +343,6 @@ impl ReplStream {
                 b'E' => return Err(refused(server_error(&f.body))),
                 _ => {}
             }
-        }
-        let query = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}')",
-            crate::postgres::quote_ident(slot),
-            crate::postgres::format_lsn(start_lsn),
-            crate::postgres::quote_ident(publication).replace('\'', "''"),
-        );
-        let mut q = Vec::new();
-        cstr(&mut q, &query);
-        s.send(&message(b'Q', &q)).await?;
-        loop {
-            let f = s.frame().await?;
-            match f.tag {
-                b'W' => break,
-                b'E' => return Err(server_error(&f.body)),
-                b'N' | b'S' => {}
-                t => {
-                    return Err(StreamError::Io(format!(
-                        "unexpected message {:?} in answer to START_REPLICATION",
-                        t as char
-                    )));
-                }
-            }
-        }
-        if start_lsn > 0 {
-            s.confirm(start_lsn).await?;
         }
         Ok(s)
     }

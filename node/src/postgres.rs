@@ -1,5 +1,6 @@
-//! The PostgreSQL adapter: capture by logical decoding (`pgoutput` read
-//! through `pg_logical_slot_peek_binary_changes` on a normal connection),
+//! The PostgreSQL adapter: capture by logical decoding (`pgoutput`,
+//! streamed over a replication connection, or read with
+//! `pg_logical_slot_peek_binary_changes` where streaming is unavailable),
 //! apply of visible rows in one transaction under a replication origin, so
 //! the node never captures its own writes.
 //!
@@ -14,22 +15,39 @@
 //! replication origin `syncmesh_<slot>` when missing, and refuses a slot
 //! that another consumer holds.
 //!
-//! [`PostgresAdapter::read_changes`] peeks (never consumes) decoded
-//! transactions and turns every row change into a [`CapturedChange`] whose
-//! `change_id` is the transaction's **end LSN** (all changes of one
-//! transaction share it; pgoutput returns whole transactions, in commit
-//! order). Transactions whose end LSN is at or below the caller's checkpoint
-//! were captured already (the slot is advanced only after the ops are
-//! flushed, so a crash in between re-reads them) and are skipped, as are
-//! transactions carrying our own origin (the `O` message after `B`): those
-//! are this node's applies. [`PostgresAdapter::delete_changes_through`]
-//! advances the slot (`pg_replication_slot_advance`) to the checkpoint the
-//! core returned, i.e. only after the ops are flushed in sled. A peek that
-//! found only skipped transactions advances past them at once. One peek
-//! reads a window of up to [`PEEK_CHANGES_PER_CALL`] changes, handed to the
-//! core in `batch_size` pieces of whole transactions; the slot is advanced
-//! once the window is used up (each peek and advance re-decodes the WAL
-//! from the slot's `restart_lsn`, so fewer, larger calls cost less).
+//! [`PostgresAdapter::read_changes`] reads decoded transactions and turns
+//! every row change into a [`CapturedChange`] whose `change_id` is the
+//! transaction's **end LSN** (all changes of one transaction share it;
+//! pgoutput sends whole transactions, in commit order). By default the
+//! slot is streamed ([`crate::pgstream`]: `START_REPLICATION SLOT …
+//! LOGICAL` from the core's checkpoint on a `replication=database`
+//! connection); the walsender decodes each WAL record once for the life of
+//! the connection. A read hands out what has arrived (a window of whole
+//! transactions that goes on while more follow within a millisecond, for
+//! at most 20 ms), so an empty read does not mean nothing is committed.
+//! Where streaming is unavailable (a server that offers TLS, an
+//! authentication method other than SCRAM-SHA-256 / cleartext / trust,
+//! pg_hba refusing replication connections; logged once) or after
+//! [`PostgresAdapter::use_peek`], capture peeks (never consumes) with
+//! `pg_logical_slot_peek_binary_changes` instead.
+//!
+//! Transactions whose end LSN is at or below the caller's checkpoint were
+//! captured already (the slot moves only after the ops are flushed, so a
+//! crash in between re-reads them) and are skipped, as are transactions
+//! carrying our own origin (the `O` message after `B`): those are this
+//! node's applies. [`PostgresAdapter::delete_changes_through`] lets the
+//! slot move to the checkpoint the core returned, i.e. only after the ops
+//! are flushed in sled: a standby status update on the stream (also the
+//! answer to every keepalive: never more than that checkpoint), or
+//! `pg_replication_slot_advance` when peeking. A read that found only
+//! skipped transactions moves past them at once. A window is handed to the
+//! core in `batch_size` pieces of whole transactions. One peek reads up to
+//! [`PEEK_CHANGES_PER_CALL`] changes and the slot is advanced once the
+//! window is used up (each peek and advance re-decodes the WAL from the
+//! slot's `restart_lsn`, so fewer, larger calls cost less); a stream
+//! confirms every checkpoint. A stream that fails is dropped and started
+//! again from the checkpoint at the next read (the same when the core
+//! kept a checkpoint below what it was handed).
 //!
 //! `TRUNCATE` of a synced table cannot be expressed as row ops: it is an
 //! error that stops capture with what to do. An update whose new tuple says
@@ -401,6 +419,15 @@ impl PostgresAdapter {
     /// open one, or one it will open at the next read).
     pub fn streams(&self) -> bool {
         self.stream_params.is_ok()
+    }
+
+    /// Opens and closes a replication connection (no slot touched):
+    /// `Ok` if capture can stream, else why it will peek instead.
+    pub async fn probe_streaming(&self) -> std::result::Result<(), String> {
+        match &self.stream_params {
+            Err(why) => Err(why.clone()),
+            Ok(p) => ReplStream::probe(p).await.map_err(|e| e.to_string()),
+        }
     }
 
     fn stream_mut(&mut self) -> &mut Option<ReplStream> {

@@ -600,6 +600,15 @@ async fn bad_postgres_input_gives_one_clear_line() -> Result<()> {
     })
     .await?;
 
+    // A good config passes, and check says capture can stream the slot.
+    let cfg = node_yaml(dir.path(), port, &good, "s0", "orders")?;
+    let (ok, out, err) = run_syncmesh(&["check", "--config", &cfg])?;
+    assert!(ok, "check of a good config:\n{out}{err}");
+    assert!(
+        out.contains("capture streams the slot over a replication connection"),
+        "{out}"
+    );
+
     let wrong = good.replace(syncmesh_tests::pg::PASSWORD, "not-the-password");
     let cfg = node_yaml(dir.path(), port, &wrong, "s1", "orders")?;
     let (ok, out, err) = run_syncmesh(&["node", "--config", &cfg, "--name", "pg"])?;
