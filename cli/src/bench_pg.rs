@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use syncmesh_node::config::Config;
+use syncmesh_node::config::{Config, PgCapture};
 use syncmesh_node::shell::start_node;
 
 use crate::mesh;
@@ -117,7 +117,17 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn start(a: &PgCluster, b: &PgCluster, base: &Path, db: &str) -> Result<Mesh> {
+    async fn start(
+        a: &PgCluster,
+        b: &PgCluster,
+        base: &Path,
+        db: &str,
+        capture: PgCapture,
+    ) -> Result<Mesh> {
+        let capture = match capture {
+            PgCapture::Stream => "stream",
+            PgCapture::Peek => "peek",
+        };
         let dir = base.join(db);
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -125,7 +135,7 @@ impl Mesh {
             .port();
         let yaml = format!(
             "hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n\
-             \x20 - name: pg-a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-a\n    mode: publish\n    database: {{ type: postgresql, url: \"{}\", slot: bench_a_{db} }}\n\
+             \x20 - name: pg-a\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-a\n    mode: publish\n    database: {{ type: postgresql, url: \"{}\", slot: bench_a_{db}, capture: {capture} }}\n\
              \x20 - name: pg-b\n    hub: http://127.0.0.1:{port}\n    data_dir: ./pg-b\n    mode: subscribe\n    database: {{ type: postgresql, url: \"{}\", slot: bench_b_{db} }}\n\
              tables:\n  - name: items\n    key: [id]\n  - name: ticks\n    key: [id]\nsync:\n  batch_size: 10000\n",
             a.url(db),
@@ -179,10 +189,11 @@ async fn syncmesh_run(
     run: usize,
     rows: u64,
     batch: u64,
+    capture: PgCapture,
 ) -> Result<f64> {
     let db = format!("mesh_{run}");
     create_both(a, b, &db).await?;
-    let mesh = Mesh::start(a, b, base, &db).await?;
+    let mesh = Mesh::start(a, b, base, &db, capture).await?;
     let src = a.pool(&db).await?;
     let dst = b.pool(&db).await?;
     let (inserted, total) = load_and_wait(&src, &dst, rows, batch).await?;
@@ -241,6 +252,7 @@ async fn snapshot_runs(
     base: &Path,
     run: usize,
     rows: u64,
+    capture: PgCapture,
 ) -> Result<(f64, f64)> {
     let db = format!("native_snap_{run}");
     create_both(a, b, &db).await?;
@@ -272,7 +284,7 @@ async fn snapshot_runs(
     insert_items(&src, rows, 100_000).await?;
     let dst = b.pool(&db).await?;
     let start = Instant::now();
-    let mesh = Mesh::start(a, b, base, &db).await?;
+    let mesh = Mesh::start(a, b, base, &db, capture).await?;
     let took = wait_count(&dst, rows, start, Duration::from_millis(100)).await?;
     let ours = rows as f64 / took.as_secs_f64();
     println!(
@@ -340,6 +352,7 @@ async fn lag_runs(
     run: usize,
     rate: u64,
     secs: u64,
+    capture: PgCapture,
 ) -> Result<(f64, f64)> {
     let db = format!("native_lag_{run}");
     create_both(a, b, &db).await?;
@@ -364,7 +377,7 @@ async fn lag_runs(
 
     let db = format!("mesh_lag_{run}");
     create_both(a, b, &db).await?;
-    let mesh = Mesh::start(a, b, base, &db).await?;
+    let mesh = Mesh::start(a, b, base, &db, capture).await?;
     let (src, dst) = (a.pool(&db).await?, b.pool(&db).await?);
     let (p50, p99, wrote) = lag_load(&src, &dst, rate, secs).await?;
     println!(
@@ -394,6 +407,8 @@ pub struct PgBench {
     pub lag_rate: u64,
     /// Seconds the lag part writes for.
     pub lag_seconds: u64,
+    /// How node A reads its slot.
+    pub capture: PgCapture,
 }
 
 /// Runs the PostgreSQL benchmark and prints per-run figures, medians and
@@ -406,6 +421,7 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
         snapshot_rows,
         lag_rate,
         lag_seconds,
+        capture,
     } = bench;
     if rows == 0 || batch == 0 || runs == 0 {
         bail!("--rows, --batch and --runs must be at least 1");
@@ -416,7 +432,7 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
         "bench postgres ({runs} runs each, syncmesh vs native logical replication on the same two clusters):\n\
          1. streaming: {rows} rows inserted on PG A in transactions of {batch}; time until PG B holds all\n\
          2. initial snapshot: {snapshot_rows} existing rows into an empty PG B\n\
-         3. lag: {lag_rate} inserts/s on PG A for {lag_seconds} s; per-row lag until committed on PG B"
+         3. lag: {lag_rate} inserts/s on PG A for {lag_seconds} s; per-row lag until committed on PG B\n         syncmesh node A reads its slot by: {capture:?}"
     );
     let settings = [("synchronous_commit", "on"), ("fsync", "on")];
     let a = PgCluster::start_with(&settings)?;
@@ -425,7 +441,7 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
     let mut ours = Vec::new();
     for run in 1..=runs {
         native.push(native_run(&a, &b, run, rows, batch).await?);
-        ours.push(syncmesh_run(&a, &b, &base, run, rows, batch).await?);
+        ours.push(syncmesh_run(&a, &b, &base, run, rows, batch, capture).await?);
     }
     let (n, s) = (median(&mut native), median(&mut ours));
     println!(
@@ -435,7 +451,7 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
     if snapshot_rows > 0 {
         let (mut native, mut ours) = (Vec::new(), Vec::new());
         for run in 1..=runs {
-            let (n, s) = snapshot_runs(&a, &b, &base, run, snapshot_rows).await?;
+            let (n, s) = snapshot_runs(&a, &b, &base, run, snapshot_rows, capture).await?;
             native.push(n);
             ours.push(s);
         }
@@ -448,7 +464,7 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
     if lag_rate > 0 && lag_seconds > 0 {
         let (mut native, mut ours) = (Vec::new(), Vec::new());
         for run in 1..=runs {
-            let (n, s) = lag_runs(&a, &b, &base, run, lag_rate, lag_seconds).await?;
+            let (n, s) = lag_runs(&a, &b, &base, run, lag_rate, lag_seconds, capture).await?;
             native.push(n);
             ours.push(s);
         }

@@ -151,7 +151,12 @@ async fn check_postgres(cfg: &Config, n: &NodeConfig) -> bool {
         }
         Err(e) => ok = fail(format!("{db}: reading the user's privileges: {e}")),
     }
-    if n.mode.captures() {
+    if n.mode.captures() && n.database.capture == syncmesh_node::config::PgCapture::Peek {
+        println!(
+            "ok   node {}: {db} capture reads the slot with pg_logical_slot_peek_binary_changes (capture: peek)",
+            n.name
+        );
+    } else if n.mode.captures() {
         match adapter.probe_streaming().await {
             Ok(()) => println!(
                 "ok   node {}: {db} capture streams the slot over a replication connection",

@@ -127,6 +127,10 @@ enum Command {
         /// postgres: seconds the lag part writes for.
         #[arg(long, default_value_t = 20)]
         lag_seconds: u64,
+        /// postgres: how node A reads its slot, `stream` (the default) or
+        /// `peek` (the fallback), to compare the two.
+        #[arg(long, default_value = "stream", value_parser = ["stream", "peek"])]
+        pg_capture: String,
     },
 }
 
@@ -172,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             snapshot_rows,
             lag_rate,
             lag_seconds,
+            pg_capture,
         } => {
             init_logs(cli.log_format, "warn");
             match scenario.as_str() {
@@ -184,6 +189,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         snapshot_rows,
                         lag_rate,
                         lag_seconds,
+                        capture: if pg_capture == "peek" {
+                            syncmesh_node::config::PgCapture::Peek
+                        } else {
+                            syncmesh_node::config::PgCapture::Stream
+                        },
                     },
                     dir,
                 )

@@ -115,14 +115,18 @@ impl Db {
             DatabaseKind::Sqlite => Ok(Db::Sqlite(
                 crate::sqlite::SqliteAdapter::open(db.url.expose(), false).await?,
             )),
-            DatabaseKind::Postgresql => Ok(Db::Postgres(Box::new(
-                crate::postgres::PostgresAdapter::open(
+            DatabaseKind::Postgresql => {
+                let mut pg = crate::postgres::PostgresAdapter::open(
                     db.url.expose(),
                     db.slot.as_deref(),
                     db.publication.as_deref(),
                 )
-                .await?,
-            ))),
+                .await?;
+                if db.capture == crate::config::PgCapture::Peek {
+                    pg.use_peek();
+                }
+                Ok(Db::Postgres(Box::new(pg)))
+            }
             DatabaseKind::Redis => Ok(Db::Redis(
                 crate::redis::RedisTarget::open(
                     db.url.expose(),

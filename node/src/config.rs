@@ -160,6 +160,19 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How a PostgreSQL node reads its slot (YAML key `capture`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgCapture {
+    /// Over a replication connection (`START_REPLICATION`), falling back
+    /// to `peek` where that is unavailable. The default.
+    #[default]
+    Stream,
+    /// With `pg_logical_slot_peek_binary_changes` on a normal connection
+    /// (for a pooler that does not pass replication connections on).
+    Peek,
+}
+
 /// The database engine of a node (YAML key `type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -220,6 +233,8 @@ pub struct DatabaseConfig {
     pub slot: Option<String>,
     /// PostgreSQL: the publication name.
     pub publication: Option<String>,
+    /// PostgreSQL: how capture reads the slot.
+    pub capture: PgCapture,
     /// Redis: the prefix of every key written.
     pub key_prefix: Option<String>,
     /// Redis: expiry of written keys, in seconds (YAML `ttl`).
@@ -940,6 +955,8 @@ struct RawDatabase {
     #[serde(default)]
     publication: Option<String>,
     #[serde(default)]
+    capture: Option<PgCapture>,
+    #[serde(default)]
     key_prefix: Option<String>,
     #[serde(default)]
     ttl: Option<Ttl>,
@@ -1173,6 +1190,7 @@ impl Check for RawDatabase {
             "publication",
             DatabaseKind::Postgresql,
         )?;
+        only(self.capture.is_some(), "capture", DatabaseKind::Postgresql)?;
         only(self.key_prefix.is_some(), "key_prefix", DatabaseKind::Redis)?;
         only(self.ttl.is_some(), "ttl", DatabaseKind::Redis)?;
         for (key, value) in [("slot", &self.slot), ("publication", &self.publication)] {
@@ -1751,6 +1769,7 @@ fn build_database(
         url: Secret::new(url),
         slot: raw.slot,
         publication: raw.publication,
+        capture: raw.capture.unwrap_or_default(),
         key_prefix: raw.key_prefix,
         ttl_seconds: raw.ttl.map(|t| t.0),
     })
@@ -1961,6 +1980,7 @@ conflicts:
         assert_eq!(main.database.url.expose(), PG);
         assert_eq!(main.database.slot.as_deref(), Some("syncmesh"));
         assert_eq!(main.database.publication.as_deref(), Some("syncmesh"));
+        assert_eq!(main.database.capture, PgCapture::Stream, "the default");
         let t = c.table("orders").unwrap();
         assert_eq!(t.key, ["id"]);
         assert_eq!(t.deletes, DeletePolicy::DeleteWins);
@@ -2504,6 +2524,17 @@ conflicts:
             "    database: { type: sqlite, url: \"sqlite:a\", slot: s }\n",
         ));
         assert!(e.contains("slot applies to type postgresql only"), "{e}");
+        let e = err(&with_node(
+            "    database: { type: sqlite, url: \"sqlite:a\", capture: peek }\n",
+        ));
+        assert!(e.contains("capture applies to type postgresql only"), "{e}");
+        let e = err(&with_node(
+            "    database: { type: postgresql, url: \"postgres://h/db\", capture: poll }\n",
+        ));
+        assert!(
+            e.contains("capture: unknown value `poll`") && e.contains("stream or peek"),
+            "{e}"
+        );
         let e = err(&with_node(
             "    database: { type: postgresql, url: \"postgres://h/db\", slot: My-Slot }\n",
         ));

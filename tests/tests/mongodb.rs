@@ -81,6 +81,7 @@ async fn mongodb_replica_set_syncs_with_sqlite_both_ways_without_echo() -> Resul
         url: syncmesh_node::config::Secret::new(lite_url.clone()),
         slot: None,
         publication: None,
+        capture: Default::default(),
         key_prefix: None,
         ttl_seconds: None,
     })
