@@ -277,6 +277,18 @@ impl Db {
         }
     }
 
+    /// How often capture looks for changes while none come: a PostgreSQL
+    /// slot read over a replication stream costs a non-blocking socket
+    /// read, so it is polled as often as a busy database
+    /// ([`crate::shell::CAPTURE_BUSY_INTERVAL_MS`]); every other source
+    /// costs a statement, so [`crate::shell::CAPTURE_INTERVAL_MS`].
+    pub fn capture_idle_interval_ms(&self) -> u64 {
+        match self {
+            Db::Postgres(d) if d.streams() => crate::shell::CAPTURE_BUSY_INTERVAL_MS,
+            _ => crate::shell::CAPTURE_INTERVAL_MS,
+        }
+    }
+
     /// Adapter records to make durable with the ops of the changes the
     /// last [`Db::read_changes`] returned (MongoDB: the resume token).
     pub fn capture_meta(&self) -> Vec<crate::core::MetaWrite> {

@@ -393,9 +393,12 @@ impl Shell {
             tokio::select! {
                 _ = tick.tick() => {
                     let capture = self.capture;
-                    if self.db_step(link.as_ref(), capture).await? > 0 {
-                        tick.reset_after(Duration::from_millis(CAPTURE_BUSY_INTERVAL_MS));
-                    }
+                    let next_ms = if self.db_step(link.as_ref(), capture).await? > 0 {
+                        CAPTURE_BUSY_INTERVAL_MS
+                    } else {
+                        self.db.capture_idle_interval_ms()
+                    };
+                    tick.reset_after(Duration::from_millis(next_ms));
                     self.publish_wal();
                 }
                 res = connected(&mut connecting) => {
