@@ -18,12 +18,15 @@
 //! adapter asks for ([`ReplStream::confirm`]: the core's durable
 //! checkpoint), also when it answers a keepalive.
 //!
+//! The connection is plaintext, like the node's other PostgreSQL
+//! connections (this build of sqlx has no TLS: `sslmode=prefer`, the
+//! default, connects without it, and `require` fails at start).
+//!
 //! What makes streaming unavailable ([`StreamError::Unavailable`]: the
-//! adapter then reads the slot with the peek function): a server that
-//! offers TLS (this reader speaks plaintext only, and would not lower what
-//! sqlx negotiates), `sslmode=require` or stricter, an authentication
-//! method other than SCRAM-SHA-256, cleartext or trust, no password, or a
-//! server that refuses replication connections (pg_hba, privileges).
+//! adapter then reads the slot with the peek function): `sslmode=require`
+//! or stricter, an authentication method other than SCRAM-SHA-256,
+//! cleartext or trust, no password, or a server that refuses replication
+//! connections (pg_hba, privileges).
 //! Everything decoded from the server is bounded ([`MAX_MESSAGE_BYTES`]).
 
 use std::fmt;
@@ -96,9 +99,6 @@ pub struct ConnParams {
     pub password: Option<String>,
     /// Database name.
     pub database: String,
-    /// Ask for TLS first (`sslmode=prefer` / `allow`): a server that offers
-    /// it makes streaming unavailable.
-    pub probe_tls: bool,
     /// Session settings sent in the startup packet (they shape the text of
     /// the values pgoutput sends).
     pub settings: Vec<(String, String)>,
@@ -289,31 +289,6 @@ impl ReplStream {
             confirmed: 0,
             last_status: Instant::now(),
         };
-        if params.probe_tls {
-            // SSLRequest: the server answers with one byte.
-            let mut req = Vec::with_capacity(8);
-            req.extend_from_slice(&8i32.to_be_bytes());
-            req.extend_from_slice(&80877103i32.to_be_bytes());
-            s.send(&req).await?;
-            let mut answer = [0u8; 1];
-            s.io.read_exact(&mut answer)
-                .await
-                .map_err(|e| io_err("reading the answer to SSLRequest", e))?;
-            match answer[0] {
-                b'N' => {}
-                b'S' => {
-                    return Err(StreamError::Unavailable(
-                        "the server offers TLS and the streaming reader speaks plaintext only"
-                            .into(),
-                    ));
-                }
-                b => {
-                    return Err(StreamError::Io(format!(
-                        "unexpected answer {b:#04x} to SSLRequest"
-                    )));
-                }
-            }
-        }
         let mut startup = Vec::new();
         startup.extend_from_slice(&[0, 0, 0, 0]);
         startup.extend_from_slice(&196608i32.to_be_bytes());

@@ -25,9 +25,9 @@
 //! the connection. A read hands out what has arrived (a window of whole
 //! transactions that goes on while more follow within a millisecond, for
 //! at most 20 ms), so an empty read does not mean nothing is committed.
-//! Where streaming is unavailable (a server that offers TLS, an
-//! authentication method other than SCRAM-SHA-256 / cleartext / trust,
-//! pg_hba refusing replication connections; logged once) or after
+//! Where streaming is unavailable (an authentication method other than
+//! SCRAM-SHA-256 / cleartext / trust, pg_hba refusing replication
+//! connections; logged once) or after
 //! [`PostgresAdapter::use_peek`], capture peeks (never consumes) with
 //! `pg_logical_slot_peek_binary_changes` instead.
 //!
@@ -257,16 +257,15 @@ pub struct PostgresAdapter {
 /// streaming cannot be used with it.
 fn stream_params(url: &str, options: &PgConnectOptions) -> std::result::Result<ConnParams, String> {
     use sqlx::postgres::PgSslMode;
-    let probe_tls = match options.get_ssl_mode() {
-        PgSslMode::Disable => false,
-        PgSslMode::Allow | PgSslMode::Prefer => true,
-        _ => {
-            return Err(
-                "the URL asks for TLS (sslmode=require or stricter) and the streaming reader speaks plaintext only"
-                    .into(),
-            );
-        }
-    };
+    if !matches!(
+        options.get_ssl_mode(),
+        PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer
+    ) {
+        return Err(
+            "the URL asks for TLS (sslmode=require or stricter) and the streaming reader speaks plaintext only"
+                .into(),
+        );
+    }
     let port = options.get_port();
     let addr = match options.get_socket() {
         Some(p) if p.is_dir() => Addr::Unix(p.join(format!(".s.PGSQL.{port}"))),
@@ -299,7 +298,6 @@ fn stream_params(url: &str, options: &PgConnectOptions) -> std::result::Result<C
             .unwrap_or_else(|| user.clone()),
         user,
         password,
-        probe_tls,
         settings: SESSION_SETTINGS
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
