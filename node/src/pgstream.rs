@@ -1,6 +1,6 @@
 //! Just enough of PostgreSQL's streaming replication protocol to read a
-//! logical slot: a `replication=database` connection, SCRAM-SHA-256 (or
-//! cleartext) authentication, `START_REPLICATION SLOT … LOGICAL`, the
+//! logical slot: a `replication=database` connection, SCRAM-SHA-256, md5
+//! or cleartext authentication, `START_REPLICATION SLOT … LOGICAL`, the
 //! `XLogData` / keepalive messages of the copy-both stream and standby
 //! status updates. sqlx does not speak it.
 //!
@@ -24,7 +24,7 @@
 //!
 //! What makes streaming unavailable ([`StreamError::Unavailable`]: the
 //! adapter then reads the slot with the peek function): `sslmode=require`
-//! or stricter, an authentication method other than SCRAM-SHA-256,
+//! or stricter, an authentication method other than SCRAM-SHA-256, md5,
 //! cleartext or trust, no password, or a server that refuses replication
 //! connections (pg_hba, privileges).
 //! Everything decoded from the server is bounded ([`MAX_MESSAGE_BYTES`]).
@@ -400,14 +400,16 @@ impl ReplStream {
                         .map_err(|_| StreamError::Io("SASLFinal is not UTF-8".into()))?;
                     st.verify_server(server_final)?;
                 }
-                5 => {
-                    return Err(StreamError::Unavailable(
-                        "the server asks for md5 authentication, the streaming reader speaks SCRAM-SHA-256 and cleartext".into(),
-                    ));
+                5 if data.len() >= 4 => {
+                    let mut salt = [0u8; 4];
+                    salt.copy_from_slice(&data[..4]);
+                    let mut body = Vec::new();
+                    cstr(&mut body, &md5_password(&params.user, &password()?, salt));
+                    self.send(&message(b'p', &body)).await?;
                 }
                 c => {
                     return Err(StreamError::Unavailable(format!(
-                        "the server asks for authentication method {c}, the streaming reader speaks SCRAM-SHA-256 and cleartext"
+                        "the server asks for authentication method {c}, the streaming reader speaks SCRAM-SHA-256, md5 and cleartext"
                     )));
                 }
             }
@@ -614,6 +616,18 @@ fn refused(e: StreamError) -> StreamError {
     }
 }
 
+/// The answer to an md5 challenge: `md5` + hex(md5(hex(md5(password +
+/// user)) + salt)).
+fn md5_password(user: &str, password: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest as _, Md5};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let inner = hex(&Md5::digest(format!("{password}{user}").as_bytes()));
+    let mut h = Md5::new();
+    h.update(inner.as_bytes());
+    h.update(salt);
+    format!("md5{}", hex(&h.finalize()))
+}
+
 /// HMAC-SHA-256 of the concatenation of `parts`.
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut k = [0u8; 64];
@@ -759,6 +773,15 @@ mod tests {
         ] {
             assert!(s.client_final(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The value libpq sends (checked against Python's hashlib).
+    #[test]
+    fn md5_answer_matches_libpq() {
+        assert_eq!(
+            md5_password("postgres", "secret", [1, 2, 3, 4]),
+            "md5bb41a296aab6baccb36ff243a562abff"
+        );
     }
 
     #[test]

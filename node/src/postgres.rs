@@ -26,7 +26,7 @@
 //! transactions that goes on while more follow within a millisecond, for
 //! at most 20 ms), so an empty read does not mean nothing is committed.
 //! Where streaming is unavailable (an authentication method other than
-//! SCRAM-SHA-256 / cleartext / trust, pg_hba refusing replication
+//! SCRAM-SHA-256 / md5 / cleartext / trust, pg_hba refusing replication
 //! connections; logged once) or after
 //! [`PostgresAdapter::use_peek`], capture peeks (never consumes) with
 //! `pg_logical_slot_peek_binary_changes` instead.

@@ -1174,6 +1174,60 @@ async fn sigkill_during_initial_snapshot_resumes_without_loss_or_double_count() 
     Ok(())
 }
 
+/// A server that authenticates with md5 (pg_hba `md5` and a password
+/// stored as md5, as older installations have): capture still streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_streams_with_md5_authentication() -> Result<()> {
+    use syncmesh_node::postgres::PostgresAdapter;
+    let hba = tempfile::Builder::new().suffix(".conf").tempfile()?;
+    std::fs::write(
+        hba.path(),
+        "local all all trust\nhost all all 127.0.0.1/32 md5\nhost replication all 127.0.0.1/32 md5\n",
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(hba.path(), std::fs::Permissions::from_mode(0o644))?;
+    }
+    let hba_path = hba.path().display().to_string();
+    let pg = PgCluster::start_with(&[("hba_file", hba_path.as_str())])?;
+    pg.exec(
+        "postgres",
+        &format!(
+            "SET password_encryption = 'md5'; ALTER ROLE postgres PASSWORD '{}'",
+            syncmesh_tests::pg::PASSWORD
+        ),
+    )
+    .await?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let pool = pg.pool("app").await?;
+    let stored: String =
+        sqlx::query_scalar("SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = 'postgres'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(stored, "md5", "the password is stored as md5");
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("md5slot"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    assert_eq!(db.probe_streaming().await, Ok(()));
+    pg.exec(
+        "app",
+        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
+    )
+    .await?;
+    let got = read_some(&mut db, 0, 100).await?;
+    assert_eq!(got.len(), 5);
+    assert!(db.streams(), "still streaming, no fallback to peek");
+    let walsenders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'syncmesh'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(walsenders, 1);
+    db.close().await;
+    Ok(())
+}
+
 /// `read_changes` until it returns something (a stream hands out what has
 /// arrived, which right after a start may be nothing yet), for at most
 /// 20 s.
