@@ -57,6 +57,9 @@ pub const WINDOW_GAP: Duration = Duration::from_millis(1);
 pub const WINDOW_BUDGET: Duration = Duration::from_millis(20);
 /// Time allowed for connecting, authenticating and starting the stream.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for creating the temporary slot of an exported snapshot
+/// (it waits for the transactions running at that moment to end).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Microseconds from the Unix epoch to 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -153,6 +156,29 @@ fn be_i32(b: &[u8]) -> i32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[..4]);
     i32::from_be_bytes(a)
+}
+
+/// The text fields of a `DataRow` (`None`: NULL), bounded by the message.
+fn data_row(body: &[u8]) -> SResult<Vec<Option<String>>> {
+    let bad = || StreamError::Io("malformed DataRow".into());
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let len = body.get(at..at + 4).map(be_i32).ok_or_else(bad)?;
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = body.get(at..at + len as usize).ok_or_else(bad)?;
+        at += len as usize;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    Ok(out)
 }
 
 /// The fields of an `ErrorResponse` / `NoticeResponse`.
@@ -265,6 +291,64 @@ impl ReplStream {
             s.confirm(start_lsn).await?;
         }
         Ok(s)
+    }
+
+    /// Creates a temporary logical slot `temp_slot` that exports its
+    /// snapshot: returns the connection (the snapshot can be imported with
+    /// `SET TRANSACTION SNAPSHOT` until it is dropped; dropping it also
+    /// drops the slot), the slot's consistent point (a transaction is in
+    /// the snapshot iff its commit record ends at or below it) and the
+    /// snapshot's name.
+    pub async fn export_snapshot(
+        params: &ConnParams,
+        temp_slot: &str,
+    ) -> SResult<(ReplStream, i64, String)> {
+        let run = async {
+            let mut s = Self::connect(params).await?;
+            let mut q = Vec::new();
+            cstr(
+                &mut q,
+                &format!(
+                    "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+                    crate::postgres::quote_ident(temp_slot)
+                ),
+            );
+            s.send(&message(b'Q', &q)).await?;
+            let mut row: Option<Vec<Option<String>>> = None;
+            loop {
+                let f = s.frame().await?;
+                match f.tag {
+                    b'D' => row = Some(data_row(&f.body)?),
+                    b'E' => return Err(server_error(&f.body)),
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            let row = row
+                .ok_or_else(|| StreamError::Io("CREATE_REPLICATION_SLOT returned no row".into()))?;
+            let field = |i: usize| row.get(i).cloned().flatten();
+            let lsn = field(1)
+                .as_deref()
+                .and_then(crate::postgres::parse_lsn)
+                .ok_or_else(|| {
+                    StreamError::Io(format!(
+                        "CREATE_REPLICATION_SLOT returned no consistent point: {row:?}"
+                    ))
+                })?;
+            let name = field(2).ok_or_else(|| {
+                StreamError::Io(format!(
+                    "CREATE_REPLICATION_SLOT exported no snapshot: {row:?}"
+                ))
+            })?;
+            Ok((s, lsn, name))
+        };
+        match tokio::time::timeout(EXPORT_TIMEOUT, run).await {
+            Ok(r) => r,
+            Err(_) => Err(StreamError::Io(format!(
+                "creating a temporary slot to export a snapshot took longer than {} s (a long-running transaction delays it)",
+                EXPORT_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// A replication connection, authenticated and ready for a command.
@@ -782,6 +866,29 @@ mod tests {
             md5_password("postgres", "secret", [1, 2, 3, 4]),
             "md5bb41a296aab6baccb36ff243a562abff"
         );
+    }
+
+    #[test]
+    fn data_rows_are_parsed_and_bounded() {
+        let mut body = vec![0, 3];
+        for f in [Some(&b"ab"[..]), None, Some(&b""[..])] {
+            match f {
+                Some(v) => {
+                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    body.extend_from_slice(v);
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        assert_eq!(
+            data_row(&body).unwrap(),
+            vec![Some("ab".into()), None, Some(String::new())]
+        );
+        let mut short = vec![0, 1];
+        short.extend_from_slice(&100i32.to_be_bytes());
+        short.extend_from_slice(b"xy");
+        assert!(data_row(&short).is_err());
+        assert!(data_row(&[0]).is_err());
     }
 
     #[test]

@@ -1284,12 +1284,16 @@ impl PostgresAdapter {
     }
 
     /// Starts (or resumes) an initial snapshot: one `REPEATABLE READ`
-    /// transaction that takes `SHARE` locks on every synced table (waiting
-    /// for running writers, blocking new ones until
+    /// transaction that imports the snapshot a temporary logical slot
+    /// exports (`CREATE_REPLICATION_SLOT … TEMPORARY LOGICAL pgoutput
+    /// EXPORT_SNAPSHOT` on a replication connection, dropped once
+    /// imported), at that slot's consistent point; writers go on. Without a
+    /// replication connection it takes `SHARE` locks on every synced table
+    /// instead (waiting for running writers, blocking new ones until
     /// [`PostgresAdapter::finish_snapshot`]) and reads the WAL insert
-    /// position. Every transaction that committed changes to these tables
-    /// before it is in the snapshot and ends at or below that position;
-    /// every later one ends above it.
+    /// position. Either way, every transaction that committed changes to
+    /// these tables before the snapshot is in it and ends at or below that
+    /// position; every later one ends above it.
     ///
     /// With `resume` (the progress the core stored with the last durable
     /// chunk of an interrupted snapshot of the same tables), the snapshot
@@ -1306,17 +1310,45 @@ impl PostgresAdapter {
             .await
             .map_err(|e| self.db_err("opening the snapshot session", &e))?;
         let list: Vec<String> = schemas.iter().map(|s| quote_ident(&s.name)).collect();
+        // A snapshot exported by a temporary slot: consistent with its
+        // consistent point, and writers go on meanwhile.
+        let exported = match &self.stream_params {
+            Ok(params) => {
+                let temp = format!("syncmesh_snap_{:08x}", rand::random::<u32>());
+                match ReplStream::export_snapshot(params, &temp).await {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::warn!(database = %self.url, "cannot export a snapshot over a replication connection ({e}); the initial snapshot locks the synced tables in SHARE mode instead (writers wait until it ends)");
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let locked = exported.is_none();
         let res: std::result::Result<(String, Vec<i64>), sqlx::Error> = async {
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await?;
-            conn.execute(AssertSqlSafe(format!(
-                "LOCK TABLE {} IN SHARE MODE",
-                list.join(", ")
-            )))
-            .await?;
-            let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-                .fetch_one(&mut *conn)
-                .await?;
+            let lsn = match &exported {
+                Some((_, lsn, name)) => {
+                    conn.execute(AssertSqlSafe(format!(
+                        "SET TRANSACTION SNAPSHOT '{}'",
+                        name.replace('\'', "''")
+                    )))
+                    .await?;
+                    format_lsn(*lsn)
+                }
+                None => {
+                    conn.execute(AssertSqlSafe(format!(
+                        "LOCK TABLE {} IN SHARE MODE",
+                        list.join(", ")
+                    )))
+                    .await?;
+                    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                        .fetch_one(&mut *conn)
+                        .await?
+                }
+            };
             let mut estimates = Vec::new();
             for s in schemas {
                 let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -1330,6 +1362,8 @@ impl PostgresAdapter {
             Ok((lsn, estimates))
         }
         .await;
+        // Imported (or failed): the temporary slot may go.
+        drop(exported);
         let (lsn, rows) = res.map_err(|e| self.db_err("starting the initial snapshot", &e))?;
         let lsn = parse_lsn(&lsn).unwrap_or(0);
         let tables: Vec<String> = schemas.iter().map(|s| s.name.clone()).collect();
@@ -1368,6 +1402,7 @@ impl PostgresAdapter {
             lsn,
             rows,
             progress,
+            locked,
         })
     }
 
@@ -1640,6 +1675,9 @@ pub struct Snapshot {
     pub rows: Vec<i64>,
     /// Where the snapshot stands (stored with every chunk).
     pub progress: SnapshotProgress,
+    /// The synced tables are locked in SHARE mode until it ends (no
+    /// exported snapshot could be had): writers wait.
+    pub locked: bool,
 }
 
 /// Most resume windows one snapshot keeps; beyond, it starts over.
@@ -1745,7 +1783,11 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
     let mut snap = db.begin_snapshot(schemas, stored).await?;
     let total: i64 = snap.rows.iter().sum();
     let already = snap.progress.done_rows;
-    tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+    if snap.locked {
+        tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+    } else {
+        tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows from an exported snapshot (writers are not blocked)");
+    }
     let mut bar = syncmesh_ops::progress::Progress::new(&db.slot, "initial snapshot");
     let now_ms = || {
         std::time::SystemTime::now()

@@ -1228,6 +1228,76 @@ async fn capture_streams_with_md5_authentication() -> Result<()> {
     Ok(())
 }
 
+/// The initial snapshot reads a snapshot exported by a temporary slot: a
+/// writer commits while it is open (under the SHARE locks of the fallback
+/// it would wait), the snapshot shows the rows as of its point, and
+/// streaming from that point brings exactly the later write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_snapshot_does_not_block_writers_and_the_stream_takes_over_at_its_point()
+-> Result<()> {
+    use syncmesh_node::adapter::ChangeKind;
+    use syncmesh_node::postgres::PostgresAdapter;
+    let pg = PgCluster::start()?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    pg.exec(
+        "app",
+        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 10) g",
+    )
+    .await?;
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("snapx"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    let mut snap = db.begin_snapshot(&schemas, None).await?;
+    assert!(!snap.locked, "an exported snapshot, no table locks");
+    let pool = pg.pool("app").await?;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        sqlx::query("UPDATE orders SET qty = 7 WHERE id = 3").execute(&pool),
+    )
+    .await
+    .context("a writer waited for the snapshot")??;
+    let mut rows = Vec::new();
+    while let Some((_, chunk, _)) = db.snapshot_chunk(&mut snap, &schemas, 4).await? {
+        rows.extend(chunk);
+    }
+    assert_eq!(rows.len(), 10);
+    let row3 = rows
+        .iter()
+        .find(|c| c.new.as_ref().unwrap()["id"] == Value::Int(3))
+        .unwrap();
+    assert_eq!(
+        row3.new.as_ref().unwrap()["qty"],
+        Value::Int(0),
+        "as of the snapshot"
+    );
+    let lsn = snap.lsn;
+    db.finish_snapshot(snap).await?;
+    pg.wait_wal_flushed("app").await?;
+    let changes = read_some(&mut db, lsn, 100).await?;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].kind, ChangeKind::Update);
+    assert_eq!(changes[0].new.as_ref().unwrap()["qty"], Value::Int(7));
+    // The temporary slot goes with its connection (its walsender exits
+    // on its own time).
+    let start = std::time::Instant::now();
+    loop {
+        let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+            .fetch_one(&pool)
+            .await?;
+        if slots == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{slots} slots: the temporary one stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.close().await;
+    Ok(())
+}
+
 /// `read_changes` until it returns something (a stream hands out what has
 /// arrived, which right after a start may be nothing yet), for at most
 /// 20 s.
