@@ -974,44 +974,61 @@ impl PostgresAdapter {
             Ok(p) => p.clone(),
             Err(_) => return Ok(None),
         };
-        if self.stream_mut().is_none() {
-            // The walsender of a stream dropped a moment ago may still
-            // hold the slot: wait for it to go, as install_capture does.
-            let mut started =
-                ReplStream::start(&params, &self.slot, &self.publication, after_lsn).await;
-            for _ in 0..SLOT_BUSY_RETRIES {
-                match &started {
-                    Err(StreamError::Server { code, .. }) if code == "55006" => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        started =
-                            ReplStream::start(&params, &self.slot, &self.publication, after_lsn)
-                                .await;
-                    }
-                    _ => break,
-                }
+        // A stream that was open before this call and breaks (the server
+        // restarted, or dropped it after `wal_sender_timeout` while capture
+        // waited for a re-snapshot install) is started again at once; a
+        // fresh one that breaks is an error (retried with backoff).
+        loop {
+            let fresh = self.stream_mut().is_none();
+            if fresh && !self.start_stream(&params, after_lsn).await? {
+                return Ok(None);
             }
-            match started {
-                Ok(s) => {
-                    tracing::debug!(database = %self.url, slot = %self.slot, from = %format_lsn(after_lsn), "capture: streaming the slot over a replication connection");
-                    *self.stream_mut() = Some(s);
+            let Some(stream) = self.stream_mut().as_mut() else {
+                return Ok(None);
+            };
+            match stream.window(PEEK_CHANGES_PER_CALL, Duration::ZERO).await {
+                Ok(messages) => {
+                    return Ok(Some(messages.into_iter().map(|m| m.freeze()).collect()));
                 }
-                Err(StreamError::Unavailable(why)) => {
-                    tracing::warn!(database = %self.url, slot = %self.slot, "streaming replication is unavailable ({why}); capture reads the slot with pg_logical_slot_peek_binary_changes instead, which is slower under load");
-                    self.stream_params = Err(why);
-                    return Ok(None);
+                Err(e) => {
+                    *self.stream_mut() = None;
+                    if fresh {
+                        return Err(self.stream_err(&e));
+                    }
+                    tracing::info!(database = %self.url, slot = %self.slot, "the replication stream broke ({e}); starting it again from the checkpoint");
                 }
-                Err(e) => return Err(self.stream_err(&e)),
             }
         }
-        let Some(stream) = self.stream_mut().as_mut() else {
-            return Ok(None);
-        };
-        match stream.window(PEEK_CHANGES_PER_CALL, Duration::ZERO).await {
-            Ok(messages) => Ok(Some(messages.into_iter().map(|m| m.freeze()).collect())),
-            Err(e) => {
-                *self.stream_mut() = None;
-                Err(self.stream_err(&e))
+    }
+
+    /// Starts the stream from `after_lsn`; false when streaming turned out
+    /// to be unavailable (capture peeks from now on, said once).
+    async fn start_stream(&mut self, params: &ConnParams, after_lsn: i64) -> Result<bool> {
+        // The walsender of a stream dropped a moment ago may still hold the
+        // slot: wait for it to go, as install_capture does.
+        let mut started = ReplStream::start(params, &self.slot, &self.publication, after_lsn).await;
+        for _ in 0..SLOT_BUSY_RETRIES {
+            match &started {
+                Err(StreamError::Server { code, .. }) if code == "55006" => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    started =
+                        ReplStream::start(params, &self.slot, &self.publication, after_lsn).await;
+                }
+                _ => break,
             }
+        }
+        match started {
+            Ok(s) => {
+                tracing::debug!(database = %self.url, slot = %self.slot, from = %format_lsn(after_lsn), "capture: streaming the slot over a replication connection");
+                *self.stream_mut() = Some(s);
+                Ok(true)
+            }
+            Err(StreamError::Unavailable(why)) => {
+                tracing::warn!(database = %self.url, slot = %self.slot, "streaming replication is unavailable ({why}); capture reads the slot with pg_logical_slot_peek_binary_changes instead, which is slower under load");
+                self.stream_params = Err(why);
+                Ok(false)
+            }
+            Err(e) => Err(self.stream_err(&e)),
         }
     }
 

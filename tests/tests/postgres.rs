@@ -1298,6 +1298,48 @@ async fn an_exported_snapshot_does_not_block_writers_and_the_stream_takes_over_a
     Ok(())
 }
 
+/// The server ends the stream (its walsender terminated, as after
+/// `wal_sender_timeout` or a server restart): the next read starts it
+/// again from the checkpoint, with no error and nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_is_started_again_from_the_checkpoint() -> Result<()> {
+    use syncmesh_node::postgres::PostgresAdapter;
+    let pg = PgCluster::start()?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let mut db = PostgresAdapter::open(&pg.url("app"), Some("broken"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    let insert = |from: i64, to: i64| {
+        format!("INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series({from}, {to}) g")
+    };
+    pg.exec("app", &insert(1, 5)).await?;
+    pg.wait_wal_flushed("app").await?;
+    let first = read_some(&mut db, 0, 100).await?;
+    assert_eq!(first.len(), 5);
+    let cp = first.last().unwrap().change_id;
+    db.delete_changes_through(cp).await?;
+    let pool = pg.pool("app").await?;
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_replication \
+         WHERE application_name = 'syncmesh') t",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(ended, 1, "the node's walsender was terminated");
+    pg.exec("app", &insert(6, 10)).await?;
+    pg.wait_wal_flushed("app").await?;
+    let next = read_some(&mut db, cp, 100).await?;
+    let ids: Vec<Value> = next
+        .iter()
+        .map(|c| c.new.as_ref().unwrap()["id"].clone())
+        .collect();
+    assert_eq!(ids, (6..=10).map(Value::Int).collect::<Vec<_>>());
+    assert!(db.streams());
+    db.close().await;
+    Ok(())
+}
+
 /// `read_changes` until it returns something (a stream hands out what has
 /// arrived, which right after a start may be nothing yet), for at most
 /// 20 s.
