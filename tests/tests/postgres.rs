@@ -984,12 +984,7 @@ async fn truncate_stops_capture_with_a_clear_error() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_catches_up_when_the_slot_lags_the_checkpoint() -> Result<()> {
     use syncmesh_node::postgres::PostgresAdapter;
-    let pg = PgCluster::start()?;
-    pg.create_db("app").await?;
-    pg.exec("app", ORDERS_PG).await?;
-    let mut db = PostgresAdapter::open(&pg.url("app"), Some("lagging"), None).await?;
-    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
-    db.install_capture(&schemas).await?;
+    let (pg, mut db, _) = capture_on_orders("lagging").await?;
     for tx in 0..30 {
         pg.exec(
             "app",
@@ -1303,13 +1298,7 @@ async fn an_exported_snapshot_does_not_block_writers_and_the_stream_takes_over_a
 /// again from the checkpoint, with no error and nothing lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_is_started_again_from_the_checkpoint() -> Result<()> {
-    use syncmesh_node::postgres::PostgresAdapter;
-    let pg = PgCluster::start()?;
-    pg.create_db("app").await?;
-    pg.exec("app", ORDERS_PG).await?;
-    let mut db = PostgresAdapter::open(&pg.url("app"), Some("broken"), None).await?;
-    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
-    db.install_capture(&schemas).await?;
+    let (pg, mut db, _) = capture_on_orders("broken").await?;
     let insert = |from: i64, to: i64| {
         format!("INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series({from}, {to}) g")
     };
@@ -1338,6 +1327,25 @@ async fn a_broken_stream_is_started_again_from_the_checkpoint() -> Result<()> {
     assert!(db.streams());
     db.close().await;
     Ok(())
+}
+
+/// A throwaway cluster with database `app` holding `orders`, and an
+/// adapter on it whose capture (slot `slot`) is installed.
+async fn capture_on_orders(
+    slot: &str,
+) -> Result<(
+    PgCluster,
+    syncmesh_node::postgres::PostgresAdapter,
+    Vec<TableSchema>,
+)> {
+    let pg = PgCluster::start()?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let mut db =
+        syncmesh_node::postgres::PostgresAdapter::open(&pg.url("app"), Some(slot), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    Ok((pg, db, schemas))
 }
 
 /// `read_changes` until it returns something (a stream hands out what has
@@ -1375,17 +1383,11 @@ async fn a_stream_window_is_handed_out_in_whole_transactions_until_checkpointed(
 }
 
 async fn window_story(stream: bool) -> Result<()> {
-    use syncmesh_node::postgres::PostgresAdapter;
-    let pg = PgCluster::start()?;
-    pg.create_db("app").await?;
-    pg.exec("app", ORDERS_PG).await?;
-    let mut db = PostgresAdapter::open(&pg.url("app"), Some("peekwin"), None).await?;
+    let (pg, mut db, _) = capture_on_orders("peekwin").await?;
     if !stream {
         db.use_peek();
     }
     assert_eq!(db.streams(), stream);
-    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
-    db.install_capture(&schemas).await?;
     for (from, to) in [(1, 10), (11, 35), (36, 45)] {
         pg.exec(
             "app",
