@@ -215,6 +215,23 @@ async fn check_postgres(cfg: &Config, n: &NodeConfig) -> bool {
                 n.name,
                 adapter.slot()
             ),
+            Ok(Some(Some(pid)))
+                if adapter
+                    .backend_application(pid)
+                    .await
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    == Some("syncmesh") =>
+            {
+                let retained = adapter.retained_wal_bytes().await.unwrap_or(0);
+                println!(
+                    "ok   node {}: {db} slot {} is streamed by a running syncmesh node (walsender PID {pid}), retains {} KiB of WAL",
+                    n.name,
+                    adapter.slot(),
+                    retained >> 10
+                );
+            }
             Ok(Some(Some(pid))) => {
                 ok = fail(format!(
                     "{db}: replication slot {} is in use by another consumer (backend PID {pid}); stop that consumer or give this node its own `slot:`",

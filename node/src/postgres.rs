@@ -667,6 +667,16 @@ impl PostgresAdapter {
         Ok(Some(pid))
     }
 
+    /// The `application_name` of backend `pid` (the holder of a slot), if
+    /// it still runs.
+    pub async fn backend_application(&self, pid: i32) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT application_name::text FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.db_err("reading pg_stat_activity", &e))
+    }
+
     /// Installs capture (see the module docs): wal_level check, REPLICA
     /// IDENTITY FULL, publication, slot and origin.
     pub async fn install_capture(&self, schemas: &[TableSchema]) -> Result<()> {

@@ -742,6 +742,16 @@ async fn sigkill_of_pg_node_during_streaming_loses_and_duplicates_nothing() -> R
         Ok(n == 2)
     })
     .await?;
+    // `check` on the running mesh: the slots are held by the nodes'
+    // streams, which is no problem.
+    let (ok, out, err) = run_syncmesh(&["check", "--config", &cfg])?;
+    assert!(ok, "check of the running mesh:\n{out}{err}");
+    assert_eq!(
+        out.matches("is streamed by a running syncmesh node")
+            .count(),
+        2,
+        "{out}"
+    );
     let count = |pool: sqlx::PgPool| async move {
         anyhow::Ok(
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders")
