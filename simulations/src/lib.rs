@@ -215,14 +215,17 @@
 //!   hub serves a re-snapshot while its own pass at the cut is still going
 //!   (the snapshot may carry the uncollected tombstone) and other nodes
 //!   may receive the late write before their pass reaches the row.
-//!   Replays (`--tombstone-grace-ms 3000 --minutes 0.25`): seeds 138, 152,
-//!   1008, 1080, 1140 ("convergence: every replica shows the hub's rows"). None of the default sweep's
-//!   seeds hit it. A fix to consider: collect a covered tombstone also when
-//!   every live write and counter is above the cut (under P2 only a write
-//!   made while excluded can be), with the node marking such a row dirty.
-//! - Seed 1056 (drawn parameters, `--minutes 0.25`) misses a conflict
-//!   record on `counters` with or without the exclusion fault (also on
-//!   `main` before it): not investigated yet.
+//!   Replays (`--tombstone-grace-ms 3000 --minutes 0.25`): seeds 138,
+//!   152, 1008, 1080, 1140 ("convergence: every replica shows the hub's
+//!   rows"). None of the default sweep's seeds (0-219) hit it; with drawn
+//!   parameters seed 446 does. A fix to consider: collect a covered
+//!   tombstone also when every live write and counter is above the cut
+//!   (under P2 only a write made while excluded can be), with the node
+//!   marking such a row dirty.
+//! - Seeds 243 and 1056 (drawn parameters, `--minutes 0.25`) miss a
+//!   conflict record at the hub ("the hub records every conflict") also
+//!   with the exclusion fault off (`--tombstone-grace-ms 0`): a separate
+//!   issue, not investigated yet.
 //!
 //! # Cost
 //!
