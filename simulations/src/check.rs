@@ -38,6 +38,10 @@ pub struct NodeView<'a> {
     pub db: &'a SimDb,
     /// The ops its local writes had to produce, in change order.
     pub expected: &'a [ExpectedOp],
+    /// Seqs of own ops its core reported dropping under `delete_wins`
+    /// after a re-snapshot (`lost_update`): each must be in the log as its
+    /// write with no fields, and its increments count for nothing.
+    pub dropped: &'a BTreeSet<u64>,
 }
 
 type RowId = (String, Vec<Value>);
@@ -311,6 +315,57 @@ fn same_modulo_gc(held: &RowState, oracle: &RowState, stable: &VersionVector) ->
     a == b
 }
 
+/// With `SIM_DEBUG_STATES` set, both row states (and the oracle's
+/// collected at the cut) for a row-state mismatch report; empty otherwise.
+fn debug_states(held: &RowState, oracle: &RowState, stable: &VersionVector) -> String {
+    if std::env::var_os("SIM_DEBUG_STATES").is_none() {
+        return String::new();
+    }
+    let mut b = oracle.clone();
+    b.collect_garbage(stable);
+    format!("\n held {held:?}\n oracle {oracle:?}\n oracle collected {b:?}\n cut {stable:?}")
+}
+
+/// The hub's row state of every row the oracle knows.
+fn hub_row_states(
+    store: &Shared,
+    states: &BTreeMap<RowId, RowState>,
+) -> Result<BTreeMap<RowId, RowState>, Failure> {
+    let mut out = BTreeMap::new();
+    for (table, key) in states.keys() {
+        let rk = row_key(b"r/", table, key)
+            .map_err(|e| Failure::new("hub core error", format!("row key: {e}")))?;
+        let held: RowState = match store
+            .get(&rk)
+            .map_err(|e| Failure::new("hub core error", format!("store: {e}")))?
+        {
+            Some(b) => postcard::from_bytes(&b).map_err(|e| {
+                Failure::new("hub core error", format!("{table}[{key:?}] row state: {e}"))
+            })?,
+            None => RowState::default(),
+        };
+        out.insert((table.clone(), key.clone()), held);
+    }
+    Ok(out)
+}
+
+/// The first key whose row differs between `a` and `b` (bit for bit).
+fn differing_key(a: &Rows, b: &Rows) -> Option<Vec<Value>> {
+    let keys: BTreeSet<&Vec<Value>> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .find(|k| !match (a.get(*k), b.get(*k)) {
+            (Some(g), Some(e)) => {
+                g.len() == e.len()
+                    && g.iter()
+                        .zip(e)
+                        .all(|((ka, va), (kb, vb))| ka == kb && same_bits(va, vb))
+            }
+            (None, None) => true,
+            _ => false,
+        })
+        .cloned()
+}
+
 /// The hub merges every op into its own row states (for conflicts): they
 /// must equal the oracle's, and its conflict records must be exactly the
 /// complete conflicts of those states, once each.
@@ -319,9 +374,13 @@ fn check_hub_rows(
     hub: &HubCore<Shared>,
     store: &Shared,
     states: &BTreeMap<RowId, RowState>,
+    late: &BTreeSet<RowId>,
 ) -> Result<usize, Failure> {
     let mut want: BTreeSet<String> = BTreeSet::new();
     for ((table, key), state) in states {
+        if late.contains(&(table.clone(), key.clone())) {
+            continue;
+        }
         let Some(info) = tables.iter().find(|t| &t.schema.name == table) else {
             continue;
         };
@@ -339,7 +398,10 @@ fn check_hub_rows(
         if !same_modulo_gc(&held, state, &hub.gc_cut().stable) {
             return Err(Failure::new(
                 "the hub's row state is a function of the op set",
-                format!("hub: {table}[{key:?}] state differs from the oracle"),
+                format!(
+                    "hub: {table}[{key:?}] state differs from the oracle{}",
+                    debug_states(&held, state, &hub.gc_cut().stable)
+                ),
             ));
         }
         for c in state.conflicts(&info.rules) {
@@ -391,6 +453,9 @@ fn check_hub_rows(
             .map(wire::value_from_proto)
             .transpose()
             .map_err(|e| bad(&e))?;
+        if late.contains(&(r.table.clone(), key.clone())) {
+            continue;
+        }
         let line = conflict_line(
             &r.table,
             &key,
@@ -433,9 +498,23 @@ fn check_hub_rows(
 /// Runs every end-of-run invariant. `strict_causality` makes the known
 /// capture-causality bug fatal; otherwise it is returned in
 /// [`Checked::known`] and every other check still runs.
+///
+/// `late`: rows a node wrote while it was excluded from the stable cut
+/// (before it installed a re-snapshot; the exclusion fault). Such a write
+/// is concurrent with deletes whose tombstones the mesh may have collected
+/// before it arrived, and the design keeps it where the uncollected
+/// semantics would hide it (ARCHITECTURE.md, invariant 6: inserts are
+/// kept; `update_wins` shows the fields it wrote), so for these rows only
+/// the oracle of all ops does not apply: their row states, conflict
+/// records, visible rows and resurrection are not compared with it. Every
+/// replica must still show exactly the hub's rows (checked for every row),
+/// dropped writes are still checked op by op, and counters stay exact.
+// Every argument is a separate input of the checks (no natural grouping).
+#[allow(clippy::too_many_arguments)]
 pub fn check_all(
     tables: &[TableInfo],
     nodes: &[NodeView<'_>],
+    late: &BTreeSet<RowId>,
     hub: &mut HubCore<Shared>,
     hub_store: &Shared,
     now: Ntp64,
@@ -478,6 +557,39 @@ pub fn check_all(
             }
         }
         for (k, exp) in n.expected.iter().enumerate() {
+            let seq = k as u64 + 1;
+            if n.dropped.contains(&seq) {
+                // The core dropped this write (a collected delete of its
+                // row superseded it): the op stays, with no fields, and
+                // only where `lost_update` may drop.
+                let dropped_ok = ops.get(k).is_some_and(|op| {
+                    op.table == exp.table
+                        && op.key == exp.key
+                        && op.kind == OpKind::Upsert
+                        && op.fields.is_empty()
+                        && op.row_pred.is_empty()
+                        && exp.fields.as_ref().is_some_and(|f| !f.is_empty())
+                        && tables.iter().any(|t| {
+                            t.schema.name == exp.table
+                                && t.rules.deletes == DeletePolicy::DeleteWins
+                        })
+                });
+                if !dropped_ok {
+                    return Err(Failure::new(
+                        "a dropped write stays in the log as an upsert with no fields",
+                        format!(
+                            "{}: the core reported dropping op #{seq} (change #{} {}[{:?}] {:?}, delete_wins, no row_pred) but its log holds {:?}",
+                            n.name,
+                            exp.change_id,
+                            exp.table,
+                            exp.key,
+                            exp.fields,
+                            ops.get(k)
+                        ),
+                    ));
+                }
+                continue;
+            }
             match ops.get(k) {
                 Some(op) if exp.matches(op) => {}
                 Some(op) if ops.get(k + 1).is_some_and(|next| exp.matches(next)) => {
@@ -692,7 +804,30 @@ pub fn check_all(
         live_deletes.insert(rid.clone(), dels);
     }
     let want = expected_tables(tables, &states);
-    let conflicts = check_hub_rows(tables, hub, hub_store, &states)?;
+    // Replicas agree: every applying replica shows what the hub's own row
+    // states show (whatever the oracle says).
+    let hub_states = hub_row_states(hub_store, &states)?;
+    let hub_want = expected_tables(tables, &hub_states);
+    for n in nodes.iter().filter(|n| n.mode.applies()) {
+        for info in tables {
+            let t = &info.schema.name;
+            let empty = Rows::new();
+            let got = n.db.rows(t).unwrap_or(&empty);
+            let exp = hub_want.get(t).unwrap_or(&empty);
+            if let Some(key) = differing_key(got, exp) {
+                return Err(Failure::new(
+                    "convergence: every replica shows the hub's rows",
+                    format!(
+                        "{}: {t}[{key:?}] is {} but the hub's row state shows {}",
+                        n.name,
+                        fmt_row(got.get(&key)),
+                        fmt_row(exp.get(&key))
+                    ),
+                ));
+            }
+        }
+    }
+    let conflicts = check_hub_rows(tables, hub, hub_store, &states, late)?;
 
     // 4. Every replica equals the oracle, byte for byte.
     for n in nodes {
@@ -721,6 +856,9 @@ pub fn check_all(
             if info.rules.deletes == DeletePolicy::DeleteWins && n.mode != Mode::Publish {
                 for (key, row) in got {
                     let rid = (t.clone(), key.clone());
+                    if late.contains(&rid) {
+                        continue;
+                    }
                     if let Some(d) = live_deletes.get(&rid).filter(|d| !d.is_empty()) {
                         return Err(Failure::new(
                             "no resurrection under delete_wins",
@@ -736,6 +874,9 @@ pub fn check_all(
             }
             let keys: BTreeSet<&Vec<Value>> = got.keys().chain(exp.keys()).collect();
             for key in keys {
+                if late.contains(&(t.clone(), key.clone())) {
+                    continue;
+                }
                 let (g, e) = (got.get(key), exp.get(key));
                 let same = match (g, e) {
                     (Some(g), Some(e)) => {
@@ -767,6 +908,9 @@ pub fn check_all(
         }
         if n.mode.applies() {
             for ((t, key), state) in &states_here {
+                if late.contains(&(t.clone(), key.clone())) {
+                    continue;
+                }
                 let mine = n.core.row_state(t, key).map_err(|e| {
                     Failure::new("node core error", format!("{}: row_state: {e}", n.name))
                 })?;
@@ -784,7 +928,10 @@ pub fn check_all(
     //    never deleted, so nothing may be lost or counted twice).
     let mut totals: BTreeMap<&Vec<Value>, i64> = BTreeMap::new();
     for n in nodes {
-        for e in n.expected.iter().filter(|e| e.table == COUNTERS) {
+        for (k, e) in n.expected.iter().enumerate() {
+            if e.table != COUNTERS || n.dropped.contains(&(k as u64 + 1)) {
+                continue; // a dropped write's increment never happened
+            }
             if let Some(d) = e.deltas.get(TOTAL) {
                 *totals.entry(&e.key).or_insert(0) += d;
             }

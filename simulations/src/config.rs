@@ -44,6 +44,10 @@ pub struct Overrides {
     /// Probability of a node crash at each interesting shell step (see
     /// [`Params::crash_point_rate`]).
     pub crash_points: Option<f64>,
+    /// The exclusion fault: the hub's tombstone grace in ms (2,000-10,000
+    /// when drawn, on some seeds; `0` = off: the default grace of hours).
+    /// See [`Params::tombstone_grace_ms`].
+    pub tombstone_grace_ms: Option<u64>,
     /// Turns every fault off (a baseline run).
     pub no_faults: bool,
 }
@@ -85,6 +89,10 @@ impl Overrides {
         );
         flag("batch-size", self.batch_size.map(|v| v.to_string()));
         flag("crash-points", self.crash_points.map(|v| v.to_string()));
+        flag(
+            "tombstone-grace-ms",
+            self.tombstone_grace_ms.map(|v| v.to_string()),
+        );
         if self.no_faults {
             s.push_str(" --no-faults");
         }
@@ -201,6 +209,16 @@ pub struct Params {
     /// message was merged before its ack leaves. Only when node crashes
     /// are on.
     pub crash_point_rate: f64,
+    /// The exclusion fault: when non-zero, the hub's tombstone grace
+    /// (`HubCore::set_tombstone_grace_ms`) in ms instead of the default of
+    /// hours, so a node whose session is gone longer than that (a long
+    /// partition, a crash) is excluded from the stable cut, deletes are
+    /// collected without it, and when it returns having written meanwhile
+    /// the hub refuses its ops until it is re-snapshotted. Off on seeds
+    /// with a publish-only node: such a node cannot be re-snapshotted and
+    /// would stay refused (the documented limitation), so the run could
+    /// not converge.
+    pub tombstone_grace_ms: u64,
 }
 
 impl Params {
@@ -242,6 +260,12 @@ impl Params {
         let race_rate = maybe(0.8, 0.05, 0.5, &mut r);
         let txn_rate = maybe(0.5, 0.05, 0.3, &mut r);
         let crash_point_rate = maybe(0.7, 0.002, 0.05, &mut r);
+        // Drawn last, so the knobs above stay what they were for every seed.
+        let tombstone_grace_ms = if r.chance(0.3) {
+            r.range(2_000, 10_000)
+        } else {
+            0
+        };
         let mut p = Params {
             modes,
             loss: o.loss.unwrap_or(loss),
@@ -258,7 +282,11 @@ impl Params {
             race_rate,
             txn_rate,
             crash_point_rate: o.crash_points.unwrap_or(crash_point_rate),
+            tombstone_grace_ms: o.tombstone_grace_ms.unwrap_or(tombstone_grace_ms),
         };
+        if p.modes.contains(&Mode::Publish) {
+            p.tombstone_grace_ms = 0;
+        }
         if p.node_crashes_per_min <= 0.0 && o.crash_points.is_none() {
             p.crash_point_rate = 0.0;
         }
@@ -272,6 +300,7 @@ impl Params {
             p.skew_ms = 0;
             p.beyond_drift_ms = 0;
             p.crash_point_rate = 0.0;
+            p.tombstone_grace_ms = 0;
         }
         p
     }
@@ -280,7 +309,7 @@ impl Params {
     pub fn summary(&self) -> String {
         let modes: Vec<&str> = self.modes.iter().map(|m| m.as_str()).collect();
         format!(
-            "nodes={} [{}] loss={:.3} dup={:.3} delay<={}ms partitions/min={:.1} node-crashes/min={:.1} crash-points={:.3} hub-crashes/min={:.1} clock-jumps/min={:.1} skew<={}ms beyond-drift={}ms writes/s/node={:.1} batch={} race={:.2} txn={:.2}",
+            "nodes={} [{}] loss={:.3} dup={:.3} delay<={}ms partitions/min={:.1} node-crashes/min={:.1} crash-points={:.3} hub-crashes/min={:.1} clock-jumps/min={:.1} skew<={}ms beyond-drift={}ms writes/s/node={:.1} batch={} race={:.2} txn={:.2} tombstone-grace={}",
             self.modes.len(),
             modes.join(","),
             self.loss,
@@ -297,6 +326,11 @@ impl Params {
             self.batch_size,
             self.race_rate,
             self.txn_rate,
+            if self.tombstone_grace_ms > 0 {
+                format!("{}ms", self.tombstone_grace_ms)
+            } else {
+                "default".to_owned()
+            },
         )
     }
 }

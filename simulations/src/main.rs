@@ -74,6 +74,12 @@ struct Args {
     /// logging a capture, after an apply, after merging a hub batch).
     #[arg(long)]
     crash_points: Option<f64>,
+    /// The exclusion fault: the hub's tombstone grace in ms, so nodes away
+    /// longer are excluded from the stable cut and re-snapshotted on return
+    /// (2000-10000 drawn on some seeds; 0 = off; always off with a
+    /// publish-only node).
+    #[arg(long)]
+    tombstone_grace_ms: Option<u64>,
     /// Turn every fault off.
     #[arg(long)]
     no_faults: bool,
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         beyond_drift_ms: a.beyond_drift_ms,
         batch_size: a.batch_size,
         crash_points: a.crash_points,
+        tombstone_grace_ms: a.tombstone_grace_ms,
         no_faults: a.no_faults,
     };
     let seeds: Vec<u64> = match a.seed {

@@ -38,6 +38,9 @@ pub const HUB_GC_MS: u64 = 500;
 pub const SIM_GC_ROWS: usize = 8;
 /// Jitter the node shell adds to reconnects (`0..100` ms).
 pub const RECONNECT_JITTER_MS: u64 = 100;
+/// The hub's error code for ops of a node that missed collected
+/// tombstones (expected only under the exclusion fault).
+const GC_REFUSAL: &str = "missed_collected_tombstones";
 /// Batches per direction remembered for replays.
 const REPLAY_HISTORY: usize = 4;
 /// Events kept for failure reports.
@@ -119,6 +122,18 @@ pub struct RunStats {
     pub stream_replacements: u64,
     /// Messages that reached the hub on a session it had already closed.
     pub stale_messages: u64,
+    /// Batches or hellos the hub refused because their node missed
+    /// collected tombstones (`missed_collected_tombstones`: the exclusion
+    /// fault).
+    pub gc_refusals: u64,
+    /// Re-snapshots the nodes installed.
+    pub resnapshots: u64,
+    /// Of those, installed while the node held own ops the hub did not:
+    /// writes made while it was excluded from the cut.
+    pub resnapshots_with_unsent: u64,
+    /// Local writes a node core dropped under `delete_wins` because a
+    /// collected delete superseded them (`lost_update`).
+    pub dropped_writes: u64,
 }
 
 impl RunStats {
@@ -149,12 +164,16 @@ impl RunStats {
         self.gc_cuts += o.gc_cuts;
         self.gc_hub_rows_dropped += o.gc_hub_rows_dropped;
         self.gc_node_rows_dropped += o.gc_node_rows_dropped;
+        self.gc_refusals += o.gc_refusals;
+        self.resnapshots += o.resnapshots;
+        self.resnapshots_with_unsent += o.resnapshots_with_unsent;
+        self.dropped_writes += o.dropped_writes;
     }
 
     /// One line of fault and traffic counters.
     pub fn faults_line(&self) -> String {
         format!(
-            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows, {} GC cuts, {} row states collected at the hub and {} at nodes",
+            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows, {} GC cuts, {} row states collected at the hub and {} at nodes, {} refusals of nodes that missed collected tombstones, {} re-snapshots installed ({} holding writes made while excluded), {} writes dropped under delete_wins",
             self.partitions,
             self.node_crashes,
             self.hub_crashes,
@@ -172,7 +191,11 @@ impl RunStats {
             self.applied_rows,
             self.gc_cuts,
             self.gc_hub_rows_dropped,
-            self.gc_node_rows_dropped
+            self.gc_node_rows_dropped,
+            self.gc_refusals,
+            self.resnapshots,
+            self.resnapshots_with_unsent,
+            self.dropped_writes
         )
     }
 }
@@ -224,6 +247,13 @@ struct SimNode {
     /// The version vector of the running core, or of the last one before
     /// a crash (what the node held, durably, at any moment).
     held: VersionVector,
+    /// Seqs of own ops the core reported dropping (`lost_update`: fields
+    /// emptied under `delete_wins`), from its `Resnapshot` events.
+    dropped: std::collections::BTreeSet<u64>,
+    /// A re-snapshot was installed and its rows may not all be in the
+    /// database yet: a local write now may still be made from a view older
+    /// than the snapshot (until the core has no dirty rows left).
+    resnap_unapplied: bool,
 }
 
 struct SimHub {
@@ -340,6 +370,11 @@ pub struct Sim {
     known_issue: Option<(Failure, u64)>,
     stats: RunStats,
     sabotage_count: u64,
+    /// Rows written by a local write its node made before it installed a
+    /// re-snapshot and the hub did not hold yet: writes made while the node
+    /// was excluded from the cut, concurrent with deletes the mesh may have
+    /// collected. See [`check::check_all`].
+    late_rows: std::collections::BTreeSet<(String, Vec<Value>)>,
 }
 
 fn fmt_key(key: &[Value]) -> String {
@@ -437,6 +472,8 @@ impl Sim {
                 expected: Vec::new(),
                 replayable: VecDeque::new(),
                 held: VersionVector::default(),
+                dropped: std::collections::BTreeSet::new(),
+                resnap_unapplied: false,
             })
             .collect::<Vec<_>>();
         let hub = SimHub {
@@ -480,6 +517,7 @@ impl Sim {
             known_issue: None,
             stats: RunStats::default(),
             sabotage_count: 0,
+            late_rows: std::collections::BTreeSet::new(),
         }
     }
 
@@ -521,6 +559,13 @@ impl Sim {
             batch_size: self.p.batch_size,
             max_clock_drift_ms: MAX_CLOCK_DRIFT_MS,
         }
+    }
+
+    /// Whether the hub may legitimately refuse node `i` for missing
+    /// collected tombstones: only under the exclusion fault (a short
+    /// tombstone grace), which never runs with a publish-only node.
+    fn exclusion_expected(&self, i: usize) -> bool {
+        self.p.tombstone_grace_ms > 0 && self.nodes.get(i).is_some_and(|n| n.mode != Mode::Publish)
     }
 
     fn delay(&mut self) -> u64 {
@@ -809,8 +854,24 @@ impl Sim {
         if let Some(core) = node.core.as_ref() {
             node.held = core.version_vector().clone();
         }
+        if node.resnap_unapplied
+            && node
+                .core
+                .as_ref()
+                .is_some_and(|c| c.stats().dirty_rows == 0)
+        {
+            node.resnap_unapplied = false;
+        }
         if let Some(info) = self.tables.iter().find(|t| t.schema.name == ch.table) {
             let exp = workload::expected_ops(info, &ch, &node.held);
+            if node.resnap_unapplied {
+                // Possibly made from a database view older than the
+                // installed re-snapshot: a write concurrent with collected
+                // deletes, like one made while excluded.
+                for e in &exp {
+                    self.late_rows.insert((e.table.clone(), e.key.clone()));
+                }
+            }
             self.stats.expected_ops += exp.len() as u64;
             node.expected.extend(exp);
         }
@@ -899,32 +960,93 @@ impl Sim {
         while let Some(ev) = core.poll_event() {
             events.push(ev);
         }
-        let name = n.name.clone();
         for ev in events {
-            match ev {
-                NodeEvent::Connected { hub_has_own } => {
-                    self.log(format!(
-                        "{name} handshake done, hub holds {hub_has_own} own ops"
-                    ));
+            self.node_event(i, ev, true);
+        }
+    }
+
+    /// One event of node `i`'s core; `live`: the shell goes on (false when
+    /// the events are drained right before a crash: nothing is sent).
+    fn node_event(&mut self, i: usize, ev: NodeEvent, live: bool) {
+        let name = self.nodes[i].name.clone();
+        match ev {
+            NodeEvent::Connected { hub_has_own } => {
+                self.log(format!(
+                    "{name} handshake done, hub holds {hub_has_own} own ops"
+                ));
+                if live {
                     self.maybe_replay_to_node(i);
                 }
-                NodeEvent::Warning(w) => {
-                    if w.contains("max_clock_drift") {
-                        self.log(format!("{name} warning: {w}"));
-                    } else {
-                        self.fail(Failure::new(
-                            "no unexpected warning",
-                            format!("{name}: {w}"),
-                        ));
-                    }
-                }
-                NodeEvent::Resnapshot(line) => {
-                    self.log(format!("{name} re-snapshot: {line}"));
-                }
-                NodeEvent::HubError { code, message } => {
-                    self.log(format!("{name} hub error {code}: {message}"));
+            }
+            NodeEvent::Warning(w) => {
+                if w.contains("max_clock_drift") {
+                    self.log(format!("{name} warning: {w}"));
+                } else {
+                    self.fail(Failure::new(
+                        "no unexpected warning",
+                        format!("{name}: {w}"),
+                    ));
                 }
             }
+            NodeEvent::Resnapshot(line) => {
+                self.log(format!("{name} re-snapshot: {line}"));
+                self.note_resnapshot(i, &line);
+            }
+            NodeEvent::HubError { code, message } => {
+                self.log(format!("{name} hub error {code}: {message}"));
+            }
+        }
+    }
+
+    /// Accounts for a re-snapshot line of node `i`: an installed snapshot
+    /// (and whether the node then held own ops the hub lacks: writes made
+    /// while it was excluded), or a write the core dropped (`lost_update`),
+    /// whose op must then be in the log with no fields (invariant 1) and
+    /// whose increments count for nothing (invariant 7).
+    fn note_resnapshot(&mut self, i: usize, line: &str) {
+        let name = self.nodes[i].name.clone();
+        if line.starts_with("re-snapshot ") && line.contains(" installed: ") {
+            self.stats.resnapshots += 1;
+            // Every local write so far the hub does not hold (logged or
+            // not yet captured) was made before the node saw the snapshot.
+            // The node's count of own ops the hub holds is from its last
+            // hello reply (0 after a restart: then every write counts).
+            let acked = self.nodes[i]
+                .core
+                .as_ref()
+                .map_or(0, |c| c.stats().own_acked) as usize;
+            let n = &self.nodes[i];
+            let own = n.core.as_ref().map_or(0, |c| c.stats().own_ops) as usize;
+            if own > acked {
+                self.stats.resnapshots_with_unsent += 1;
+            }
+            for e in n.expected.iter().skip(acked) {
+                self.late_rows.insert((e.table.clone(), e.key.clone()));
+            }
+            self.nodes[i].resnap_unapplied = true;
+            return;
+        }
+        if !line.contains(" is dropped") {
+            return;
+        }
+        // "[unsent ]write <origin>#<seq> to table ..."
+        let prefix = format!("{name}#");
+        let seq = line
+            .split_whitespace()
+            .skip_while(|w| *w != "write")
+            .nth(1)
+            .and_then(|id| id.strip_prefix(prefix.as_str()))
+            .and_then(|s| s.parse::<u64>().ok());
+        match seq {
+            Some(seq) => {
+                if self.nodes[i].dropped.insert(seq) {
+                    self.stats.dropped_writes += 1;
+                }
+            }
+            None => self.fail(Failure::new(
+                "simulator",
+                format!("{name}: cannot tell which own op this re-snapshot line drops: {line}"),
+            )),
         }
     }
 
@@ -1064,6 +1186,14 @@ impl Sim {
                     NodeControl::Reconnect(reason) => {
                         if reason.contains("(clock_drift)") {
                             self.stats.drift_refusals += 1;
+                        } else if reason.contains(&format!("({GC_REFUSAL})"))
+                            && self.exclusion_expected(i)
+                        {
+                            // Counted when the hub sent it.
+                        } else if replayed && reason.contains("during a re-snapshot") {
+                            // The injected replay of an old batch reached a
+                            // node waiting for snapshot chunks: it starts
+                            // over on a new stream, as it should.
                         } else {
                             self.fail(Failure::new(
                                 "protocol: no unexpected reconnect",
@@ -1131,6 +1261,11 @@ impl Sim {
             Failure::new("node core error", format!("{name}: {what}: {e}"))
         };
         match step {
+            Step::CapRead if core.resnap_installing() => {
+                // `capture_all`: changes wait in the change table until the
+                // re-snapshot is installed.
+                Some((Step::ApplyPoll, false))
+            }
             Step::CapRead => {
                 let ch = n.db.read_changes(core.capture_checkpoint(), batch);
                 if ch.is_empty() {
@@ -1788,7 +1923,14 @@ impl Sim {
         while let Some(c) = core.poll_close() {
             closes.push(c);
         }
+        let mut notices = Vec::new();
+        while let Some(line) = core.poll_notice() {
+            notices.push(line);
+        }
         let sessions = core.sessions();
+        for line in notices {
+            self.log(format!("hub notice: {line}"));
+        }
         for (sid, reason) in closes {
             self.stats.stream_replacements += 1;
             self.log(format!("hub drops session {sid}: {reason}"));
@@ -1824,6 +1966,8 @@ impl Sim {
             if let Some(pb::hub_message::Body::Error(e)) = &m.body {
                 if e.code == "clock_drift" {
                     self.stats.drift_refusals += 1;
+                } else if e.code == GC_REFUSAL && self.exclusion_expected(node) {
+                    self.stats.gc_refusals += 1;
                 } else {
                     self.fail(Failure::new(
                         "protocol: the hub refuses nothing a correct node sends",
@@ -1941,6 +2085,17 @@ impl Sim {
 
     fn crash_node(&mut self, i: usize) {
         self.stats.node_crashes += 1;
+        // Events the core queued since the shell last looked (a dropped
+        // write is already durable in its log).
+        let mut events = Vec::new();
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            while let Some(ev) = core.poll_event() {
+                events.push(ev);
+            }
+        }
+        for ev in events {
+            self.node_event(i, ev, false);
+        }
         let n = &mut self.nodes[i];
         if let Some(core) = n.core.take() {
             n.held = core.version_vector().clone();
@@ -2035,6 +2190,9 @@ impl Sim {
     fn open_hub(&mut self) -> bool {
         match HubCore::open(self.hub.settings.clone(), self.hub.store.clone()) {
             Ok(mut c) => {
+                if self.p.tombstone_grace_ms > 0 {
+                    c.set_tombstone_grace_ms(self.p.tombstone_grace_ms);
+                }
                 c.set_gc_nodes(
                     self.nodes
                         .iter()
@@ -2237,6 +2395,7 @@ impl Sim {
                 core,
                 db: &n.db,
                 expected: &n.expected,
+                dropped: &n.dropped,
             });
         }
         let Some(hub) = self.hub.core.as_mut() else {
@@ -2248,6 +2407,7 @@ impl Sim {
         let res = check::check_all(
             &self.tables,
             &views,
+            &self.late_rows,
             hub,
             &self.hub.store,
             now,

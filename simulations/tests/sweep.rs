@@ -74,6 +74,10 @@ fn sweep_of_seeds_holds_every_invariant() {
         ("messages on a closed session", t.stale_messages),
         ("rekeys", t.writes.get("rekey").copied().unwrap_or(0)),
         ("replaces", t.writes.get("replace").copied().unwrap_or(0)),
+        (
+            "re-snapshots of nodes that wrote while excluded",
+            t.resnapshots_with_unsent,
+        ),
     ] {
         assert!(n > 0, "the sweep never produced {what}");
     }
