@@ -1672,6 +1672,14 @@ impl<S: LogStore> HubCore<S> {
         if snap.inflight || snap.sent_last {
             return Ok(None);
         }
+        // Rows go out only once collected at the snapshot's cut: while the
+        // pass at that cut is still running, a row ahead of it may hold a
+        // tombstone below the cut, and the node would keep an update it
+        // made meanwhile to that row (see `lost_update` in the node core)
+        // that a replica collecting first would show: they would diverge.
+        if self.gc.cursor.is_some() && self.gc.cut.stable == snap.cut.stable {
+            return Ok(None);
+        }
         let rows = self
             .store
             .range(&snap.cursor, &prefix_end(P_ROW), SNAPSHOT_ROWS_PER_CHUNK)?;
