@@ -140,8 +140,12 @@ struct Session {
 struct SnapServe {
     id: u64,
     cut: StableCut,
-    /// The hub's version vector when the snapshot began.
+    /// The hub's version vector when the first chunk was read (every row
+    /// read then or later reflects at least these ops).
     vv: VersionVector,
+    /// A chunk of this snapshot went out (to this node, in this session or
+    /// one it resumes): `vv` is fixed.
+    sent_any: bool,
     /// Next row key (`r/…`) to send.
     cursor: Vec<u8>,
     /// A chunk is sent and not yet acknowledged.
@@ -1638,6 +1642,7 @@ impl<S: LogStore> HubCore<S> {
                     id: p.id,
                     cut: self.gc.cut.clone(),
                     vv: p.vv.clone(),
+                    sent_any: true,
                     cursor,
                     inflight: false,
                     sent_last: false,
@@ -1647,6 +1652,7 @@ impl<S: LogStore> HubCore<S> {
                 id: (now_ms << 16) | (sid & 0xffff),
                 cut: self.gc.cut.clone(),
                 vv: self.vv.clone(),
+                sent_any: false,
                 cursor: P_ROW.to_vec(),
                 inflight: false,
                 sent_last: false,
@@ -1680,6 +1686,23 @@ impl<S: LogStore> HubCore<S> {
         if self.gc.cursor.is_some() && self.gc.cut.stable == snap.cut.stable {
             return Ok(None);
         }
+        // The rows read now reflect every op the hub holds now: a fresh
+        // snapshot that waited takes the version vector of this moment, so
+        // the node neither lacks ops its rows hold nor misses any.
+        let snap = if snap.sent_any {
+            snap
+        } else {
+            let vv = self.vv.clone();
+            if let Some(s) = self.sessions.get_mut(&sid).and_then(|s| s.snap.as_mut()) {
+                s.vv = vv.clone();
+                s.sent_any = true;
+            }
+            SnapServe {
+                vv,
+                sent_any: true,
+                ..snap
+            }
+        };
         let rows = self
             .store
             .range(&snap.cursor, &prefix_end(P_ROW), SNAPSHOT_ROWS_PER_CHUNK)?;

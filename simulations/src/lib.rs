@@ -219,12 +219,12 @@
 //!   (`a_resnapshot_waits_for_the_collection_pass_at_its_cut`) replays the
 //!   seeds that diverged (138, 152, 1008, 1080, 1140; 446 with drawn
 //!   parameters also passes now).
-//! - **Open**: with the fault forced on (`--tombstone-grace-ms 3000
-//!   --minutes 0.25`), seeds 173 and 1166 break capture causality after a
-//!   re-snapshot install (a write names a remote op its node did not hold
-//!   yet) and seed 1286 breaks "row state is a function of the op set";
-//!   they passed before the fix above only because the run took another
-//!   course. Not investigated yet.
+//!   Waiting made a second flaw show (seeds 173, 1166, 1286): the
+//!   snapshot's version vector was the hub's at its start, so rows read
+//!   later held ops the node did not know it held, and its next writes
+//!   named them (a causality violation). A fresh snapshot now takes the
+//!   vector of the moment its first rows are read. With both, forced-fault
+//!   sweeps of seeds 0-399 and 1000-1399 fail only on 243 and 1056 (below).
 //! - **Open, also with the fault off** (`--tombstone-grace-ms 0`): seeds
 //!   243 and 1056 (drawn parameters, `--minutes 0.25`) miss a conflict
 //!   record at the hub ("the hub records every conflict").
