@@ -69,6 +69,24 @@ fn crashes_at_every_interesting_point_lose_nothing() {
     }
 }
 
+/// Seed `seed` for 0.25 simulated minutes with the exclusion fault forced
+/// on (a 3 s tombstone grace); fails the test with the report if any
+/// invariant breaks.
+fn excluded_run(seed: u64) -> simulations::Outcome {
+    let mut cfg = SimConfig::new(seed, 0.25);
+    cfg.overrides = Overrides {
+        tombstone_grace_ms: Some(3_000),
+        ..Overrides::default()
+    };
+    let o = run(cfg);
+    assert!(
+        o.failure.is_none(),
+        "seed {seed}: {}",
+        simulations::report(&o, 30)
+    );
+    o
+}
+
 /// The exclusion fault forced on: a short tombstone grace, so nodes away
 /// longer (partitions, crashes) are left out of the stable cut, deletes are
 /// collected without them, and they come back having written meanwhile and
@@ -80,17 +98,7 @@ fn nodes_that_wrote_while_excluded_are_resnapshotted_and_converge() {
     let mut with_unsent = 0;
     let mut resnapshots = 0;
     for seed in 0..6 {
-        let mut cfg = SimConfig::new(seed, 0.25);
-        cfg.overrides = Overrides {
-            tombstone_grace_ms: Some(3_000),
-            ..Overrides::default()
-        };
-        let o = run(cfg);
-        assert!(
-            o.failure.is_none(),
-            "seed {seed}: {}",
-            simulations::report(&o, 30)
-        );
+        let o = excluded_run(seed);
         assert!(
             o.params.tombstone_grace_ms == 3_000 || o.params.modes.contains(&Mode::Publish),
             "seed {seed}: the fault is on unless a node is publish-only"
@@ -118,16 +126,6 @@ fn nodes_that_wrote_while_excluded_are_resnapshotted_and_converge() {
 #[test]
 fn a_resnapshot_waits_for_the_collection_pass_at_its_cut() {
     for seed in [138, 152, 1008, 1080, 1140, 173, 1166, 1286] {
-        let mut cfg = SimConfig::new(seed, 0.25);
-        cfg.overrides = Overrides {
-            tombstone_grace_ms: Some(3_000),
-            ..Overrides::default()
-        };
-        let o = run(cfg);
-        assert!(
-            o.failure.is_none(),
-            "seed {seed}: {}",
-            simulations::report(&o, 30)
-        );
+        excluded_run(seed);
     }
 }
