@@ -1689,19 +1689,10 @@ impl<S: LogStore> HubCore<S> {
         // The rows read now reflect every op the hub holds now: a fresh
         // snapshot that waited takes the version vector of this moment, so
         // the node neither lacks ops its rows hold nor misses any.
-        let snap = if snap.sent_any {
-            snap
+        let vv = if snap.sent_any {
+            snap.vv.clone()
         } else {
-            let vv = self.vv.clone();
-            if let Some(s) = self.sessions.get_mut(&sid).and_then(|s| s.snap.as_mut()) {
-                s.vv = vv.clone();
-                s.sent_any = true;
-            }
-            SnapServe {
-                vv,
-                sent_any: true,
-                ..snap
-            }
+            self.vv.clone()
         };
         let rows = self
             .store
@@ -1739,7 +1730,7 @@ impl<S: LogStore> HubCore<S> {
         let msg = pb::SnapshotChunk {
             id: snap.id,
             cut: Some(wire::cut_to_proto(&snap.cut)),
-            version_vector: Some(wire::vv_to_proto(&snap.vv)),
+            version_vector: Some(wire::vv_to_proto(&vv)),
             tables: self.tables.keys().cloned().collect(),
             rows: out,
             after_key,
@@ -1750,6 +1741,8 @@ impl<S: LogStore> HubCore<S> {
             s.inflight = true;
             s.sent_last = complete;
             s.cursor = cursor;
+            s.vv = vv;
+            s.sent_any = true;
         }
         Ok(Some(pb::HubMessage {
             body: Some(pb::hub_message::Body::Snapshot(msg)),

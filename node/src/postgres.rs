@@ -980,17 +980,16 @@ impl PostgresAdapter {
     /// caller peeks). A failed stream is dropped: the next call starts it
     /// again from the checkpoint, so nothing it held is lost.
     async fn stream_window(&mut self, after_lsn: i64) -> Result<Option<Vec<bytes::Bytes>>> {
-        let params = match &self.stream_params {
-            Ok(p) => p.clone(),
-            Err(_) => return Ok(None),
-        };
+        if self.stream_params.is_err() {
+            return Ok(None);
+        }
         // A stream that was open before this call and breaks (the server
         // restarted, or dropped it after `wal_sender_timeout` while capture
         // waited for a re-snapshot install) is started again at once; a
         // fresh one that breaks is an error (retried with backoff).
         loop {
             let fresh = self.stream_mut().is_none();
-            if fresh && !self.start_stream(&params, after_lsn).await? {
+            if fresh && !self.start_stream(after_lsn).await? {
                 return Ok(None);
             }
             let Some(stream) = self.stream_mut().as_mut() else {
@@ -1013,7 +1012,11 @@ impl PostgresAdapter {
 
     /// Starts the stream from `after_lsn`; false when streaming turned out
     /// to be unavailable (capture peeks from now on, said once).
-    async fn start_stream(&mut self, params: &ConnParams, after_lsn: i64) -> Result<bool> {
+    async fn start_stream(&mut self, after_lsn: i64) -> Result<bool> {
+        let Ok(owned) = self.stream_params.clone() else {
+            return Ok(false);
+        };
+        let params = &owned;
         // The walsender of a stream dropped a moment ago may still hold the
         // slot: wait for it to go, as install_capture does.
         let mut started = ReplStream::start(params, &self.slot, &self.publication, after_lsn).await;

@@ -326,6 +326,21 @@ fn debug_states(held: &RowState, oracle: &RowState, stable: &VersionVector) -> S
     format!("\n held {held:?}\n oracle {oracle:?}\n oracle collected {b:?}\n cut {stable:?}")
 }
 
+/// The hub's row state of one row (empty when it holds none).
+fn hub_row_state(store: &Shared, table: &str, key: &[Value]) -> Result<RowState, Failure> {
+    let rk = row_key(b"r/", table, key)
+        .map_err(|e| Failure::new("hub core error", format!("row key: {e}")))?;
+    match store
+        .get(&rk)
+        .map_err(|e| Failure::new("hub core error", format!("store: {e}")))?
+    {
+        Some(b) => postcard::from_bytes(&b).map_err(|e| {
+            Failure::new("hub core error", format!("{table}[{key:?}] row state: {e}"))
+        }),
+        None => Ok(RowState::default()),
+    }
+}
+
 /// The hub's row state of every row the oracle knows.
 fn hub_row_states(
     store: &Shared,
@@ -333,17 +348,7 @@ fn hub_row_states(
 ) -> Result<BTreeMap<RowId, RowState>, Failure> {
     let mut out = BTreeMap::new();
     for (table, key) in states.keys() {
-        let rk = row_key(b"r/", table, key)
-            .map_err(|e| Failure::new("hub core error", format!("row key: {e}")))?;
-        let held: RowState = match store
-            .get(&rk)
-            .map_err(|e| Failure::new("hub core error", format!("store: {e}")))?
-        {
-            Some(b) => postcard::from_bytes(&b).map_err(|e| {
-                Failure::new("hub core error", format!("{table}[{key:?}] row state: {e}"))
-            })?,
-            None => RowState::default(),
-        };
+        let held = hub_row_state(store, table, key)?;
         out.insert((table.clone(), key.clone()), held);
     }
     Ok(out)
@@ -384,17 +389,7 @@ fn check_hub_rows(
         let Some(info) = tables.iter().find(|t| &t.schema.name == table) else {
             continue;
         };
-        let rk = row_key(b"r/", table, key)
-            .map_err(|e| Failure::new("hub core error", format!("row key: {e}")))?;
-        let held: RowState = match store
-            .get(&rk)
-            .map_err(|e| Failure::new("hub core error", format!("store: {e}")))?
-        {
-            Some(b) => postcard::from_bytes(&b).map_err(|e| {
-                Failure::new("hub core error", format!("{table}[{key:?}] row state: {e}"))
-            })?,
-            None => RowState::default(),
-        };
+        let held = hub_row_state(store, table, key)?;
         if !same_modulo_gc(&held, state, &hub.gc_cut().stable) {
             return Err(Failure::new(
                 "the hub's row state is a function of the op set",
