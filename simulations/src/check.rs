@@ -382,6 +382,7 @@ fn check_hub_rows(
     late: &BTreeSet<RowId>,
 ) -> Result<usize, Failure> {
     let mut want: BTreeSet<String> = BTreeSet::new();
+    let mut dbg: BTreeMap<String, String> = BTreeMap::new();
     for ((table, key), state) in states {
         if late.contains(&(table.clone(), key.clone())) {
             continue;
@@ -404,7 +405,7 @@ fn check_hub_rows(
                 continue;
             }
             let ids: Vec<OpId> = c.candidates.iter().map(|x| x.op.clone()).collect();
-            want.insert(conflict_line(
+            let line = conflict_line(
                 table,
                 key,
                 &c.field,
@@ -412,7 +413,12 @@ fn check_hub_rows(
                 &c.strategy,
                 c.value.as_ref(),
                 c.hlc.map(|h| h.time),
-            ));
+            );
+            dbg.insert(
+                line.clone(),
+                debug_states(&held, state, &hub.gc_cut().stable),
+            );
+            want.insert(line);
         }
     }
     let req = pb::ConflictsRequest {
@@ -471,9 +477,10 @@ fn check_hub_rows(
         return Err(Failure::new(
             "the hub records every conflict",
             format!(
-                "missing {missing} ({} records held, {} expected)",
+                "missing {missing} ({} records held, {} expected){}",
                 got.len(),
-                want.len()
+                want.len(),
+                dbg.get(missing).cloned().unwrap_or_default()
             ),
         ));
     }
@@ -757,6 +764,13 @@ pub fn check_all(
 
     // 3. The oracle: every op, merged in two random orders.
     let all: Vec<&Op> = logs.values().flatten().collect();
+    if let Ok(want) = std::env::var("SIM_DEBUG_OPS") {
+        for op in &all {
+            if want.split(',').any(|w| w == op.id.to_string()) {
+                eprintln!("DEBUG op {op:?}");
+            }
+        }
+    }
     let mut a = all.clone();
     order.shuffle(&mut a);
     let mut b = all.clone();

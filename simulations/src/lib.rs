@@ -224,10 +224,19 @@
 //!   later held ops the node did not know it held, and its next writes
 //!   named them (a causality violation). A fresh snapshot now takes the
 //!   vector of the moment its first rows are read. With both, forced-fault
-//!   sweeps of seeds 0-399 and 1000-1399 fail only on 243 and 1056 (below).
-//! - **Open, also with the fault off** (`--tombstone-grace-ms 0`): seeds
-//!   243 and 1056 (drawn parameters, `--minutes 0.25`) miss a conflict
-//!   record at the hub ("the hub records every conflict").
+//!   sweeps of seeds 0-399 and 1000-1399 failed only on 243 and 1056.
+//! - **Fixed** (seeds 243 and 1056, also with the fault off): a capture's
+//!   `pred` taken from a database view named writes the merged state had
+//!   already superseded (the node's own earlier write, or a remote write
+//!   its own later write replaced). Own writes count as seen at once, so
+//!   the stable cut had settled them and the hub had dropped their values;
+//!   the new write made one a conflict candidate again and the hub missed
+//!   that record ("the hub records every conflict"). A field's `pred` now
+//!   takes from the view only remote writes the merged state still holds
+//!   live (`tests/regressions.rs`,
+//!   `a_capture_from_a_view_names_no_write_the_node_already_superseded`).
+//!   Sweeps of seeds 0-399 (drawn) and 0-399, 1000-1399 (forced fault,
+//!   `--tombstone-grace-ms 3000`): no failure.
 //!
 //! # Cost
 //!
