@@ -300,3 +300,55 @@ fn a_capture_from_a_view_names_no_write_the_node_already_superseded() {
         assert!(o.stats.gc_cuts > 0, "seed {seed} collected nothing");
     }
 }
+
+/// The minimal case of regression 4: b's later write is captured from a
+/// database view that still shows b's own first write, which b's second
+/// write has already superseded.
+#[test]
+fn a_write_from_a_view_does_not_name_an_own_write_its_predecessor_replaced() {
+    let (mut a, mut b) = (node("a"), node("b"));
+    let key = [Value::Int(1)];
+    let with_qty = |q: i64| {
+        row(&[
+            ("id", Value::Int(1)),
+            ("name", Value::Text("x".into())),
+            ("qty", Value::Int(q)),
+            ("price", Value::Float(0.5)),
+        ])
+    };
+    a.db.insert("items", &with_qty(1)).unwrap();
+    a.capture(0); // a#1
+    a.ship(1, &mut b, 10);
+    b.db.update("items", &key, &with_qty(2)).unwrap();
+    b.capture(20); // b#1
+    // b's user writes again (not captured yet) while a's concurrent write
+    // arrives and is applied: b's database now shows the merged {a#2, b#1}.
+    b.db.update("items", &key, &with_qty(3)).unwrap();
+    a.db.update("items", &key, &with_qty(5)).unwrap();
+    a.capture(30); // a#2
+    a.ship(2, &mut b, 40);
+    // b's user writes once more, looking at that merged row.
+    b.db.update("items", &key, &with_qty(4)).unwrap();
+    b.capture(50); // b#2 (overwritten by the apply), b#3 (from the view)
+    let ops = b.core.own_ops(2, 2).unwrap();
+    assert_eq!(ops.len(), 2, "b captured {ops:?}");
+    let qty = |op: &Op| {
+        op.fields
+            .iter()
+            .find(|f| f.name == "qty")
+            .map(|f| f.pred.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        qty(&ops[0]).contains(&id("b", 1)),
+        "b#2 supersedes b#1: {:?}",
+        ops[0]
+    );
+    let p3 = qty(&ops[1]);
+    assert!(p3.contains(&id("b", 2)), "b#3 supersedes b#2: {:?}", ops[1]);
+    assert!(
+        !p3.contains(&id("b", 1)),
+        "b#3 names b#1, which b#2 already superseded: {:?}",
+        ops[1]
+    );
+}
