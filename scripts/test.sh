@@ -32,6 +32,8 @@ need_pkgs=()
 # chromium renders the hub's status page in tests/tests/ops.rs.
 [ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
 [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
+# The PostgreSQL TLS test makes its CA and server certificate with it.
+[ -x /usr/bin/openssl ] || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     say "installing ${need_pkgs[*]} (Debian packages; the tests start their own instances)"
     apt-get update -qq

@@ -18,9 +18,13 @@
 //! adapter asks for ([`ReplStream::confirm`]: the core's durable
 //! checkpoint), also when it answers a keepalive.
 //!
-//! The connection is plaintext, like the node's other PostgreSQL
-//! connections (this build of sqlx has no TLS: `sslmode=prefer`, the
-//! default, connects without it, and `require` fails at start).
+//! The connection is plaintext. The node's other PostgreSQL connections
+//! (sqlx, rustls with the ring provider) honour the URL's `sslmode`
+//! (`prefer`, the default, uses TLS when the server offers it;
+//! `require`, `verify-ca`, `verify-full` with `sslrootcert`); a URL asking
+//! for TLS (`require` or stricter) makes streaming unavailable, so such a
+//! node reads its slot over TLS with the peek function. With `prefer`
+//! the stream connects without TLS.
 //!
 //! What makes streaming unavailable ([`StreamError::Unavailable`]: the
 //! adapter then reads the slot with the peek function): `sslmode=require`

@@ -2377,6 +2377,12 @@ fn connect_failure(e: &sqlx::Error, url: &str) -> String {
         )
     } else if text.contains("no pg_hba.conf entry") {
         format!("cannot connect: {text}; allow this host and user in pg_hba.conf")
+    } else if text.contains("certificate") {
+        format!(
+            "cannot connect: {text}; TLS: set sslrootcert in the URL to the CA that signed the \
+             server's certificate, and connect by a host name or IP address the certificate names \
+             (or use sslmode=require to encrypt without verifying)"
+        )
     } else {
         format!("cannot connect: {text}; check the URL and that PostgreSQL is reachable")
     }

@@ -1485,3 +1485,158 @@ async fn window_story(stream: bool) -> Result<()> {
     db.close().await;
     Ok(())
 }
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .context("running openssl (the openssl package)")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A CA and a server certificate for 127.0.0.1 it signed (`openssl`
+/// CLI), in `dir`: `(CA certificate, server certificate, server key)`,
+/// readable by the cluster's user.
+fn test_certs(dir: &Path, name: &str) -> Result<(String, String, String)> {
+    let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    let (ca_crt, ca_key, crt, key, csr, ext) = (
+        p("ca.crt"),
+        p("ca.key"),
+        p("server.crt"),
+        p("server.key"),
+        p("server.csr"),
+        p("ext.cnf"),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=syncmesh test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ])?;
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+        "-out",
+        &crt,
+    ])?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&crt, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    // The server refuses a key another user owns; as root it runs as the
+    // postgres user.
+    let uid = std::process::Command::new("id").arg("-u").output()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let st = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&key)
+            .status()?;
+        if !st.success() {
+            bail!("chown of {key} to postgres failed");
+        }
+    }
+    Ok((ca_crt, crt, key))
+}
+
+/// `sslmode=verify-full` with the server's CA: the adapter's connections
+/// use TLS (pg_stat_ssl) and capture works (it reads the slot with the
+/// peek function: the streaming reader has no TLS and says so); a wrong CA
+/// is refused with an error naming the certificate problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_use_tls_with_sslmode_verify_full() -> Result<()> {
+    use syncmesh_node::postgres::PostgresAdapter;
+    let certs = tempfile::tempdir()?;
+    let (ca, crt, key) = test_certs(certs.path(), "a")?;
+    let (other, _, _) = test_certs(certs.path(), "b")?;
+    let pg = PgCluster::start_with(&[
+        ("ssl", "on"),
+        ("ssl_cert_file", crt.as_str()),
+        ("ssl_key_file", key.as_str()),
+    ])?;
+    pg.create_db("app").await?;
+    pg.exec("app", ORDERS_PG).await?;
+    let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", pg.url("app"));
+    let mut db = PostgresAdapter::open(&url, Some("tlsslot"), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    let why = db
+        .probe_streaming()
+        .await
+        .expect_err("the streaming reader has no TLS");
+    assert!(why.contains("TLS"), "{why}");
+    pg.exec(
+        "app",
+        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
+    )
+    .await?;
+    let got = read_some(&mut db, 0, 100).await?;
+    assert_eq!(got.len(), 5, "capture over TLS");
+    assert!(!db.streams());
+    let pool = pg.pool("app").await?;
+    let (tls, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = 'app' AND a.application_name = 'syncmesh'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(tls >= 1, "the adapter's connections use TLS");
+    assert_eq!(plain, 0, "none of the adapter's connections is plaintext");
+    db.close().await;
+    let wrong = format!("{}?sslmode=verify-full&sslrootcert={other}", pg.url("app"));
+    let err = match PostgresAdapter::open(&wrong, Some("tlsslot"), None).await {
+        Ok(_) => bail!("a server certificate the CA did not sign was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("invalid peer certificate") && err.contains("sslrootcert"),
+        "the error names the certificate and what to set: {err}"
+    );
+    Ok(())
+}
