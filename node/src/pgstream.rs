@@ -18,23 +18,23 @@
 //! adapter asks for ([`ReplStream::confirm`]: the core's durable
 //! checkpoint), also when it answers a keepalive.
 //!
-//! The connection is plaintext. The node's other PostgreSQL connections
-//! (sqlx, rustls with the ring provider) honour the URL's `sslmode`
-//! (`prefer`, the default, uses TLS when the server offers it;
-//! `require`, `verify-ca`, `verify-full` with `sslrootcert`); a URL asking
-//! for TLS (`require` or stricter) makes streaming unavailable, so such a
-//! node reads its slot over TLS with the peek function. With `prefer`
-//! the stream connects without TLS.
+//! The connection speaks TLS (rustls, ring provider) when the URL's
+//! `sslmode` is `require` (encrypt only; with `sslrootcert`, as
+//! `verify-ca`), `verify-ca` (the chain up to `sslrootcert` or the Mozilla
+//! roots) or `verify-full` (also the host name), like the node's other
+//! connections (sqlx); `prefer`, `allow` and `disable` connect without it.
 //!
 //! What makes streaming unavailable ([`StreamError::Unavailable`]: the
-//! adapter then reads the slot with the peek function): `sslmode=require`
-//! or stricter, an authentication method other than SCRAM-SHA-256, md5,
-//! cleartext or trust, no password, or a server that refuses replication
-//! connections (pg_hba, privileges).
+//! adapter then reads the slot with the peek function): an authentication
+//! method other than SCRAM-SHA-256, md5, cleartext or trust, no password,
+//! or a server that refuses replication connections (pg_hba, privileges).
 //! Everything decoded from the server is bounded ([`MAX_MESSAGE_BYTES`]).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -109,6 +109,151 @@ pub struct ConnParams {
     /// Session settings sent in the startup packet (they shape the text of
     /// the values pgoutput sends).
     pub settings: Vec<(String, String)>,
+    /// TLS over TCP (the URL's `sslmode` is `require` or stricter).
+    pub tls: Option<TlsParams>,
+}
+
+/// How the replication connection speaks TLS.
+#[derive(Clone)]
+pub struct TlsParams {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+/// How much of the server's certificate to check (libpq's `sslmode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVerify {
+    /// `require`: encrypt, check nothing (unless a root certificate is
+    /// given: then as `verify-ca`, as libpq does).
+    None,
+    /// `verify-ca`: the chain up to a trusted root.
+    Chain,
+    /// `verify-full`: the chain and that it names the host.
+    Full,
+}
+
+impl TlsParams {
+    /// TLS to `host`, checking as `verify` says against the PEM roots in
+    /// `root_cert` (else the Mozilla roots of `webpki-roots`).
+    pub fn new(
+        host: &str,
+        verify: TlsVerify,
+        root_cert: Option<&Path>,
+    ) -> Result<TlsParams, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verify = match (verify, root_cert) {
+            (TlsVerify::None, Some(_)) => TlsVerify::Chain,
+            (v, _) => v,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match root_cert {
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                for c in certs {
+                    let c = c.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "sslrootcert {} holds no certificate",
+                        path.display()
+                    ));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("TLS roots: {e}"))?;
+        let verifier = Verifier {
+            inner: (verify != TlsVerify::None).then_some(webpki),
+            check_name: verify == TlsVerify::Full,
+            provider: provider.clone(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        let server_name =
+            ServerName::try_from(host.to_owned()).map_err(|e| format!("TLS: host {host}: {e}"))?;
+        Ok(TlsParams {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// The server certificate check of [`TlsVerify`].
+#[derive(Debug)]
+struct Verifier {
+    inner: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    check_name: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError as C;
+        let Some(inner) = &self.inner else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 impl fmt::Debug for ConnParams {
@@ -148,6 +293,33 @@ impl fmt::Debug for ReplStream {
             .field("confirmed", &self.confirmed)
             .finish_non_exhaustive()
     }
+}
+
+/// SSLRequest, then the TLS handshake on `s`.
+async fn start_tls(
+    mut s: tokio::net::TcpStream,
+    tls: &TlsParams,
+    host: &str,
+) -> SResult<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut req = Vec::with_capacity(8);
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&80_877_103i32.to_be_bytes());
+    s.write_all(&req)
+        .await
+        .map_err(|e| io_err("asking for TLS", e))?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer)
+        .await
+        .map_err(|e| io_err("asking for TLS", e))?;
+    if answer[0] != b'S' {
+        return Err(StreamError::Io(format!(
+            "{host} does not offer TLS (ssl = off in postgresql.conf) and the URL's sslmode requires it"
+        )));
+    }
+    tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(tls.server_name.clone(), s)
+        .await
+        .map_err(|e| StreamError::Io(format!("TLS handshake with {host}: {e}")))
 }
 
 /// A message from the server, before the copy stream.
@@ -363,7 +535,10 @@ impl ReplStream {
                     .await
                     .map_err(|e| io_err(&format!("connecting to {host}:{port}"), e))?;
                 let _ = s.set_nodelay(true);
-                Box::new(s)
+                match &params.tls {
+                    None => Box::new(s),
+                    Some(tls) => Box::new(start_tls(s, tls, host).await?),
+                }
             }
             Addr::Unix(path) => Box::new(
                 tokio::net::UnixStream::connect(path)

@@ -114,8 +114,9 @@ use syncmesh_resolver::Value;
 use crate::adapter::{
     CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days, days_from_civil,
 };
-use crate::pgstream::{Addr, ConnParams, ReplStream, StreamError};
+use crate::pgstream::{Addr, ConnParams, ReplStream, StreamError, TlsParams, TlsVerify};
 use crate::{Error, Result};
+use std::path::PathBuf;
 
 /// Prefix of the replication origin's name (followed by the slot name).
 pub const ORIGIN_PREFIX: &str = "syncmesh_";
@@ -257,15 +258,6 @@ pub struct PostgresAdapter {
 /// streaming cannot be used with it.
 fn stream_params(url: &str, options: &PgConnectOptions) -> std::result::Result<ConnParams, String> {
     use sqlx::postgres::PgSslMode;
-    if !matches!(
-        options.get_ssl_mode(),
-        PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer
-    ) {
-        return Err(
-            "the URL asks for TLS (sslmode=require or stricter) and the streaming reader speaks plaintext only"
-                .into(),
-        );
-    }
     let port = options.get_port();
     let addr = match options.get_socket() {
         Some(p) if p.is_dir() => Addr::Unix(p.join(format!(".s.PGSQL.{port}"))),
@@ -290,7 +282,29 @@ fn stream_params(url: &str, options: &PgConnectOptions) -> std::result::Result<C
         })
         .or_else(|| std::env::var("PGPASSWORD").ok());
     let user = options.get_username().to_owned();
+    // TLS as the URL's sslmode says (TCP only: a unix socket has none, as
+    // with libpq).
+    let verify = match options.get_ssl_mode() {
+        PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => None,
+        PgSslMode::Require => Some(TlsVerify::None),
+        PgSslMode::VerifyCa => Some(TlsVerify::Chain),
+        PgSslMode::VerifyFull => Some(TlsVerify::Full),
+    };
+    let root_cert = parsed
+        .as_ref()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "sslrootcert")
+                .map(|(_, v)| v.into_owned())
+        })
+        .or_else(|| std::env::var("PGSSLROOTCERT").ok())
+        .map(PathBuf::from);
+    let tls = match (&addr, verify) {
+        (Addr::Tcp(host, _), Some(v)) => Some(TlsParams::new(host, v, root_cert.as_deref())?),
+        _ => None,
+    };
     Ok(ConnParams {
+        tls,
         addr,
         database: options
             .get_database()

@@ -1584,10 +1584,10 @@ fn test_certs(dir: &Path, name: &str) -> Result<(String, String, String)> {
     Ok((ca_crt, crt, key))
 }
 
-/// `sslmode=verify-full` with the server's CA: the adapter's connections
-/// use TLS (pg_stat_ssl) and capture works (it reads the slot with the
-/// peek function: the streaming reader has no TLS and says so); a wrong CA
-/// is refused with an error naming the certificate problem.
+/// `sslmode=verify-full` with the server's CA: every connection of the
+/// adapter uses TLS (pg_stat_ssl), the replication stream included, and
+/// capture streams; a wrong CA is refused with an error naming the
+/// certificate problem and what to set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_use_tls_with_sslmode_verify_full() -> Result<()> {
     use syncmesh_node::postgres::PostgresAdapter;
@@ -1605,11 +1605,7 @@ async fn connections_use_tls_with_sslmode_verify_full() -> Result<()> {
     let mut db = PostgresAdapter::open(&url, Some("tlsslot"), None).await?;
     let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
     db.install_capture(&schemas).await?;
-    let why = db
-        .probe_streaming()
-        .await
-        .expect_err("the streaming reader has no TLS");
-    assert!(why.contains("TLS"), "{why}");
+    assert_eq!(db.probe_streaming().await, Ok(()));
     pg.exec(
         "app",
         "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
@@ -1617,17 +1613,33 @@ async fn connections_use_tls_with_sslmode_verify_full() -> Result<()> {
     .await?;
     let got = read_some(&mut db, 0, 100).await?;
     assert_eq!(got.len(), 5, "capture over TLS");
-    assert!(!db.streams());
+    assert!(db.streams(), "streaming over TLS, no fallback to peek");
     let pool = pg.pool("app").await?;
     let (tls, plain): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
          FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-         WHERE a.datname = 'app' AND a.application_name = 'syncmesh'",
+         WHERE a.application_name = 'syncmesh'",
     )
     .fetch_one(&pool)
     .await?;
-    assert!(tls >= 1, "the adapter's connections use TLS");
+    assert!(
+        tls >= 2,
+        "the adapter's connections and its walsender use TLS ({tls})"
+    );
     assert_eq!(plain, 0, "none of the adapter's connections is plaintext");
+    let walsender_tls: bool = sqlx::query_scalar(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid) \
+         WHERE r.application_name = 'syncmesh'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(walsender_tls, "the replication stream uses TLS");
+    db.close().await;
+    // sslmode=require encrypts without checking the certificate (no
+    // sslrootcert: the CA is in no root store), as libpq does.
+    let require = format!("{}?sslmode=require", pg.url("app"));
+    let db = PostgresAdapter::open(&require, Some("tlsslot2"), None).await?;
+    assert_eq!(db.probe_streaming().await, Ok(()));
     db.close().await;
     let wrong = format!("{}?sslmode=verify-full&sslrootcert={other}", pg.url("app"));
     let err = match PostgresAdapter::open(&wrong, Some("tlsslot"), None).await {
