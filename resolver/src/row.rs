@@ -884,33 +884,6 @@ impl RowState {
             .retain(|(id, _)| !(id.o == origin && id.seq <= upto));
     }
 
-    /// True when an op of `origin` superseded `id`'s write: of `field`
-    /// (by that field's `pred` or row-wide), or with no field, row-wide.
-    ///
-    /// A node takes a later write's `pred` from an older view of its row
-    /// (what its user saw); an id its own later write already replaced is
-    /// superseded, and naming it again could name a write the stable cut
-    /// has settled. (What GC collected is forgotten: false then.)
-    pub fn superseded_by(&self, field: Option<&str>, id: &OpId, origin: &NodeId) -> bool {
-        let Some(o) = self.origins.iter().position(|n| n == origin) else {
-            return false;
-        };
-        let Some(io) = self.origins.iter().position(|n| *n == id.origin) else {
-            return false;
-        };
-        let lid = Lid::new(io as u32, id.seq);
-        let by = match field {
-            Some(name) => match self.field(name) {
-                Some(f) => f.killers(lid, &self.row_dead),
-                None => return false,
-            },
-            None => row_killers(&self.row_dead, lid).unwrap_or_default(),
-        };
-        let mut hit = false;
-        by.for_each(|k, _| hit |= k == o as u32);
-        hit
-    }
-
     /// The ids a new write of `field` at this replica supersedes (its live
     /// writes).
     pub fn field_pred(&self, field: &str) -> Vec<OpId> {

@@ -1183,7 +1183,6 @@ async fn sigkill_during_initial_snapshot_resumes_without_loss_or_double_count() 
 /// stored as md5, as older installations have): capture still streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_streams_with_md5_authentication() -> Result<()> {
-    use syncmesh_node::postgres::PostgresAdapter;
     let hba = tempfile::Builder::new().suffix(".conf").tempfile()?;
     std::fs::write(
         hba.path(),
@@ -1211,18 +1210,7 @@ async fn capture_streams_with_md5_authentication() -> Result<()> {
             .fetch_one(&pool)
             .await?;
     assert_eq!(stored, "md5", "the password is stored as md5");
-    let mut db = PostgresAdapter::open(&pg.url("app"), Some("md5slot"), None).await?;
-    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
-    db.install_capture(&schemas).await?;
-    assert_eq!(db.probe_streaming().await, Ok(()));
-    pg.exec(
-        "app",
-        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
-    )
-    .await?;
-    let got = read_some(&mut db, 0, 100).await?;
-    assert_eq!(got.len(), 5);
-    assert!(db.streams(), "still streaming, no fallback to peek");
+    let db = streams_five_inserts(&pg, &pg.url("app"), "md5slot").await?;
     let walsenders: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'syncmesh'",
     )
@@ -1361,6 +1349,29 @@ async fn capture_on_orders(
 /// `read_changes` until it returns something (a stream hands out what has
 /// arrived, which right after a start may be nothing yet), for at most
 /// 20 s.
+/// Opens the adapter on `url` (database `app` with [`ORDERS_PG`]), installs
+/// capture on `slot`, inserts five rows and reads them from the stream
+/// (never from the peek fallback).
+async fn streams_five_inserts(
+    pg: &PgCluster,
+    url: &str,
+    slot: &str,
+) -> Result<syncmesh_node::postgres::PostgresAdapter> {
+    let mut db = syncmesh_node::postgres::PostgresAdapter::open(url, Some(slot), None).await?;
+    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
+    db.install_capture(&schemas).await?;
+    assert_eq!(db.probe_streaming().await, Ok(()), "{url}");
+    pg.exec(
+        "app",
+        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
+    )
+    .await?;
+    let got = read_some(&mut db, 0, 100).await?;
+    assert_eq!(got.len(), 5, "{url}");
+    assert!(db.streams(), "still streaming, no fallback to peek: {url}");
+    Ok(db)
+}
+
 async fn read_some(
     db: &mut syncmesh_node::postgres::PostgresAdapter,
     after: i64,
@@ -1602,18 +1613,7 @@ async fn connections_use_tls_with_sslmode_verify_full() -> Result<()> {
     pg.create_db("app").await?;
     pg.exec("app", ORDERS_PG).await?;
     let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", pg.url("app"));
-    let mut db = PostgresAdapter::open(&url, Some("tlsslot"), None).await?;
-    let schemas = db.introspect(&[("orders".into(), vec![])]).await?;
-    db.install_capture(&schemas).await?;
-    assert_eq!(db.probe_streaming().await, Ok(()));
-    pg.exec(
-        "app",
-        "INSERT INTO orders SELECT g, 'x', 0, NULL FROM generate_series(1, 5) g",
-    )
-    .await?;
-    let got = read_some(&mut db, 0, 100).await?;
-    assert_eq!(got.len(), 5, "capture over TLS");
-    assert!(db.streams(), "streaming over TLS, no fallback to peek");
+    let db = streams_five_inserts(&pg, &url, "tlsslot").await?;
     let pool = pg.pool("app").await?;
     let (tls, plain): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
