@@ -150,12 +150,13 @@ pub fn render_status(s: &pb::StatusReply) -> String {
     };
     let _ = writeln!(
         o,
-        "tombstone GC  stable cut [{cut}] (advanced {advanced})   row states collected {} dropped {}   ops compacted {}   re-snapshots served {}   refused {}",
+        "tombstone GC  stable cut [{cut}] (advanced {advanced})   row states collected {} dropped {}   ops compacted {}   re-snapshots served {}   refused {}   publish-only writes dropped {}",
         s.gc_rows_collected,
         s.gc_rows_dropped,
         s.gc_ops_compacted,
         s.gc_snapshots_served,
-        s.gc_refused
+        s.gc_refused,
+        s.gc_writes_dropped
     );
     let _ = writeln!(o);
     let _ = writeln!(

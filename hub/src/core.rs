@@ -8,7 +8,9 @@ use syncmesh_node::core::row_key;
 use syncmesh_node::store::{LogStore, WriteBatch, prefix_end};
 use syncmesh_node::wire::{self, StableCut};
 use syncmesh_proto::v1 as pb;
-use syncmesh_resolver::{HlcClock, NodeId, Ntp64, Op, RowState, TableRules, VersionVector};
+use syncmesh_resolver::{
+    HlcClock, NodeId, Ntp64, Op, OpId, RowState, TableRules, Value, VersionVector,
+};
 
 use crate::Result;
 use crate::stats::HubMetrics;
@@ -253,6 +255,9 @@ pub struct GcStats {
     pub snapshots_served: u64,
     /// Ops dropped from the op log (below the stable cut).
     pub ops_compacted: u64,
+    /// Writes of returning publish-only nodes dropped under `delete_wins`
+    /// (updates of rows whose deletes were collected without them).
+    pub writes_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -415,6 +420,37 @@ impl<S: LogStore> HubCore<S> {
         self.tables = tables;
     }
 
+    /// The row state `op` merges into, read into `rows` (the batch's
+    /// working set) on first use.
+    fn load_row<'r>(
+        &self,
+        op: &Op,
+        rows: &'r mut BTreeMap<Vec<u8>, RowState>,
+    ) -> Result<&'r mut RowState> {
+        let rk = row_key(P_ROW, &op.table, &op.key)?;
+        Ok(match rows.entry(rk) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let state = match self.store.get(e.key())? {
+                    Some(b) => dec(&b, "row state")?,
+                    None => RowState::default(),
+                };
+                e.insert(state)
+            }
+        })
+    }
+
+    /// Whether `op` of a publish-only node that missed collected deletes
+    /// updates a row they removed ([`RowState::loses_update`] on the
+    /// hub's merged state): then `delete_wins` drops its writes.
+    fn loses_update(&self, op: &Op, rows: &mut BTreeMap<Vec<u8>, RowState>) -> Result<bool> {
+        let Some(rules) = self.tables.get(&op.table) else {
+            return Ok(false);
+        };
+        let rules = rules.clone();
+        Ok(self.load_row(op, rows)?.loses_update(&rules, op))
+    }
+
     /// Merges `op` into the hub's row state (in `rows`, flushed with the
     /// batch) and records every complete conflict of that row.
     fn merge(
@@ -426,17 +462,7 @@ impl<S: LogStore> HubCore<S> {
         let Some(rules) = self.tables.get(&op.table).cloned() else {
             return Ok(());
         };
-        let rk = row_key(P_ROW, &op.table, &op.key)?;
-        if !rows.contains_key(&rk) {
-            let state = match self.store.get(&rk)? {
-                Some(b) => dec(&b, "row state")?,
-                None => RowState::default(),
-            };
-            rows.insert(rk.clone(), state);
-        }
-        let Some(row) = rows.get_mut(&rk) else {
-            return Ok(());
-        };
+        let row = self.load_row(op, rows)?;
         row.apply(op);
         let conflicts = row.conflicts(&rules);
         // The row's records are exactly its current conflicts: a set that
@@ -873,8 +899,21 @@ impl<S: LogStore> HubCore<S> {
                 }
             }
         } else if let Some(why) = self.gc_refusal(&node, &node_vv) {
-            self.gc.stats.refused += 1;
-            return Ok(self.reject(sid, "missed_collected_tombstones", why, None));
+            if self.gc.unmerged {
+                self.gc.stats.refused += 1;
+                let msg = format!(
+                    "{why}; the hub cannot judge them because it relays tables it does not \
+                     merge (add every synced table to the hub's config)"
+                );
+                return Ok(self.reject(sid, "missed_collected_tombstones", msg, None));
+            }
+            // Publish-only: its writes are judged on arrival instead.
+            self.gc.notices.push_back(format!(
+                "publish-only node {node} returns having written while deletes were \
+                 garbage-collected without it: the hub merges its writes against its own row \
+                 states; under delete_wins an update of a row deleted meanwhile is dropped \
+                 (nothing resurrects), under update_wins the row comes back with its fields"
+            ));
         }
         if let Some(seen) = seen {
             self.note_seen(&node, seen)?;
@@ -947,6 +986,11 @@ impl<S: LogStore> HubCore<S> {
         let mut control = Control::Continue;
         let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
         let mut chunk: Vec<pb::Op> = Vec::new();
+        let publish_only = self.sessions.get(&sid).is_some_and(|s| s.publish_only);
+        // Writes of an untrusted publish-only node dropped here (the
+        // first one's id, table and key for the log line, and how many).
+        let mut dropped: Option<(OpId, String, Vec<Value>)> = None;
+        let mut dropped_n = 0u64;
         for raw in b.ops {
             // Only configured tables label errors: hostile input must not
             // grow the metrics with made-up table names.
@@ -956,8 +1000,8 @@ impl<S: LogStore> HubCore<S> {
                 String::new()
             };
             let raw_id = raw.id.clone();
-            let kept = raw.clone();
-            let op = match wire::op_from_proto(raw) {
+            let mut kept = raw.clone();
+            let mut op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
                 Err(e) => {
                     control = self.reject(sid, "malformed_op", e.to_string(), raw_id);
@@ -976,7 +1020,13 @@ impl<S: LogStore> HubCore<S> {
             if op.id.seq <= have {
                 continue; // a retry of something already durable
             }
-            if let Some(why) = self.gc_untrusted(&node) {
+            // A publish-only node that missed collected deletes cannot be
+            // re-snapshotted (it applies nothing): the hub judges its writes
+            // against its own merged state instead ([`RowState::loses_update`]).
+            let untrusted = self.gc_untrusted(&node);
+            if let Some(why) = untrusted.clone()
+                && !(publish_only && self.tables.contains_key(&op.table))
+            {
                 self.gc.stats.refused += 1;
                 control = self.reject(sid, "missed_collected_tombstones", why, raw_id);
                 break;
@@ -998,6 +1048,14 @@ impl<S: LogStore> HubCore<S> {
                 // Only the op log holds this table's rows: never compact it.
                 self.gc.unmerged = true;
                 batch.put(K_GC_UNMERGED.to_vec(), vec![1]);
+            }
+            if untrusted.is_some() && self.loses_update(&op, &mut rows)? {
+                op.fields.clear();
+                kept = wire::op_to_proto(&op);
+                dropped_n += 1;
+                if dropped.is_none() {
+                    dropped = Some((op.id.clone(), op.table.clone(), op.key.clone()));
+                }
             }
             self.merge(&op, &mut rows, &mut batch)?;
             if chunk.len() == OPS_PER_KEY {
@@ -1040,6 +1098,15 @@ impl<S: LogStore> HubCore<S> {
             self.vv.set(node.clone(), have);
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.sent.advance(&node, have);
+            }
+            if let Some((id, table, key)) = dropped {
+                self.gc.stats.writes_dropped += dropped_n;
+                self.gc.notices.push_back(format!(
+                    "publish-only node {node}: {dropped_n} write(s) (first: {id} to table \
+                     {table} key {key:?}) update rows whose deletes the mesh garbage-collected \
+                     while the node was away; delete_wins: the hub drops them and the rows stay \
+                     deleted everywhere else (the node's own database keeps its copy)"
+                ));
             }
             self.nodes
                 .entry(node.clone())
@@ -1227,6 +1294,7 @@ impl<S: LogStore> HubCore<S> {
             gc_cut_advanced_unix_ms: self.gc.stats.cut_advanced_ms,
             gc_snapshots_served: self.gc.stats.snapshots_served,
             gc_ops_compacted: self.gc.stats.ops_compacted,
+            gc_writes_dropped: self.gc.stats.writes_dropped,
             ..Default::default()
         }
     }
@@ -1513,10 +1581,17 @@ impl<S: LogStore> HubCore<S> {
              (it was silent longer than tombstone_grace_hours = {} h, or joined after collection \
              began); merging them could bring deleted rows back, so the hub refuses them. They \
              stay in the node's log: a bidirectional node is re-snapshotted from the hub on its \
-             next connection and then sends them; a publish-only node cannot be (it applies \
-             nothing): save its local changes and rebuild it from another replica's database",
+             next connection and then sends them; a publish-only node's writes are judged by \
+             the hub against its merged row states, which it holds only for the tables in its \
+             config: add the table to the hub's tables",
             self.gc.grace_ms / 3_600_000
         ))
+    }
+
+    /// Whether `node` missed deletes the mesh has collected and has not
+    /// been brought back since (its writes are judged or refused).
+    pub fn gc_excluded(&self, node: &NodeId) -> bool {
+        self.gc_untrusted(node).is_some()
     }
 
     /// Lines the shell should log (a re-snapshot started or installed).
@@ -1590,6 +1665,21 @@ impl<S: LogStore> HubCore<S> {
                 self.gc.grace_ms / 3_600_000,
                 held + 1
             )
+        });
+        // Publish-only until now: the hub may have dropped writes of it
+        // that its own row states still hold (or a re-snapshot started
+        // for that reason is not installed yet).
+        let unsent = unsent.or_else(|| {
+            let was_publish = self.nodes.get(node).is_some_and(|r| r.mode == "publish");
+            let resuming = progress.is_some_and(|p| !p.installed && p.id != 0);
+            (untrusted.is_some() && (was_publish || resuming)).then(|| {
+                format!(
+                    "it missed deletes the mesh has garbage-collected (away longer than \
+                     tombstone_grace_hours = {} h) while it was publish-only, so its row \
+                     states may hold writes the hub dropped",
+                    self.gc.grace_ms / 3_600_000
+                )
+            })
         });
         match (unsent, compacted) {
             (Some(a), Some(b)) => Resnap::Needed(format!("{a}, and {b}")),
@@ -2896,6 +2986,139 @@ mod tests {
             // c adopted the hub's vector and is trusted again.
             assert_eq!(c.version_vector().get(&NodeId::new("a").unwrap()), 4);
             assert!(h.gc_untrusted(&NodeId::new("c").unwrap()).is_none());
+        }
+
+        fn node_as(name: &str, deletes: DeletePolicy, mode: Mode, store: MemStore) -> Node {
+            let settings = NodeSettings {
+                name: NodeId::new(name).unwrap(),
+                mode,
+                batch_size: 100,
+                max_clock_drift_ms: 500,
+            };
+            NodeCore::open(settings, vec![info(deletes)], store, 0).unwrap()
+        }
+
+        /// Publish-only p writes rows 1..=3, a applies them; p goes away
+        /// beyond the grace; a deletes row 1, the hub collects it; offline,
+        /// p updates rows 1 and 3; p comes back. Returns hub, a, p.
+        fn publish_scenario(deletes: DeletePolicy) -> (HubCore<MemStore>, Node, Node) {
+            let mut h = gc_hub();
+            h.set_tables(BTreeMap::from([(
+                "t".to_owned(),
+                info(deletes).rules.clone(),
+            )]));
+            h.set_tombstone_grace_ms(1_000);
+            let mut a = node("a", deletes);
+            let mut p = node_as("p", deletes, Mode::Publish, MemStore::default());
+            let sa = connect(&mut h, &mut a);
+            let sp = connect(&mut h, &mut p);
+            let inserts: Vec<CapturedChange> = (1..=3)
+                .map(|i| change(i, ChangeKind::Insert, None, row(i, "v")))
+                .collect();
+            p.handle_captured(later(0), &inserts).unwrap();
+            pump(&mut h, sp, &mut p, later(0), 10);
+            pump(&mut h, sa, &mut a, later(0), 10);
+            assert_eq!(a.version_vector().get(&NodeId::new("p").unwrap()), 3);
+            h.handle_close(sp);
+            p.handle_disconnected(0, 0);
+            a.handle_captured(
+                later(100),
+                &[change(11, ChangeKind::Delete, row(1, "v"), None)],
+            )
+            .unwrap();
+            pump(&mut h, sa, &mut a, later(100), 20);
+            for step in 0..4 {
+                h.handle_gc(later(2_000 + step), 100).unwrap();
+            }
+            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+            assert!(h.gc_untrusted(&NodeId::new("p").unwrap()).is_some());
+            p.handle_captured(
+                later(200),
+                &[
+                    change(4, ChangeKind::Update, row(1, "v"), row(1, "p1")),
+                    change(5, ChangeKind::Update, row(3, "v"), row(3, "p3")),
+                ],
+            )
+            .unwrap();
+            let sp = connect(&mut h, &mut p);
+            pump(&mut h, sp, &mut p, later(2_100), 10);
+            pump(&mut h, sa, &mut a, later(2_100), 20);
+            (h, a, p)
+        }
+
+        #[test]
+        fn a_publish_only_node_that_wrote_while_away_is_judged_by_the_hub() {
+            let (mut h, a, p) = publish_scenario(DeletePolicy::DeleteWins);
+            let rules = info(DeletePolicy::DeleteWins).rules;
+            let pn = NodeId::new("p").unwrap();
+            assert_eq!(h.gc_stats().refused, 0, "accepted, not refused");
+            assert_eq!(h.version_vector().get(&pn), 5, "both writes are held");
+            assert_eq!(h.gc_stats().writes_dropped, 1);
+            let mut notices = Vec::new();
+            while let Some(n) = h.poll_notice() {
+                notices.push(n);
+            }
+            assert!(
+                notices
+                    .iter()
+                    .any(|n| n.contains("publish-only node p returns")),
+                "{notices:?}"
+            );
+            assert!(
+                notices
+                    .iter()
+                    .any(|n| n.contains("1 write(s) (first: p#4 to table t")),
+                "{notices:?}"
+            );
+            assert_eq!(a.version_vector().get(&pn), 5, "a got both");
+            // Row 1 stays deleted; p's update of live row 3 is kept.
+            assert_eq!(visible(&h, &rules, 1), None);
+            assert_eq!(visible(&h, &rules, 3), row(3, "p3"));
+            for id in 1..=3 {
+                assert_eq!(
+                    a.row_state("t", &[Value::Int(id)]).unwrap().visible(&rules),
+                    visible(&h, &rules, id),
+                    "a row {id}"
+                );
+            }
+            // Its own state still has row 1: turned bidirectional, it is
+            // re-snapshotted and drops it too.
+            let mut h2 = h;
+            let mut b = node_as(
+                "p",
+                DeletePolicy::DeleteWins,
+                Mode::Bidirectional,
+                p.into_store(),
+            );
+            assert_eq!(
+                b.row_state("t", &[Value::Int(1)]).unwrap().visible(&rules),
+                row(1, "p1")
+            );
+            let sb = connect(&mut h2, &mut b);
+            pump(&mut h2, sb, &mut b, later(2_300), 10);
+            assert_eq!(b.resnap_progress().map(|p| p.1), Some(true));
+            pump(&mut h2, sb, &mut b, later(2_400), 10);
+            for id in 1..=3 {
+                assert_eq!(
+                    b.row_state("t", &[Value::Int(id)]).unwrap().visible(&rules),
+                    visible(&h2, &rules, id),
+                    "p row {id} after its re-snapshot"
+                );
+            }
+            assert!(h2.gc_untrusted(&pn).is_none());
+        }
+
+        #[test]
+        fn under_update_wins_a_publish_only_nodes_update_brings_the_row_back() {
+            let (h, a, _) = publish_scenario(DeletePolicy::UpdateWins);
+            let rules = info(DeletePolicy::UpdateWins).rules;
+            assert_eq!(h.gc_stats().writes_dropped, 0);
+            let p1 = Some(Map::from([("a".to_owned(), Value::Text("p1".into()))]));
+            assert_eq!(visible(&h, &rules, 1), p1);
+            assert_eq!(
+                a.row_state("t", &[Value::Int(1)]).unwrap().visible(&rules),
+                p1
+            );
         }
 
         #[test]

@@ -374,6 +374,7 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
             "ops_compacted": s.gc_ops_compacted,
             "snapshots_served": s.gc_snapshots_served,
             "refused": s.gc_refused,
+            "writes_dropped": s.gc_writes_dropped,
         },
         "nodes": s.nodes.iter().map(|n| json!({
             "node": n.node,

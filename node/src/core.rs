@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use syncmesh_proto::v1 as pb;
 use syncmesh_resolver::{
-    DeletePolicy, FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, OpKind, RowState,
-    Strategy, TableRules, Value, VersionVector, VisibleRow,
+    FieldWrite, Granularity, HlcClock, NodeId, Ntp64, Op, OpId, RowState, Strategy, TableRules,
+    Value, VersionVector, VisibleRow,
 };
 
 use crate::adapter::{CapturedChange, ChangeKind, RowWrite, TableSchema};
@@ -302,23 +302,10 @@ enum ResnapPhase {
 }
 
 /// Whether `op`, an own write made before this node saw the collected cut,
-/// is an update of a row the collected deletes removed: under
-/// `delete_wins`, an upsert with no `row_pred` (not an insert that
-/// superseded what it saw) whose field writes name writes they replaced
-/// (an update of a row its database showed), to a row whose merged state
-/// has no live write and no tombstone. Every write it saw was superseded
-/// by ops it did not see, ending in a delete whose tombstone is gone;
-/// without collection that tombstone would hide it. An insert of a key
-/// nobody wrote before, made by a node that had seen nothing yet, names no
-/// predecessor at all (row or field) and is kept. ARCHITECTURE.md,
-/// invariant 6.
+/// is an update of a row the collected deletes removed
+/// ([`RowState::loses_update`], shared with the hub).
 fn lost_update(info: &TableInfo, state: &RowState, op: &Op) -> bool {
-    info.rules.deletes == DeletePolicy::DeleteWins
-        && op.kind == OpKind::Upsert
-        && op.row_pred.is_empty()
-        && op.fields.iter().any(|f| !f.pred.is_empty())
-        && !state.has_tombstone()
-        && state.visible(&info.rules).is_none()
+    state.loses_update(&info.rules, op)
 }
 
 /// Tombstone GC state of a node (in memory: the hub sends its cut again in

@@ -969,6 +969,27 @@ impl RowState {
         self.fields.is_empty() && self.tombstones.is_empty() && self.row_dead.is_empty()
     }
 
+    /// Whether `op`, a write made before its origin saw deletes the mesh
+    /// has garbage-collected (concurrent with them), is an update of a row
+    /// those deletes removed, so that `delete_wins` must drop it (the
+    /// uncollected tombstone would have hidden it): an upsert with no
+    /// `row_pred` (not an insert that superseded what it saw) whose field
+    /// writes name writes they replaced (an update of a row its database
+    /// showed), to a row whose merged state (this one) has no live write
+    /// and no tombstone. Every write it named was superseded by ops its
+    /// origin did not see, ending in a delete whose tombstone is gone. An
+    /// insert of a key nobody wrote before, by an origin that had seen
+    /// nothing yet, names no predecessor at all and is kept. ARCHITECTURE.md,
+    /// invariant 6.
+    pub fn loses_update(&self, rules: &TableRules, op: &Op) -> bool {
+        rules.deletes == DeletePolicy::DeleteWins
+            && op.kind == OpKind::Upsert
+            && op.row_pred.is_empty()
+            && op.fields.iter().any(|f| !f.pred.is_empty())
+            && !self.has_tombstone()
+            && self.visible(rules).is_none()
+    }
+
     /// The visible row under `rules`, or `None` when the row does not exist.
     ///
     /// `delete_wins` hides a row with any live tombstone. Otherwise each

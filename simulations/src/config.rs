@@ -50,6 +50,8 @@ pub struct Overrides {
     pub tombstone_grace_ms: Option<u64>,
     /// Turns every fault off (a baseline run).
     pub no_faults: bool,
+    /// Makes the first node publish-only (at least 3 nodes).
+    pub publish_first: bool,
 }
 
 impl Overrides {
@@ -95,6 +97,9 @@ impl Overrides {
         );
         if self.no_faults {
             s.push_str(" --no-faults");
+        }
+        if self.publish_first {
+            s.push_str(" --publish-first");
         }
         s
     }
@@ -214,10 +219,8 @@ pub struct Params {
     /// hours, so a node whose session is gone longer than that (a long
     /// partition, a crash) is excluded from the stable cut, deletes are
     /// collected without it, and when it returns having written meanwhile
-    /// the hub refuses its ops until it is re-snapshotted. Off on seeds
-    /// with a publish-only node: such a node cannot be re-snapshotted and
-    /// would stay refused (the documented limitation), so the run could
-    /// not converge.
+    /// the hub refuses its ops until it is re-snapshotted (a publish-only
+    /// node's ops are judged by the hub on arrival instead).
     pub tombstone_grace_ms: u64,
 }
 
@@ -232,10 +235,13 @@ impl Params {
                 0.0
             }
         };
-        let nodes = o.nodes.unwrap_or(2 + r.below(4) as usize).max(1);
+        let mut nodes = o.nodes.unwrap_or(2 + r.below(4) as usize).max(1);
+        if o.publish_first {
+            nodes = nodes.max(3);
+        }
         let mut modes = vec![Mode::Bidirectional; nodes];
         if nodes >= 3 {
-            if r.chance(0.2) {
+            if r.chance(0.2) || o.publish_first {
                 modes[0] = Mode::Publish;
             }
             if r.chance(0.2) {
@@ -284,9 +290,6 @@ impl Params {
             crash_point_rate: o.crash_points.unwrap_or(crash_point_rate),
             tombstone_grace_ms: o.tombstone_grace_ms.unwrap_or(tombstone_grace_ms),
         };
-        if p.modes.contains(&Mode::Publish) {
-            p.tombstone_grace_ms = 0;
-        }
         if p.node_crashes_per_min <= 0.0 && o.crash_points.is_none() {
             p.crash_point_rate = 0.0;
         }

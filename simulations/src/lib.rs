@@ -120,10 +120,15 @@
 //!   re-snapshots it (`missed_collected_tombstones` refusals are expected
 //!   then, nothing else), the node installs the snapshot, drops the
 //!   updates of rows whose deletes were collected (`lost_update`) and
-//!   sends the rest. Off on seeds with a publish-only node: such a node
-//!   cannot be re-snapshotted and would stay refused (the documented
-//!   limitation). [`RunStats::resnapshots_with_unsent`] counts the
-//!   re-snapshots of nodes that wrote while excluded.
+//!   sends the rest. A publish-only node is never re-snapshotted: once the
+//!   hub excludes it, every row it writes is late (see below) and the hub
+//!   drops its updates of rows whose deletes were collected; the checks
+//!   accept exactly those hub-side rewrites (fields emptied, `delete_wins`,
+//!   no `row_pred`) and merge the rewritten ops in the oracle
+//!   (`--publish-first` forces such a node).
+//!   [`RunStats::resnapshots_with_unsent`] counts the re-snapshots of
+//!   nodes that wrote while excluded, [`RunStats::hub_dropped_batches`]
+//!   the hub's batches that dropped a publish-only node's writes.
 //!
 //! # Workload
 //!

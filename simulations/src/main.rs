@@ -76,13 +76,16 @@ struct Args {
     crash_points: Option<f64>,
     /// The exclusion fault: the hub's tombstone grace in ms, so nodes away
     /// longer are excluded from the stable cut and re-snapshotted on return
-    /// (2000-10000 drawn on some seeds; 0 = off; always off with a
-    /// publish-only node).
+    /// (2000-10000 drawn on some seeds; 0 = off; a publish-only node's
+    /// writes are judged by the hub instead).
     #[arg(long)]
     tombstone_grace_ms: Option<u64>,
     /// Turn every fault off.
     #[arg(long)]
     no_faults: bool,
+    /// Make the first node publish-only (at least 3 nodes).
+    #[arg(long)]
+    publish_first: bool,
     /// Count causality violations (a local write claims to have seen remote
     /// ops merged after it was made) instead of failing the seed.
     #[arg(long)]
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         crash_points: a.crash_points,
         tombstone_grace_ms: a.tombstone_grace_ms,
         no_faults: a.no_faults,
+        publish_first: a.publish_first,
     };
     let seeds: Vec<u64> = match a.seed {
         Some(s) => vec![s],

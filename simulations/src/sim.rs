@@ -134,6 +134,9 @@ pub struct RunStats {
     /// Local writes a node core dropped under `delete_wins` because a
     /// collected delete superseded them (`lost_update`).
     pub dropped_writes: u64,
+    /// Batches in which the hub dropped writes of a returning publish-only
+    /// node under `delete_wins` (its notice lines).
+    pub hub_dropped_batches: u64,
 }
 
 impl RunStats {
@@ -168,12 +171,13 @@ impl RunStats {
         self.resnapshots += o.resnapshots;
         self.resnapshots_with_unsent += o.resnapshots_with_unsent;
         self.dropped_writes += o.dropped_writes;
+        self.hub_dropped_batches += o.hub_dropped_batches;
     }
 
     /// One line of fault and traffic counters.
     pub fn faults_line(&self) -> String {
         format!(
-            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows, {} GC cuts, {} row states collected at the hub and {} at nodes, {} refusals of nodes that missed collected tombstones, {} re-snapshots installed ({} holding writes made while excluded), {} writes dropped under delete_wins",
+            "{} partitions, {} node crashes, {} hub crashes, {} clock jumps, {} connection resets, {} lost acks, {} replays, {} keepalive timeouts, {} clock-drift refusals, {} stream replacements, {} stale-session messages, {} writes racing an apply, {} connects, {} messages, {} applied rows, {} GC cuts, {} row states collected at the hub and {} at nodes, {} refusals of nodes that missed collected tombstones, {} re-snapshots installed ({} holding writes made while excluded), {} writes dropped under delete_wins, {} hub batches dropping a publish-only node's writes",
             self.partitions,
             self.node_crashes,
             self.hub_crashes,
@@ -195,7 +199,8 @@ impl RunStats {
             self.gc_refusals,
             self.resnapshots,
             self.resnapshots_with_unsent,
-            self.dropped_writes
+            self.dropped_writes,
+            self.hub_dropped_batches
         )
     }
 }
@@ -254,6 +259,10 @@ struct SimNode {
     /// database yet: a local write now may still be made from a view older
     /// than the snapshot (until the core has no dirty rows left).
     resnap_unapplied: bool,
+    /// A publish-only node the hub excluded from the stable cut: from then
+    /// on its writes are concurrent with collected deletes (it never sees
+    /// any), so every row it writes is late.
+    excluded_publish: bool,
 }
 
 struct SimHub {
@@ -474,6 +483,7 @@ impl Sim {
                 held: VersionVector::default(),
                 dropped: std::collections::BTreeSet::new(),
                 resnap_unapplied: false,
+                excluded_publish: false,
             })
             .collect::<Vec<_>>();
         let hub = SimHub {
@@ -864,7 +874,7 @@ impl Sim {
         }
         if let Some(info) = self.tables.iter().find(|t| t.schema.name == ch.table) {
             let exp = workload::expected_ops(info, &ch, &node.held);
-            if node.resnap_unapplied {
+            if node.resnap_unapplied || node.excluded_publish {
                 // Possibly made from a database view older than the
                 // installed re-snapshot: a write concurrent with collected
                 // deletes, like one made while excluded.
@@ -1928,7 +1938,22 @@ impl Sim {
             notices.push(line);
         }
         let sessions = core.sessions();
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if n.mode != Mode::Publish || n.excluded_publish || !core.gc_excluded(&n.name) {
+                continue;
+            }
+            // Every write the hub does not hold yet is judged on arrival.
+            let held = core.version_vector().get(&n.name) as usize;
+            for e in n.expected.iter().skip(held) {
+                self.late_rows.insert((e.table.clone(), e.key.clone()));
+            }
+            self.nodes[i].excluded_publish = true;
+        }
         for line in notices {
+            if line.starts_with("publish-only node ") && line.contains(" write(s) (first: ") {
+                self.stats.hub_dropped_batches += 1;
+            }
             self.log(format!("hub notice: {line}"));
         }
         for (sid, reason) in closes {
