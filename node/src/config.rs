@@ -99,6 +99,8 @@ pub struct HubConfig {
     /// A writer silent for longer no longer holds back tombstone garbage
     /// collection (`tombstone_grace_hours`, default 168 = 7 days).
     pub tombstone_grace_hours: u64,
+    /// `hub.tls`: serve gRPC over TLS (files read and checked at load).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// One entry of `nodes`: a sidecar next to one database.
@@ -118,6 +120,12 @@ pub struct NodeConfig {
     pub database: DatabaseConfig,
     /// Where to serve Prometheus text at `/metrics`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// `tls`: how to speak TLS to an `https://` hub (a private CA, a client
+    /// certificate); `None` with `https://` trusts the webpki roots.
+    pub tls: Option<crate::tls::ClientTls>,
+    /// Where this node's settings are in the file (`nodes[0]`), for
+    /// messages that say what to change.
+    pub at: String,
 }
 
 /// Which directions a node syncs.
@@ -921,6 +929,36 @@ struct RawHub {
     metrics: Option<Parsed<SocketAddr>>,
     #[serde(default)]
     tombstone_grace_hours: Option<u64>,
+    #[serde(default)]
+    tls: Option<RawHubTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tls map with cert and key (PEM files) and optionally client_ca"
+)]
+struct RawHubTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tls map with ca, cert, key and server_name (each optional)"
+)]
+struct RawNodeTls {
+    #[serde(default)]
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -939,6 +977,8 @@ struct RawNode {
     database: Checked<RawDatabase>,
     #[serde(default)]
     metrics: Option<Parsed<SocketAddr>>,
+    #[serde(default)]
+    tls: Option<RawNodeTls>,
 }
 
 #[derive(Deserialize)]
@@ -1619,8 +1659,25 @@ impl<'de> Deserialize<'de> for FieldMap {
 // Cross-checks, secrets from files, path resolution
 // ---------------------------------------------------------------------------
 
-fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Config, String> {
-    let hub = raw.hub.map(|Checked(h)| HubConfig {
+fn build(mut raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Config, String> {
+    let hub = match raw.hub.take() {
+        Some(Checked(h)) => Some(build_hub(h, base)?),
+        None => None,
+    };
+    build_rest(raw, hub, source, base)
+}
+
+fn build_hub(h: RawHub, base: &Path) -> std::result::Result<HubConfig, String> {
+    let tls = match h.tls {
+        Some(t) => Some(crate::tls::ServerTls::load(
+            resolve_path(base, &t.cert),
+            resolve_path(base, &t.key),
+            t.client_ca.map(|c| resolve_path(base, &c)),
+            "hub.tls",
+        )?),
+        None => None,
+    };
+    Ok(HubConfig {
         name: h
             .name
             .map(|n| n.0.as_str().to_owned())
@@ -1631,8 +1688,41 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
         tombstone_grace_hours: h
             .tombstone_grace_hours
             .unwrap_or(DEFAULT_TOMBSTONE_GRACE_HOURS),
-    });
+        tls,
+    })
+}
 
+fn build_node_tls(
+    t: Option<RawNodeTls>,
+    url: &str,
+    at: &str,
+    base: &Path,
+) -> std::result::Result<Option<crate::tls::ClientTls>, String> {
+    let Some(t) = t else {
+        return Ok(None);
+    };
+    if !crate::tls::is_https(url) {
+        return Err(format!(
+            "{at}.tls is set but {at}.hub `{url}` is plaintext http://: use https:// in {at}.hub to speak TLS to the hub, or remove {at}.tls"
+        ));
+    }
+    let hints = crate::tls::Hints::node(at);
+    crate::tls::ClientTls::load(
+        t.ca.map(|p| resolve_path(base, &p)),
+        t.cert.map(|p| resolve_path(base, &p)),
+        t.key.map(|p| resolve_path(base, &p)),
+        t.server_name,
+        &hints,
+    )
+    .map(Some)
+}
+
+fn build_rest(
+    raw: RawConfig,
+    hub: Option<HubConfig>,
+    source: &str,
+    base: &Path,
+) -> std::result::Result<Config, String> {
     let mut nodes: Vec<NodeConfig> = Vec::with_capacity(raw.nodes.len());
     for (i, Checked(n)) in raw.nodes.into_iter().enumerate() {
         if let Some(j) = nodes.iter().position(|m| m.name == n.name.0) {
@@ -1650,6 +1740,8 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
             ));
         }
         let database = build_database(n.database.0, base, &format!("nodes[{i}].database"))?;
+        let at = format!("nodes[{i}]");
+        let tls = build_node_tls(n.tls, &n.hub.0.0, &at, base)?;
         nodes.push(NodeConfig {
             name: n.name.0,
             hub: n.hub.0.0,
@@ -1658,6 +1750,8 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
             priority: n.priority,
             database,
             metrics: n.metrics.map(|m| m.0),
+            tls,
+            at,
         });
     }
 

@@ -35,6 +35,7 @@ pub mod redis;
 pub mod shell;
 pub mod sqlite;
 pub mod store;
+pub mod tls;
 pub mod typemap;
 pub mod wire;
 
