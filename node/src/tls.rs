@@ -421,7 +421,17 @@ pub fn explain(
             hints.cert, hints.key
         )
     };
-    let message = match find_rustls(err) {
+    // An alert that arrives after the handshake (TLS 1.3 refuses a client
+    // certificate only then) reaches us through h2, which keeps only its
+    // text: rustls's `received fatal alert: NAME`.
+    let from_text = find_rustls(err)
+        .is_none()
+        .then(|| alert_in_text(&chain_text(err)))
+        .flatten();
+    let found = find_rustls(err)
+        .cloned()
+        .or(from_text.map(rustls::Error::AlertReceived));
+    let message = match found.as_ref() {
         Some(rustls::Error::InvalidCertificate(c)) => match c {
             C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension => untrusted(),
             C::NotValidForName | C::NotValidForNameContext { .. } => format!(
@@ -552,6 +562,34 @@ impl Diagnosis {
             _ => None,
         }
     }
+}
+
+/// The alert named in rustls's `received fatal alert: NAME` text.
+fn alert_in_text(text: &str) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    let name = text.split("received fatal alert: ").nth(1)?;
+    let name: String = name
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    [
+        A::CertificateRequired,
+        A::BadCertificate,
+        A::UnknownCA,
+        A::CertificateUnknown,
+        A::AccessDenied,
+        A::DecryptError,
+        A::HandshakeFailure,
+        A::UnsupportedCertificate,
+        A::CertificateExpired,
+        A::CertificateRevoked,
+        A::ProtocolVersion,
+        A::DecodeError,
+        A::IllegalParameter,
+        A::InternalError,
+    ]
+    .into_iter()
+    .find(|a| format!("{a:?}") == name)
 }
 
 /// The `host:port` of an `http(s)://` URL.
