@@ -2330,6 +2330,221 @@ conflicts:
         assert!(!e.contains("pw"), "{e}");
     }
 
+    /// A directory with `ca.pem`, `cert.pem` + `key.pem` (signed by it),
+    /// `other.key` (a key of no certificate) and `junk.pem` (not PEM).
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let w = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        w("ca.pem", &ca.pem());
+        w("cert.pem", &cert.pem());
+        w("key.pem", &key.serialize_pem());
+        w(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        w("junk.pem", "not a certificate\n");
+        w(
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        dir
+    }
+
+    fn tls_node(hub: &str, tls: &str) -> String {
+        format!(
+            "nodes:\n  - name: a\n    hub: {hub}\n    data_dir: d\n    tls: {tls}\n{SQLITE_DB}tables:\n  - name: t\n"
+        )
+    }
+
+    fn tls_hub(tls: &str) -> String {
+        format!(
+            "hub:\n  listen: 127.0.0.1:7700\n  data_dir: h\n  tls: {tls}\ntables:\n  - name: t\n"
+        )
+    }
+
+    fn parse_in(dir: &Path, text: &str) -> Result<Config> {
+        Config::parse_with_env(text, "t", dir, env)
+    }
+
+    #[test]
+    fn tls_settings_are_read_relative_to_the_file() {
+        let dir = tls_files();
+        let c = parse_in(
+            dir.path(),
+            &tls_node(
+                "https://localhost:7700",
+                "{ ca: ca.pem, cert: cert.pem, key: key.pem, server_name: localhost }",
+            ),
+        )
+        .unwrap();
+        let tls = c.nodes[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        assert!(tls.has_client_cert());
+        assert_eq!(tls.server_name.as_deref(), Some("localhost"));
+        assert_eq!(c.nodes[0].at, "nodes[0]");
+        // Debug never shows key material.
+        assert!(!format!("{c:?}").contains("PRIVATE KEY"));
+        let c = parse_in(
+            dir.path(),
+            &tls_hub("{ cert: cert.pem, key: key.pem, client_ca: ca.pem }"),
+        )
+        .unwrap();
+        let hub = c.hub().unwrap().tls.as_ref().unwrap();
+        assert!(hub.is_mutual());
+        assert_eq!(hub.cert, dir.path().join("cert.pem"));
+        // No tls: plaintext as before; https without tls: webpki roots.
+        let c = parse_in(dir.path(), &with_node(SQLITE_DB)).unwrap();
+        assert!(c.nodes[0].tls.is_none());
+    }
+
+    #[test]
+    fn tls_on_an_http_url_is_an_error() {
+        let dir = tls_files();
+        let e = parse_in(dir.path(), &tls_node("http://h:1", "{ ca: ca.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config t: nodes[0].tls is set but nodes[0].hub `http://h:1` is plaintext http://: use https:// in nodes[0].hub to speak TLS to the hub, or remove nodes[0].tls"
+        );
+    }
+
+    #[test]
+    fn tls_files_missing_unreadable_or_not_pem_are_errors() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: nope.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config t: nodes[0].tls.ca: {d}/nope.pem does not exist: fix the path or create the file"
+            )
+        );
+        // A directory cannot be read as a file.
+        std::fs::create_dir(dir.path().join("adir")).unwrap();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: adir }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("nodes[0].tls.ca: cannot read {d}/adir (")),
+            "{e}"
+        );
+        assert!(e.ends_with("make it readable by this process"), "{e}");
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: junk.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("nodes[0].tls.ca: {d}/junk.pem holds no PEM certificate: give a PEM file with a -----BEGIN CERTIFICATE----- block")),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: broken.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "nodes[0].tls.ca: {d}/broken.pem is not valid PEM ("
+            )),
+            "{e}"
+        );
+        // A certificate where the key belongs.
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ cert: cert.pem, key: cert.pem }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "nodes[0].tls.key: {d}/cert.pem holds no PEM private key ("
+            )),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: junk.pem, key: key.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "hub.tls.cert: {d}/junk.pem holds no PEM certificate"
+            )),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: cert.pem, key: missing.key }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("hub.tls.key: {d}/missing.key does not exist")),
+            "{e}"
+        );
+        let e = parse_in(
+            dir.path(),
+            &tls_hub("{ cert: cert.pem, key: key.pem, client_ca: junk.pem }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hub.tls.client_ca: "), "{e}");
+    }
+
+    #[test]
+    fn tls_key_without_cert_and_mismatched_keys_are_errors() {
+        let dir = tls_files();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ key: key.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config t: nodes[0].tls.key is set without nodes[0].tls.cert: give both (a client certificate and its key) or neither"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ cert: cert.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nodes[0].tls.cert is set without nodes[0].tls.key"),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: cert.pem, key: other.key }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "hub.tls: the key {}/other.key does not fit the certificate",
+                dir.path().display()
+            )),
+            "{e}"
+        );
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ cert: cert.pem, key: other.key }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nodes[0].tls.key: the key"), "{e}");
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ server_name: \"a b\" }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nodes[0].tls.server_name: `a b` is not a DNS name or IP address"),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ cafile: ca.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cafile"), "{e}");
+    }
+
     #[test]
     fn url_and_url_file_are_exclusive() {
         let e = err(&with_node(
