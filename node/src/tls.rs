@@ -529,6 +529,10 @@ pub enum Diagnosis {
     /// A plaintext connection failed (and was not refused): the hub may
     /// speak TLS; [`Diagnosis::resolve`] asks it.
     MaybeTlsHub,
+    /// A TLS connection failed without a TLS reason in the error (the
+    /// server's alert was lost in a closed connection):
+    /// [`Diagnosis::resolve`] repeats the handshake alone to read it.
+    MaybeTlsRefusal(Option<ClientTls>),
     /// Nothing TLS about it.
     Other,
 }
@@ -544,10 +548,13 @@ pub fn diagnose(
     if let Some(m) = explain(err, url, tls, hints) {
         return Diagnosis::Tls(m);
     }
-    if !is_https(url) && find_io_kind(err) != Some(std::io::ErrorKind::ConnectionRefused) {
-        return Diagnosis::MaybeTlsHub;
+    if find_io_kind(err) == Some(std::io::ErrorKind::ConnectionRefused) {
+        return Diagnosis::Other;
     }
-    Diagnosis::Other
+    if is_https(url) {
+        return Diagnosis::MaybeTlsRefusal(tls.cloned());
+    }
+    Diagnosis::MaybeTlsHub
 }
 
 impl Diagnosis {
@@ -559,6 +566,7 @@ impl Diagnosis {
             Diagnosis::MaybeTlsHub if probe_tls(url).await => {
                 Some(plaintext_to_tls_hub(url, hints))
             }
+            Diagnosis::MaybeTlsRefusal(tls) => probe_handshake(url, tls.as_ref(), hints).await,
             _ => None,
         }
     }
@@ -633,6 +641,63 @@ pub async fn probe_tls(url: &str) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// Repeats the TLS handshake with the hub at `url` alone (as `tls`
+/// says), then waits for what the hub sends first without sending
+/// anything: a hub that refuses the client (a missing or unknown client
+/// certificate) sends its alert then, and nothing can close the
+/// connection before it is read. The explanation, if it is a TLS failure.
+pub async fn probe_handshake(url: &str, tls: Option<&ClientTls>, hints: &Hints) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let addr = authority(url)?;
+    let host = match tls.and_then(|t| t.server_name.clone()) {
+        Some(n) => n,
+        None => {
+            let (h, _) = addr.rsplit_once(':')?;
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        }
+    };
+    let name = ServerName::try_from(host).ok()?;
+    let none = Path::new("");
+    let mut roots = rustls::RootCertStore::empty();
+    match tls.and_then(|t| t.ca_pem.as_ref()) {
+        Some(pem) => {
+            roots.add_parsable_certificates(parse_certs(pem, none, "ca").ok()?);
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match tls.and_then(|t| t.cert_pem.as_ref().zip(t.key_pem.as_ref())) {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                parse_certs(cert, none, "cert").ok()?,
+                parse_key(key, none, "key").ok()?,
+            )
+            .ok()?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr.as_str()).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let mut stream = match connector.connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => return explain(&e, url, tls, hints),
+        };
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf).await {
+            Err(e) => explain(&e, url, tls, hints),
+            Ok(_) => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The line for a plaintext client whose hub speaks TLS.
