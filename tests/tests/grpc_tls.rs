@@ -346,6 +346,17 @@ async fn a_node_trusting_the_wrong_ca_is_told_the_certificate_is_not_trusted() -
             https(port)
         )
     );
+    // And `syncmesh check` (the binary) prints it as the node's FAIL line.
+    let config_path = p(&dir.path().join("syncmesh.yaml"));
+    let (ok, out, err) = cli(&["check", "--config", &config_path, "--name", "wrongca-a"]).await?;
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "FAIL node wrongca-a: hub {}: certificate not trusted: set nodes[0].tls.ca to the CA that signed the hub's certificate",
+            https(port)
+        )),
+        "stdout: {out}\nstderr: {err}"
+    );
     a.close().await;
     b.close().await;
     stop(hub, nodes).await
