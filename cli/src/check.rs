@@ -81,7 +81,7 @@ pub async fn run(path: &Path, only: Option<&str>) -> Result<bool> {
                 }
             }
         }
-        match mesh::hub_status(&n.hub).await {
+        match mesh::hub_status_at(&mesh::HubTarget::of_node(n)).await {
             Ok(s) => println!(
                 "ok   node {}: hub {} reachable (hub {}, {} ops held)",
                 n.name, n.hub, s.hub, s.total_ops

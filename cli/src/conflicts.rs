@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::json;
 use syncmesh_node::wire;
 use syncmesh_proto::v1 as pb;
@@ -40,15 +40,16 @@ pub async fn fetch(
     table: Option<&str>,
     since_unix_ms: u64,
 ) -> Result<pb::ConflictsReply> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("hub URL {url:?} is not a valid URL: use http://HOST:PORT"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the hub at {url} ({e}): is `syncmesh hub` running and is the URL right?"
-        )
-    })?;
+    fetch_at(&crate::mesh::HubTarget::plain(url), table, since_unix_ms).await
+}
+
+/// Asks the hub `target` names for conflict records.
+pub async fn fetch_at(
+    target: &crate::mesh::HubTarget,
+    table: Option<&str>,
+    since_unix_ms: u64,
+) -> Result<pb::ConflictsReply> {
+    let channel = target.channel(Duration::from_secs(10)).await?;
     let reply = SyncClient::new(channel)
         .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
         .conflicts(pb::ConflictsRequest {
@@ -56,9 +57,11 @@ pub async fn fetch(
             since_unix_ms,
             limit: 0,
         })
-        .await
-        .map_err(|s| anyhow::anyhow!("hub at {url} refused the conflicts call: {}", s.message()))?;
-    Ok(reply.into_inner())
+        .await;
+    match reply {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(target.call_error("conflicts", s).await),
+    }
 }
 
 fn value(v: &Option<pb::Value>) -> Value {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use syncmesh_node::config::Config;
 
 /// mimalloc instead of glibc malloc: the cores allocate many small,
@@ -32,6 +32,30 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+/// How to speak TLS to an `https://` hub.
+#[derive(Args, Clone, Debug, Default)]
+struct TlsFlags {
+    /// PEM file of the CA that signed the hub's certificate (default: the
+    /// public webpki roots).
+    #[arg(long, value_name = "PATH")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate, for a hub with hub.tls.client_ca (with --key).
+    #[arg(long, value_name = "PATH")]
+    cert: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// The name the hub's certificate must carry (default: the URL's host).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsFlags {
+    fn target(self, hub: &str) -> anyhow::Result<mesh::HubTarget> {
+        mesh::HubTarget::from_flags(hub, self.ca, self.cert, self.key, self.tls_server_name)
+    }
 }
 
 #[derive(Subcommand)]
@@ -73,9 +97,11 @@ enum Command {
     /// the last 24 hours, as the hub sees them. Exits non-zero if the hub
     /// cannot be reached.
     Status {
-        /// Hub URL, e.g. http://127.0.0.1:7700
+        /// Hub URL, e.g. http://127.0.0.1:7700 (https:// for a TLS hub)
         #[arg(long)]
         hub: String,
+        #[command(flatten)]
+        tls: TlsFlags,
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
@@ -85,9 +111,11 @@ enum Command {
     },
     /// List the conflict records a hub holds, newest first.
     Conflicts {
-        /// Hub URL, e.g. http://127.0.0.1:7700
+        /// Hub URL, e.g. http://127.0.0.1:7700 (https:// for a TLS hub)
         #[arg(long)]
         hub: String,
+        #[command(flatten)]
+        tls: TlsFlags,
         /// Only this table.
         #[arg(long)]
         table: Option<String>,
@@ -240,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Conflicts {
             hub,
+            tls,
             table,
             since,
             json,
@@ -249,7 +278,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(s) => conflicts::parse_since(&s, std::time::SystemTime::now())?,
                 None => 0,
             };
-            let reply = conflicts::fetch(&hub, table.as_deref(), since_ms).await?;
+            let target = tls.target(&hub)?;
+            let reply = conflicts::fetch_at(&target, table.as_deref(), since_ms).await?;
             if json {
                 println!(
                     "{}",
@@ -263,20 +293,24 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Status {
             hub,
+            tls,
             json,
             watch: true,
         } => {
             init_logs(cli.log_format, "warn");
-            mesh::watch_status(&hub, json, shutdown_signal()).await?;
+            let target = tls.target(&hub)?;
+            mesh::watch_status(&target, json, shutdown_signal()).await?;
             Ok(true)
         }
         Command::Status {
             hub,
+            tls,
             json,
             watch: false,
         } => {
             init_logs(cli.log_format, "warn");
-            let status = mesh::hub_status(&hub).await?;
+            let target = tls.target(&hub)?;
+            let status = mesh::hub_status_at(&target).await?;
             if json {
                 println!(
                     "{}",
@@ -292,6 +326,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS user in the process (gRPC links,
+    // database connections): ring.
+    syncmesh_node::tls::install_ring_provider();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

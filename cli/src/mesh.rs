@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
 use syncmesh_hub::core::HubSettings;
 use syncmesh_hub::server::{HubHandle, HubOptions, start_hub};
 use syncmesh_node::adapter::TableSchema;
-use syncmesh_node::config::{Config, HubConfig};
+
+use syncmesh_node::config::{Config, HubConfig, NodeConfig};
 use syncmesh_node::shell::NodeHandle;
 use syncmesh_node::sqlite::SqliteAdapter;
+use syncmesh_node::tls::{ClientTls, Hints};
 use syncmesh_proto::v1 as pb;
 use syncmesh_proto::v1::sync_client::SyncClient;
 use syncmesh_resolver::{NodeId, Value};
@@ -46,26 +49,116 @@ pub fn hub_settings_from(cfg: &Config, hub: &HubConfig) -> Result<(HubSettings, 
             .iter()
             .map(|n| (n.name.clone(), n.mode.as_str().to_owned()))
             .collect(),
+        tls: hub.tls.clone(),
     };
     Ok((settings, options))
 }
 
+/// How a command-line client reaches a hub: its URL and, for `https://`,
+/// the TLS settings (`--ca`, `--cert`, `--key`, or a node's `tls` map).
+#[derive(Clone, Debug)]
+pub struct HubTarget {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: String,
+    /// TLS settings for an `https://` hub (`None`: the webpki roots).
+    pub tls: Option<ClientTls>,
+    /// Which settings error messages name.
+    pub hints: Hints,
+}
+
+impl HubTarget {
+    /// A plaintext or webpki-roots target, as the flags name it.
+    pub fn plain(url: &str) -> HubTarget {
+        HubTarget {
+            url: url.to_owned(),
+            tls: None,
+            hints: Hints::cli(),
+        }
+    }
+
+    /// The target the flags describe: `--ca`, `--cert`, `--key` and
+    /// `--tls-server-name` (files read and checked now).
+    pub fn from_flags(
+        url: &str,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        server_name: Option<String>,
+    ) -> Result<HubTarget> {
+        let hints = Hints::cli();
+        let tls = if ca.is_none() && cert.is_none() && key.is_none() && server_name.is_none() {
+            None
+        } else {
+            Some(
+                ClientTls::load(ca, cert, key, server_name, &hints)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
+        };
+        Ok(HubTarget {
+            url: url.to_owned(),
+            tls,
+            hints,
+        })
+    }
+
+    /// The hub of the node `n` of a config file.
+    pub fn of_node(n: &NodeConfig) -> HubTarget {
+        HubTarget {
+            url: n.hub.clone(),
+            tls: n.tls.clone(),
+            hints: Hints::node(&n.at),
+        }
+    }
+
+    /// Opens a channel (3 s to connect, `timeout` per call); a TLS failure
+    /// is one line that says what to change.
+    pub async fn channel(&self, timeout: Duration) -> Result<tonic::transport::Channel> {
+        let url = self.url.as_str();
+        let endpoint = syncmesh_node::tls::endpoint(url, self.tls.as_ref(), &self.hints)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(timeout);
+        match endpoint.connect().await {
+            Ok(c) => Ok(c),
+            Err(e) => Err(anyhow::anyhow!("{}", self.failure(&e).await.unwrap_or_else(|| format!(
+                "cannot reach the hub at {url} ({}): is `syncmesh hub` running and is the URL right?",
+                syncmesh_node::tls::chain_text(&e)
+            )))),
+        }
+    }
+
+    /// Why a call failed, when it is a TLS problem: `hub URL: what to do`.
+    async fn failure(&self, err: &(dyn std::error::Error + 'static)) -> Option<String> {
+        let d = syncmesh_node::tls::diagnose(err, &self.url, self.tls.as_ref(), &self.hints);
+        let why = d.resolve(&self.url, &self.hints).await?;
+        Some(format!("hub {}: {why}", self.url))
+    }
+
+    /// An error for a refused call `what`.
+    pub async fn call_error(&self, what: &str, s: tonic::Status) -> anyhow::Error {
+        if let Some(why) = self.failure(&s).await {
+            return anyhow::anyhow!("{why}");
+        }
+        anyhow::anyhow!(
+            "hub at {} refused the {what} call: {}",
+            self.url,
+            s.message()
+        )
+    }
+}
+
 /// Asks the hub at `url` for its status (5 s timeout).
 pub async fn hub_status(url: &str) -> Result<pb::StatusReply> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("hub URL {url:?} is not a valid URL: use http://HOST:PORT"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the hub at {url} ({e}): is `syncmesh hub` running and is the URL right?"
-        )
-    })?;
-    let reply = SyncClient::new(channel)
-        .status(pb::StatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("hub at {url} refused the status call: {}", s.message()))?;
-    Ok(reply.into_inner())
+    hub_status_at(&HubTarget::plain(url)).await
+}
+
+/// Asks the hub `target` names for its status (5 s timeout).
+pub async fn hub_status_at(target: &HubTarget) -> Result<pb::StatusReply> {
+    let channel = target.channel(Duration::from_secs(5)).await?;
+    match SyncClient::new(channel).status(pb::StatusRequest {}).await {
+        Ok(reply) => Ok(reply.into_inner()),
+        Err(s) => Err(target.call_error("status", s).await),
+    }
 }
 
 /// The status as JSON (the same document the hub's web page renders).
@@ -208,7 +301,7 @@ pub fn render_status(s: &pb::StatusReply) -> String {
 /// two seconds until `stop` completes; an unreachable hub is shown as down
 /// and retried.
 pub async fn watch_status(
-    url: &str,
+    target: &HubTarget,
     json: bool,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
@@ -218,7 +311,7 @@ pub async fn watch_status(
         print!("\x1b[2J");
     }
     loop {
-        let text = match hub_status(url).await {
+        let text = match hub_status_at(target).await {
             Ok(s) if json => format!("{}\n", status_json(&s)),
             Ok(s) => render_status(&s),
             Err(e) if json => format!(

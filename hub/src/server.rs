@@ -177,12 +177,15 @@ pub struct HubHandle {
     actor: tokio::task::JoinHandle<Result<()>>,
     /// Set once `wait` saw a task end: the handles must not be polled again.
     stopped: bool,
+    /// Whether it serves TLS (`hub.tls`).
+    tls: bool,
 }
 
 impl HubHandle {
-    /// `http://addr`, the URL nodes dial.
+    /// `http://addr` (`https://addr` with `hub.tls`), the URL nodes dial.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, closes every stream, and waits for the store to close.
@@ -251,6 +254,8 @@ pub struct HubOptions {
     /// The configured nodes (name to mode), for tombstone GC: a configured
     /// writer that never connected holds collection back.
     pub nodes: BTreeMap<syncmesh_resolver::NodeId, String>,
+    /// `hub.tls`: serve gRPC over TLS (with `client_ca`, mutual TLS).
+    pub tls: Option<syncmesh_node::tls::ServerTls>,
 }
 
 /// Opens the store in `data_dir`, binds `listen` and serves.
@@ -351,6 +356,25 @@ where
         tables,
         store,
     } = opened;
+    // TLS first: a bad config starts nothing.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(tls.tonic_config()).map_err(|e| {
+            Error::Server(format!(
+                "cannot set up TLS from hub.tls ({}): check hub.tls.cert, hub.tls.key and hub.tls.client_ca",
+                syncmesh_node::tls::chain_text(&e)
+            ))
+        })?;
+        tracing::info!(
+            mutual = tls.is_mutual(),
+            cert = %tls.cert.display(),
+            "hub serves TLS{}",
+            if tls.is_mutual() { " and requires client certificates signed by hub.tls.client_ca" } else { "" }
+        );
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (actor_stop_tx, actor_stop_rx) = oneshot::channel::<()>();
@@ -394,10 +418,7 @@ where
         .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES);
     let server = tokio::spawn(async move {
-        let res = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true)
+        let res = builder
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
@@ -409,6 +430,7 @@ where
     tracing::info!(%addr, "hub listening");
     Ok(HubHandle {
         stopped: false,
+        tls: options.tls.is_some(),
         addr,
         metrics_addr: metrics.as_ref().map(|m| m.addr),
         metrics,

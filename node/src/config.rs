@@ -99,6 +99,8 @@ pub struct HubConfig {
     /// A writer silent for longer no longer holds back tombstone garbage
     /// collection (`tombstone_grace_hours`, default 168 = 7 days).
     pub tombstone_grace_hours: u64,
+    /// `hub.tls`: serve gRPC over TLS (files read and checked at load).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// One entry of `nodes`: a sidecar next to one database.
@@ -118,6 +120,12 @@ pub struct NodeConfig {
     pub database: DatabaseConfig,
     /// Where to serve Prometheus text at `/metrics`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// `tls`: how to speak TLS to an `https://` hub (a private CA, a client
+    /// certificate); `None` with `https://` trusts the webpki roots.
+    pub tls: Option<crate::tls::ClientTls>,
+    /// Where this node's settings are in the file (`nodes[0]`), for
+    /// messages that say what to change.
+    pub at: String,
 }
 
 /// Which directions a node syncs.
@@ -921,6 +929,36 @@ struct RawHub {
     metrics: Option<Parsed<SocketAddr>>,
     #[serde(default)]
     tombstone_grace_hours: Option<u64>,
+    #[serde(default)]
+    tls: Option<RawHubTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tls map with cert and key (PEM files) and optionally client_ca"
+)]
+struct RawHubTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tls map with ca, cert, key and server_name (each optional)"
+)]
+struct RawNodeTls {
+    #[serde(default)]
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -939,6 +977,8 @@ struct RawNode {
     database: Checked<RawDatabase>,
     #[serde(default)]
     metrics: Option<Parsed<SocketAddr>>,
+    #[serde(default)]
+    tls: Option<RawNodeTls>,
 }
 
 #[derive(Deserialize)]
@@ -1619,8 +1659,25 @@ impl<'de> Deserialize<'de> for FieldMap {
 // Cross-checks, secrets from files, path resolution
 // ---------------------------------------------------------------------------
 
-fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Config, String> {
-    let hub = raw.hub.map(|Checked(h)| HubConfig {
+fn build(mut raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Config, String> {
+    let hub = match raw.hub.take() {
+        Some(Checked(h)) => Some(build_hub(h, base)?),
+        None => None,
+    };
+    build_rest(raw, hub, source, base)
+}
+
+fn build_hub(h: RawHub, base: &Path) -> std::result::Result<HubConfig, String> {
+    let tls = match h.tls {
+        Some(t) => Some(crate::tls::ServerTls::load(
+            resolve_path(base, &t.cert),
+            resolve_path(base, &t.key),
+            t.client_ca.map(|c| resolve_path(base, &c)),
+            "hub.tls",
+        )?),
+        None => None,
+    };
+    Ok(HubConfig {
         name: h
             .name
             .map(|n| n.0.as_str().to_owned())
@@ -1631,8 +1688,41 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
         tombstone_grace_hours: h
             .tombstone_grace_hours
             .unwrap_or(DEFAULT_TOMBSTONE_GRACE_HOURS),
-    });
+        tls,
+    })
+}
 
+fn build_node_tls(
+    t: Option<RawNodeTls>,
+    url: &str,
+    at: &str,
+    base: &Path,
+) -> std::result::Result<Option<crate::tls::ClientTls>, String> {
+    let Some(t) = t else {
+        return Ok(None);
+    };
+    if !crate::tls::is_https(url) {
+        return Err(format!(
+            "{at}.tls is set but {at}.hub `{url}` is plaintext http://: use https:// in {at}.hub to speak TLS to the hub, or remove {at}.tls"
+        ));
+    }
+    let hints = crate::tls::Hints::node(at);
+    crate::tls::ClientTls::load(
+        t.ca.map(|p| resolve_path(base, &p)),
+        t.cert.map(|p| resolve_path(base, &p)),
+        t.key.map(|p| resolve_path(base, &p)),
+        t.server_name,
+        &hints,
+    )
+    .map(Some)
+}
+
+fn build_rest(
+    raw: RawConfig,
+    hub: Option<HubConfig>,
+    source: &str,
+    base: &Path,
+) -> std::result::Result<Config, String> {
     let mut nodes: Vec<NodeConfig> = Vec::with_capacity(raw.nodes.len());
     for (i, Checked(n)) in raw.nodes.into_iter().enumerate() {
         if let Some(j) = nodes.iter().position(|m| m.name == n.name.0) {
@@ -1650,6 +1740,8 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
             ));
         }
         let database = build_database(n.database.0, base, &format!("nodes[{i}].database"))?;
+        let at = format!("nodes[{i}]");
+        let tls = build_node_tls(n.tls, &n.hub.0.0, &at, base)?;
         nodes.push(NodeConfig {
             name: n.name.0,
             hub: n.hub.0.0,
@@ -1658,6 +1750,8 @@ fn build(raw: RawConfig, source: &str, base: &Path) -> std::result::Result<Confi
             priority: n.priority,
             database,
             metrics: n.metrics.map(|m| m.0),
+            tls,
+            at,
         });
     }
 
@@ -2234,6 +2328,221 @@ conflicts:
             "{e}"
         );
         assert!(!e.contains("pw"), "{e}");
+    }
+
+    /// A directory with `ca.pem`, `cert.pem` + `key.pem` (signed by it),
+    /// `other.key` (a key of no certificate) and `junk.pem` (not PEM).
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let w = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        w("ca.pem", &ca.pem());
+        w("cert.pem", &cert.pem());
+        w("key.pem", &key.serialize_pem());
+        w(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        w("junk.pem", "not a certificate\n");
+        w(
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        dir
+    }
+
+    fn tls_node(hub: &str, tls: &str) -> String {
+        format!(
+            "nodes:\n  - name: a\n    hub: {hub}\n    data_dir: d\n    tls: {tls}\n{SQLITE_DB}tables:\n  - name: t\n"
+        )
+    }
+
+    fn tls_hub(tls: &str) -> String {
+        format!(
+            "hub:\n  listen: 127.0.0.1:7700\n  data_dir: h\n  tls: {tls}\ntables:\n  - name: t\n"
+        )
+    }
+
+    fn parse_in(dir: &Path, text: &str) -> Result<Config> {
+        Config::parse_with_env(text, "t", dir, env)
+    }
+
+    #[test]
+    fn tls_settings_are_read_relative_to_the_file() {
+        let dir = tls_files();
+        let c = parse_in(
+            dir.path(),
+            &tls_node(
+                "https://localhost:7700",
+                "{ ca: ca.pem, cert: cert.pem, key: key.pem, server_name: localhost }",
+            ),
+        )
+        .unwrap();
+        let tls = c.nodes[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        assert!(tls.has_client_cert());
+        assert_eq!(tls.server_name.as_deref(), Some("localhost"));
+        assert_eq!(c.nodes[0].at, "nodes[0]");
+        // Debug never shows key material.
+        assert!(!format!("{c:?}").contains("PRIVATE KEY"));
+        let c = parse_in(
+            dir.path(),
+            &tls_hub("{ cert: cert.pem, key: key.pem, client_ca: ca.pem }"),
+        )
+        .unwrap();
+        let hub = c.hub().unwrap().tls.as_ref().unwrap();
+        assert!(hub.is_mutual());
+        assert_eq!(hub.cert, dir.path().join("cert.pem"));
+        // No tls: plaintext as before; https without tls: webpki roots.
+        let c = parse_in(dir.path(), &with_node(SQLITE_DB)).unwrap();
+        assert!(c.nodes[0].tls.is_none());
+    }
+
+    #[test]
+    fn tls_on_an_http_url_is_an_error() {
+        let dir = tls_files();
+        let e = parse_in(dir.path(), &tls_node("http://h:1", "{ ca: ca.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config t: nodes[0].tls is set but nodes[0].hub `http://h:1` is plaintext http://: use https:// in nodes[0].hub to speak TLS to the hub, or remove nodes[0].tls"
+        );
+    }
+
+    #[test]
+    fn tls_files_missing_unreadable_or_not_pem_are_errors() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: nope.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config t: nodes[0].tls.ca: {d}/nope.pem does not exist: fix the path or create the file"
+            )
+        );
+        // A directory cannot be read as a file.
+        std::fs::create_dir(dir.path().join("adir")).unwrap();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: adir }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("nodes[0].tls.ca: cannot read {d}/adir (")),
+            "{e}"
+        );
+        assert!(e.ends_with("make it readable by this process"), "{e}");
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: junk.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("nodes[0].tls.ca: {d}/junk.pem holds no PEM certificate: give a PEM file with a -----BEGIN CERTIFICATE----- block")),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ ca: broken.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "nodes[0].tls.ca: {d}/broken.pem is not valid PEM ("
+            )),
+            "{e}"
+        );
+        // A certificate where the key belongs.
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ cert: cert.pem, key: cert.pem }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "nodes[0].tls.key: {d}/cert.pem holds no PEM private key ("
+            )),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: junk.pem, key: key.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "hub.tls.cert: {d}/junk.pem holds no PEM certificate"
+            )),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: cert.pem, key: missing.key }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("hub.tls.key: {d}/missing.key does not exist")),
+            "{e}"
+        );
+        let e = parse_in(
+            dir.path(),
+            &tls_hub("{ cert: cert.pem, key: key.pem, client_ca: junk.pem }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hub.tls.client_ca: "), "{e}");
+    }
+
+    #[test]
+    fn tls_key_without_cert_and_mismatched_keys_are_errors() {
+        let dir = tls_files();
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ key: key.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config t: nodes[0].tls.key is set without nodes[0].tls.cert: give both (a client certificate and its key) or neither"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ cert: cert.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nodes[0].tls.cert is set without nodes[0].tls.key"),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_hub("{ cert: cert.pem, key: other.key }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "hub.tls: the key {}/other.key does not fit the certificate",
+                dir.path().display()
+            )),
+            "{e}"
+        );
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ cert: cert.pem, key: other.key }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nodes[0].tls.key: the key"), "{e}");
+        let e = parse_in(
+            dir.path(),
+            &tls_node("https://h:1", "{ server_name: \"a b\" }"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nodes[0].tls.server_name: `a b` is not a DNS name or IP address"),
+            "{e}"
+        );
+        let e = parse_in(dir.path(), &tls_node("https://h:1", "{ cafile: ca.pem }"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cafile"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //!   `handle_*`, output comes out through `poll_*`; time is an argument.
 //! - [`shell`]: the tokio/tonic driver that feeds the core from the database
 //!   and the hub stream.
+//! - [`tls`]: TLS of the gRPC links (hub certificate, node trust and client
+//!   certificates, one-line explanations of failed handshakes).
 
 pub mod adapter;
 pub mod config;
@@ -35,6 +37,7 @@ pub mod redis;
 pub mod shell;
 pub mod sqlite;
 pub mod store;
+pub mod tls;
 pub mod typemap;
 pub mod wire;
 

@@ -236,6 +236,8 @@ pub async fn start_node_with_dialer(
         db,
         schemas: infos.into_iter().map(|i| i.schema).collect(),
         hub_url: cfg.hub.clone(),
+        tls: cfg.tls.clone(),
+        hints: crate::tls::Hints::node(&cfg.at),
         dialer,
         started: tokio::time::Instant::now(),
         batch_size: sync.batch_size,
@@ -272,6 +274,10 @@ struct Shell {
     db: Db,
     schemas: Vec<crate::adapter::TableSchema>,
     hub_url: String,
+    /// How to speak TLS to an `https://` hub.
+    tls: Option<crate::tls::ClientTls>,
+    /// Which settings error messages name.
+    hints: crate::tls::Hints,
     dialer: Option<Dialer>,
     /// Backoff and retry deadlines are ms since this (tokio's clock, so a
     /// simulated runtime controls them); HLCs read the wall clock.
@@ -292,13 +298,18 @@ struct Shell {
     upload: syncmesh_ops::progress::Progress,
 }
 
-async fn connect(url: String, dialer: Option<Dialer>) -> Result<Link> {
+async fn connect(
+    url: String,
+    tls: Option<crate::tls::ClientTls>,
+    hints: crate::tls::Hints,
+    dialer: Option<Dialer>,
+) -> Result<Link> {
     let hub_err = |message: String| Error::Hub {
         url: url.clone(),
         message,
     };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| hub_err(format!("invalid URL: {e}; use http://HOST:PORT")))?
+    let endpoint = crate::tls::endpoint(&url, tls.as_ref(), &hints)
+        .map_err(hub_err)?
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
@@ -308,9 +319,24 @@ async fn connect(url: String, dialer: Option<Dialer>) -> Result<Link> {
         Some(dial) => dial(endpoint).await,
         None => endpoint.connect().await,
     };
-    let channel = channel.map_err(|e| {
-        hub_err(format!("cannot connect ({e}); is the hub running? changes stay queued and are sent on reconnect"))
-    })?;
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            let message = match crate::tls::diagnose(&e, &url, tls.as_ref(), &hints)
+                .resolve(&url, &hints)
+                .await
+            {
+                Some(why) => {
+                    format!("{why}; changes stay queued and are sent once it connects")
+                }
+                None => format!(
+                    "cannot connect ({}); is the hub running? changes stay queued and are sent on reconnect",
+                    crate::tls::chain_text(&e)
+                ),
+            };
+            return Err(hub_err(message));
+        }
+    };
     let mut client = SyncClient::new(channel)
         .max_decoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(syncmesh_proto::MAX_MESSAGE_BYTES);
@@ -320,8 +346,29 @@ async fn connect(url: String, dialer: Option<Dialer>) -> Result<Link> {
         client.sync(ReceiverStream::new(rx)),
     )
     .await
-    .map_err(|_| hub_err("the hub did not answer the sync stream in time".into()))?
-    .map_err(|s| hub_err(format!("sync stream refused: {}", s.message())))?;
+    .map_err(|_| hub_err("the hub did not answer the sync stream in time".into()))?;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(s) => {
+            let message = match crate::tls::diagnose(&s, &url, tls.as_ref(), &hints)
+                .resolve(&url, &hints)
+                .await
+            {
+                Some(why) => {
+                    format!("{why}; changes stay queued and are sent once it connects")
+                }
+                None => match std::error::Error::source(&s) {
+                    Some(src) => format!(
+                        "sync stream refused: {} ({})",
+                        s.message(),
+                        crate::tls::chain_text(src)
+                    ),
+                    None => format!("sync stream refused: {}", s.message()),
+                },
+            };
+            return Err(hub_err(message));
+        }
+    };
     Ok(Link {
         tx,
         inbound: resp.into_inner(),
@@ -370,6 +417,8 @@ impl Shell {
             {
                 connecting = Some(tokio::spawn(connect(
                     self.hub_url.clone(),
+                    self.tls.clone(),
+                    self.hints.clone(),
                     self.dialer.clone(),
                 )));
             }
