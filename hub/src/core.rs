@@ -2868,6 +2868,47 @@ mod tests {
             state.visible(rules)
         }
 
+        /// A hub merging table `t` with a tombstone grace of 1 s.
+        fn grace_hub(deletes: DeletePolicy) -> HubCore<MemStore> {
+            let mut h = gc_hub();
+            h.set_tables(BTreeMap::from([(
+                "t".to_owned(),
+                info(deletes).rules.clone(),
+            )]));
+            h.set_tombstone_grace_ms(1_000);
+            h
+        }
+
+        /// Inserts of rows 1..=3 with `a = "v"`.
+        fn inserts() -> Vec<CapturedChange> {
+            (1..=3)
+                .map(|i| change(i, ChangeKind::Insert, None, row(i, "v")))
+                .collect()
+        }
+
+        /// `other` goes away; a deletes row 1; beyond the grace the hub
+        /// collects it without `other`.
+        fn away_while_a_deletes_row_1(
+            h: &mut HubCore<MemStore>,
+            a: &mut Node,
+            sa: SessionId,
+            other: &mut Node,
+            so: SessionId,
+        ) {
+            h.handle_close(so);
+            other.handle_disconnected(0, 0);
+            a.handle_captured(
+                later(100),
+                &[change(11, ChangeKind::Delete, row(1, "v"), None)],
+            )
+            .unwrap();
+            pump(h, sa, a, later(100), 20);
+            for step in 0..4 {
+                h.handle_gc(later(2_000 + step), 100).unwrap();
+            }
+            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+        }
+
         /// a and c hold rows 1..=3; c goes away beyond the grace; a deletes
         /// row 1 and the hub collects it; offline, c updates rows 1 and 2
         /// (captured), and row 1 again (captured only after the snapshot is
@@ -2876,38 +2917,19 @@ mod tests {
         fn scenario(
             deletes: DeletePolicy,
         ) -> (HubCore<MemStore>, Node, Node, SessionId, Vec<Event>) {
-            let mut h = gc_hub();
-            h.set_tables(BTreeMap::from([(
-                "t".to_owned(),
-                info(deletes).rules.clone(),
-            )]));
-            h.set_tombstone_grace_ms(1_000);
+            let mut h = grace_hub(deletes);
             let mut a = node("a", deletes);
             let mut c = node("c", deletes);
             let sa = connect(&mut h, &mut a);
             let sc = connect(&mut h, &mut c);
-            let inserts: Vec<CapturedChange> = (1..=3)
-                .map(|i| change(i, ChangeKind::Insert, None, row(i, "v")))
-                .collect();
+            let inserts = inserts();
             a.handle_captured(later(0), &inserts).unwrap();
             pump(&mut h, sa, &mut a, later(0), 10);
             pump(&mut h, sc, &mut c, later(0), 10);
             pump(&mut h, sa, &mut a, later(0), 10);
             assert_eq!(c.version_vector().get(&NodeId::new("a").unwrap()), 3);
-            h.handle_close(sc);
-            c.handle_disconnected(0, 0);
-            // a deletes row 1; beyond the grace the hub collects it.
-            a.handle_captured(
-                later(100),
-                &[change(11, ChangeKind::Delete, row(1, "v"), None)],
-            )
-            .unwrap();
-            pump(&mut h, sa, &mut a, later(100), 20);
-            for step in 0..4 {
-                h.handle_gc(later(2_000 + step), 100).unwrap();
-            }
+            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut c, sc);
             assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
-            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
             // c's user writes while its node is away.
             c.handle_captured(
                 later(200),
@@ -3002,35 +3024,17 @@ mod tests {
         /// beyond the grace; a deletes row 1, the hub collects it; offline,
         /// p updates rows 1 and 3; p comes back. Returns hub, a, p.
         fn publish_scenario(deletes: DeletePolicy) -> (HubCore<MemStore>, Node, Node) {
-            let mut h = gc_hub();
-            h.set_tables(BTreeMap::from([(
-                "t".to_owned(),
-                info(deletes).rules.clone(),
-            )]));
-            h.set_tombstone_grace_ms(1_000);
+            let mut h = grace_hub(deletes);
             let mut a = node("a", deletes);
             let mut p = node_as("p", deletes, Mode::Publish, MemStore::default());
             let sa = connect(&mut h, &mut a);
             let sp = connect(&mut h, &mut p);
-            let inserts: Vec<CapturedChange> = (1..=3)
-                .map(|i| change(i, ChangeKind::Insert, None, row(i, "v")))
-                .collect();
+            let inserts = inserts();
             p.handle_captured(later(0), &inserts).unwrap();
             pump(&mut h, sp, &mut p, later(0), 10);
             pump(&mut h, sa, &mut a, later(0), 10);
             assert_eq!(a.version_vector().get(&NodeId::new("p").unwrap()), 3);
-            h.handle_close(sp);
-            p.handle_disconnected(0, 0);
-            a.handle_captured(
-                later(100),
-                &[change(11, ChangeKind::Delete, row(1, "v"), None)],
-            )
-            .unwrap();
-            pump(&mut h, sa, &mut a, later(100), 20);
-            for step in 0..4 {
-                h.handle_gc(later(2_000 + step), 100).unwrap();
-            }
-            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut p, sp);
             assert!(h.gc_untrusted(&NodeId::new("p").unwrap()).is_some());
             p.handle_captured(
                 later(200),

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -20,7 +19,7 @@ use syncmesh_hub::server::HubHandle;
 use syncmesh_node::config::Config;
 use syncmesh_node::shell::{NodeHandle, start_node};
 use syncmesh_node::sqlite::SqliteAdapter;
-use syncmesh_tests::{ORDERS, create_db, free_port, run_syncmesh, wait_until};
+use syncmesh_tests::{ORDERS, captured_logs, create_db, free_port, run_syncmesh, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -33,6 +32,22 @@ struct Pki {
     client_key: PathBuf,
     /// A CA that signed nothing here.
     other_ca: PathBuf,
+}
+
+impl Pki {
+    /// `hub.tls` with the server certificate and key.
+    fn hub_tls(&self) -> String {
+        format!(
+            "{{ cert: \"{}\", key: \"{}\" }}",
+            p(&self.server_cert),
+            p(&self.server_key)
+        )
+    }
+
+    /// `nodes[].tls` trusting `ca`.
+    fn trusting(ca: &Path) -> String {
+        format!("{{ ca: \"{}\" }}", p(ca))
+    }
 }
 
 fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
@@ -57,6 +72,15 @@ fn leaf(
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Log capture on, a temp dir with a fresh PKI in it, and a free port for
+/// the hub.
+fn setup() -> Result<(tempfile::TempDir, Pki, u16)> {
+    captured_logs();
+    let dir = tempfile::tempdir()?;
+    let pki = make_pki(dir.path())?;
+    Ok((dir, pki, free_port()))
 }
 
 fn make_pki(dir: &Path) -> Result<Pki> {
@@ -156,35 +180,6 @@ async fn wait_ids(db: &SqliteAdapter, want: &[i64], what: &str) -> Result<()> {
     wait_until(what, WAIT, || async { Ok(ids(db).await? == want) }).await
 }
 
-/// Log lines of every test in this binary (the shells log on the
-/// runtime's threads, so only a global subscriber sees them).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
-            .with_writer(move || LogSink(sink.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The captured log lines of node `name`.
 fn node_lines(name: &str) -> Vec<String> {
     let logs = captured_logs();
@@ -232,19 +227,12 @@ async fn stop(hub: HubHandle, nodes: Vec<NodeHandle>) -> Result<()> {
 /// converge both ways, and the hub's URL is https.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_sync_through_a_tls_hub() -> Result<()> {
-    captured_logs();
-    let dir = tempfile::tempdir()?;
-    let pki = make_pki(dir.path())?;
-    let port = free_port();
-    let node_tls = format!("{{ ca: \"{}\" }}", p(&pki.ca));
+    let (dir, pki, port) = setup()?;
+    let node_tls = Pki::trusting(&pki.ca);
     let cfg = config(
         dir.path(),
         port,
-        &format!(
-            "{{ cert: \"{}\", key: \"{}\" }}",
-            p(&pki.server_cert),
-            p(&pki.server_key)
-        ),
+        &pki.hub_tls(),
         &[
             NodeSpec {
                 name: "tls-a",
@@ -284,28 +272,21 @@ async fn two_nodes_sync_through_a_tls_hub() -> Result<()> {
 /// check`'s hub probe, say the certificate is not trusted and what to set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_trusting_the_wrong_ca_is_told_the_certificate_is_not_trusted() -> Result<()> {
-    captured_logs();
-    let dir = tempfile::tempdir()?;
-    let pki = make_pki(dir.path())?;
-    let port = free_port();
+    let (dir, pki, port) = setup()?;
     let cfg = config(
         dir.path(),
         port,
-        &format!(
-            "{{ cert: \"{}\", key: \"{}\" }}",
-            p(&pki.server_cert),
-            p(&pki.server_key)
-        ),
+        &pki.hub_tls(),
         &[
             NodeSpec {
                 name: "wrongca-a",
                 url: https(port),
-                tls: format!("{{ ca: \"{}\" }}", p(&pki.other_ca)),
+                tls: Pki::trusting(&pki.other_ca),
             },
             NodeSpec {
                 name: "wrongca-b",
                 url: https(port),
-                tls: format!("{{ ca: \"{}\" }}", p(&pki.ca)),
+                tls: Pki::trusting(&pki.ca),
             },
         ],
     )
@@ -366,10 +347,7 @@ async fn a_node_trusting_the_wrong_ca_is_told_the_certificate_is_not_trusted() -
 /// one is refused (and told what to set); two nodes with one sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_refuses_a_node_without_a_client_certificate() -> Result<()> {
-    captured_logs();
-    let dir = tempfile::tempdir()?;
-    let pki = make_pki(dir.path())?;
-    let port = free_port();
+    let (dir, pki, port) = setup()?;
     let with_cert = format!(
         "{{ ca: \"{}\", cert: \"{}\", key: \"{}\" }}",
         p(&pki.ca),
@@ -389,7 +367,7 @@ async fn mutual_tls_refuses_a_node_without_a_client_certificate() -> Result<()> 
             NodeSpec {
                 name: "mtls-nocert",
                 url: https(port),
-                tls: format!("{{ ca: \"{}\" }}", p(&pki.ca)),
+                tls: Pki::trusting(&pki.ca),
             },
             NodeSpec {
                 name: "mtls-a",
@@ -439,18 +417,11 @@ async fn mutual_tls_refuses_a_node_without_a_client_certificate() -> Result<()> 
 /// plaintext hub: each fails at once with a line naming what to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_and_tls_mismatches_say_what_to_change() -> Result<()> {
-    captured_logs();
-    let dir = tempfile::tempdir()?;
-    let pki = make_pki(dir.path())?;
-    let port = free_port();
+    let (dir, pki, port) = setup()?;
     let cfg = config(
         dir.path(),
         port,
-        &format!(
-            "{{ cert: \"{}\", key: \"{}\" }}",
-            p(&pki.server_cert),
-            p(&pki.server_key)
-        ),
+        &pki.hub_tls(),
         &[NodeSpec {
             name: "plain-node",
             url: http(port),
@@ -504,10 +475,7 @@ async fn plaintext_and_tls_mismatches_say_what_to_change() -> Result<()> {
 /// an http:// URL is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_command_speaks_tls_with_ca_flag() -> Result<()> {
-    captured_logs();
-    let dir = tempfile::tempdir()?;
-    let pki = make_pki(dir.path())?;
-    let port = free_port();
+    let (dir, pki, port) = setup()?;
     let cfg = config(
         dir.path(),
         port,

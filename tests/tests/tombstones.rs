@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -20,7 +19,7 @@ use syncmesh_hub::server::start_hub;
 use syncmesh_node::shell::start_node;
 use syncmesh_node::store::{LogStore, SledStore, prefix_end};
 use syncmesh_resolver::Value;
-use syncmesh_tests::wait_until;
+use syncmesh_tests::{captured_logs, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -175,35 +174,6 @@ async fn node_away_beyond_the_grace_returns_without_resurrecting() -> Result<()>
     let status = hub_status(&mesh.hub_url).await?;
     assert_eq!(status.gc_refused, 0);
     mesh.stop().await
-}
-
-/// Log lines of every test in this binary (the node and hub shells run
-/// on the runtime's threads, so only a global subscriber sees them).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
-            .with_writer(move || LogSink(sink.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 async fn status_of(mesh: &Mesh, node: usize, id: i64) -> Result<Option<Value>> {
