@@ -447,8 +447,7 @@ impl<S: LogStore> HubCore<S> {
         let Some(rules) = self.tables.get(&op.table) else {
             return Ok(false);
         };
-        let rules = rules.clone();
-        Ok(self.load_row(op, rows)?.loses_update(&rules, op))
+        Ok(self.load_row(op, rows)?.loses_update(rules, op))
     }
 
     /// Merges `op` into the hub's row state (in `rows`, flushed with the
@@ -987,6 +986,8 @@ impl<S: LogStore> HubCore<S> {
         let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
         let mut chunk: Vec<pb::Op> = Vec::new();
         let publish_only = self.sessions.get(&sid).is_some_and(|s| s.publish_only);
+        // Trust does not change within a batch.
+        let untrusted = self.gc_untrusted(&node);
         // Writes of an untrusted publish-only node dropped here (the
         // first one's id, table and key for the log line, and how many).
         let mut dropped: Option<(OpId, String, Vec<Value>)> = None;
@@ -1023,12 +1024,11 @@ impl<S: LogStore> HubCore<S> {
             // A publish-only node that missed collected deletes cannot be
             // re-snapshotted (it applies nothing): the hub judges its writes
             // against its own merged state instead ([`RowState::loses_update`]).
-            let untrusted = self.gc_untrusted(&node);
-            if let Some(why) = untrusted.clone()
+            if let Some(why) = &untrusted
                 && !(publish_only && self.tables.contains_key(&op.table))
             {
                 self.gc.stats.refused += 1;
-                control = self.reject(sid, "missed_collected_tombstones", why, raw_id);
+                control = self.reject(sid, "missed_collected_tombstones", why.clone(), raw_id);
                 break;
             }
             if op.id.seq != have + 1 {
@@ -1567,13 +1567,7 @@ impl<S: LogStore> HubCore<S> {
     /// Why `node` may not publish now, if it may not: it did not take part
     /// in the collected cut and has not shown it saw it since.
     fn gc_untrusted(&self, node: &NodeId) -> Option<String> {
-        if self.gc.cut.is_empty()
-            || self
-                .gc
-                .nodes
-                .get(node)
-                .is_some_and(|g| g.joined.dominates(&self.gc.cut.stable))
-        {
+        if !self.gc_excluded(node) {
             return None;
         }
         Some(format!(
@@ -1591,7 +1585,12 @@ impl<S: LogStore> HubCore<S> {
     /// Whether `node` missed deletes the mesh has collected and has not
     /// been brought back since (its writes are judged or refused).
     pub fn gc_excluded(&self, node: &NodeId) -> bool {
-        self.gc_untrusted(node).is_some()
+        !self.gc.cut.is_empty()
+            && !self
+                .gc
+                .nodes
+                .get(node)
+                .is_some_and(|g| g.joined.dominates(&self.gc.cut.stable))
     }
 
     /// Lines the shell should log (a re-snapshot started or installed).

@@ -140,7 +140,7 @@ impl TlsParams {
         verify: TlsVerify,
         root_cert: Option<&Path>,
     ) -> Result<TlsParams, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::provider();
         let verify = match (verify, root_cert) {
             (TlsVerify::None, Some(_)) => TlsVerify::Chain,
             (v, _) => v,
@@ -148,20 +148,11 @@ impl TlsParams {
         let mut roots = rustls::RootCertStore::empty();
         match root_cert {
             Some(path) => {
-                use rustls::pki_types::pem::PemObject;
-                let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                for c in certs {
-                    let c = c.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                let pem = crate::tls::read_file(path, "sslrootcert")?;
+                for c in crate::tls::parse_certs(&pem, path, "sslrootcert")? {
                     roots
                         .add(c)
-                        .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "sslrootcert {} holds no certificate",
-                        path.display()
-                    ));
+                        .map_err(|e| format!("sslrootcert: {}: {e}", path.display()))?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

@@ -34,7 +34,8 @@ pub fn install_ring_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The process's rustls provider (ring unless one was installed).
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
@@ -708,7 +709,8 @@ pub fn plaintext_to_tls_hub(url: &str, hints: &Hints) -> String {
     )
 }
 
-fn read_file(path: &Path, at: &str) -> Result<Vec<u8>, String> {
+/// The bytes of `path`; `at` names the setting in the error.
+pub(crate) fn read_file(path: &Path, at: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             format!(
@@ -724,7 +726,13 @@ fn read_file(path: &Path, at: &str) -> Result<Vec<u8>, String> {
     })
 }
 
-fn parse_certs(pem: &[u8], path: &Path, at: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates of a PEM file (at least one, each a parsable X.509
+/// certificate); `at` names the setting in errors.
+pub(crate) fn parse_certs(
+    pem: &[u8],
+    path: &Path,
+    at: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut certs = Vec::new();
     for item in CertificateDer::pem_slice_iter(pem) {
         match item {

@@ -31,7 +31,7 @@ use std::fmt;
 
 use crate::ids::{IdMap, Killers, Lid};
 use crate::row::{Dead, FieldState, Gone, Live};
-use crate::stored::{Blob, BlobKind, Bytes, Stored};
+use crate::stored::{Bytes, Stored};
 use crate::{Error, Hlc, NodeId, OpId, Result, RowState, Value};
 
 /// The format version written first.
@@ -123,14 +123,21 @@ impl Writer {
                 self.byte(3);
                 self.0.extend_from_slice(&x.to_le_bytes());
             }
-            Stored::Blob(b) => {
-                self.byte(match b.kind() {
-                    BlobKind::Decimal => 4,
-                    BlobKind::Text => 5,
-                    BlobKind::Bytes => 6,
-                    BlobKind::Json => 7,
-                });
+            Stored::Decimal(s) => {
+                self.byte(4);
+                self.bytes(s.as_slice());
+            }
+            Stored::Text(s) => {
+                self.byte(5);
+                self.bytes(s.as_slice());
+            }
+            Stored::Bytes(b) => {
+                self.byte(6);
                 self.bytes(b.as_slice());
+            }
+            Stored::Json(s) => {
+                self.byte(7);
+                self.bytes(s.as_slice());
             }
             Stored::Timestamp(t) => {
                 self.byte(8);
@@ -298,15 +305,11 @@ impl<'a> Reader<'a> {
             id: u128::from_le_bytes(b),
         })
     }
-    /// Checked UTF-8.
-    fn utf8_slice(&mut self) -> R<&'a [u8]> {
-        let b = self.bytes()?;
-        std::str::from_utf8(b).map_err(|_| "text is not UTF-8")?;
-        Ok(b)
-    }
     /// Checked UTF-8, stored.
     fn utf8(&mut self) -> R<Bytes> {
-        Ok(Bytes::new(self.utf8_slice()?))
+        let b = self.bytes()?;
+        std::str::from_utf8(b).map_err(|_| "text is not UTF-8")?;
+        Ok(Bytes::new(b))
     }
     fn stored(&mut self) -> R<Stored> {
         Ok(match self.byte()? {
@@ -321,10 +324,10 @@ impl<'a> Reader<'a> {
                 let b: [u8; 8] = self.raw(8)?.try_into().map_err(|_| "unexpected end")?;
                 Stored::Float(u64::from_le_bytes(b))
             }
-            4 => Stored::Blob(Blob::new(BlobKind::Decimal, self.utf8_slice()?)),
-            5 => Stored::Blob(Blob::new(BlobKind::Text, self.utf8_slice()?)),
-            6 => Stored::Blob(Blob::new(BlobKind::Bytes, self.bytes()?)),
-            7 => Stored::Blob(Blob::new(BlobKind::Json, self.utf8_slice()?)),
+            4 => Stored::Decimal(self.utf8()?),
+            5 => Stored::Text(self.utf8()?),
+            6 => Stored::Bytes(Bytes::new(self.bytes()?)),
+            7 => Stored::Json(self.utf8()?),
             8 => Stored::Timestamp(self.int()?),
             _ => return Err("unknown value tag"),
         })

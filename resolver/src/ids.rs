@@ -232,7 +232,7 @@ const FLAT_MAX: usize = 32;
 
 /// Capacity of a flat [`IdMap`]'s first allocation (a row's field usually
 /// sees several superseded writes).
-const FLAT_FIRST: usize = 16;
+const FLAT_FIRST: usize = 8;
 
 /// A map from row-local op id to `V`, in id order. Small maps are one
 /// sorted vector (one allocation); from [`FLAT_MAX`] entries on, entries

@@ -1,9 +1,8 @@
-//! Values and names as a [`RowState`](crate::RowState) stores them: names
-//! of up to [`INLINE`] bytes and text, bytes, decimals and JSON of up to
-//! [`BLOB_INLINE`] bytes live inside the entry (no allocation to copy one
-//! out of an op, none to free), longer ones in one boxed slice. Converted
-//! to and from [`Value`] at the edges (visible rows, conflict records,
-//! [`RowState::entries`](crate::RowState::entries)).
+//! Values and names as a [`RowState`](crate::RowState) stores them: text
+//! and bytes of up to [`INLINE`] bytes live inside the entry (no
+//! allocation to copy one out of an op, none to free), longer ones in one
+//! boxed slice. Converted to and from [`Value`] at the edges (visible rows,
+//! conflict records, [`RowState::entries`](crate::RowState::entries)).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -73,6 +72,10 @@ impl Bytes {
     pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(self.as_slice()).unwrap_or_default()
     }
+
+    fn to_text(&self) -> String {
+        String::from_utf8_lossy(self.as_slice()).into_owned()
+    }
 }
 
 impl PartialEq for Bytes {
@@ -101,90 +104,6 @@ impl fmt::Debug for Bytes {
     }
 }
 
-/// Bytes of a [`Blob`] held inline (24 bytes in all with its kind, length
-/// and tag).
-pub(crate) const BLOB_INLINE: usize = 21;
-
-/// Which [`Value`] a [`Blob`] holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BlobKind {
-    Decimal,
-    Text,
-    Bytes,
-    Json,
-}
-
-/// The bytes of a decimal, text, byte string or JSON value with their kind,
-/// inline up to [`BLOB_INLINE`] bytes. The kind lives inside so that a
-/// [`Stored`] is 24 bytes, not 32.
-#[derive(Clone)]
-pub(crate) enum Blob {
-    Inline {
-        kind: BlobKind,
-        len: u8,
-        buf: [u8; BLOB_INLINE],
-    },
-    Heap {
-        kind: BlobKind,
-        bytes: Box<[u8]>,
-    },
-}
-
-impl Blob {
-    pub(crate) fn new(kind: BlobKind, b: &[u8]) -> Self {
-        if b.len() <= BLOB_INLINE {
-            let mut buf = [0u8; BLOB_INLINE];
-            buf[..b.len()].copy_from_slice(b);
-            Blob::Inline {
-                kind,
-                len: b.len() as u8,
-                buf,
-            }
-        } else {
-            Blob::Heap {
-                kind,
-                bytes: b.into(),
-            }
-        }
-    }
-
-    pub(crate) fn kind(&self) -> BlobKind {
-        match self {
-            Blob::Inline { kind, .. } | Blob::Heap { kind, .. } => *kind,
-        }
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        match self {
-            Blob::Inline { len, buf, .. } => &buf[..usize::from(*len)],
-            Blob::Heap { bytes, .. } => bytes,
-        }
-    }
-
-    fn to_text(&self) -> String {
-        String::from_utf8_lossy(self.as_slice()).into_owned()
-    }
-}
-
-impl PartialEq for Blob {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind() == other.kind() && self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for Blob {}
-
-impl fmt::Debug for Blob {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:?}({:?})",
-            self.kind(),
-            String::from_utf8_lossy(self.as_slice())
-        )
-    }
-}
-
 /// A [`Value`] as stored in a row state. Equal exactly when the values
 /// are equal (floats by bits, as [`Value`]'s total order).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,9 +113,11 @@ pub(crate) enum Stored {
     Int(i64),
     /// The bits of the float.
     Float(u64),
+    Decimal(Bytes),
+    Text(Bytes),
+    Bytes(Bytes),
+    Json(Bytes),
     Timestamp(i64),
-    /// A decimal, text, byte string or JSON value.
-    Blob(Blob),
 }
 
 impl From<&Value> for Stored {
@@ -206,10 +127,10 @@ impl From<&Value> for Stored {
             Value::Bool(b) => Stored::Bool(*b),
             Value::Int(i) => Stored::Int(*i),
             Value::Float(x) => Stored::Float(x.to_bits()),
-            Value::Decimal(s) => Stored::Blob(Blob::new(BlobKind::Decimal, s.as_bytes())),
-            Value::Text(s) => Stored::Blob(Blob::new(BlobKind::Text, s.as_bytes())),
-            Value::Bytes(b) => Stored::Blob(Blob::new(BlobKind::Bytes, b)),
-            Value::Json(s) => Stored::Blob(Blob::new(BlobKind::Json, s.as_bytes())),
+            Value::Decimal(s) => Stored::Decimal(Bytes::new(s.as_bytes())),
+            Value::Text(s) => Stored::Text(Bytes::new(s.as_bytes())),
+            Value::Bytes(b) => Stored::Bytes(Bytes::new(b)),
+            Value::Json(s) => Stored::Json(Bytes::new(s.as_bytes())),
             Value::Timestamp(t) => Stored::Timestamp(*t),
         }
     }
@@ -222,13 +143,11 @@ impl Stored {
             Stored::Bool(b) => Value::Bool(*b),
             Stored::Int(i) => Value::Int(*i),
             Stored::Float(x) => Value::Float(f64::from_bits(*x)),
+            Stored::Decimal(s) => Value::Decimal(s.to_text()),
+            Stored::Text(s) => Value::Text(s.to_text()),
+            Stored::Bytes(b) => Value::Bytes(b.as_slice().to_vec()),
+            Stored::Json(s) => Value::Json(s.to_text()),
             Stored::Timestamp(t) => Value::Timestamp(*t),
-            Stored::Blob(b) => match b.kind() {
-                BlobKind::Decimal => Value::Decimal(b.to_text()),
-                BlobKind::Text => Value::Text(b.to_text()),
-                BlobKind::Bytes => Value::Bytes(b.as_slice().to_vec()),
-                BlobKind::Json => Value::Json(b.to_text()),
-            },
         }
     }
 }
@@ -248,8 +167,8 @@ mod tests {
 
     #[test]
     fn stored_values_round_trip_inline_and_boxed() {
-        let long = "x".repeat(BLOB_INLINE + 1);
-        let exact = "é".repeat(BLOB_INLINE / 2);
+        let long = "x".repeat(INLINE + 1);
+        let exact = "é".repeat(INLINE / 2);
         for v in [
             Value::Null,
             Value::Bool(true),
@@ -272,23 +191,12 @@ mod tests {
         }
         assert!(matches!(
             Stored::from(&Value::Text(exact)),
-            Stored::Blob(Blob::Inline {
-                kind: BlobKind::Text,
-                ..
-            })
+            Stored::Text(Bytes::Inline { .. })
         ));
         assert!(matches!(
             Stored::from(&Value::Text(long)),
-            Stored::Blob(Blob::Heap {
-                kind: BlobKind::Text,
-                ..
-            })
+            Stored::Text(Bytes::Heap(_))
         ));
-        assert_eq!(std::mem::size_of::<Stored>(), 24);
-        assert_ne!(
-            Stored::from(&Value::Text("1".into())),
-            Stored::from(&Value::Decimal("1".into()))
-        );
         assert_ne!(
             Stored::from(&Value::Float(0.0)),
             Stored::from(&Value::Float(-0.0))

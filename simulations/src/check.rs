@@ -710,9 +710,13 @@ pub fn check_all(
             ));
         }
     }
-    // The oracle of all ops sees the hub's version of those ops; the
+    // The oracle of all ops sees the hub's version of those ops; a
     // publish-only node's own state still holds what it wrote.
-    let own_logs = logs.clone();
+    let own_logs: BTreeMap<&NodeId, Vec<Op>> = nodes
+        .iter()
+        .filter(|n| n.mode == Mode::Publish)
+        .filter_map(|n| Some((n.name, logs.get(n.name)?.clone())))
+        .collect();
     for (origin, k) in hub_dropped {
         if let Some(op) = logs.get_mut(&origin).and_then(|ops| ops.get_mut(k)) {
             op.fields.clear();
