@@ -196,13 +196,41 @@ async fn syncmesh_run(
     let mesh = Mesh::start(a, b, base, &db, capture).await?;
     let src = a.pool(&db).await?;
     let dst = b.pool(&db).await?;
+    let cpu = CpuMeter::start();
     let (inserted, total) = load_and_wait(&src, &dst, rows, batch).await?;
     let rate = rows as f64 / total.as_secs_f64();
     println!(
-        "run {run}: syncmesh (PG A -> node -> hub -> node -> PG B): inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s"
+        "run {run}: syncmesh (PG A -> node -> hub -> node -> PG B): inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s{}",
+        cpu.per_row(rows)
     );
     mesh.stop().await?;
     Ok(rate)
+}
+
+/// The CPU time this process (hub, both nodes and the bench's own
+/// clients; not PostgreSQL) uses over a part of the bench, per row. It
+/// moves less with other load on the machine than the wall-clock rate.
+struct CpuMeter(Option<f64>);
+
+impl CpuMeter {
+    fn start() -> Self {
+        Self(syncmesh_ops::prom::process_cpu_seconds())
+    }
+
+    /// `"; syncmesh process CPU 12.3 s = 24.6 µs per row"`, or nothing
+    /// without `/proc`.
+    fn per_row(&self, rows: u64) -> String {
+        match (self.0, syncmesh_ops::prom::process_cpu_seconds()) {
+            (Some(start), Some(end)) if rows > 0 => {
+                let s = end - start;
+                format!(
+                    "; syncmesh process CPU {s:.2} s = {:.1} µs per row",
+                    s * 1e6 / rows as f64
+                )
+            }
+            _ => String::new(),
+        }
+    }
 }
 
 /// Inserts `rows` rows on A before anything replicates.
@@ -284,11 +312,13 @@ async fn snapshot_runs(
     insert_items(&src, rows, 100_000).await?;
     let dst = b.pool(&db).await?;
     let start = Instant::now();
+    let cpu = CpuMeter::start();
     let mesh = Mesh::start(a, b, base, &db, capture).await?;
     let took = wait_count(&dst, rows, start, Duration::from_millis(100)).await?;
     let ours = rows as f64 / took.as_secs_f64();
     println!(
-        "run {run}: syncmesh initial snapshot of {rows} rows (node start to all on PG B): {took:.2?} -> {ours:.0} rows/s"
+        "run {run}: syncmesh initial snapshot of {rows} rows (node start to all on PG B): {took:.2?} -> {ours:.0} rows/s{}",
+        cpu.per_row(rows)
     );
     mesh.stop().await?;
     Ok((native, ours))
