@@ -172,9 +172,8 @@ fn stat_field(stat: &str) -> impl Fn(usize) -> Option<f64> + '_ {
 }
 
 /// User plus system CPU time (utime, field 14, and stime, 15) of a
-/// `/proc/<pid>/stat` line, in seconds.
-fn cpu_seconds(stat: &str) -> Option<f64> {
-    let field = stat_field(stat);
+/// `/proc/<pid>/stat` line read by [`stat_field`], in seconds.
+fn cpu_seconds(field: impl Fn(usize) -> Option<f64>) -> Option<f64> {
     Some((field(14)? + field(15)?) / USER_HZ)
 }
 
@@ -183,7 +182,9 @@ fn cpu_seconds(stat: &str) -> Option<f64> {
 /// Benchmarks report it per row: it moves less with other load on the
 /// machine than wall-clock rates do.
 pub fn process_cpu_seconds() -> Option<f64> {
-    cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
+    cpu_seconds(stat_field(
+        &std::fs::read_to_string("/proc/self/stat").ok()?,
+    ))
 }
 
 /// `process_*` metrics in the usual names, read from `/proc/self` (empty
@@ -197,7 +198,7 @@ pub fn process_metrics() -> String {
     };
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let field = stat_field(&stat);
-    if let Some(cpu) = cpu_seconds(&stat) {
+    if let Some(cpu) = cpu_seconds(&field) {
         line(
             "process_cpu_seconds_total",
             "counter",
@@ -271,9 +272,9 @@ mod tests {
     fn cpu_seconds_reads_utime_and_stime_after_a_command_with_spaces() {
         // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime …
         let stat = "42 (tokio rt) worker) S 1 42 42 0 -1 4194560 10 0 0 0 250 125 0 0 20 0 3 0 99";
-        assert_eq!(cpu_seconds(stat), Some(3.75));
-        assert_eq!(cpu_seconds("42 (short) S 1"), None);
-        assert_eq!(cpu_seconds(""), None);
+        assert_eq!(cpu_seconds(stat_field(stat)), Some(3.75));
+        assert_eq!(cpu_seconds(stat_field("42 (short) S 1")), None);
+        assert_eq!(cpu_seconds(stat_field("")), None);
         assert!(process_cpu_seconds().is_some_and(|s| s >= 0.0));
     }
 
