@@ -98,10 +98,12 @@ async fn native_run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu = CpuMeter::start();
     let (inserted, total) = load_and_wait(&src, &dst, rows, batch).await?;
     let rate = rows as f64 / total.as_secs_f64();
     println!(
-        "run {run}: native logical replication: inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s"
+        "run {run}: native logical replication: inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s{}",
+        cpu.per_row(rows, false)
     );
     b.exec(&db, &format!("DROP SUBSCRIPTION bench_{run}"))
         .await?;
@@ -201,35 +203,80 @@ async fn syncmesh_run(
     let rate = rows as f64 / total.as_secs_f64();
     println!(
         "run {run}: syncmesh (PG A -> node -> hub -> node -> PG B): inserts {inserted:.2?}, complete after {total:.2?} -> {rate:.0} rows/s{}",
-        cpu.per_row(rows)
+        cpu.per_row(rows, true)
     );
     mesh.stop().await?;
     Ok(rate)
 }
 
-/// The CPU time this process (hub, both nodes and the bench's own
-/// clients; not PostgreSQL) uses over a part of the bench, per row. It
-/// moves less with other load on the machine than the wall-clock rate.
-struct CpuMeter(Option<f64>);
+/// The CPU time used over a part of the bench, per row: this process's
+/// (hub, both nodes and the bench's own clients; not PostgreSQL) and the
+/// whole machine's (every core busy, PostgreSQL included: the figure to
+/// compare between syncmesh and native replication, which runs inside
+/// PostgreSQL). Both move less with other load than the wall-clock rate.
+struct CpuMeter {
+    process_s: Option<f64>,
+    machine_s: Option<f64>,
+}
+
+/// Busy CPU seconds of every core from the first line of `/proc/stat`
+/// (`cpu user nice system idle iowait irq softirq steal …`, in ticks of
+/// `ticks_per_s`): all but idle and iowait. `None` for another format.
+fn machine_busy_seconds(proc_stat: &str, ticks_per_s: f64) -> Option<f64> {
+    let line = proc_stat.lines().next()?;
+    let mut it = line.split_whitespace();
+    if it.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = it.map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    if ticks.len() < 8 {
+        return None;
+    }
+    // user, nice, system, irq, softirq, steal (guest time is in user).
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Some(busy as f64 / ticks_per_s)
+}
+
+fn machine_now() -> Option<f64> {
+    // USER_HZ is 100 on every Linux ABI the project builds for.
+    machine_busy_seconds(&std::fs::read_to_string("/proc/stat").ok()?, 100.0)
+}
 
 impl CpuMeter {
     fn start() -> Self {
-        Self(syncmesh_ops::prom::process_cpu_seconds())
+        Self {
+            process_s: syncmesh_ops::prom::process_cpu_seconds(),
+            machine_s: machine_now(),
+        }
     }
 
-    /// `"; syncmesh process CPU 12.3 s = 24.6 µs per row"`, or nothing
-    /// without `/proc`.
-    fn per_row(&self, rows: u64) -> String {
-        match (self.0, syncmesh_ops::prom::process_cpu_seconds()) {
-            (Some(start), Some(end)) if rows > 0 => {
-                let s = end - start;
-                format!(
-                    "; syncmesh process CPU {s:.2} s = {:.1} µs per row",
-                    s * 1e6 / rows as f64
-                )
-            }
-            _ => String::new(),
+    /// `"; machine CPU 20.1 s = 40.2 µs per row; syncmesh process CPU
+    /// 12.3 s = 24.6 µs per row"` (the parts it can read; nothing without
+    /// `/proc`). With `process` false only the machine's.
+    fn per_row(&self, rows: u64, process: bool) -> String {
+        let mut out = String::new();
+        if rows == 0 {
+            return out;
         }
+        let per = |s: f64| s * 1e6 / rows as f64;
+        if let (Some(start), Some(end)) = (self.machine_s, machine_now()) {
+            let s = end - start;
+            out.push_str(&format!(
+                "; machine CPU {s:.2} s = {:.1} µs per row",
+                per(s)
+            ));
+        }
+        if process
+            && let (Some(start), Some(end)) =
+                (self.process_s, syncmesh_ops::prom::process_cpu_seconds())
+        {
+            let s = end - start;
+            out.push_str(&format!(
+                "; syncmesh process CPU {s:.2} s = {:.1} µs per row",
+                per(s)
+            ));
+        }
+        out
     }
 }
 
@@ -290,6 +337,7 @@ async fn snapshot_runs(
         .await?;
     let dst = b.pool(&db).await?;
     let start = Instant::now();
+    let cpu = CpuMeter::start();
     b.exec(
         &db,
         &format!(
@@ -301,7 +349,8 @@ async fn snapshot_runs(
     let took = wait_count(&dst, rows, start, Duration::from_millis(100)).await?;
     let native = rows as f64 / took.as_secs_f64();
     println!(
-        "run {run}: native initial table copy of {rows} rows: {took:.2?} -> {native:.0} rows/s"
+        "run {run}: native initial table copy of {rows} rows: {took:.2?} -> {native:.0} rows/s{}",
+        cpu.per_row(rows, false)
     );
     b.exec(&db, &format!("DROP SUBSCRIPTION bench_snap_{run}"))
         .await?;
@@ -318,7 +367,7 @@ async fn snapshot_runs(
     let ours = rows as f64 / took.as_secs_f64();
     println!(
         "run {run}: syncmesh initial snapshot of {rows} rows (node start to all on PG B): {took:.2?} -> {ours:.0} rows/s{}",
-        cpu.per_row(rows)
+        cpu.per_row(rows, true)
     );
     mesh.stop().await?;
     Ok((native, ours))
@@ -502,4 +551,21 @@ pub async fn run(bench: PgBench, dir: Option<std::path::PathBuf>) -> Result<()> 
         println!("median lag p99: syncmesh {s:.1} ms, native {n:.1} ms (aim: syncmesh < 100 ms)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::machine_busy_seconds;
+
+    #[test]
+    fn machine_busy_time_counts_all_but_idle_and_iowait() {
+        let stat = "cpu  100 20 30 5000 70 4 6 8 0 0\ncpu0 50 10 15 2500 35 2 3 4 0 0\nintr 1\n";
+        // user + nice + system + irq + softirq + steal = 168 ticks.
+        assert_eq!(machine_busy_seconds(stat, 100.0), Some(1.68));
+        assert_eq!(machine_busy_seconds("cpu0 1 2 3 4 5 6 7 8\n", 100.0), None);
+        assert_eq!(machine_busy_seconds("cpu 1 2 x 4 5 6 7 8\n", 100.0), None);
+        assert_eq!(machine_busy_seconds("cpu 1 2 3\n", 100.0), None);
+        assert_eq!(machine_busy_seconds("", 100.0), None);
+    }
 }

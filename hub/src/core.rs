@@ -983,7 +983,7 @@ impl<S: LogStore> HubCore<S> {
         let mut have = self.vv.get(&node);
         let start = have;
         let mut control = Control::Continue;
-        let mut stored: Vec<(String, &'static str, u64, u64)> = Vec::new();
+        let mut stored: Vec<(String, &'static str, u64, u64, u64)> = Vec::new();
         let mut chunk: Vec<pb::Op> = Vec::new();
         let publish_only = self.sessions.get(&sid).is_some_and(|s| s.publish_only);
         // Trust does not change within a batch.
@@ -995,11 +995,13 @@ impl<S: LogStore> HubCore<S> {
         for raw in b.ops {
             // Only configured tables label errors: hostile input must not
             // grow the metrics with made-up table names.
-            self.metrics.current_table = if self.tables.contains_key(&raw.table) {
-                raw.table.clone()
-            } else {
-                String::new()
-            };
+            if self.metrics.current_table != raw.table {
+                if self.tables.contains_key(&raw.table) {
+                    self.metrics.current_table.clone_from(&raw.table);
+                } else {
+                    self.metrics.current_table.clear();
+                }
+            }
             let raw_id = raw.id.clone();
             let mut kept = raw.clone();
             let mut op = match wire::op_from_proto(raw) {
@@ -1068,7 +1070,18 @@ impl<S: LogStore> HubCore<S> {
             } else {
                 "upsert"
             };
-            stored.push((op.table.clone(), kind, op.hlc.time, op.id.seq));
+            // Per table and kind: ops, oldest capture HLC, last seq.
+            match stored
+                .iter_mut()
+                .find(|(t, k, ..)| *k == kind && *t == op.table)
+            {
+                Some((_, _, n, oldest, last)) => {
+                    *n += 1;
+                    *oldest = (*oldest).min(op.hlc.time);
+                    *last = op.id.seq;
+                }
+                None => stored.push((op.table, kind, 1, op.hlc.time, op.id.seq)),
+            }
         }
         self.metrics.current_table.clear();
         put_packed(&mut batch, &node, chunk);
@@ -1081,12 +1094,12 @@ impl<S: LogStore> HubCore<S> {
             batch.put(k, have.to_be_bytes().to_vec());
             self.store.write(batch)?;
             self.store.flush()?;
-            for (table, kind, hlc, seq) in stored {
+            for (table, kind, n, hlc, seq) in stored {
                 *self
                     .metrics
                     .records_synced
                     .entry((table.clone(), kind.to_owned()))
-                    .or_insert(0) += 1;
+                    .or_insert(0) += n;
                 self.metrics
                     .durable(&table, self.settings.name.as_str(), hlc);
                 self.metrics
@@ -1466,6 +1479,9 @@ impl<S: LogStore> HubCore<S> {
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
             let mut row: RowState = dec(v, "row state")?;
+            if row.is_compact() {
+                continue; // nothing a cut can collect
+            }
             let before = row.clone();
             let mut xk = P_ROW_CONFLICTS.to_vec();
             xk.extend_from_slice(&k[P_ROW.len()..]);

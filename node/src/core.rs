@@ -1155,7 +1155,7 @@ impl<S: LogStore> NodeCore<S> {
         let mut ov = Overlay::default();
         let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut control = Control::Continue;
-        let mut merged: Vec<(String, &'static str, u64)> = Vec::new();
+        let mut merged: Vec<(String, &'static str, u64, u64)> = Vec::new();
         for raw in batch.ops {
             let op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
@@ -1238,7 +1238,17 @@ impl<S: LogStore> NodeCore<S> {
             } else {
                 "upsert"
             };
-            merged.push((op.table.clone(), kind, op.hlc.time));
+            // Per table and kind: ops and the oldest capture HLC.
+            match merged
+                .iter_mut()
+                .find(|(t, k, ..)| *k == kind && *t == op.table)
+            {
+                Some((_, _, n, oldest)) => {
+                    *n += 1;
+                    *oldest = (*oldest).min(op.hlc.time);
+                }
+                None => merged.push((op.table.clone(), kind, 1, op.hlc.time)),
+            }
             // A bidirectional node rewrites the row even when its visible
             // state did not change: the apply's watermark tells later
             // local writes that they saw the op.
@@ -1257,12 +1267,12 @@ impl<S: LogStore> NodeCore<S> {
             self.vv.set(origin.clone(), *seq);
         }
         self.commit(ov)?;
-        for (table, kind, hlc) in merged {
+        for (table, kind, n, hlc) in merged {
             *self
                 .stats
                 .records_synced
                 .entry((table.clone(), kind.to_owned()))
-                .or_insert(0) += 1;
+                .or_insert(0) += n;
             let oldest = self.durable.entry(table).or_insert(hlc);
             *oldest = (*oldest).min(hlc);
         }
@@ -1567,6 +1577,9 @@ impl<S: LogStore> NodeCore<S> {
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
             let mut row: RowState = dec(v, "row state")?;
+            if row.is_compact() {
+                continue; // nothing a cut can collect
+            }
             let before = row.clone();
             if row.collect_garbage(&self.gc.active.stable) {
                 batch.remove(k.clone());

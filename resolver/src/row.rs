@@ -969,6 +969,23 @@ impl RowState {
         self.fields.is_empty() && self.tombstones.is_empty() && self.row_dead.is_empty()
     }
 
+    /// Whether [`RowState::collect_garbage`] has nothing to forget at any
+    /// cut: the row is not empty and holds live writes and counters only
+    /// (no candidate sets, superseded writes, tombstones or row-scope
+    /// supersession), as a row written once or never concurrently does.
+    /// Cheap: garbage-collection passes skip such rows without cloning.
+    pub fn is_compact(&self) -> bool {
+        !self.fields.is_empty()
+            && self.tombstones.is_empty()
+            && self.row_dead.is_empty()
+            && self.fields.iter().all(|f| {
+                f.pred_sets.is_empty()
+                    && f.gone.is_empty()
+                    && !(f.live.is_empty() && f.counters.is_empty())
+            })
+            && self.used_origins().iter().all(|u| *u)
+    }
+
     /// Whether `op`, a write made before its origin saw deletes the mesh
     /// has garbage-collected (concurrent with them), is an update of a row
     /// those deletes removed, so that `delete_wins` must drop it (the
