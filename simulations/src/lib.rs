@@ -137,8 +137,8 @@
 //!   the row before the re-insert merged shows the row and one whose pass
 //!   came after keeps the tombstone and hides it; the hub's rewrite
 //!   covers updates only. Replay: `--seed 1094 --minutes 0.25
-//!   --tombstone-grace-ms 3000 --publish-first` (also 1112 and 1155 of
-//!   the 200 seeds from 1000 in that mode). The default sweep does not
+//!   --tombstone-grace-ms 3000 --publish-first` (also 1112, of the 200
+//!   seeds from 1000 in that mode). The default sweep does not
 //!   force publish-only nodes and does not hit it.
 //!
 //! # Workload
