@@ -258,23 +258,22 @@ impl CpuMeter {
         if rows == 0 {
             return out;
         }
-        let per = |s: f64| s * 1e6 / rows as f64;
-        if let (Some(start), Some(end)) = (self.machine_s, machine_now()) {
-            let s = end - start;
-            out.push_str(&format!(
-                "; machine CPU {s:.2} s = {:.1} µs per row",
-                per(s)
-            ));
-        }
-        if process
-            && let (Some(start), Some(end)) =
-                (self.process_s, syncmesh_ops::prom::process_cpu_seconds())
-        {
-            let s = end - start;
-            out.push_str(&format!(
-                "; syncmesh process CPU {s:.2} s = {:.1} µs per row",
-                per(s)
-            ));
+        let mut part = |what: &str, start: Option<f64>, end: Option<f64>| {
+            if let (Some(start), Some(end)) = (start, end) {
+                let s = end - start;
+                out.push_str(&format!(
+                    "; {what} CPU {s:.2} s = {:.1} µs per row",
+                    s * 1e6 / rows as f64
+                ));
+            }
+        };
+        part("machine", self.machine_s, machine_now());
+        if process {
+            part(
+                "syncmesh process",
+                self.process_s,
+                syncmesh_ops::prom::process_cpu_seconds(),
+            );
         }
         out
     }

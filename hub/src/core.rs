@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use syncmesh_node::core::row_key;
+use syncmesh_node::core::{BatchTally, row_key};
 use syncmesh_node::store::{LogStore, WriteBatch, prefix_end};
 use syncmesh_node::wire::{self, StableCut};
 use syncmesh_proto::v1 as pb;
@@ -983,7 +983,7 @@ impl<S: LogStore> HubCore<S> {
         let mut have = self.vv.get(&node);
         let start = have;
         let mut control = Control::Continue;
-        let mut stored: Vec<(String, &'static str, u64, u64, u64)> = Vec::new();
+        let mut stored = BatchTally::default();
         let mut chunk: Vec<pb::Op> = Vec::new();
         let publish_only = self.sessions.get(&sid).is_some_and(|s| s.publish_only);
         // Trust does not change within a batch.
@@ -1065,23 +1065,7 @@ impl<S: LogStore> HubCore<S> {
             }
             chunk.push(kept);
             have = op.id.seq;
-            let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
-                "delete"
-            } else {
-                "upsert"
-            };
-            // Per table and kind: ops, oldest capture HLC, last seq.
-            match stored
-                .iter_mut()
-                .find(|(t, k, ..)| *k == kind && *t == op.table)
-            {
-                Some((_, _, n, oldest, last)) => {
-                    *n += 1;
-                    *oldest = (*oldest).min(op.hlc.time);
-                    *last = op.id.seq;
-                }
-                None => stored.push((op.table, kind, 1, op.hlc.time, op.id.seq)),
-            }
+            stored.note(&op);
         }
         self.metrics.current_table.clear();
         put_packed(&mut batch, &node, chunk);
@@ -1094,19 +1078,19 @@ impl<S: LogStore> HubCore<S> {
             batch.put(k, have.to_be_bytes().to_vec());
             self.store.write(batch)?;
             self.store.flush()?;
-            for (table, kind, n, hlc, seq) in stored {
+            for t in stored.into_tallies() {
                 *self
                     .metrics
                     .records_synced
-                    .entry((table.clone(), kind.to_owned()))
-                    .or_insert(0) += n;
+                    .entry((t.table.clone(), t.kind.to_owned()))
+                    .or_insert(0) += t.ops;
                 self.metrics
-                    .durable(&table, self.settings.name.as_str(), hlc);
+                    .durable(&t.table, self.settings.name.as_str(), t.oldest_hlc);
                 self.metrics
                     .table_heads
-                    .entry(table)
+                    .entry(t.table)
                     .or_default()
-                    .advance(&node, seq);
+                    .advance(&node, t.last_seq);
             }
             self.vv.set(node.clone(), have);
             if let Some(s) = self.sessions.get_mut(&sid) {

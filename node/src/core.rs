@@ -197,6 +197,61 @@ pub struct PendingApply {
     token: (Vec<u8>, u64),
 }
 
+/// The ops of one batch counted per table and kind for the metrics, so
+/// a batch of thousands of ops updates them once per table, not per op
+/// (used by the node's merge and the hub's store).
+#[derive(Debug, Default)]
+pub struct BatchTally(Vec<Tally>);
+
+/// One table and kind in a [`BatchTally`].
+#[derive(Debug)]
+pub struct Tally {
+    /// Table name.
+    pub table: String,
+    /// `"upsert"` or `"delete"` (the metrics' label).
+    pub kind: &'static str,
+    /// Ops counted.
+    pub ops: u64,
+    /// Oldest capture HLC (NTP64 time) among them.
+    pub oldest_hlc: u64,
+    /// Seq of the last one counted.
+    pub last_seq: u64,
+}
+
+impl BatchTally {
+    /// Counts `op`.
+    pub fn note(&mut self, op: &Op) {
+        let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
+            "delete"
+        } else {
+            "upsert"
+        };
+        match self
+            .0
+            .iter_mut()
+            .find(|t| t.kind == kind && t.table == op.table)
+        {
+            Some(t) => {
+                t.ops += 1;
+                t.oldest_hlc = t.oldest_hlc.min(op.hlc.time);
+                t.last_seq = op.id.seq;
+            }
+            None => self.0.push(Tally {
+                table: op.table.clone(),
+                kind,
+                ops: 1,
+                oldest_hlc: op.hlc.time,
+                last_seq: op.id.seq,
+            }),
+        }
+    }
+
+    /// The tallies, in first-seen order.
+    pub fn into_tallies(self) -> Vec<Tally> {
+        self.0
+    }
+}
+
 /// Counters the shell exports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStats {
@@ -1155,7 +1210,7 @@ impl<S: LogStore> NodeCore<S> {
         let mut ov = Overlay::default();
         let mut changed_vv: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut control = Control::Continue;
-        let mut merged: Vec<(String, &'static str, u64, u64)> = Vec::new();
+        let mut merged = BatchTally::default();
         for raw in batch.ops {
             let op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
@@ -1233,22 +1288,7 @@ impl<S: LogStore> NodeCore<S> {
                 self.db_views.insert(rk.clone(), views);
             }
             row.apply(&op);
-            let kind = if op.kind == syncmesh_resolver::OpKind::Delete {
-                "delete"
-            } else {
-                "upsert"
-            };
-            // Per table and kind: ops and the oldest capture HLC.
-            match merged
-                .iter_mut()
-                .find(|(t, k, ..)| *k == kind && *t == op.table)
-            {
-                Some((_, _, n, oldest)) => {
-                    *n += 1;
-                    *oldest = (*oldest).min(op.hlc.time);
-                }
-                None => merged.push((op.table.clone(), kind, 1, op.hlc.time)),
-            }
+            merged.note(&op);
             // A bidirectional node rewrites the row even when its visible
             // state did not change: the apply's watermark tells later
             // local writes that they saw the op.
@@ -1267,14 +1307,14 @@ impl<S: LogStore> NodeCore<S> {
             self.vv.set(origin.clone(), *seq);
         }
         self.commit(ov)?;
-        for (table, kind, n, hlc) in merged {
+        for t in merged.into_tallies() {
             *self
                 .stats
                 .records_synced
-                .entry((table.clone(), kind.to_owned()))
-                .or_insert(0) += n;
-            let oldest = self.durable.entry(table).or_insert(hlc);
-            *oldest = (*oldest).min(hlc);
+                .entry((t.table.clone(), t.kind.to_owned()))
+                .or_insert(0) += t.ops;
+            let oldest = self.durable.entry(t.table).or_insert(t.oldest_hlc);
+            *oldest = (*oldest).min(t.oldest_hlc);
         }
         self.gc.report_due = true;
         // Durable now: acknowledge.
@@ -2509,6 +2549,50 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_batch_tally_counts_per_table_and_kind_with_the_oldest_hlc_and_last_seq() {
+        let a = NodeId::new("a").unwrap();
+        let up = |seq: u64, table: &str, time: u64| {
+            Op::upsert(
+                OpId::new(a.clone(), seq),
+                syncmesh_resolver::Hlc {
+                    time,
+                    id: a.hlc_id(),
+                },
+                table,
+                vec![Value::Int(1)],
+                vec![],
+            )
+        };
+        let mut t = BatchTally::default();
+        t.note(&up(1, "x", 30));
+        t.note(&up(2, "y", 10));
+        t.note(&up(3, "x", 20));
+        t.note(&Op::delete(
+            OpId::new(a.clone(), 4),
+            syncmesh_resolver::Hlc {
+                time: 5,
+                id: a.hlc_id(),
+            },
+            "x",
+            vec![Value::Int(1)],
+            vec![],
+        ));
+        let got: Vec<_> = t
+            .into_tallies()
+            .into_iter()
+            .map(|t| (t.table, t.kind, t.ops, t.oldest_hlc, t.last_seq))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("x".to_owned(), "upsert", 2, 20, 3),
+                ("y".to_owned(), "upsert", 1, 10, 2),
+                ("x".to_owned(), "delete", 1, 5, 4),
+            ]
+        );
     }
 
     #[test]
