@@ -256,7 +256,7 @@ pub struct GcStats {
     /// Ops dropped from the op log (below the stable cut).
     pub ops_compacted: u64,
     /// Writes of returning publish-only nodes dropped under `delete_wins`
-    /// (updates of rows whose deletes were collected without them).
+    /// (writes of rows deleted by deletes they never saw).
     pub writes_dropped: u64,
 }
 
@@ -441,13 +441,18 @@ impl<S: LogStore> HubCore<S> {
     }
 
     /// Whether `op` of a publish-only node that missed collected deletes
-    /// updates a row they removed ([`RowState::loses_update`] on the
-    /// hub's merged state): then `delete_wins` drops its writes.
-    fn loses_update(&self, op: &Op, rows: &mut BTreeMap<Vec<u8>, RowState>) -> Result<bool> {
+    /// writes a row deleted concurrently, on the hub's merged state: an
+    /// update of a row whose deletes were collected here
+    /// ([`RowState::loses_update`]), or any write a tombstone the hub still
+    /// holds would hide ([`RowState::loses_to_delete`]; the hub keeps every
+    /// tombstone such a node did not see, [`HubCore::gc_collect_cut`]).
+    /// Then `delete_wins` drops its writes.
+    fn loses_to_delete(&self, op: &Op, rows: &mut BTreeMap<Vec<u8>, RowState>) -> Result<bool> {
         let Some(rules) = self.tables.get(&op.table) else {
             return Ok(false);
         };
-        Ok(self.load_row(op, rows)?.loses_update(rules, op))
+        let row = self.load_row(op, rows)?;
+        Ok(row.loses_update(rules, op) || row.loses_to_delete(rules, op))
     }
 
     /// Merges `op` into the hub's row state (in `rows`, flushed with the
@@ -1051,7 +1056,7 @@ impl<S: LogStore> HubCore<S> {
                 self.gc.unmerged = true;
                 batch.put(K_GC_UNMERGED.to_vec(), vec![1]);
             }
-            if untrusted.is_some() && self.loses_update(&op, &mut rows)? {
+            if untrusted.is_some() && self.loses_to_delete(&op, &mut rows)? {
                 op.fields.clear();
                 kept = wire::op_to_proto(&op);
                 dropped_n += 1;
@@ -1100,8 +1105,8 @@ impl<S: LogStore> HubCore<S> {
                 self.gc.stats.writes_dropped += dropped_n;
                 self.gc.notices.push_back(format!(
                     "publish-only node {node}: {dropped_n} write(s) (first: {id} to table \
-                     {table} key {key:?}) update rows whose deletes the mesh garbage-collected \
-                     while the node was away; delete_wins: the hub drops them and the rows stay \
+                     {table} key {key:?}) write rows deleted elsewhere, by deletes the node never \
+                     saw, while it was away; delete_wins: the hub drops them and the rows stay \
                      deleted everywhere else (the node's own database keeps its copy)"
                 ));
             }
@@ -1454,12 +1459,46 @@ impl<S: LogStore> HubCore<S> {
         Ok(())
     }
 
+    /// The cut the hub collects its own row states at: the stable cut,
+    /// lowered, for every publish-only writer excluded from it, to what that
+    /// writer had seen of the other origins (its last seen report; nothing
+    /// without one). Such a writer never sees another origin's op, so each
+    /// of its later writes is concurrent with every delete it did not see:
+    /// the hub judges them against those tombstones
+    /// ([`RowState::loses_to_delete`]), so it keeps them while replicas
+    /// collect theirs. Its own ops are ordered, so its own component stays.
+    pub fn gc_collect_cut(&self) -> VersionVector {
+        let mut cut = self.gc.cut.stable.clone();
+        // A node's own hello says its mode; the config until it connects.
+        let publishers = self
+            .gc
+            .configured
+            .iter()
+            .filter(|(n, _)| !self.nodes.contains_key(*n))
+            .map(|(n, mode)| (n, mode.as_str()))
+            .chain(self.nodes.iter().map(|(n, r)| (n, r.mode.as_str())));
+        for (n, mode) in publishers {
+            if mode != "publish" || !self.gc_excluded(n) {
+                continue;
+            }
+            let seen = self.gc.nodes.get(n).and_then(|g| g.seen.as_ref());
+            for (origin, stable) in cut.0.iter_mut() {
+                if origin != n {
+                    *stable = (*stable).min(seen.map_or(0, |s| s.get(origin)));
+                }
+            }
+        }
+        cut.0.retain(|_, s| *s > 0);
+        cut
+    }
+
     /// Collects up to `max_rows` row states at the current cut.
     fn gc_step(&mut self, max_rows: usize) -> Result<usize> {
         let Some(from) = self.gc.cursor.clone() else {
             return Ok(0);
         };
         let rows = self.store.range(&from, &prefix_end(P_ROW), max_rows)?;
+        let cut = self.gc_collect_cut();
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
             let mut row: RowState = dec(v, "row state")?;
@@ -1469,7 +1508,7 @@ impl<S: LogStore> HubCore<S> {
             let before = row.clone();
             let mut xk = P_ROW_CONFLICTS.to_vec();
             xk.extend_from_slice(&k[P_ROW.len()..]);
-            if row.collect_garbage(&self.gc.cut.stable) {
+            if row.collect_garbage(&cut) {
                 // Nothing left: no candidate set can grow any more, so the
                 // row's conflict list goes too (the records stay).
                 batch.remove(k.clone());
@@ -2854,17 +2893,20 @@ mod tests {
             }
         }
 
+        fn state(h: &HubCore<MemStore>, id: i64) -> RowState {
+            let k = row_key(P_ROW, "t", &[Value::Int(id)]).unwrap();
+            match h.store.get(&k).unwrap() {
+                Some(b) => postcard::from_bytes(&b).unwrap(),
+                None => RowState::default(),
+            }
+        }
+
         fn visible(
             h: &HubCore<MemStore>,
             rules: &TableRules,
             id: i64,
         ) -> Option<Map<String, Value>> {
-            let k = row_key(P_ROW, "t", &[Value::Int(id)]).unwrap();
-            let state: RowState = match h.store.get(&k).unwrap() {
-                Some(b) => postcard::from_bytes(&b).unwrap(),
-                None => RowState::default(),
-            };
-            state.visible(rules)
+            state(h, id).visible(rules)
         }
 
         /// A hub merging table `t` with a tombstone grace of 1 s.
@@ -2885,14 +2927,17 @@ mod tests {
                 .collect()
         }
 
-        /// `other` goes away; a deletes row 1; beyond the grace the hub
-        /// collects it without `other`.
+        /// `other` goes away; a deletes row 1; beyond the grace the cut
+        /// excludes `other` and covers the delete: the hub collects it, or
+        /// keeps its tombstone when `other` is publish-only (it will judge
+        /// that node's writes against it).
         fn away_while_a_deletes_row_1(
             h: &mut HubCore<MemStore>,
             a: &mut Node,
             sa: SessionId,
             other: &mut Node,
             so: SessionId,
+            publish_only: bool,
         ) {
             h.handle_close(so);
             other.handle_disconnected(0, 0);
@@ -2905,7 +2950,20 @@ mod tests {
             for step in 0..4 {
                 h.handle_gc(later(2_000 + step), 100).unwrap();
             }
-            assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+            let an = NodeId::new("a").unwrap();
+            let deleted = a.version_vector().get(&an);
+            assert!(
+                deleted > 0 && h.gc_cut().stable.get(&an) >= deleted,
+                "the cut covers a's delete"
+            );
+            if publish_only {
+                assert_eq!(h.gc_collect_cut().get(&an), 0, "a's ops stay uncollected");
+                assert_eq!(h.row_state_count().unwrap(), 3, "row 1's tombstone stays");
+                assert!(state(h, 1).has_tombstone(), "{:?}", state(h, 1));
+            } else {
+                assert_eq!(h.gc_collect_cut(), h.gc_cut().stable);
+                assert_eq!(h.row_state_count().unwrap(), 2, "row 1 is collected");
+            }
         }
 
         /// a and c hold rows 1..=3; c goes away beyond the grace; a deletes
@@ -2927,7 +2985,7 @@ mod tests {
             pump(&mut h, sc, &mut c, later(0), 10);
             pump(&mut h, sa, &mut a, later(0), 10);
             assert_eq!(c.version_vector().get(&NodeId::new("a").unwrap()), 3);
-            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut c, sc);
+            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut c, sc, false);
             assert_eq!(h.gc_cut().stable, vv(&[("a", 4)]));
             // c's user writes while its node is away.
             c.handle_captured(
@@ -3033,7 +3091,7 @@ mod tests {
             pump(&mut h, sp, &mut p, later(0), 10);
             pump(&mut h, sa, &mut a, later(0), 10);
             assert_eq!(a.version_vector().get(&NodeId::new("p").unwrap()), 3);
-            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut p, sp);
+            away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut p, sp, true);
             assert!(h.gc_untrusted(&NodeId::new("p").unwrap()).is_some());
             p.handle_captured(
                 later(200),

@@ -357,10 +357,14 @@ enum ResnapPhase {
 }
 
 /// Whether `op`, an own write made before this node saw the collected cut,
-/// is an update of a row the collected deletes removed
-/// ([`RowState::loses_update`], shared with the hub).
+/// writes a row deleted by deletes it did not see: an update of a row the
+/// collected deletes removed ([`RowState::loses_update`]), or a write a
+/// tombstone of the installed state still hides once merged
+/// ([`RowState::loses_to_delete`]: the hub keeps the tombstones a returning
+/// publish-only node did not see, so its snapshots can carry them, and a
+/// replica that collected one would show the write). Shared with the hub.
 fn lost_update(info: &TableInfo, state: &RowState, op: &Op) -> bool {
-    state.loses_update(&info.rules, op)
+    state.loses_update(&info.rules, op) || state.loses_to_delete(&info.rules, op)
 }
 
 /// Tombstone GC state of a node (in memory: the hub sends its cut again in

@@ -1007,6 +1007,29 @@ impl RowState {
             && self.visible(rules).is_none()
     }
 
+    /// Whether `op`, a write whose origin had not seen this row's deletes
+    /// (a publish-only node that never applies others' ops, judged by a hub
+    /// that holds every tombstone it did not see), stays hidden by one of
+    /// them under `delete_wins` once merged: an upsert with fields after
+    /// which a tombstone remains (its `row_pred` superseded only what its
+    /// origin saw, such as its own earlier delete). A replica that has
+    /// garbage-collected that tombstone would show the write, one that
+    /// still holds it would not: the judge drops the write's fields so both
+    /// agree (ARCHITECTURE.md, invariant 6). Unlike [`RowState::loses_update`]
+    /// this covers re-inserts, but it needs the tombstones themselves.
+    pub fn loses_to_delete(&self, rules: &TableRules, op: &Op) -> bool {
+        if rules.deletes != DeletePolicy::DeleteWins
+            || op.kind != OpKind::Upsert
+            || op.fields.is_empty()
+            || !self.has_tombstone()
+        {
+            return false;
+        }
+        let mut after = self.clone();
+        after.apply(op);
+        after.has_tombstone()
+    }
+
     /// The visible row under `rules`, or `None` when the row does not exist.
     ///
     /// `delete_wins` hides a row with any live tombstone. Otherwise each

@@ -70,6 +70,11 @@ struct Sim {
     t: u64,
     /// Tombstones dropped by garbage collection so far.
     dropped: usize,
+    /// A publish-only replica: it never receives others' ops.
+    publish_only: Option<usize>,
+    /// The publish-only replica is away: nobody receives its new ops and
+    /// the others' stable cuts leave it out (it was excluded).
+    away: bool,
 }
 
 fn node(i: usize) -> NodeId {
@@ -136,12 +141,17 @@ impl Sim {
             index: BTreeMap::new(),
             t: 0,
             dropped: 0,
+            publish_only: None,
+            away: false,
         }
     }
 
     /// Replica `to` receives every op replica `from` holds and `to` lacks,
     /// gap-free per origin (as the node does).
     fn pull(&mut self, to: usize, from: usize) {
+        if self.publish_only == Some(to) || (self.away && self.publish_only == Some(from)) {
+            return;
+        }
         for origin in 0..3 {
             let o = node(origin);
             let have = self.vv[to].get(&o);
@@ -173,6 +183,9 @@ impl Sim {
     fn stable_cut(&self, r: usize) -> VersionVector {
         let mut cut = self.vv[r].clone();
         for (n, vv_n) in self.vv.iter().enumerate() {
+            if self.away && self.publish_only == Some(n) {
+                continue; // excluded: its later ops are judged instead
+            }
             let o = node(n);
             let next = OpId::new(o.clone(), self.vv[r].get(&o) + 1);
             let bound = match self.index.get(&next) {
@@ -789,6 +802,105 @@ proptest! {
         let expect = live_view(&union);
         for r in &sim.replicas {
             prop_assert_eq!(&live_view(r), &expect);
+        }
+    }
+
+    /// A publish-only origin (replica 2) never sees another origin's op.
+    /// While it is away the others collect garbage without it; when it
+    /// returns, a judge that kept every tombstone it did not see (the hub,
+    /// `HubCore::gc_collect_cut`) drops the fields of each of its writes
+    /// that `RowState::loses_update` or `RowState::loses_to_delete` says a
+    /// delete hides, and the others merge the judged ops while they keep
+    /// collecting at any moment: all agree with the judge and with the
+    /// union of the judged ops (simulator seeds 1094 and 1112 with
+    /// `--publish-first`: a re-insert after its own delete diverged).
+    #[test]
+    fn a_returning_publish_only_origin_judged_by_a_hub_keeping_its_missed_tombstones_converges(
+        s1 in proptest::collection::vec(step(), 0..8),
+        s2 in proptest::collection::vec(step(), 1..14),
+        m in mode(),
+        passes in proptest::collection::vec(any::<bool>(), 32),
+    ) {
+        let m = Mode { legacy_insert: false, gc: true, ..m };
+        let rules = origin_rules(m.policy);
+        let mut sim = Sim::new(m);
+        sim.publish_only = Some(2);
+        // Connected: it pins the cut, the others may receive its ops.
+        for st in &s1 { sim.step(st); }
+        // Away: it writes alone, the others write, gossip and collect.
+        sim.away = true;
+        for st in &s2 { sim.step(st); }
+        for _ in 0..2 {
+            sim.pull(0, 1);
+            sim.pull(1, 0);
+        }
+        let c = node(2);
+        let held = sim.vv[0].get(&c);
+        prop_assert_eq!(held, sim.vv[1].get(&c));
+        // The judge holds everything the others hold, and collected only
+        // the publish-only origin's own covered ops.
+        let mut judge = RowState::default();
+        for made in &sim.made {
+            if sim.vv[0].get(&made.op.id.origin) >= made.op.id.seq {
+                judge.apply(&made.op);
+            }
+        }
+        let mut keep = VersionVector::default();
+        keep.set(c.clone(), held);
+        if judge.collect_garbage(&keep) {
+            judge = RowState::default();
+        }
+        let returning: Vec<Op> = sim
+            .made
+            .iter()
+            .filter(|x| x.op.id.origin == c && x.op.id.seq > held)
+            .map(|x| x.op.clone())
+            .collect();
+        let mut judged = Vec::new();
+        let mut pass = passes.iter().cycle();
+        for mut op in returning {
+            if judge.loses_update(&rules, &op) || judge.loses_to_delete(&rules, &op) {
+                prop_assert_eq!(m.policy, DeletePolicy::DeleteWins);
+                op.fields.clear();
+            }
+            judge.apply(&op);
+            for r in 0..2 {
+                if *pass.next().unwrap() {
+                    let cut = sim.stable_cut(r);
+                    if sim.replicas[r].collect_garbage(&cut) {
+                        sim.replicas[r] = RowState::default();
+                    }
+                }
+                sim.replicas[r].apply(&op);
+                sim.vv[r].set(c.clone(), op.id.seq);
+            }
+            judged.push(op);
+        }
+        for r in 0..2 {
+            if *pass.next().unwrap() {
+                let cut = sim.stable_cut(r);
+                if sim.replicas[r].collect_garbage(&cut) {
+                    sim.replicas[r] = RowState::default();
+                }
+            }
+        }
+        // The union of what everyone merged: the others' ops and the
+        // judged ones of the publish-only origin.
+        let union: Vec<Op> = sim
+            .made
+            .iter()
+            .filter(|x| x.op.id.origin != c || x.op.id.seq <= held)
+            .map(|x| x.op.clone())
+            .chain(judged)
+            .collect();
+        let union = merge(&union);
+        let plain = TableRules { deletes: m.policy, ..TableRules::default() };
+        for rs in [&rules, &plain] {
+            let want = union.visible(rs);
+            prop_assert_eq!(&judge.visible(rs), &want, "judge");
+            for r in 0..2 {
+                prop_assert_eq!(&sim.replicas[r].visible(rs), &want, "replica {}", r);
+            }
         }
     }
 }

@@ -569,7 +569,6 @@ pub fn check_all(
                         && op.key == exp.key
                         && op.kind == OpKind::Upsert
                         && op.fields.is_empty()
-                        && op.row_pred.is_empty()
                         && exp.fields.as_ref().is_some_and(|f| !f.is_empty())
                         && tables.iter().any(|t| {
                             t.schema.name == exp.table
@@ -580,7 +579,7 @@ pub fn check_all(
                     return Err(Failure::new(
                         "a dropped write stays in the log as an upsert with no fields",
                         format!(
-                            "{}: the core reported dropping op #{seq} (change #{} {}[{:?}] {:?}, delete_wins, no row_pred) but its log holds {:?}",
+                            "{}: the core reported dropping op #{seq} (change #{} {}[{:?}] {:?}, delete_wins) but its log holds {:?}",
                             n.name,
                             exp.change_id,
                             exp.table,
@@ -688,15 +687,15 @@ pub fn check_all(
             if a == b {
                 continue;
             }
-            // A returning publish-only node's update of a row whose
-            // delete was collected without it: the hub drops its fields
-            // (`RowState::loses_update`); everything else stays the same.
+            // A returning publish-only node's write of a row deleted by a
+            // delete it never saw: the hub drops its fields
+            // (`RowState::loses_update`, `RowState::loses_to_delete`);
+            // everything else stays the same.
             let mut emptied = a.clone();
             emptied.fields.clear();
             let droppable = publish
                 && a.kind == OpKind::Upsert
-                && a.row_pred.is_empty()
-                && a.fields.iter().any(|f| !f.pred.is_empty())
+                && !a.fields.is_empty()
                 && tables.iter().any(|t| {
                     t.schema.name == a.table && t.rules.deletes == DeletePolicy::DeleteWins
                 });

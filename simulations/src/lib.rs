@@ -119,28 +119,34 @@
 //!   hub lacks (or lacking ops the hub compacted away) the hub
 //!   re-snapshots it (`missed_collected_tombstones` refusals are expected
 //!   then, nothing else), the node installs the snapshot, drops the
-//!   updates of rows whose deletes were collected (`lost_update`) and
+//!   writes of rows deleted by deletes it did not see (`lost_update`) and
 //!   sends the rest. A publish-only node is never re-snapshotted: once the
 //!   hub excludes it, every row it writes is late (see below) and the hub
-//!   drops its updates of rows whose deletes were collected; the checks
-//!   accept exactly those hub-side rewrites (fields emptied, `delete_wins`,
-//!   no `row_pred`) and merge the rewritten ops in the oracle
-//!   (`--publish-first` forces such a node).
-//!   [`RunStats::resnapshots_with_unsent`] counts the re-snapshots of
-//!   nodes that wrote while excluded, [`RunStats::hub_dropped_batches`]
+//!   drops its writes of rows deleted by deletes it never saw, judged
+//!   against the tombstones the hub keeps for it
+//!   (`HubCore::gc_collect_cut`); the checks accept exactly those
+//!   hub-side rewrites (fields emptied, upserts, `delete_wins`) and merge
+//!   the rewritten ops in the oracle (`--publish-first` forces such a
+//!   node). [`RunStats::resnapshots_with_unsent`] counts the re-snapshots
+//!   of nodes that wrote while excluded, [`RunStats::hub_dropped_batches`]
 //!   the hub's batches that dropped a publish-only node's writes.
 //!
-//!   Known bug (found 2026-12-03, not fixed): a *re-insert* by an excluded
-//!   publish-only node, concurrent with a delete the mesh collected, can
-//!   leave replicas apart. `collect_garbage` drops a covered tombstone
-//!   only from a row with nothing live, so a replica whose pass reached
-//!   the row before the re-insert merged shows the row and one whose pass
-//!   came after keeps the tombstone and hides it; the hub's rewrite
-//!   covers updates only. Replay: `--seed 1094 --minutes 0.25
-//!   --tombstone-grace-ms 3000 --publish-first` (also 1112, of the 200
-//!   seeds from 1000 in that mode). The default sweep does not
-//!   force publish-only nodes and does not hit it.
-//!
+//!   Fixed (2026-12-03): a *re-insert* by an excluded publish-only node,
+//!   concurrent with a delete the mesh collected, left replicas apart.
+//!   `collect_garbage` drops a covered tombstone only from a row with
+//!   nothing live, so a replica whose pass reached the row before the
+//!   re-insert merged showed the row and one whose pass came after kept
+//!   the tombstone and hid it; the hub's rewrite covered updates only.
+//!   The hub now keeps the tombstones such a node missed and drops the
+//!   fields of any of its writes one of them hides
+//!   (`RowState::loses_to_delete`); a re-snapshot may carry those
+//!   tombstones, so nodes judge their unsent writes the same way. Replay:
+//!   `--seed 1094 --minutes 0.25 --tombstone-grace-ms 3000
+//!   --publish-first` (also 1112). Still failing in that mode, on the
+//!   old code too and not investigated yet: seed 1216 (of 1000-1499), a
+//!   causality violation (invariant 6: an insert's `row_pred` prefix
+//!   `(n0, 33)` covers `n0#6` on that row, which its node had not seen).
+
 //! # Workload
 //!
 //! Random inserts, updates (some changing nothing, some changing the
@@ -162,7 +168,7 @@
 //!    that no local write accounts for; nothing committed is left uncaptured.
 //!    A write the node core reports dropping (`lost_update`, a
 //!    `Resnapshot` event naming the op) must be in the log as that write's
-//!    upsert with no fields, no `row_pred`, on a `delete_wins` table.
+//!    upsert with no fields, on a `delete_wins` table.
 //! 2. **HLCs never go backwards per origin** (across crashes and clock
 //!    jumps) and carry their origin's id.
 //! 3. **The hub holds exactly the ops the nodes made**, byte for byte (read

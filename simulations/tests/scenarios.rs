@@ -130,6 +130,34 @@ fn a_resnapshot_waits_for_the_collection_pass_at_its_cut() {
     }
 }
 
+/// An excluded publish-only node deletes a row and inserts it again while
+/// another node deletes it too and the mesh collects that delete (seed
+/// 1094), or a bidirectional node's unsent update meets a collected
+/// delete the hub kept for such a node (1112). Whether the re-insert
+/// showed depended on whether a replica's collection pass reached the row
+/// before it merged; the hub now keeps the tombstones such a node missed
+/// and drops the fields of its writes one of them hides
+/// (`RowState::loses_to_delete`), and a re-snapshotted node judges its
+/// unsent writes the same way.
+#[test]
+fn a_publish_only_nodes_reinsert_after_a_collected_delete_converges() {
+    for seed in [1094, 1112] {
+        let mut cfg = SimConfig::new(seed, 0.25);
+        cfg.overrides = Overrides {
+            tombstone_grace_ms: Some(3_000),
+            publish_first: true,
+            ..Overrides::default()
+        };
+        let o = run(cfg);
+        assert!(o.failure.is_none(), "{}", simulations::report(&o, 30));
+        assert!(
+            o.stats.hub_dropped_batches >= 1,
+            "seed {seed}: the hub dropped no write of the publish-only node: {}",
+            o.stats.faults_line()
+        );
+    }
+}
+
 /// A publish-only node excluded from the cut (forced: `--publish-first`)
 /// comes back having written: it cannot be re-snapshotted, so the hub
 /// judges its ops on arrival and drops its updates of rows whose deletes
