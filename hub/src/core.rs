@@ -3081,6 +3081,20 @@ mod tests {
         /// beyond the grace; a deletes row 1, the hub collects it; offline,
         /// p updates rows 1 and 3; p comes back. Returns hub, a, p.
         fn publish_scenario(deletes: DeletePolicy) -> (HubCore<MemStore>, Node, Node) {
+            publish_scenario_with(
+                deletes,
+                &[
+                    change(4, ChangeKind::Update, row(1, "v"), row(1, "p1")),
+                    change(5, ChangeKind::Update, row(3, "v"), row(3, "p3")),
+                ],
+            )
+        }
+
+        /// As [`publish_scenario`], with `offline` as p's changes while away.
+        fn publish_scenario_with(
+            deletes: DeletePolicy,
+            offline: &[CapturedChange],
+        ) -> (HubCore<MemStore>, Node, Node) {
             let mut h = grace_hub(deletes);
             let mut a = node("a", deletes);
             let mut p = node_as("p", deletes, Mode::Publish, MemStore::default());
@@ -3093,14 +3107,7 @@ mod tests {
             assert_eq!(a.version_vector().get(&NodeId::new("p").unwrap()), 3);
             away_while_a_deletes_row_1(&mut h, &mut a, sa, &mut p, sp, true);
             assert!(h.gc_untrusted(&NodeId::new("p").unwrap()).is_some());
-            p.handle_captured(
-                later(200),
-                &[
-                    change(4, ChangeKind::Update, row(1, "v"), row(1, "p1")),
-                    change(5, ChangeKind::Update, row(3, "v"), row(3, "p3")),
-                ],
-            )
-            .unwrap();
+            p.handle_captured(later(200), offline).unwrap();
             let sp = connect(&mut h, &mut p);
             pump(&mut h, sp, &mut p, later(2_100), 10);
             pump(&mut h, sa, &mut a, later(2_100), 20);
@@ -3167,6 +3174,38 @@ mod tests {
                 );
             }
             assert!(h2.gc_untrusted(&pn).is_none());
+        }
+
+        /// Away, p deletes row 1 (which a deleted too, and the mesh
+        /// collected) and inserts it again: the re-insert supersedes only
+        /// p's own delete, so a's delete still wins. The hub kept a's
+        /// tombstone for p and drops the re-insert's fields; nobody shows
+        /// the row, whether or not it collected a's delete.
+        #[test]
+        fn a_publish_only_nodes_reinsert_of_a_row_deleted_meanwhile_is_dropped() {
+            let (h, a, p) = publish_scenario_with(
+                DeletePolicy::DeleteWins,
+                &[
+                    change(4, ChangeKind::Delete, row(1, "v"), None),
+                    change(5, ChangeKind::Insert, None, row(1, "p9")),
+                ],
+            );
+            let rules = info(DeletePolicy::DeleteWins).rules;
+            let pn = NodeId::new("p").unwrap();
+            assert_eq!(h.version_vector().get(&pn), 5, "both ops are held");
+            assert_eq!(h.gc_stats().writes_dropped, 1, "the re-insert");
+            assert!(state(&h, 1).has_tombstone(), "a's delete is still held");
+            assert_eq!(visible(&h, &rules, 1), None);
+            assert_eq!(a.version_vector().get(&pn), 5);
+            assert_eq!(
+                a.row_state("t", &[Value::Int(1)]).unwrap().visible(&rules),
+                None
+            );
+            // p's own database is a source: it keeps its row.
+            assert_eq!(
+                p.row_state("t", &[Value::Int(1)]).unwrap().visible(&rules),
+                row(1, "p9")
+            );
         }
 
         #[test]
