@@ -142,10 +142,21 @@
 //!   (`RowState::loses_to_delete`); a re-snapshot may carry those
 //!   tombstones, so nodes judge their unsent writes the same way. Replay:
 //!   `--seed 1094 --minutes 0.25 --tombstone-grace-ms 3000
-//!   --publish-first` (also 1112). Still failing in that mode, on the
-//!   old code too and not investigated yet: seed 1216 (of 1000-1499), a
-//!   causality violation (invariant 6: an insert's `row_pred` prefix
-//!   `(n0, 33)` covers `n0#6` on that row, which its node had not seen).
+//!   --publish-first` (also 1112).
+//!
+//!   Known, not fixed (on the old code too): seed 1216 (of 1000-1499 in
+//!   that mode) fails invariant 6. Node n2 is re-snapshotted; while the
+//!   snapshot installs, its user inserts `notes["a",2]`, a key neither n2
+//!   nor the hub holds any state of (its ops were all collected), so the
+//!   install makes no database view for it; the capture after the install
+//!   takes `insert_pred` from the adopted version vector V, and the prefix
+//!   `(n0, 33)` covers `n0#6`, which the user never saw. Every op such a
+//!   prefix over-claims is collected (an uncollected one would be in the
+//!   snapshot's state and give the row a view), so nothing visible goes
+//!   wrong here, but the claim is false; a fix would capture writes made
+//!   before an install with the pre-install version vector for rows
+//!   without a view. Replay: `--seed 1216 --minutes 0.25
+//!   --tombstone-grace-ms 3000 --publish-first --trace`.
 
 //! # Workload
 //!
