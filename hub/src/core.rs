@@ -1501,12 +1501,9 @@ impl<S: LogStore> HubCore<S> {
         let cut = self.gc_collect_cut();
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
-            if syncmesh_node::core::stored_row_is_compact(v) {
-                continue; // nothing a cut can collect
-            }
             let mut row: RowState = dec(v, "row state")?;
             if row.is_compact() {
-                continue; // stored before the compact marker existed
+                continue; // nothing a cut can collect
             }
             let before = row.clone();
             let mut xk = P_ROW_CONFLICTS.to_vec();

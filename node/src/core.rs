@@ -427,17 +427,6 @@ fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
     })
 }
 
-/// Whether `v`, a row state as the cores store it (postcard: a varint
-/// length, then [`RowState::encode`]'s bytes), is compact by its format
-/// byte ([`RowState::stored_is_compact`]): a garbage-collection pass skips
-/// it without decoding.
-pub fn stored_row_is_compact(v: &[u8]) -> bool {
-    v.iter()
-        .position(|b| b & 0x80 == 0)
-        .and_then(|end| v.get(end + 1..))
-        .is_some_and(RowState::stored_is_compact)
-}
-
 fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     postcard::from_bytes(bytes).map_err(|e| Error::Store {
         path: "<decode>".into(),
@@ -1631,12 +1620,9 @@ impl<S: LogStore> NodeCore<S> {
         let rows = self.store.range(&from, &prefix_end(P_ROW), max_rows)?;
         let mut batch = WriteBatch::default();
         for (k, v) in &rows {
-            if stored_row_is_compact(v) {
-                continue; // nothing a cut can collect
-            }
             let mut row: RowState = dec(v, "row state")?;
             if row.is_compact() {
-                continue; // stored before the compact marker existed
+                continue; // nothing a cut can collect
             }
             let before = row.clone();
             if row.collect_garbage(&self.gc.active.stable) {
@@ -2567,42 +2553,6 @@ mod tests {
                 _ => None,
             })
             .collect()
-    }
-
-    #[test]
-    fn a_stored_row_state_tells_compactness_by_its_format_byte() {
-        for len in [1usize, 100, 200, 20_000] {
-            let mut r = RowState::default();
-            let ins = Op::upsert(
-                OpId::new(NodeId::new("a").unwrap(), 1),
-                syncmesh_resolver::Hlc { time: 1, id: 1 },
-                "t",
-                vec![Value::Int(1)],
-                vec![FieldWrite {
-                    name: "a".into(),
-                    value: Value::Text("x".repeat(len)),
-                    pred: vec![],
-                    delta: None,
-                }],
-            );
-            r.apply(&ins);
-            assert!(r.is_compact());
-            let v = enc(&r).unwrap();
-            assert!(stored_row_is_compact(&v), "len {len}");
-            let del = Op::delete(
-                OpId::new(NodeId::new("b").unwrap(), 1),
-                syncmesh_resolver::Hlc { time: 2, id: 2 },
-                "t",
-                vec![Value::Int(1)],
-                vec![ins.id.clone()],
-            );
-            r.apply(&del);
-            assert!(!r.is_compact());
-            assert!(!stored_row_is_compact(&enc(&r).unwrap()), "len {len}");
-        }
-        assert!(!stored_row_is_compact(&enc(&RowState::default()).unwrap()));
-        assert!(!stored_row_is_compact(&[]));
-        assert!(!stored_row_is_compact(&[0x80, 0x80]));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! Layout (integers are LEB128 varints, signed ones zigzag first):
 //!
 //! ```text
-//! version 1, or 2 for a compact row (one byte; see below)
+//! version 1 (one byte)
 //! origins   n, then n names (len, bytes), strictly increasing
 //! fields    n, then per field (strictly increasing names):
 //!             name, live n × (id, hlc, value), counters n × (id, value),
@@ -23,16 +23,6 @@
 //! every container sorted and canonical, valid node names, UTF-8 text), so
 //! garbage gives [`Error::CorruptRowState`], never a panic or a state that
 //! breaks the merge's invariants. Older formats are not read (pre-1.0).
-//!
-//! Version 2 is version 1's layout for a row that
-//! [`RowState::is_compact`] (live writes and counters only: nothing a
-//! garbage-collection pass could drop), so passes skip such rows by their
-//! first byte without decoding them ([`RowState::stored_is_compact`]). The
-//! encoder writes 2 exactly for compact rows; the decoder refuses 2 on any
-//! other row and still reads 1 for a compact one (stored before version 2
-//! existed; re-encoding it gives 2). A build older than version 2 refuses
-//! such bytes as an unknown version, so downgrading needs the data dirs
-//! of the newer build removed.
 
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -46,8 +36,6 @@ use crate::{Error, Hlc, NodeId, OpId, Result, RowState, Value};
 
 /// The format version written first.
 pub(crate) const VERSION: u8 = 1;
-/// The format version of a compact row: the same layout as [`VERSION`].
-pub(crate) const VERSION_COMPACT: u8 = 2;
 
 struct Writer(Vec<u8>);
 
@@ -183,11 +171,7 @@ impl RowState {
             .map(|f| 40 + 40 * f.gone.len() + 8 * f.counters.len())
             .sum();
         let mut w = Writer(Vec::with_capacity(64 + guess));
-        w.byte(if self.is_compact() {
-            VERSION_COMPACT
-        } else {
-            VERSION
-        });
+        w.byte(VERSION);
         w.len(self.origins.len());
         for o in &self.origins {
             w.bytes(o.as_str().as_bytes());
@@ -229,15 +213,6 @@ impl RowState {
         }
         w.map(&self.row_dead, |w, k| w.killers(k));
         w.0
-    }
-
-    /// Whether `bytes`, a stored form, is of a compact row
-    /// ([`RowState::is_compact`]), read from its first byte without
-    /// decoding: garbage-collection passes skip such rows. A compact row
-    /// stored before the marker existed reads as not compact here (the
-    /// caller decodes it and finds out).
-    pub fn stored_is_compact(bytes: &[u8]) -> bool {
-        bytes.first() == Some(&VERSION_COMPACT)
     }
 
     /// Reads the stored form written by [`RowState::encode`]; anything else
@@ -385,19 +360,11 @@ impl<'a> Reader<'a> {
         Ok(IdMap::from_sorted(entries))
     }
     fn row(&mut self) -> R<RowState> {
-        let compact = match self.byte() {
-            Ok(VERSION) => false,
-            Ok(VERSION_COMPACT) => true,
+        match self.byte() {
+            Ok(VERSION) => {}
             Ok(_) => return Err("unknown row-state format version"),
             Err(e) => return Err(e),
-        };
-        let state = self.row_body()?;
-        if compact && !state.is_compact() {
-            return Err("compact-row format on a row with collectable parts");
         }
-        Ok(state)
-    }
-    fn row_body(&mut self) -> R<RowState> {
         let n = self.len()?;
         let mut origins = Vec::with_capacity(n);
         for _ in 0..n {
@@ -628,7 +595,6 @@ mod tests {
         assert!(r.has_tombstone());
         let bytes = r.encode();
         assert_eq!(bytes[0], VERSION);
-        assert!(!RowState::stored_is_compact(&bytes));
         assert_eq!(RowState::decode(&bytes).unwrap(), r);
         let via_postcard: RowState =
             postcard::from_bytes(&postcard::to_allocvec(&r).unwrap()).unwrap();
@@ -642,40 +608,6 @@ mod tests {
         let mut gc = r.clone();
         gc.collect_garbage(&cut);
         assert_eq!(RowState::decode(&gc.encode()).unwrap(), gc);
-    }
-
-    #[test]
-    fn a_compact_row_is_marked_by_its_first_byte_and_the_marker_is_checked() {
-        let mut r = RowState::default();
-        r.apply(&Op::upsert(
-            OpId::new(NodeId::new("edge-a").unwrap(), 1),
-            Hlc { time: 5, id: 1 },
-            "t",
-            vec![Value::Int(1)],
-            vec![FieldWrite {
-                name: "name".into(),
-                value: Value::Text("cat".into()),
-                pred: vec![],
-                delta: None,
-            }],
-        ));
-        assert!(r.is_compact());
-        let bytes = r.encode();
-        assert_eq!(bytes[0], VERSION_COMPACT);
-        assert!(RowState::stored_is_compact(&bytes));
-        assert_eq!(RowState::decode(&bytes).unwrap(), r);
-        // Written before version 2: still read, written back as 2.
-        let mut old = bytes.clone();
-        old[0] = VERSION;
-        assert!(!RowState::stored_is_compact(&old));
-        assert_eq!(RowState::decode(&old).unwrap(), r);
-        // The marker on a row with collectable parts is corrupt.
-        let mut busy = busy_state().encode();
-        busy[0] = VERSION_COMPACT;
-        let e = RowState::decode(&busy).unwrap_err().to_string();
-        assert!(e.contains("compact-row format"), "{e}");
-        // The empty row is not compact (a pass deletes it).
-        assert_eq!(RowState::default().encode()[0], VERSION);
     }
 
     #[test]
@@ -709,13 +641,7 @@ mod tests {
                 let mut b = bytes.clone();
                 b[i] = v;
                 if let Ok(r) = RowState::decode(&b) {
-                    // A compact row in version 1 is read (stored before
-                    // version 2) and written back as version 2.
-                    let mut canonical = b.clone();
-                    if r.is_compact() {
-                        canonical[0] = VERSION_COMPACT;
-                    }
-                    assert_eq!(r.encode(), canonical, "byte {i} = {v}");
+                    assert_eq!(r.encode(), b, "byte {i} = {v}");
                 }
             }
         }
