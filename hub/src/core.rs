@@ -451,8 +451,7 @@ impl<S: LogStore> HubCore<S> {
         let Some(rules) = self.tables.get(&op.table) else {
             return Ok(false);
         };
-        let row = self.load_row(op, rows)?;
-        Ok(row.loses_update(rules, op) || row.loses_to_delete(rules, op))
+        Ok(self.load_row(op, rows)?.loses_to_unseen_deletes(rules, op))
     }
 
     /// Merges `op` into the hub's row state (in `rows`, flushed with the
@@ -1377,15 +1376,7 @@ impl<S: LogStore> HubCore<S> {
             .values()
             .filter_map(|s| s.node.as_ref())
             .collect();
-        let mut writers: BTreeMap<&NodeId, (&str, u64)> = self
-            .gc
-            .configured
-            .iter()
-            .map(|(n, mode)| (n, (mode.as_str(), started_ms)))
-            .collect();
-        for (n, rec) in &self.nodes {
-            writers.insert(n, (rec.mode.as_str(), rec.last_seen_ms));
-        }
+        let writers = self.node_modes(started_ms);
         let mut stable: Option<VersionVector> = None;
         let mut participants = Vec::new();
         for (n, (mode, last_ms)) in writers {
@@ -1459,6 +1450,22 @@ impl<S: LogStore> HubCore<S> {
         Ok(())
     }
 
+    /// Every known node with its mode and when it was last heard from: the
+    /// config's (heard from at `started_ms`), overridden by what each node's
+    /// own hello said.
+    fn node_modes(&self, started_ms: u64) -> BTreeMap<&NodeId, (&str, u64)> {
+        let mut modes: BTreeMap<&NodeId, (&str, u64)> = self
+            .gc
+            .configured
+            .iter()
+            .map(|(n, mode)| (n, (mode.as_str(), started_ms)))
+            .collect();
+        for (n, rec) in &self.nodes {
+            modes.insert(n, (rec.mode.as_str(), rec.last_seen_ms));
+        }
+        modes
+    }
+
     /// The cut the hub collects its own row states at: the stable cut,
     /// lowered, for every publish-only writer excluded from it, to what that
     /// writer had seen of the other origins (its last seen report; nothing
@@ -1469,15 +1476,7 @@ impl<S: LogStore> HubCore<S> {
     /// collect theirs. Its own ops are ordered, so its own component stays.
     pub fn gc_collect_cut(&self) -> VersionVector {
         let mut cut = self.gc.cut.stable.clone();
-        // A node's own hello says its mode; the config until it connects.
-        let publishers = self
-            .gc
-            .configured
-            .iter()
-            .filter(|(n, _)| !self.nodes.contains_key(*n))
-            .map(|(n, mode)| (n, mode.as_str()))
-            .chain(self.nodes.iter().map(|(n, r)| (n, r.mode.as_str())));
-        for (n, mode) in publishers {
+        for (n, (mode, _)) in self.node_modes(0) {
             if mode != "publish" || !self.gc_excluded(n) {
                 continue;
             }

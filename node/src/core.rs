@@ -364,7 +364,7 @@ enum ResnapPhase {
 /// publish-only node did not see, so its snapshots can carry them, and a
 /// replica that collected one would show the write). Shared with the hub.
 fn lost_update(info: &TableInfo, state: &RowState, op: &Op) -> bool {
-    state.loses_update(&info.rules, op) || state.loses_to_delete(&info.rules, op)
+    state.loses_to_unseen_deletes(&info.rules, op)
 }
 
 /// Tombstone GC state of a node (in memory: the hub sends its cut again in

@@ -1030,6 +1030,16 @@ impl RowState {
         after.has_tombstone()
     }
 
+    /// Whether `op`, a write made without seeing deletes this row may have
+    /// had, loses to them under `delete_wins`: [`RowState::loses_update`]
+    /// (the deletes were collected here) or [`RowState::loses_to_delete`]
+    /// (a tombstone still held hides it). The one rule the hub and the
+    /// nodes judge such writes by; a losing write keeps its id and loses
+    /// its fields.
+    pub fn loses_to_unseen_deletes(&self, rules: &TableRules, op: &Op) -> bool {
+        self.loses_update(rules, op) || self.loses_to_delete(rules, op)
+    }
+
     /// The visible row under `rules`, or `None` when the row does not exist.
     ///
     /// `delete_wins` hides a row with any live tombstone. Otherwise each
