@@ -58,7 +58,7 @@
 //! # Initial snapshot
 //!
 //! A capturing node without a checkpoint (first start) publishes the rows
-//! already in the tables before streaming: [`initial_snapshot`] (see
+//! already in the tables before streaming: [`InitialSnapshot`] (see
 //! [`PostgresAdapter::begin_snapshot`] for why it has neither gap nor double
 //! count). A crash during it starts it over at the next start.
 //!
@@ -1802,60 +1802,110 @@ impl SnapshotProgress {
 }
 
 /// Publishes every row of the synced tables as of one consistent point,
-/// then sets the capture checkpoint there (see
-/// [`PostgresAdapter::begin_snapshot`] and [`SnapshotProgress`]). Runs when
-/// a capturing node starts with no checkpoint yet: its first start, or a
-/// restart after a crash during its snapshot, which resumes after the last
-/// durable chunk. Shows progress (rows, rate, ETA) per chunk of `batch`
-/// rows: a bar on a terminal, log lines otherwise.
+/// then sets the capture checkpoint there (see [`InitialSnapshot`]), in one
+/// go. The node's shell drives an [`InitialSnapshot`] itself, chunk by
+/// chunk, so that the chunks already logged go to the hub meanwhile.
 pub async fn initial_snapshot<S: crate::store::LogStore>(
     db: &mut PostgresAdapter,
     core: &mut crate::core::NodeCore<S>,
     schemas: &[TableSchema],
     batch: usize,
 ) -> Result<()> {
-    let stored = core
-        .meta(SnapshotProgress::META)?
-        .and_then(|b| SnapshotProgress::decode(&b));
-    if let Some(p) = stored.as_ref().filter(|p| p.complete) {
-        // Crashed between storing "complete" and the checkpoint.
-        core.handle_checkpoint(p.first_lsn)?;
-        db.set_resume(stored.clone(), p.first_lsn);
-        return Ok(());
+    if let Some(mut snap) = InitialSnapshot::begin(db, core, schemas).await? {
+        while !snap.step(db, core, schemas, batch).await? {}
+        snap.finish(db, core).await?;
     }
-    let started = std::time::Instant::now();
-    let mut snap = db.begin_snapshot(schemas, stored).await?;
-    let total: i64 = snap.rows.iter().sum();
-    let already = snap.progress.done_rows;
-    if snap.locked {
-        tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
-    } else {
-        tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows from an exported snapshot (writers are not blocked)");
+    Ok(())
+}
+
+/// An initial snapshot in progress: every row of the synced tables as of
+/// one consistent point (see [`PostgresAdapter::begin_snapshot`] and
+/// [`SnapshotProgress`]), published chunk by chunk, after which the
+/// capture checkpoint is set at that point. Runs when a capturing node
+/// starts with no checkpoint yet: its first start, or a restart after a
+/// crash during its snapshot, which resumes after the last durable chunk.
+/// Shows progress (rows, rate, ETA) per chunk: a bar on a terminal, log
+/// lines otherwise.
+pub struct InitialSnapshot {
+    snap: Snapshot,
+    started: std::time::Instant,
+    /// Rows of the tables when it began (rows of earlier attempts too).
+    total: i64,
+    /// Rows earlier attempts published.
+    already: i64,
+    bar: syncmesh_ops::progress::Progress,
+    last_log: std::time::Instant,
+}
+
+impl InitialSnapshot {
+    /// Starts the snapshot, or resumes the one the core's stored progress
+    /// names; `None` when there is nothing to publish (a crash came
+    /// between storing "complete" and the checkpoint: it is set now).
+    pub async fn begin<S: crate::store::LogStore>(
+        db: &mut PostgresAdapter,
+        core: &mut crate::core::NodeCore<S>,
+        schemas: &[TableSchema],
+    ) -> Result<Option<Self>> {
+        let stored = core
+            .meta(SnapshotProgress::META)?
+            .and_then(|b| SnapshotProgress::decode(&b));
+        if let Some(p) = stored.as_ref().filter(|p| p.complete) {
+            core.handle_checkpoint(p.first_lsn)?;
+            db.set_resume(stored.clone(), p.first_lsn);
+            return Ok(None);
+        }
+        let snap = db.begin_snapshot(schemas, stored).await?;
+        let total: i64 = snap.rows.iter().sum();
+        if snap.locked {
+            tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows (writes to the synced tables wait until it ends)");
+        } else {
+            tracing::info!(database = %db.url, rows = total, lsn = %format_lsn(snap.lsn), "initial snapshot: publishing the existing rows from an exported snapshot (writers are not blocked)");
+        }
+        Ok(Some(Self {
+            already: snap.progress.done_rows,
+            snap,
+            started: std::time::Instant::now(),
+            total,
+            bar: syncmesh_ops::progress::Progress::new(&db.slot, "initial snapshot"),
+            last_log: std::time::Instant::now(),
+        }))
     }
-    let mut bar = syncmesh_ops::progress::Progress::new(&db.slot, "initial snapshot");
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    };
-    let mut last_log = std::time::Instant::now();
-    while let Some((table, rows, progress)) = db.snapshot_chunk(&mut snap, schemas, batch).await? {
-        let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
+
+    /// Publishes the next chunk of at most `batch` rows (flushed with its
+    /// progress record before it returns); true once every row is
+    /// published: then call [`InitialSnapshot::finish`].
+    pub async fn step<S: crate::store::LogStore>(
+        &mut self,
+        db: &mut PostgresAdapter,
+        core: &mut crate::core::NodeCore<S>,
+        schemas: &[TableSchema],
+        batch: usize,
+    ) -> Result<bool> {
+        let Some((table, rows, progress)) =
+            db.snapshot_chunk(&mut self.snap, schemas, batch).await?
+        else {
+            return Ok(true);
+        };
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        };
         core.handle_snapshot_with_meta(
-            now,
+            syncmesh_resolver::Ntp64::from_unix_millis(now_ms()),
             &rows,
             &[(SnapshotProgress::META.to_owned(), Some(progress))],
         )?;
-        let done = snap.progress.done_rows;
+        let done = self.snap.progress.done_rows;
         // `total` counts whole tables: rows published by earlier attempts
         // are in it too.
-        let target = total.max(done) as u64;
-        bar.observe(now_ms(), done as u64, target);
-        if last_log.elapsed() >= Duration::from_secs(1) {
-            last_log = std::time::Instant::now();
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = (done - already) as f64 / secs;
+        let target = self.total.max(done) as u64;
+        self.bar.observe(now_ms(), done as u64, target);
+        if self.last_log.elapsed() >= Duration::from_secs(1) {
+            self.last_log = std::time::Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            let rate = (done - self.already) as f64 / secs;
             let eta = if rate > 0.0 {
                 (target as i64 - done).max(0) as f64 / rate
             } else {
@@ -1863,19 +1913,29 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
             };
             tracing::debug!(database = %db.url, table = %table, "initial snapshot: {done}/{target} rows, {rate:.0} rows/s, ETA {eta:.0} s");
         }
+        Ok(false)
     }
-    // Every chunk is flushed: only now does the checkpoint move.
-    snap.progress.complete = true;
-    core.handle_meta(&[(
-        SnapshotProgress::META.to_owned(),
-        Some(snap.progress.encode()?),
-    )])?;
-    core.handle_checkpoint(snap.progress.first_lsn)?;
-    let progress = snap.progress.clone();
-    db.finish_snapshot(snap).await?;
-    db.set_resume(Some(progress.clone()), progress.first_lsn);
-    tracing::info!(database = %db.url, rows = progress.done_rows, resumed = progress.windows.len(), secs = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
-    Ok(())
+
+    /// Marks the snapshot complete and sets the capture checkpoint at its
+    /// point (every chunk is flushed: only now does the checkpoint move),
+    /// then ends its transaction; capture streams from there.
+    pub async fn finish<S: crate::store::LogStore>(
+        mut self,
+        db: &mut PostgresAdapter,
+        core: &mut crate::core::NodeCore<S>,
+    ) -> Result<()> {
+        self.snap.progress.complete = true;
+        core.handle_meta(&[(
+            SnapshotProgress::META.to_owned(),
+            Some(self.snap.progress.encode()?),
+        )])?;
+        core.handle_checkpoint(self.snap.progress.first_lsn)?;
+        let progress = self.snap.progress.clone();
+        db.finish_snapshot(self.snap).await?;
+        db.set_resume(Some(progress.clone()), progress.first_lsn);
+        tracing::info!(database = %db.url, rows = progress.done_rows, resumed = progress.windows.len(), secs = self.started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the slot");
+        Ok(())
+    }
 }
 
 #[derive(Default)]

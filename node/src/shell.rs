@@ -208,12 +208,15 @@ pub async fn start_node_with_dialer(
         }
         None => (None, None),
     };
+    let mut snapshot = None;
     if let Db::Postgres(pg) = &mut db
         && cfg.mode.captures()
     {
         if core.capture_checkpoint() == 0 {
+            // Begun here (a refused snapshot fails the start); the shell
+            // publishes its chunks while it sends them to the hub.
             let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
-            crate::postgres::initial_snapshot(pg, &mut core, &schemas, sync.batch_size).await?;
+            snapshot = crate::postgres::InitialSnapshot::begin(pg, &mut core, &schemas).await?;
         } else {
             // A resumed snapshot's windows still filter what capture reads.
             let progress = core
@@ -250,6 +253,8 @@ pub async fn start_node_with_dialer(
         published: None,
         download: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "catching up"),
         upload: syncmesh_ops::progress::Progress::new(cfg.name.as_str(), "sending queued changes"),
+        snapshot,
+        stash: None,
     };
     let join = tokio::spawn(shell.run(cmd_rx));
     Ok(NodeHandle {
@@ -296,6 +301,27 @@ struct Shell {
     /// Catch-up progress: remote ops coming in, own ops going out.
     download: syncmesh_ops::progress::Progress,
     upload: syncmesh_ops::progress::Progress,
+    /// PostgreSQL's initial snapshot while it is being published: capture,
+    /// apply and GC wait, and of the hub's messages only those that do
+    /// not touch rows are handled (see [`merges_during_snapshot`]).
+    snapshot: Option<crate::postgres::InitialSnapshot>,
+    /// The first hub message that has to wait for the snapshot's end; no
+    /// more are read until it is handled (order kept, bounded).
+    stash: Option<pb::HubMessage>,
+}
+
+/// Hub messages a node handles while it publishes its initial snapshot:
+/// acks, errors, stable cuts (recorded only: GC waits too) and a hello
+/// reply that starts no re-snapshot. Remote ops wait: merged before the
+/// snapshot's rows, they would be applied to rows the snapshot then reads
+/// as of its older point, and its inserts would supersede them.
+fn merges_during_snapshot(msg: &pb::HubMessage) -> bool {
+    use pb::hub_message::Body;
+    match &msg.body {
+        Some(Body::Ack(_) | Body::Error(_) | Body::Cut(_)) => true,
+        Some(Body::Hello(h)) => !h.snapshot,
+        Some(Body::Ops(_) | Body::Snapshot(_)) | None => false,
+    }
 }
 
 async fn connect(
@@ -410,6 +436,15 @@ impl Shell {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
+            if link.is_none() {
+                // It came on a stream that is gone: the next one starts over.
+                self.stash = None;
+            }
+            if self.snapshot.is_none()
+                && let Some(m) = self.stash.take()
+            {
+                self.on_hub_message(Ok(Some(m)), &mut link).await?;
+            }
             if online
                 && link.is_none()
                 && connecting.is_none()
@@ -442,7 +477,10 @@ impl Shell {
             tokio::select! {
                 _ = tick.tick() => {
                     let capture = self.capture;
-                    let next_ms = if self.db_step(link.as_ref(), capture).await? > 0 {
+                    let next_ms = if self.snapshot.is_some() {
+                        self.snapshot_step(link.as_ref()).await?;
+                        0
+                    } else if self.db_step(link.as_ref(), capture).await? > 0 {
                         CAPTURE_BUSY_INTERVAL_MS
                     } else {
                         self.db.capture_idle_interval_ms()
@@ -467,26 +505,13 @@ impl Shell {
                         }
                     }
                 }
-                msg = next_msg(&mut link) => {
-                    let ctl = match msg {
-                        Ok(Some(m)) => {
-                            let now = Ntp64::from_unix_millis(now_ms());
-                            let started = std::time::Instant::now();
-                            let ctl = self.core.handle_message(now, m)?;
-                            self.publish_lag();
-                            let ms = started.elapsed().as_millis() as u64;
-                            tracing::debug!(node = %self.core.name(), ms, "hub message merged");
-                            ctl
+                msg = next_msg(&mut link), if self.stash.is_none() => {
+                    match msg {
+                        Ok(Some(m)) if self.snapshot.is_some() && !merges_during_snapshot(&m) => {
+                            self.stash = Some(m);
                         }
-                        Ok(None) => Control::Reconnect("the hub closed the stream".into()),
-                        Err(s) => Control::Reconnect(format!("stream error: {}", s.message())),
-                    };
-                    if let Control::Reconnect(reason) = ctl {
-                        tracing::warn!(node = %self.core.name(), hub = %self.hub_url, "disconnected: {reason}; reconnecting with backoff");
-                        link = None;
-                        self.core.handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
+                        msg => self.on_hub_message(msg, &mut link).await?,
                     }
-                    self.db_step(link.as_ref(), false).await?;
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(ShellCmd::SetOnline(on)) => {
@@ -506,12 +531,65 @@ impl Shell {
         Ok(())
     }
 
+    /// Handles one message from the hub (or the end of its stream), then
+    /// applies what it merged.
+    async fn on_hub_message(
+        &mut self,
+        msg: std::result::Result<Option<pb::HubMessage>, tonic::Status>,
+        link: &mut Option<Link>,
+    ) -> Result<()> {
+        let ctl = match msg {
+            Ok(Some(m)) => {
+                let now = Ntp64::from_unix_millis(now_ms());
+                let started = std::time::Instant::now();
+                let ctl = self.core.handle_message(now, m)?;
+                self.publish_lag();
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::debug!(node = %self.core.name(), ms, "hub message merged");
+                ctl
+            }
+            Ok(None) => Control::Reconnect("the hub closed the stream".into()),
+            Err(s) => Control::Reconnect(format!("stream error: {}", s.message())),
+        };
+        if let Control::Reconnect(reason) = ctl {
+            tracing::warn!(node = %self.core.name(), hub = %self.hub_url, "disconnected: {reason}; reconnecting with backoff");
+            *link = None;
+            self.core
+                .handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
+        }
+        self.db_step(link.as_ref(), false).await?;
+        Ok(())
+    }
+
+    /// Publishes the next chunk of the initial snapshot and sends what the
+    /// core has; at its end sets the checkpoint, so capture, apply and the
+    /// messages that waited go on. An error stops the node, as a failed
+    /// snapshot at start did: a restart resumes after the last durable
+    /// chunk.
+    async fn snapshot_step(&mut self, link: Option<&Link>) -> Result<()> {
+        let (Some(snap), Db::Postgres(pg)) = (self.snapshot.as_mut(), &mut self.db) else {
+            self.snapshot = None;
+            return Ok(());
+        };
+        if snap
+            .step(pg, &mut self.core, &self.schemas, self.batch_size)
+            .await?
+            && let Some(snap) = self.snapshot.take()
+        {
+            snap.finish(pg, &mut self.core).await?;
+        }
+        if let Some(l) = link {
+            self.pump(l)?;
+        }
+        Ok(())
+    }
+
     /// Captures (if `capture`) and applies. A database error (busy, locked,
     /// away) is logged and retried with backoff: nothing is lost, changes
     /// wait in the change table and merged rows in the journal. Any other
     /// error stops the node. Returns the number of changes captured.
     async fn db_step(&mut self, link: Option<&Link>, capture: bool) -> Result<usize> {
-        if self.mono_ms() < self.db_retry_at_ms {
+        if self.mono_ms() < self.db_retry_at_ms || self.snapshot.is_some() {
             return Ok(0);
         }
         let mut res = Ok(0);
