@@ -60,7 +60,9 @@
 //! A capturing node without a checkpoint (first start) publishes the rows
 //! already in the tables before streaming: [`InitialSnapshot`] (see
 //! [`PostgresAdapter::begin_snapshot`] for why it has neither gap nor double
-//! count). A crash during it starts it over at the next start.
+//! count). The node publishes it chunk by chunk while it sends the chunks
+//! already logged to the hub; a crash during it resumes after the last
+//! durable chunk at the next start.
 //!
 //! # Type mapping
 //!

@@ -312,9 +312,15 @@ struct Shell {
 
 /// Hub messages a node handles while it publishes its initial snapshot:
 /// acks, errors, stable cuts (recorded only: GC waits too) and a hello
-/// reply that starts no re-snapshot. Remote ops wait: merged before the
-/// snapshot's rows, they would be applied to rows the snapshot then reads
-/// as of its older point, and its inserts would supersede them.
+/// reply that starts no re-snapshot. Remote ops and re-snapshot chunks
+/// wait. Apply waits too: a remote op applied before the snapshot reads
+/// its row would be in the database view the snapshot's insert claims to
+/// have seen, though the row was read as of the older snapshot point, and
+/// the insert would supersede it (test
+/// `remote_ops_arriving_during_an_initial_snapshot_wait_for_its_end`).
+/// Merging them early would be safe with apply waiting (the core takes
+/// the database's view, without them), but holding them keeps the views
+/// and dirty rows of a long snapshot out of memory.
 fn merges_during_snapshot(msg: &pb::HubMessage) -> bool {
     use pb::hub_message::Body;
     match &msg.body {

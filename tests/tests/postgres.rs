@@ -35,7 +35,7 @@ struct PgMesh {
     _dir: tempfile::TempDir,
 }
 
-fn mesh_yaml(dir: &Path, pg: &PgCluster, port: u16, tables: &str) -> String {
+fn mesh_yaml(dir: &Path, pg: &PgCluster, port: u16, tables: &str, batch: usize) -> String {
     let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
     for n in ["pg-a", "pg-b"] {
         let db = n.replace('-', "_");
@@ -49,7 +49,7 @@ fn mesh_yaml(dir: &Path, pg: &PgCluster, port: u16, tables: &str) -> String {
         dir.join("lite.db").display()
     ));
     yaml.push_str(tables);
-    yaml.push_str("sync:\n  batch_size: 500\n");
+    yaml.push_str(&format!("sync:\n  batch_size: {batch}\n"));
     yaml
 }
 
@@ -74,9 +74,20 @@ impl PgMesh {
 
     /// Starts the hub and the nodes.
     async fn launch(pg: PgCluster, dir: tempfile::TempDir, tables: &str) -> Result<PgMesh> {
+        Self::launch_batch(pg, dir, tables, 500).await
+    }
+
+    /// Starts the hub and the nodes, with `batch` rows per batch (and per
+    /// initial snapshot chunk).
+    async fn launch_batch(
+        pg: PgCluster,
+        dir: tempfile::TempDir,
+        tables: &str,
+        batch: usize,
+    ) -> Result<PgMesh> {
         let port = free_port();
         let path = dir.path().join("mesh.yaml");
-        std::fs::write(&path, mesh_yaml(dir.path(), &pg, port, tables))?;
+        std::fs::write(&path, mesh_yaml(dir.path(), &pg, port, tables, batch))?;
         let cfg = Config::load(&path)?;
         let hub = start_hub_from(&cfg, cfg.hub()?).await?;
         let mut nodes = Vec::new();
@@ -911,6 +922,49 @@ async fn initial_snapshot_then_stream_without_gap_or_double_count() -> Result<()
     assert!(
         (2000..=2000 + increments as u64).contains(&ops),
         "{ops} ops for 2000 rows and {increments} increments"
+    );
+    mesh.stop().await
+}
+
+/// Both PostgreSQL databases hold keys 3001-6000 when they join (pg-a also
+/// 1-3000, published first), so pg-b's snapshot ops of those keys reach
+/// pg-a while pg-a still publishes its own, chunk by chunk, before it
+/// reads them. They are not applied to pg-a before its snapshot is done:
+/// applied first, they would be in the database view its snapshot's
+/// inserts claim to have seen, though its rows were read as of the older
+/// snapshot point, and the inserts would supersede them (under `max`
+/// pg-a's smaller value would win; this fails with apply running during
+/// the snapshot). Merged after, the two inserts of a key are concurrent
+/// and `max` keeps the larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_ops_arriving_during_an_initial_snapshot_wait_for_its_end() -> Result<()> {
+    let (pg, dir) = PgMesh::prepare(COUNTERS_PG, COUNTERS_LITE).await?;
+    for (db, n, from) in [("pg_a", 1, 1), ("pg_b", 2, 3001)] {
+        pg.exec(
+            db,
+            &format!(
+                "INSERT INTO counters SELECT g, {n}, 'seed-' || g FROM generate_series({from}, 6000) g"
+            ),
+        )
+        .await?;
+    }
+    let tables =
+        "tables:\n  - name: counters\n    key: [id]\n    resolve:\n      fields:\n        n: max\n";
+    let mesh = PgMesh::launch_batch(pg, dir, tables, 25).await?;
+    let expected: Rows = (1..=6000i64)
+        .map(|id| {
+            BTreeMap::from([
+                ("id".to_owned(), Value::Int(id)),
+                ("n".to_owned(), Value::Int(if id > 3000 { 2 } else { 1 })),
+                ("label".to_owned(), Value::Text(format!("seed-{id}"))),
+            ])
+        })
+        .collect();
+    mesh.wait_rows(0, &expected).await?;
+    assert_eq!(
+        mesh.total_ops().await?,
+        9000,
+        "each node published each row once"
     );
     mesh.stop().await
 }
