@@ -477,7 +477,11 @@ impl Shell {
                 let now = now_ms();
                 self.download
                     .observe(now, stats.remote_ops, stats.remote_ops_at_hub);
-                self.upload.observe(now, stats.own_acked, stats.own_ops);
+                // The snapshot's own bar covers its sending (two bars
+                // would overwrite each other's line).
+                if self.snapshot.is_none() {
+                    self.upload.observe(now, stats.own_acked, stats.own_ops);
+                }
             }
             let _ = self.stats.send(stats);
             tokio::select! {
