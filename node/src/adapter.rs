@@ -277,15 +277,14 @@ impl Db {
         }
     }
 
-    /// How often capture looks for changes while none come: a PostgreSQL
-    /// slot read over a replication stream costs a non-blocking socket
-    /// read, so it is polled as often as a busy database
-    /// ([`crate::shell::CAPTURE_BUSY_INTERVAL_MS`]); every other source
-    /// costs a statement, so [`crate::shell::CAPTURE_INTERVAL_MS`].
-    pub fn capture_idle_interval_ms(&self) -> u64 {
+    /// Resolves when capture has something to read before its next poll
+    /// (every [`crate::shell::CAPTURE_INTERVAL_MS`] while idle): an open
+    /// PostgreSQL replication stream holds a whole message. Never for the
+    /// sources capture polls with a statement. Cancel-safe.
+    pub async fn changes_ready(&mut self) {
         match self {
-            Db::Postgres(d) if d.streams() => crate::shell::CAPTURE_BUSY_INTERVAL_MS,
-            _ => crate::shell::CAPTURE_INTERVAL_MS,
+            Db::Postgres(d) => d.changes_ready().await,
+            _ => std::future::pending().await,
         }
     }
 

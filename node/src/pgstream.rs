@@ -702,6 +702,31 @@ impl ReplStream {
         Ok(Some(Frame { tag, body }))
     }
 
+    /// Whether a whole message (or a length no message may have, which
+    /// the next read reports) is buffered.
+    fn has_frame(&self) -> bool {
+        if self.buf.len() < 5 {
+            return false;
+        }
+        let len = be_i32(&self.buf[1..5]);
+        len < 4 || len as usize > MAX_MESSAGE_BYTES || self.buf.len() > len as usize
+    }
+
+    /// Waits until a whole message is buffered, or the connection failed
+    /// (the next read reports how). Cancel-safe: what it read stays
+    /// buffered for the next read.
+    pub async fn readable(&mut self) {
+        while !self.has_frame() {
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
     /// Reads more bytes, waiting at most `wait` (zero: only what is there
     /// already). False if nothing came in time. Cancel-safe.
     async fn fill(&mut self, wait: Duration) -> SResult<bool> {
@@ -1095,5 +1120,39 @@ mod tests {
         huge.extend_from_slice(&i32::MAX.to_be_bytes());
         server.write_all(&huge).await.unwrap();
         assert!(s.next(Duration::from_secs(5)).await.is_err());
+    }
+
+    /// `readable` wakes on a whole message only, keeps what it read when
+    /// cancelled, and wakes when the server hangs up (the read then says
+    /// so).
+    #[tokio::test]
+    async fn readable_waits_for_a_whole_message_and_keeps_what_it_read() {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut s = ReplStream {
+            io: Box::new(client),
+            buf: BytesMut::new(),
+            confirmed: 0,
+            last_status: Instant::now(),
+        };
+        let mut xlog = vec![b'w'];
+        xlog.extend_from_slice(&[0u8; 24]);
+        xlog.extend_from_slice(b"Cpayload");
+        let m = message(b'd', &xlog);
+        let short = Duration::from_millis(50);
+        assert!(tokio::time::timeout(short, s.readable()).await.is_err());
+        server.write_all(&m[..7]).await.unwrap();
+        // Part of a message: still waiting (cancelled by the timeout).
+        assert!(tokio::time::timeout(short, s.readable()).await.is_err());
+        server.write_all(&m[7..]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.readable())
+            .await
+            .unwrap();
+        let got = s.next(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(&got[..], b"Cpayload");
+        drop(server);
+        tokio::time::timeout(Duration::from_secs(5), s.readable())
+            .await
+            .unwrap();
+        assert!(s.next(Duration::from_secs(1)).await.is_err());
     }
 }

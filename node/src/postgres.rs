@@ -444,6 +444,15 @@ impl PostgresAdapter {
         }
     }
 
+    /// Resolves once the open replication stream has a whole message to
+    /// read (or failed); never without an open stream. Cancel-safe.
+    pub async fn changes_ready(&mut self) {
+        match self.stream_mut() {
+            Some(s) => s.readable().await,
+            None => std::future::pending().await,
+        }
+    }
+
     fn stream_mut(&mut self) -> &mut Option<ReplStream> {
         self.stream.get_mut().unwrap_or_else(|p| p.into_inner())
     }

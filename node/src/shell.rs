@@ -493,7 +493,7 @@ impl Shell {
                     } else if self.db_step(link.as_ref(), capture).await? > 0 {
                         CAPTURE_BUSY_INTERVAL_MS
                     } else {
-                        self.db.capture_idle_interval_ms()
+                        CAPTURE_INTERVAL_MS
                     };
                     tick.reset_after(Duration::from_millis(next_ms));
                     self.publish_wal();
@@ -514,6 +514,19 @@ impl Shell {
                             self.core.handle_disconnected(self.mono_ms(), rand::rng().random_range(0..100));
                         }
                     }
+                }
+                // A PostgreSQL stream wakes capture as soon as a
+                // transaction arrives (no waiting for the next poll).
+                _ = self.db.changes_ready(), if self.capture
+                    && self.snapshot.is_none()
+                    && !self.core.resnap_installing()
+                    && self.mono_ms() >= self.db_retry_at_ms => {
+                    let next_ms = if self.db_step(link.as_ref(), true).await? > 0 {
+                        CAPTURE_BUSY_INTERVAL_MS
+                    } else {
+                        CAPTURE_INTERVAL_MS
+                    };
+                    tick.reset_after(Duration::from_millis(next_ms));
                 }
                 msg = next_msg(&mut link), if self.stash.is_none() => {
                     match msg {
