@@ -1096,21 +1096,32 @@ mod tests {
         );
     }
 
-    /// Frames split anywhere are reassembled; an oversized length is an
-    /// error, never an allocation.
-    #[tokio::test]
-    async fn frames_are_bounded_and_reassembled() {
-        let (client, mut server) = tokio::io::duplex(1024);
-        let mut s = ReplStream {
+    /// A stream over an in-memory pipe, and the server's end of it.
+    fn in_memory_stream() -> (ReplStream, tokio::io::DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024);
+        let s = ReplStream {
             io: Box::new(client),
             buf: BytesMut::new(),
             confirmed: 0,
             last_status: Instant::now(),
         };
+        (s, server)
+    }
+
+    /// An XLogData copy-data message carrying `payload`.
+    fn xlog_data(payload: &[u8]) -> Vec<u8> {
         let mut xlog = vec![b'w'];
         xlog.extend_from_slice(&[0u8; 24]);
-        xlog.extend_from_slice(b"Bpayload");
-        let m = message(b'd', &xlog);
+        xlog.extend_from_slice(payload);
+        message(b'd', &xlog)
+    }
+
+    /// Frames split anywhere are reassembled; an oversized length is an
+    /// error, never an allocation.
+    #[tokio::test]
+    async fn frames_are_bounded_and_reassembled() {
+        let (mut s, mut server) = in_memory_stream();
+        let m = xlog_data(b"Bpayload");
         server.write_all(&m[..3]).await.unwrap();
         assert!(s.next(Duration::from_millis(20)).await.unwrap().is_none());
         server.write_all(&m[3..]).await.unwrap();
@@ -1127,17 +1138,8 @@ mod tests {
     /// so).
     #[tokio::test]
     async fn readable_waits_for_a_whole_message_and_keeps_what_it_read() {
-        let (client, mut server) = tokio::io::duplex(1024);
-        let mut s = ReplStream {
-            io: Box::new(client),
-            buf: BytesMut::new(),
-            confirmed: 0,
-            last_status: Instant::now(),
-        };
-        let mut xlog = vec![b'w'];
-        xlog.extend_from_slice(&[0u8; 24]);
-        xlog.extend_from_slice(b"Cpayload");
-        let m = message(b'd', &xlog);
+        let (mut s, mut server) = in_memory_stream();
+        let m = xlog_data(b"Cpayload");
         let short = Duration::from_millis(50);
         assert!(tokio::time::timeout(short, s.readable()).await.is_err());
         server.write_all(&m[..7]).await.unwrap();
