@@ -298,6 +298,14 @@ impl Db {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 // Calendar arithmetic shared by the adapters' date and timestamp codecs
 // (H. Hinnant's civil-date algorithms).
 

@@ -115,7 +115,8 @@ use sqlx::{AssertSqlSafe, MySql, Row};
 use syncmesh_resolver::Value;
 
 use crate::adapter::{
-    CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days, days_from_civil,
+    CapturedChange, ChangeKind, ColumnInfo, RowWrite, TableSchema, civil_from_days,
+    days_from_civil, now_ms,
 };
 use crate::{Error, Result};
 
@@ -902,13 +903,6 @@ fn placeholder(schema: &TableSchema, column: &str, p: &Param) -> &'static str {
     } else {
         "?"
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Captures every change with an id `≤ through` (the shell's capture

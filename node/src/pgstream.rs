@@ -682,7 +682,10 @@ impl ReplStream {
     }
 
     /// One complete message from the buffer, if it holds one.
-    fn buffered_frame(&mut self) -> SResult<Option<Frame>> {
+    /// The length (tag included) of the whole message at the front of the
+    /// buffer, `None` while it is not all there; an impossible length is
+    /// an error.
+    fn buffered_len(&self) -> SResult<Option<usize>> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -693,33 +696,32 @@ impl ReplStream {
             )));
         }
         let total = 1 + len as usize;
-        if self.buf.len() < total {
+        Ok((self.buf.len() >= total).then_some(total))
+    }
+
+    fn buffered_frame(&mut self) -> SResult<Option<Frame>> {
+        let Some(total) = self.buffered_len()? else {
             return Ok(None);
-        }
+        };
         let tag = self.buf[0];
         self.buf.advance(5);
         let body = self.buf.split_to(total - 5);
         Ok(Some(Frame { tag, body }))
     }
 
-    /// Whether a whole message (or a length no message may have, which
-    /// the next read reports) is buffered.
-    fn has_frame(&self) -> bool {
-        if self.buf.len() < 5 {
-            return false;
+    /// Keeps at least 16 KiB free for the next read.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+            self.buf.reserve(64 * 1024);
         }
-        let len = be_i32(&self.buf[1..5]);
-        len < 4 || len as usize > MAX_MESSAGE_BYTES || self.buf.len() > len as usize
     }
 
-    /// Waits until a whole message is buffered, or the connection failed
-    /// (the next read reports how). Cancel-safe: what it read stays
-    /// buffered for the next read.
+    /// Waits until a whole message (or an impossible length) is buffered,
+    /// or the connection failed: the next read reports which. Cancel-safe:
+    /// what it read stays buffered for the next read.
     pub async fn readable(&mut self) {
-        while !self.has_frame() {
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
-            }
+        while matches!(self.buffered_len(), Ok(None)) {
+            self.make_room();
             match self.io.read_buf(&mut self.buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return,
@@ -730,9 +732,7 @@ impl ReplStream {
     /// Reads more bytes, waiting at most `wait` (zero: only what is there
     /// already). False if nothing came in time. Cancel-safe.
     async fn fill(&mut self, wait: Duration) -> SResult<bool> {
-        if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-            self.buf.reserve(64 * 1024);
-        }
+        self.make_room();
         match tokio::time::timeout(wait, self.io.read_buf(&mut self.buf)).await {
             Err(_) => Ok(false),
             Ok(Ok(0)) => Err(StreamError::Io("the server closed the connection".into())),

@@ -1812,23 +1812,6 @@ impl SnapshotProgress {
     }
 }
 
-/// Publishes every row of the synced tables as of one consistent point,
-/// then sets the capture checkpoint there (see [`InitialSnapshot`]), in one
-/// go. The node's shell drives an [`InitialSnapshot`] itself, chunk by
-/// chunk, so that the chunks already logged go to the hub meanwhile.
-pub async fn initial_snapshot<S: crate::store::LogStore>(
-    db: &mut PostgresAdapter,
-    core: &mut crate::core::NodeCore<S>,
-    schemas: &[TableSchema],
-    batch: usize,
-) -> Result<()> {
-    if let Some(mut snap) = InitialSnapshot::begin(db, core, schemas).await? {
-        while !snap.step(db, core, schemas, batch).await? {}
-        snap.finish(db, core).await?;
-    }
-    Ok(())
-}
-
 /// An initial snapshot in progress: every row of the synced tables as of
 /// one consistent point (see [`PostgresAdapter::begin_snapshot`] and
 /// [`SnapshotProgress`]), published chunk by chunk, after which the
@@ -1836,7 +1819,8 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
 /// starts with no checkpoint yet: its first start, or a restart after a
 /// crash during its snapshot, which resumes after the last durable chunk.
 /// Shows progress (rows, rate, ETA) per chunk: a bar on a terminal, log
-/// lines otherwise.
+/// lines otherwise. The node's shell drives it, one chunk per loop turn,
+/// so the chunks already logged go to the hub meanwhile.
 pub struct InitialSnapshot {
     snap: Snapshot,
     started: std::time::Instant,
@@ -1897,12 +1881,7 @@ impl InitialSnapshot {
         else {
             return Ok(true);
         };
-        let now_ms = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        };
+        let now_ms = crate::adapter::now_ms;
         core.handle_snapshot_with_meta(
             syncmesh_resolver::Ntp64::from_unix_millis(now_ms()),
             &rows,

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::Rng;
 use syncmesh_ops::prom::Metrics;
@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::adapter::Db;
+use crate::adapter::{Db, now_ms};
 use crate::config::{Config, Mode};
 use crate::core::{Control, Event, NodeCore, NodeSettings, NodeStats, TableInfo};
 use crate::store::SledStore;
@@ -120,13 +120,6 @@ impl NodeHandle {
             }),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Opens the database, checks the tables, installs capture, opens the log
@@ -486,15 +479,7 @@ impl Shell {
             let _ = self.stats.send(stats);
             tokio::select! {
                 _ = tick.tick() => {
-                    let capture = self.capture;
-                    let next_ms = if self.snapshot.is_some() {
-                        self.snapshot_step(link.as_ref()).await?;
-                        0
-                    } else if self.db_step(link.as_ref(), capture).await? > 0 {
-                        CAPTURE_BUSY_INTERVAL_MS
-                    } else {
-                        CAPTURE_INTERVAL_MS
-                    };
+                    let next_ms = self.poll_db(link.as_ref()).await?;
                     tick.reset_after(Duration::from_millis(next_ms));
                     self.publish_wal();
                 }
@@ -521,11 +506,7 @@ impl Shell {
                     && self.snapshot.is_none()
                     && !self.core.resnap_installing()
                     && self.mono_ms() >= self.db_retry_at_ms => {
-                    let next_ms = if self.db_step(link.as_ref(), true).await? > 0 {
-                        CAPTURE_BUSY_INTERVAL_MS
-                    } else {
-                        CAPTURE_INTERVAL_MS
-                    };
+                    let next_ms = self.poll_db(link.as_ref()).await?;
                     tick.reset_after(Duration::from_millis(next_ms));
                 }
                 msg = next_msg(&mut link), if self.stash.is_none() => {
@@ -582,6 +563,22 @@ impl Shell {
         }
         self.db_step(link.as_ref(), false).await?;
         Ok(())
+    }
+
+    /// One turn of the database side: the next snapshot chunk while the
+    /// initial snapshot runs, else capture (if this node captures), apply
+    /// and GC. Returns the ms until the next turn.
+    async fn poll_db(&mut self, link: Option<&Link>) -> Result<u64> {
+        if self.snapshot.is_some() {
+            self.snapshot_step(link).await?;
+            return Ok(0);
+        }
+        let capture = self.capture;
+        Ok(if self.db_step(link, capture).await? > 0 {
+            CAPTURE_BUSY_INTERVAL_MS
+        } else {
+            CAPTURE_INTERVAL_MS
+        })
     }
 
     /// Publishes the next chunk of the initial snapshot and sends what the
