@@ -1122,10 +1122,20 @@ async fn existing_mariadb_rows_snapshot_resumes_after_sigkill_and_ends_exact() -
         log()
     );
     let mut a = Proc::spawn(dir, "maria-a", &a_args)?;
-    wait_until("maria-a to finish its snapshot", SLOW, || async {
+    if let Err(e) = wait_until("maria-a to finish its snapshot", SLOW, || async {
         Ok(log().contains("initial snapshot done"))
     })
-    .await?;
+    .await
+    {
+        // Seen once in CI (with a writer's error 1146 just before): the
+        // node's log is what tells why.
+        let text = log();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        bail!(
+            "{e}; maria-a's log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     assert!(
         log().contains("initial snapshot: resuming after"),
         "the second start must resume the snapshot:\n{}",
