@@ -71,7 +71,7 @@
 //! # Initial snapshot
 //!
 //! A capturing node publishes the rows already in its tables before it
-//! streams ([`initial_snapshot`]), chunk by chunk in primary-key order
+//! streams ([`InitialSnapshot`]), chunk by chunk in primary-key order
 //! (keyset pagination, `batch_size` rows per chunk), resumable: the cursor
 //! (table, last key, rows done) is the node's log-store record
 //! [`SNAPSHOT_META`], written in the same flushed batch as the chunk's ops.
@@ -955,60 +955,104 @@ pub fn snapshot_cursor<S: crate::store::LogStore>(
         .transpose()
 }
 
-/// Runs (or resumes) the initial snapshot of `schemas` (see the module
-/// docs): on a node's first start (no snapshot record and capture
-/// checkpoint 0) or after a crash during one; a node whose snapshot is
-/// done, or that captured before snapshots existed, skips it. Progress
-/// (rows, rate, ETA) is reported like a catch-up, as `who`.
-pub async fn initial_snapshot<S: crate::store::LogStore>(
-    db: &MysqlAdapter,
-    core: &mut crate::core::NodeCore<S>,
-    schemas: &[TableSchema],
-    batch: usize,
-    who: &str,
-) -> Result<()> {
-    let batch = batch.max(1);
-    let (mut table, mut after, mut done) = match snapshot_cursor(core)? {
-        Some(SnapshotCursor::Done) => return Ok(()),
-        None if core.capture_checkpoint() != 0 => return Ok(()),
-        None => (0, None, 0),
-        Some(SnapshotCursor::Running { table, after, done }) => {
-            match schemas.iter().position(|s| s.name == table) {
-                Some(i) => {
-                    tracing::info!(database = %db.url, table = %table, rows = done, "initial snapshot: resuming after {done} rows");
-                    (i, after, done)
-                }
-                None => {
-                    tracing::warn!(database = %db.url, table = %table, "initial snapshot: the table it stopped at is no longer synced; starting the snapshot over");
-                    (0, None, 0)
+/// The initial snapshot of `schemas` (see the module docs) while it is
+/// being published: begun on a node's first start (no snapshot record and
+/// capture checkpoint 0) or after a crash during one, which resumes after
+/// the last durable chunk; a node whose snapshot is done, or that captured
+/// before snapshots existed, has none. Progress (rows, rate, ETA) is shown
+/// per chunk: a bar on a terminal, log lines otherwise. The node's shell
+/// drives it, one chunk per loop turn, so the chunks already logged go to
+/// the hub meanwhile.
+pub struct InitialSnapshot {
+    /// Index in `schemas` of the table being read.
+    table: usize,
+    /// The key of the last row published of that table.
+    after: Option<Vec<Value>>,
+    /// Rows published so far (earlier attempts' too).
+    done: u64,
+    /// Rows of the tables when it began (plus earlier attempts').
+    total: u64,
+    /// Rows earlier attempts published.
+    already: u64,
+    started: std::time::Instant,
+    bar: syncmesh_ops::progress::Progress,
+}
+
+impl InitialSnapshot {
+    /// Starts the snapshot, or resumes the one the core's stored cursor
+    /// names; `None` when there is none to publish. The cursor is stored
+    /// before it returns: a crash from here on resumes.
+    pub async fn begin<S: crate::store::LogStore>(
+        db: &MysqlAdapter,
+        core: &mut crate::core::NodeCore<S>,
+        schemas: &[TableSchema],
+        who: &str,
+    ) -> Result<Option<Self>> {
+        let (table, after, done) = match snapshot_cursor(core)? {
+            Some(SnapshotCursor::Done) => return Ok(None),
+            None if core.capture_checkpoint() != 0 => return Ok(None),
+            None => (0, None, 0),
+            Some(SnapshotCursor::Running { table, after, done }) => {
+                match schemas.iter().position(|s| s.name == table) {
+                    Some(i) => {
+                        tracing::info!(database = %db.url, table = %table, rows = done, "initial snapshot: resuming after {done} rows");
+                        (i, after, done)
+                    }
+                    None => {
+                        tracing::warn!(database = %db.url, table = %table, "initial snapshot: the table it stopped at is no longer synced; starting the snapshot over");
+                        (0, None, 0)
+                    }
                 }
             }
-        }
-    };
-    let cursor = |table: usize, after: Option<Vec<Value>>, done: u64| match schemas.get(table) {
-        Some(s) => SnapshotCursor::Running {
-            table: s.name.clone(),
+        };
+        let mut snap = InitialSnapshot {
+            table,
             after,
             done,
-        },
-        None => SnapshotCursor::Done,
-    };
-    // Recorded before anything is captured: a crash from here on resumes.
-    core.handle_meta(&[(
-        SNAPSHOT_META.to_owned(),
-        Some(encode_cursor(&cursor(table, after.clone(), done))?),
-    )])?;
-    let mut total = done;
-    for s in &schemas[table.min(schemas.len())..] {
-        total += db.count_rows(s).await?;
+            total: done,
+            already: done,
+            started: std::time::Instant::now(),
+            bar: syncmesh_ops::progress::Progress::new(who, "initial snapshot"),
+        };
+        core.handle_meta(&[(SNAPSHOT_META.to_owned(), Some(snap.cursor(schemas)?))])?;
+        for s in &schemas[table.min(schemas.len())..] {
+            snap.total += db.count_rows(s).await?;
+        }
+        tracing::info!(database = %db.url, rows = snap.total.saturating_sub(done), "initial snapshot: publishing the existing rows (writers are not blocked)");
+        snap.bar.observe(now_ms(), done, snap.total);
+        Ok(Some(snap))
     }
-    let started = std::time::Instant::now();
-    let started_done = done;
-    tracing::info!(database = %db.url, rows = total.saturating_sub(done), "initial snapshot: publishing the existing rows (writers are not blocked)");
-    let mut progress = syncmesh_ops::progress::Progress::new(who, "initial snapshot");
-    progress.observe(now_ms(), done, total);
-    while let Some(schema) = schemas.get(table) {
-        let (p, rows) = db.snapshot_chunk(schema, after.as_deref(), batch).await?;
+
+    /// The stored form of where it is.
+    fn cursor(&self, schemas: &[TableSchema]) -> Result<Vec<u8>> {
+        encode_cursor(&match schemas.get(self.table) {
+            Some(s) => SnapshotCursor::Running {
+                table: s.name.clone(),
+                after: self.after.clone(),
+                done: self.done,
+            },
+            None => SnapshotCursor::Done,
+        })
+    }
+
+    /// Publishes the next chunk of at most `batch` rows, after every
+    /// captured change the chunk includes (flushed with the cursor before
+    /// it returns); true once every table is published: then call
+    /// [`InitialSnapshot::finish`].
+    pub async fn step<S: crate::store::LogStore>(
+        &mut self,
+        db: &MysqlAdapter,
+        core: &mut crate::core::NodeCore<S>,
+        schemas: &[TableSchema],
+        batch: usize,
+    ) -> Result<bool> {
+        let batch = batch.max(1);
+        let Some(schema) = schemas.get(self.table) else {
+            return Ok(true);
+        };
+        let (p, rows) = db
+            .snapshot_chunk(schema, self.after.as_deref(), batch)
+            .await?;
         // Every change the chunk includes goes first (see the module docs).
         capture_through(db, core, p, batch).await?;
         let n = rows.len() as u64;
@@ -1023,22 +1067,27 @@ pub async fn initial_snapshot<S: crate::store::LogStore>(
                 new: Some(r),
             })
             .collect();
-        done += n;
+        self.done += n;
         if (n as usize) < batch {
-            table += 1;
-            after = None;
+            self.table += 1;
+            self.after = None;
         } else {
-            after = last_key;
+            self.after = last_key;
         }
-        let next = encode_cursor(&cursor(table, after.clone(), done))?;
+        let next = self.cursor(schemas)?;
         let now = syncmesh_resolver::Ntp64::from_unix_millis(now_ms());
         core.handle_snapshot_with_meta(now, &changes, &[(SNAPSHOT_META.to_owned(), Some(next))])?;
-        total = total.max(done);
-        progress.observe(now_ms(), done, total);
+        self.total = self.total.max(self.done);
+        self.bar.observe(now_ms(), self.done, self.total);
+        Ok(self.table >= schemas.len())
     }
-    progress.observe(now_ms(), total, total);
-    tracing::info!(database = %db.url, rows = done - started_done, secs = started.elapsed().as_secs_f64(), "initial snapshot done; capturing from the change table");
-    Ok(())
+
+    /// Ends the progress display and logs the snapshot's end (the cursor
+    /// already says done); capture goes on from the change table.
+    pub fn finish(mut self, db: &MysqlAdapter) {
+        self.bar.observe(now_ms(), self.total, self.total);
+        tracing::info!(database = %db.url, rows = self.done - self.already, secs = self.started.elapsed().as_secs_f64(), "initial snapshot done; capturing from the change table");
+    }
 }
 
 /// Consecutive upserts of one table waiting to go out as one statement:

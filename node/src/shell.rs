@@ -209,7 +209,9 @@ pub async fn start_node_with_dialer(
             // Begun here (a refused snapshot fails the start); the shell
             // publishes its chunks while it sends them to the hub.
             let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
-            snapshot = crate::postgres::InitialSnapshot::begin(pg, &mut core, &schemas).await?;
+            snapshot = crate::postgres::InitialSnapshot::begin(pg, &mut core, &schemas)
+                .await?
+                .map(InitialSnapshot::Postgres);
         } else {
             // A resumed snapshot's windows still filter what capture reads.
             let progress = core
@@ -221,9 +223,11 @@ pub async fn start_node_with_dialer(
     if let Db::Mysql(my) = &db
         && cfg.mode.captures()
     {
+        // As PostgreSQL's: begun here, published from the shell's loop.
         let schemas: Vec<_> = infos.iter().map(|i| i.schema.clone()).collect();
-        let who = cfg.name.to_string();
-        crate::mysql::initial_snapshot(my, &mut core, &schemas, sync.batch_size, &who).await?;
+        snapshot = crate::mysql::InitialSnapshot::begin(my, &mut core, &schemas, cfg.name.as_str())
+            .await?
+            .map(InitialSnapshot::Mysql);
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (stats_tx, stats_rx) = watch::channel(core.stats());
@@ -294,13 +298,20 @@ struct Shell {
     /// Catch-up progress: remote ops coming in, own ops going out.
     download: syncmesh_ops::progress::Progress,
     upload: syncmesh_ops::progress::Progress,
-    /// PostgreSQL's initial snapshot while it is being published: capture,
-    /// apply and GC wait, and of the hub's messages only those that do
-    /// not touch rows are handled (see [`merges_during_snapshot`]).
-    snapshot: Option<crate::postgres::InitialSnapshot>,
+    /// The initial snapshot while it is being published: capture, apply
+    /// and GC wait, and of the hub's messages only those that do not touch
+    /// rows are handled (see [`merges_during_snapshot`]).
+    snapshot: Option<InitialSnapshot>,
     /// The first hub message that has to wait for the snapshot's end; no
     /// more are read until it is handled (order kept, bounded).
     stash: Option<pb::HubMessage>,
+}
+
+/// A database's initial snapshot being published (PostgreSQL and
+/// MySQL/MariaDB have one; the other engines publish nothing at start).
+enum InitialSnapshot {
+    Postgres(crate::postgres::InitialSnapshot),
+    Mysql(crate::mysql::InitialSnapshot),
 }
 
 /// Hub messages a node handles while it publishes its initial snapshot:
@@ -587,16 +598,24 @@ impl Shell {
     /// snapshot at start did: a restart resumes after the last durable
     /// chunk.
     async fn snapshot_step(&mut self, link: Option<&Link>) -> Result<()> {
-        let (Some(snap), Db::Postgres(pg)) = (self.snapshot.as_mut(), &mut self.db) else {
-            self.snapshot = None;
-            return Ok(());
+        let (core, schemas, batch) = (&mut self.core, &self.schemas, self.batch_size);
+        let done = match (self.snapshot.as_mut(), &mut self.db) {
+            (Some(InitialSnapshot::Postgres(snap)), Db::Postgres(pg)) => {
+                snap.step(pg, core, schemas, batch).await?
+            }
+            (Some(InitialSnapshot::Mysql(snap)), Db::Mysql(my)) => {
+                snap.step(my, core, schemas, batch).await?
+            }
+            _ => true,
         };
-        if snap
-            .step(pg, &mut self.core, &self.schemas, self.batch_size)
-            .await?
-            && let Some(snap) = self.snapshot.take()
-        {
-            snap.finish(pg, &mut self.core).await?;
+        if done {
+            match (self.snapshot.take(), &mut self.db) {
+                (Some(InitialSnapshot::Postgres(snap)), Db::Postgres(pg)) => {
+                    snap.finish(pg, &mut self.core).await?;
+                }
+                (Some(InitialSnapshot::Mysql(snap)), Db::Mysql(my)) => snap.finish(my),
+                _ => {}
+            }
         }
         if let Some(l) = link {
             self.pump(l)?;

@@ -36,7 +36,7 @@ struct Mesh {
     _dir: tempfile::TempDir,
 }
 
-fn mesh_yaml(dir: &Path, server: &MariaDb, port: u16, tables: &str) -> String {
+fn mesh_yaml(dir: &Path, server: &MariaDb, port: u16, tables: &str, batch: usize) -> String {
     let mut yaml = format!("hub:\n  listen: 127.0.0.1:{port}\n  data_dir: ./hub\nnodes:\n");
     for n in ["maria-a", "maria-b"] {
         let db = n.replace('-', "_");
@@ -50,23 +50,39 @@ fn mesh_yaml(dir: &Path, server: &MariaDb, port: u16, tables: &str) -> String {
         dir.join("lite.db").display()
     ));
     yaml.push_str(tables);
-    yaml.push_str("sync:\n  batch_size: 500\n");
+    yaml.push_str(&format!("sync:\n  batch_size: {batch}\n"));
     yaml
 }
 
 impl Mesh {
     /// `my_ddl` runs on both MariaDB databases, `lite_ddl` on SQLite.
     async fn start(my_ddl: &str, lite_ddl: &str, tables: &str) -> Result<Mesh> {
+        Self::start_seeded(my_ddl, lite_ddl, tables, &[], 500).await
+    }
+
+    /// Like [`Mesh::start`], with `seed` (database, SQL) run before the
+    /// nodes start (rows their initial snapshots publish) and the given
+    /// `sync.batch_size`.
+    async fn start_seeded(
+        my_ddl: &str,
+        lite_ddl: &str,
+        tables: &str,
+        seed: &[(&str, &str)],
+        batch: usize,
+    ) -> Result<Mesh> {
         let server = MariaDb::start()?;
         let dir = tempfile::tempdir()?;
         for db in ["maria_a", "maria_b"] {
             server.create_db(db).await?;
             server.exec(db, my_ddl).await?;
         }
+        for (db, sql) in seed {
+            server.exec(db, sql).await?;
+        }
         syncmesh_tests::create_db(&dir.path().join("lite.db"), lite_ddl).await?;
         let port = free_port();
         let path = dir.path().join("mesh.yaml");
-        std::fs::write(&path, mesh_yaml(dir.path(), &server, port, tables))?;
+        std::fs::write(&path, mesh_yaml(dir.path(), &server, port, tables, batch))?;
         let cfg = Config::load(&path)?;
         let hub = start_hub_from(&cfg, cfg.hub()?).await?;
         let wanted: Vec<_> = cfg
@@ -412,6 +428,69 @@ const COUNTERS_LITE: &str =
     "CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0, label TEXT)";
 const COUNTERS_TABLES: &str =
     "tables:\n  - name: counters\n    key: [id]\n    resolve:\n      fields:\n        n: sum\n";
+
+/// Both MariaDB databases hold rows when the mesh starts: maria-a keys
+/// 1-6000 with `n = 1`, maria-b keys 3001-6000 with `n = 2`, under a `max`
+/// field, in chunks of 25 rows. Each node publishes its snapshot from its
+/// loop while connected, so maria-b's ops of keys maria-a has not read yet
+/// reach maria-a during its snapshot; they wait for its end. Every
+/// replica, SQLite too, ends with the larger values, and each row is
+/// published once per database that held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_rows_on_both_mariadb_sides_snapshot_concurrently_and_converge() -> Result<()> {
+    let seed = |n: i64, from: i64| {
+        let digits = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 \
+                      UNION ALL SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 \
+                      UNION ALL SELECT 7 UNION ALL SELECT 8 UNION ALL SELECT 9)";
+        format!(
+            "INSERT INTO counters SELECT i, {n}, CONCAT('seed-', i) FROM \
+             (SELECT a.d + 10 * b.d + 100 * c.d + 1000 * e.d AS i \
+              FROM {digits} a, {digits} b, {digits} c, {digits} e) g \
+             WHERE i BETWEEN {from} AND 6000"
+        )
+    };
+    let (a, b) = (seed(1, 1), seed(2, 3001));
+    let tables =
+        "tables:\n  - name: counters\n    key: [id]\n    resolve:\n      fields:\n        n: max\n";
+    let mesh = Mesh::start_seeded(
+        COUNTERS_MY,
+        COUNTERS_LITE,
+        tables,
+        &[("maria_a", &a), ("maria_b", &b)],
+        25,
+    )
+    .await?;
+    let expected: Rows = (1..=6000i64)
+        .map(|id| {
+            BTreeMap::from([
+                ("id".to_owned(), Value::Int(id)),
+                ("n".to_owned(), Value::Int(if id > 3000 { 2 } else { 1 })),
+                ("label".to_owned(), Value::Text(format!("seed-{id}"))),
+            ])
+        })
+        .collect();
+    mesh.wait_rows(0, &expected).await?;
+    assert_eq!(
+        mesh.total_ops().await?,
+        9000,
+        "each database published each of its rows once"
+    );
+    // The snapshots ended: both nodes capture again.
+    mesh.exec(0, "UPDATE counters SET n = 7 WHERE id = 1")
+        .await?;
+    mesh.exec(1, "INSERT INTO counters VALUES (6001, 3, 'after')")
+        .await?;
+    let mut expected = expected;
+    expected[0].insert("n".to_owned(), Value::Int(7));
+    expected.push(BTreeMap::from([
+        ("id".to_owned(), Value::Int(6001)),
+        ("n".to_owned(), Value::Int(3)),
+        ("label".to_owned(), Value::Text("after".to_owned())),
+    ]));
+    mesh.wait_rows(0, &expected).await?;
+    assert_eq!(mesh.total_ops().await?, 9002, "one op per write, no echo");
+    mesh.stop().await
+}
 
 /// Concurrent increments of the same rows on MariaDB and SQLite while both
 /// are cut off the hub: after the heal every increment counts everywhere.
