@@ -542,31 +542,42 @@ impl MysqlAdapter {
         .fetch_all(&mut *conn)
         .await
         .map_err(err)?;
-        let mut wanted = Vec::new();
-        for schema in schemas {
-            for (name, sql) in trigger_sql(schema) {
-                wanted.push(name.clone());
-                if self.mariadb {
+        let triggers: Vec<(String, String)> = schemas.iter().flat_map(trigger_sql).collect();
+        if self.mariadb {
+            // Every trigger is replaced, then all once more. MariaDB (10.11
+            // here; MDEV-26048) can leave a session that was open before
+            // `_syncmesh_seq` existed with a cached statement of the table
+            // that, re-prepared against the new triggers, fails with 1146
+            // "_syncmesh_seq doesn't exist" on every run until the table's
+            // triggers change again. The second pass makes such sessions
+            // re-prepare with the tables in place: at most a statement
+            // running during the install fails (test
+            // `installing_capture_leaves_live_prepared_statements_working`).
+            for _ in 0..2 {
+                for (_, sql) in &triggers {
                     let sql = sql.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
-                    sqlx::raw_sql(AssertSqlSafe(sql))
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(err)?;
-                } else {
-                    sqlx::raw_sql(AssertSqlSafe(format!(
-                        "DROP TRIGGER IF EXISTS {}",
-                        quote_ident(&name)
-                    )))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
                     sqlx::raw_sql(AssertSqlSafe(sql))
                         .execute(&mut *conn)
                         .await
                         .map_err(err)?;
                 }
             }
+        } else {
+            for (name, sql) in &triggers {
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP TRIGGER IF EXISTS {}",
+                    quote_ident(name)
+                )))
+                .execute(&mut *conn)
+                .await
+                .map_err(err)?;
+                sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+            }
         }
+        let wanted: Vec<&String> = triggers.iter().map(|(name, _)| name).collect();
         for name in ours.iter().filter(|n| !wanted.contains(n)) {
             sqlx::raw_sql(AssertSqlSafe(format!(
                 "DROP TRIGGER IF EXISTS {}",
