@@ -535,50 +535,76 @@ impl MysqlAdapter {
             .await
             .map_err(err)?;
         }
-        let ours: Vec<String> = sqlx::query_scalar(
-            "SELECT CAST(TRIGGER_NAME AS CHAR) FROM information_schema.TRIGGERS \
+        // Our triggers as they are, each as the statement that would make it.
+        let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+            "SELECT CAST(TRIGGER_NAME AS CHAR), CAST(ACTION_TIMING AS CHAR), \
+             CAST(EVENT_MANIPULATION AS CHAR), CAST(EVENT_OBJECT_TABLE AS CHAR), \
+             CAST(ACTION_STATEMENT AS CHAR) FROM information_schema.TRIGGERS \
              WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE '\\_syncmesh\\_%'",
         )
         .fetch_all(&mut *conn)
         .await
         .map_err(err)?;
+        let existing: BTreeMap<String, String> = rows
+            .into_iter()
+            .map(|(name, timing, event, table, body)| {
+                let sql = format!(
+                    "CREATE TRIGGER {} {timing} {event} ON {} FOR EACH ROW {body}",
+                    quote_ident(&name),
+                    quote_ident(&table)
+                );
+                (name, sql)
+            })
+            .collect();
         let triggers: Vec<(String, String)> = schemas.iter().flat_map(trigger_sql).collect();
-        if self.mariadb {
-            // Every trigger is replaced, then all once more. MariaDB (10.11
-            // here; MDEV-26048) can leave a session that was open before
-            // `_syncmesh_seq` existed with a cached statement of the table
-            // that, re-prepared against the new triggers, fails with 1146
-            // "_syncmesh_seq doesn't exist" on every run until the table's
-            // triggers change again. The second pass makes such sessions
-            // re-prepare with the tables in place: at most a statement
-            // running during the install fails (test
-            // `installing_capture_leaves_live_prepared_statements_working`).
-            for _ in 0..2 {
-                for (_, sql) in &triggers {
-                    let sql = sql.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
-                    sqlx::raw_sql(AssertSqlSafe(sql))
+        // Triggers already as wanted stay: a restart changes nothing, so
+        // no write goes uncaptured between a DROP and a CREATE (MySQL) and
+        // no application statement has to re-prepare.
+        let stale: Vec<&(String, String)> = triggers
+            .iter()
+            .filter(|(name, sql)| existing.get(name) != Some(sql))
+            .collect();
+        if !stale.is_empty() {
+            if self.mariadb {
+                // Every stale trigger is replaced, then once more. MariaDB (10.11
+                // here; MDEV-26048) can leave a session that was open before
+                // `_syncmesh_seq` existed with a cached statement of the table
+                // that, re-prepared against the new triggers, fails with 1146
+                // "_syncmesh_seq doesn't exist" on every run until the table's
+                // triggers change again. The second pass makes such sessions
+                // re-prepare with the tables in place: at most a statement
+                // running during the install fails (test
+                // `installing_capture_leaves_live_prepared_statements_working`).
+                for _ in 0..2 {
+                    for (_, sql) in &stale {
+                        let sql = sql.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
+                        sqlx::raw_sql(AssertSqlSafe(sql))
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(err)?;
+                    }
+                }
+            } else {
+                // MySQL has no CREATE OR REPLACE TRIGGER: a write between the
+                // two statements is not captured (only when a trigger's
+                // definition changed, i.e. the table's columns did).
+                for (name, sql) in &stale {
+                    sqlx::raw_sql(AssertSqlSafe(format!(
+                        "DROP TRIGGER IF EXISTS {}",
+                        quote_ident(name)
+                    )))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                    sqlx::raw_sql(AssertSqlSafe(sql.clone()))
                         .execute(&mut *conn)
                         .await
                         .map_err(err)?;
                 }
             }
-        } else {
-            for (name, sql) in &triggers {
-                sqlx::raw_sql(AssertSqlSafe(format!(
-                    "DROP TRIGGER IF EXISTS {}",
-                    quote_ident(name)
-                )))
-                .execute(&mut *conn)
-                .await
-                .map_err(err)?;
-                sqlx::raw_sql(AssertSqlSafe(sql.clone()))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
-            }
         }
         let wanted: Vec<&String> = triggers.iter().map(|(name, _)| name).collect();
-        for name in ours.iter().filter(|n| !wanted.contains(n)) {
+        for name in existing.keys().filter(|n| !wanted.contains(n)) {
             sqlx::raw_sql(AssertSqlSafe(format!(
                 "DROP TRIGGER IF EXISTS {}",
                 quote_ident(name)

@@ -1426,3 +1426,57 @@ async fn installing_capture_leaves_live_prepared_statements_working() -> Result<
     }
     Ok(())
 }
+
+/// A node start installs capture again: triggers already as wanted are
+/// left alone (no window without capture, nothing for applications to
+/// re-prepare); a trigger whose table changed is replaced, and capture
+/// sees the new column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinstalling_capture_replaces_only_changed_triggers() -> Result<()> {
+    let server = MariaDb::start()?;
+    server.create_db("again").await?;
+    server.exec("again", ORDERS_MY).await?;
+    let pool = server.pool("again").await?;
+    let created = || async {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT CAST(TRIGGER_NAME AS CHAR), CAST(CREATED AS CHAR) \
+             FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() \
+             ORDER BY TRIGGER_NAME",
+        )
+        .fetch_all(&pool)
+        .await?;
+        anyhow::Ok(rows)
+    };
+    let wanted = [("orders".to_owned(), vec!["id".to_owned()])];
+    let node = syncmesh_node::mysql::MysqlAdapter::open(&server.url("again")).await?;
+    node.install_capture(&node.introspect(&wanted).await?)
+        .await?;
+    let first = created().await?;
+    assert_eq!(first.len(), 3, "one trigger per event: {first:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let node = syncmesh_node::mysql::MysqlAdapter::open(&server.url("again")).await?;
+    node.install_capture(&node.introspect(&wanted).await?)
+        .await?;
+    assert_eq!(created().await?, first, "unchanged triggers are kept");
+    server
+        .exec("again", "ALTER TABLE orders ADD COLUMN note VARCHAR(10)")
+        .await?;
+    let schemas = node.introspect(&wanted).await?;
+    node.install_capture(&schemas).await?;
+    let second = created().await?;
+    assert_eq!(second.len(), 3);
+    assert!(
+        second.iter().zip(&first).all(|(s, f)| s.0 == f.0 && s.1 != f.1),
+        "every trigger of the changed table is replaced: {first:?} -> {second:?}"
+    );
+    server
+        .exec("again", "INSERT INTO orders VALUES (1, 'a', 1, 'x', 'noted')")
+        .await?;
+    let changes = node.read_changes(0, 10).await?;
+    let new = changes
+        .first()
+        .and_then(|c| c.new.as_ref())
+        .context("the insert is captured")?;
+    assert_eq!(new.get("note"), Some(&Value::Text("noted".to_owned())));
+    Ok(())
+}
