@@ -1466,11 +1466,17 @@ async fn reinstalling_capture_replaces_only_changed_triggers() -> Result<()> {
     let second = created().await?;
     assert_eq!(second.len(), 3);
     assert!(
-        second.iter().zip(&first).all(|(s, f)| s.0 == f.0 && s.1 != f.1),
+        second
+            .iter()
+            .zip(&first)
+            .all(|(s, f)| s.0 == f.0 && s.1 != f.1),
         "every trigger of the changed table is replaced: {first:?} -> {second:?}"
     );
     server
-        .exec("again", "INSERT INTO orders VALUES (1, 'a', 1, 'x', 'noted')")
+        .exec(
+            "again",
+            "INSERT INTO orders VALUES (1, 'a', 1, 'x', 'noted')",
+        )
         .await?;
     let changes = node.read_changes(0, 10).await?;
     let new = changes
