@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use syncmesh_resolver::Value;
 
 pub use syncmesh::mariadb;
 pub use syncmesh::pg;
@@ -170,4 +172,22 @@ impl std::io::Write for LogSink {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A `counters` row (`id`, `n`, `label`) as a dump shows it.
+pub fn counter(id: i64, n: i64, label: &str) -> BTreeMap<String, Value> {
+    BTreeMap::from([
+        ("id".to_owned(), Value::Int(id)),
+        ("n".to_owned(), Value::Int(n)),
+        ("label".to_owned(), Value::Text(label.to_owned())),
+    ])
+}
+
+/// The `counters` rows of the two-sided snapshot tests: keys 1-6000
+/// labelled `seed-ID`, `n` 2 above 3000 (both sides held those, the
+/// larger `max` wins) and 1 below.
+pub fn seeded_counters() -> Vec<BTreeMap<String, Value>> {
+    (1..=6000i64)
+        .map(|id| counter(id, if id > 3000 { 2 } else { 1 }, &format!("seed-{id}")))
+        .collect()
 }

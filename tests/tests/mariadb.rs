@@ -460,15 +460,7 @@ async fn existing_rows_on_both_mariadb_sides_snapshot_concurrently_and_converge(
         25,
     )
     .await?;
-    let expected: Rows = (1..=6000i64)
-        .map(|id| {
-            BTreeMap::from([
-                ("id".to_owned(), Value::Int(id)),
-                ("n".to_owned(), Value::Int(if id > 3000 { 2 } else { 1 })),
-                ("label".to_owned(), Value::Text(format!("seed-{id}"))),
-            ])
-        })
-        .collect();
+    let expected: Rows = syncmesh_tests::seeded_counters();
     mesh.wait_rows(0, &expected).await?;
     assert_eq!(
         mesh.total_ops().await?,
@@ -482,11 +474,7 @@ async fn existing_rows_on_both_mariadb_sides_snapshot_concurrently_and_converge(
         .await?;
     let mut expected = expected;
     expected[0].insert("n".to_owned(), Value::Int(7));
-    expected.push(BTreeMap::from([
-        ("id".to_owned(), Value::Int(6001)),
-        ("n".to_owned(), Value::Int(3)),
-        ("label".to_owned(), Value::Text("after".to_owned())),
-    ]));
+    expected.push(syncmesh_tests::counter(6001, 3, "after"));
     mesh.wait_rows(0, &expected).await?;
     assert_eq!(mesh.total_ops().await?, 9002, "one op per write, no echo");
     mesh.stop().await

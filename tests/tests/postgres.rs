@@ -951,15 +951,7 @@ async fn remote_ops_arriving_during_an_initial_snapshot_wait_for_its_end() -> Re
     let tables =
         "tables:\n  - name: counters\n    key: [id]\n    resolve:\n      fields:\n        n: max\n";
     let mesh = PgMesh::launch_batch(pg, dir, tables, 25).await?;
-    let expected: Rows = (1..=6000i64)
-        .map(|id| {
-            BTreeMap::from([
-                ("id".to_owned(), Value::Int(id)),
-                ("n".to_owned(), Value::Int(if id > 3000 { 2 } else { 1 })),
-                ("label".to_owned(), Value::Text(format!("seed-{id}"))),
-            ])
-        })
-        .collect();
+    let expected: Rows = syncmesh_tests::seeded_counters();
     mesh.wait_rows(0, &expected).await?;
     assert_eq!(
         mesh.total_ops().await?,
