@@ -72,10 +72,17 @@ impl MariaDb {
             .prefix("syncmesh-mariadb-")
             .tempdir()?;
         let data = dir.path().join("data");
+        // Its own temporary directory: a starting server deletes every
+        // `#sql*` file in its tmpdir, so servers sharing /tmp removed each
+        // other's live temporary tables (error 6, "Error on delete of
+        // '/tmp/#sql-temptable-…'").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let root = running_as_root();
         let mut cmd = Command::new(&install);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args([
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
@@ -116,6 +123,7 @@ impl MariaDb {
         let mut cmd = Command::new(&server);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", dir.path().join("s.sock").display()))
             .arg(format!(
                 "--pid-file={}",
