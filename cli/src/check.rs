@@ -352,10 +352,52 @@ async fn check_mysql(cfg: &Config, n: &NodeConfig) -> bool {
                     s.columns.len()
                 );
             }
+            if n.mode.captures() {
+                ok &= check_triggers(&adapter, n, &db, &schemas).await;
+            }
         }
     }
     adapter.close().await;
     ok
+}
+
+/// One line per table on its capture triggers: current, not installed
+/// yet, or due to be replaced at the node's next start.
+async fn check_triggers(
+    adapter: &MysqlAdapter,
+    n: &NodeConfig,
+    db: &str,
+    schemas: &[syncmesh_node::adapter::TableSchema],
+) -> bool {
+    use syncmesh_node::mysql::TriggerState;
+    let states = match adapter.trigger_states(schemas).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("FAIL node {}: {e}", n.name);
+            return false;
+        }
+    };
+    for (table, state) in states {
+        match state {
+            TriggerState::Current => println!(
+                "ok   node {}: {db} table {table}: capture triggers installed and current",
+                n.name
+            ),
+            TriggerState::Missing => println!(
+                "ok   node {}: {db} table {table}: capture triggers not installed yet; the node installs them when it starts",
+                n.name
+            ),
+            TriggerState::Stale if adapter.is_mariadb() => println!(
+                "warn node {}: {db} table {table}: capture triggers differ from this version's (did the table's columns change?); the node replaces them when it starts",
+                n.name
+            ),
+            TriggerState::Stale => println!(
+                "warn node {}: {db} table {table}: capture triggers differ from this version's (did the table's columns change?); the node replaces them when it starts, and MySQL has no CREATE OR REPLACE TRIGGER: pause writes to {table} while it starts, a write between the DROP and the CREATE is not captured",
+                n.name
+            ),
+        }
+    }
+    true
 }
 
 /// A MongoDB node: reachable, a replica set on 6.0+ (change streams,

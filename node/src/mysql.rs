@@ -535,27 +535,7 @@ impl MysqlAdapter {
             .await
             .map_err(err)?;
         }
-        // Our triggers as they are, each as the statement that would make it.
-        let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
-            "SELECT CAST(TRIGGER_NAME AS CHAR), CAST(ACTION_TIMING AS CHAR), \
-             CAST(EVENT_MANIPULATION AS CHAR), CAST(EVENT_OBJECT_TABLE AS CHAR), \
-             CAST(ACTION_STATEMENT AS CHAR) FROM information_schema.TRIGGERS \
-             WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE '\\_syncmesh\\_%'",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(err)?;
-        let existing: BTreeMap<String, String> = rows
-            .into_iter()
-            .map(|(name, timing, event, table, body)| {
-                let sql = format!(
-                    "CREATE TRIGGER {} {timing} {event} ON {} FOR EACH ROW {body}",
-                    quote_ident(&name),
-                    quote_ident(&table)
-                );
-                (name, sql)
-            })
-            .collect();
+        let existing = installed_triggers(&mut conn).await.map_err(err)?;
         let triggers: Vec<(String, String)> = schemas.iter().flat_map(trigger_sql).collect();
         // Triggers already as wanted stay: a restart changes nothing, so
         // no write goes uncaptured between a DROP and a CREATE (MySQL) and
@@ -614,6 +594,36 @@ impl MysqlAdapter {
             .map_err(err)?;
         }
         Ok(())
+    }
+
+    /// Whether the server is MariaDB (else MySQL).
+    pub fn is_mariadb(&self) -> bool {
+        self.mariadb
+    }
+
+    /// Each table's capture triggers against the ones
+    /// [`MysqlAdapter::install_capture`] would install.
+    pub async fn trigger_states(
+        &self,
+        schemas: &[TableSchema],
+    ) -> Result<Vec<(String, TriggerState)>> {
+        let err = |e: sqlx::Error| self.db_err("reading the capture triggers", &e);
+        let mut conn = self.pool.acquire().await.map_err(err)?;
+        let existing = installed_triggers(&mut conn).await.map_err(err)?;
+        Ok(schemas
+            .iter()
+            .map(|s| {
+                let wanted = trigger_sql(s);
+                let state = if wanted.iter().all(|(n, sql)| existing.get(n) == Some(sql)) {
+                    TriggerState::Current
+                } else if wanted.iter().all(|(n, _)| !existing.contains_key(n)) {
+                    TriggerState::Missing
+                } else {
+                    TriggerState::Stale
+                };
+                (s.name.clone(), state)
+            })
+            .collect())
     }
 
     /// The highest change id handed out and committed (0 if none or
@@ -1370,6 +1380,43 @@ fn encode_row(alias: &str, columns: &[ColumnInfo]) -> String {
         .map(|c| format!("{}, {}", quote_literal(&c.name), encode_column(alias, c)))
         .collect();
     format!("JSON_OBJECT({})", args.join(", "))
+}
+
+/// syncmesh's triggers in the connection's database as they are, each as
+/// the statement that would make it (comparable with [`trigger_sql`]).
+async fn installed_triggers(conn: &mut MySqlConnection) -> sqlx::Result<BTreeMap<String, String>> {
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT CAST(TRIGGER_NAME AS CHAR), CAST(ACTION_TIMING AS CHAR), \
+         CAST(EVENT_MANIPULATION AS CHAR), CAST(EVENT_OBJECT_TABLE AS CHAR), \
+         CAST(ACTION_STATEMENT AS CHAR) FROM information_schema.TRIGGERS \
+         WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE '\\_syncmesh\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, timing, event, table, body)| {
+            let sql = format!(
+                "CREATE TRIGGER {} {timing} {event} ON {} FOR EACH ROW {body}",
+                quote_ident(&name),
+                quote_ident(&table)
+            );
+            (name, sql)
+        })
+        .collect())
+}
+
+/// How a table's capture triggers stand against the ones this version
+/// installs ([`MysqlAdapter::trigger_states`], for `syncmesh check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerState {
+    /// All installed as wanted: a node start leaves them.
+    Current,
+    /// None installed: the node's next start installs them.
+    Missing,
+    /// Some missing or different (e.g. the table's columns changed): the
+    /// node's next start replaces them.
+    Stale,
 }
 
 /// The three triggers of a table: `(name, CREATE TRIGGER …)`.

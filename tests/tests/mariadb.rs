@@ -13,6 +13,7 @@ use syncmesh::mesh::{hub_status, start_hub_from};
 use syncmesh_hub::server::HubHandle;
 use syncmesh_node::adapter::{Db, TableSchema};
 use syncmesh_node::config::Config;
+use syncmesh_node::mysql::TriggerState;
 use syncmesh_node::shell::{NodeHandle, start_node};
 use syncmesh_resolver::Value;
 use syncmesh_tests::mariadb::MariaDb;
@@ -649,6 +650,10 @@ async fn bad_mariadb_input_gives_one_clear_line() -> Result<()> {
     assert!(
         out.contains("TRIGGER"),
         "check names the trigger privilege:\n{out}"
+    );
+    assert!(
+        out.contains("table orders: capture triggers not installed yet"),
+        "check says the node will install the triggers:\n{out}"
     );
     Ok(())
 }
@@ -1418,7 +1423,8 @@ async fn installing_capture_leaves_live_prepared_statements_working() -> Result<
 /// A node start installs capture again: triggers already as wanted are
 /// left alone (no window without capture, nothing for applications to
 /// re-prepare); a trigger whose table changed is replaced, and capture
-/// sees the new column.
+/// sees the new column. `trigger_states` (what `syncmesh check` prints)
+/// follows: missing, current, stale after the change, current again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reinstalling_capture_replaces_only_changed_triggers() -> Result<()> {
     let server = MariaDb::start()?;
@@ -1437,8 +1443,17 @@ async fn reinstalling_capture_replaces_only_changed_triggers() -> Result<()> {
     };
     let wanted = [("orders".to_owned(), vec!["id".to_owned()])];
     let node = syncmesh_node::mysql::MysqlAdapter::open(&server.url("again")).await?;
-    node.install_capture(&node.introspect(&wanted).await?)
-        .await?;
+    let state = |s: TriggerState| vec![("orders".to_owned(), s)];
+    let schemas = node.introspect(&wanted).await?;
+    assert_eq!(
+        node.trigger_states(&schemas).await?,
+        state(TriggerState::Missing)
+    );
+    node.install_capture(&schemas).await?;
+    assert_eq!(
+        node.trigger_states(&schemas).await?,
+        state(TriggerState::Current)
+    );
     let first = created().await?;
     assert_eq!(first.len(), 3, "one trigger per event: {first:?}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -1450,7 +1465,16 @@ async fn reinstalling_capture_replaces_only_changed_triggers() -> Result<()> {
         .exec("again", "ALTER TABLE orders ADD COLUMN note VARCHAR(10)")
         .await?;
     let schemas = node.introspect(&wanted).await?;
+    assert_eq!(
+        node.trigger_states(&schemas).await?,
+        state(TriggerState::Stale),
+        "a new column: the triggers are due to be replaced"
+    );
     node.install_capture(&schemas).await?;
+    assert_eq!(
+        node.trigger_states(&schemas).await?,
+        state(TriggerState::Current)
+    );
     let second = created().await?;
     assert_eq!(second.len(), 3);
     assert!(
