@@ -1270,7 +1270,10 @@ impl<S: LogStore> NodeCore<S> {
             }
             let rk = row_key(P_ROW, &op.table, &op.key)?;
             let mut row = self.load_row(&mut ov, &rk)?;
-            let before = row.visible(&info.rules);
+            // Only a subscribe-only node skips rows whose visible state
+            // stays the same.
+            let subscribe = self.settings.mode == Mode::Subscribe;
+            let before = subscribe.then(|| row.visible(&info.rules));
             if self.settings.mode == Mode::Bidirectional && !self.db_views.contains_key(&rk) {
                 // The database shows this row as merged so far; keep that
                 // view until an apply makes the new op visible there.
@@ -1296,10 +1299,8 @@ impl<S: LogStore> NodeCore<S> {
             // A bidirectional node rewrites the row even when its visible
             // state did not change: the apply's watermark tells later
             // local writes that they saw the op.
-            let changed = row.visible(&info.rules) != before;
-            if (changed && self.settings.mode == Mode::Subscribe)
-                || self.settings.mode == Mode::Bidirectional
-            {
+            let changed = before.is_some_and(|b| row.visible(&info.rules) != b);
+            if changed || self.settings.mode == Mode::Bidirectional {
                 self.mark_dirty(&mut ov, &op.table, &op.key)?;
             }
             ov.rows.insert(rk, row);
