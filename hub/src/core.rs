@@ -311,14 +311,42 @@ fn packed_key(origin: &NodeId, seq: u64) -> Vec<u8> {
 }
 
 /// Puts `ops` (consecutive ops of `origin`) under one packed key.
-fn put_packed(batch: &mut WriteBatch, origin: &NodeId, ops: Vec<pb::Op>) {
-    let Some(last) = ops.last().and_then(|o| o.id.as_ref()).map(|i| i.seq) else {
-        return;
-    };
-    batch.put(
-        packed_key(origin, last),
-        pb::OpBatch { ops }.encode_to_vec(),
-    );
+/// Ops of one incoming batch on their way to one packed key: the bytes of
+/// an encoded `OpBatch` holding them (each op as field 1, the whole
+/// message's encoding), built one op at a time.
+#[derive(Default)]
+struct PackedChunk {
+    bytes: Vec<u8>,
+    ops: usize,
+    last_seq: u64,
+}
+
+impl PackedChunk {
+    /// `op` as it goes into an `OpBatch`: tag, length, message.
+    fn encode(op: &pb::Op) -> Vec<u8> {
+        let mut one = Vec::with_capacity(op.encoded_len() + 6);
+        prost::encoding::message::encode(1, op, &mut one);
+        one
+    }
+
+    /// Appends an op encoded by [`PackedChunk::encode`].
+    fn push(&mut self, encoded: &[u8], seq: u64) {
+        self.bytes.extend_from_slice(encoded);
+        self.ops += 1;
+        self.last_seq = seq;
+    }
+
+    /// Puts the chunk under the key of its last op, if it holds any, and
+    /// empties it.
+    fn put(&mut self, batch: &mut WriteBatch, origin: &NodeId) {
+        if self.ops > 0 {
+            batch.put(
+                packed_key(origin, self.last_seq),
+                std::mem::take(&mut self.bytes),
+            );
+        }
+        self.ops = 0;
+    }
 }
 
 fn corrupt_op(e: prost::DecodeError) -> syncmesh_node::Error {
@@ -988,7 +1016,7 @@ impl<S: LogStore> HubCore<S> {
         let start = have;
         let mut control = Control::Continue;
         let mut stored = BatchTally::default();
-        let mut chunk: Vec<pb::Op> = Vec::new();
+        let mut chunk = PackedChunk::default();
         let publish_only = self.sessions.get(&sid).is_some_and(|s| s.publish_only);
         // Trust does not change within a batch.
         let untrusted = self.gc_untrusted(&node);
@@ -1007,7 +1035,8 @@ impl<S: LogStore> HubCore<S> {
                 }
             }
             let raw_id = raw.id.clone();
-            let mut kept = raw.clone();
+            // What the log keeps, unless the op is changed below.
+            let mut kept = PackedChunk::encode(&raw);
             let mut op = match wire::op_from_proto(raw) {
                 Ok(op) => op,
                 Err(e) => {
@@ -1057,22 +1086,22 @@ impl<S: LogStore> HubCore<S> {
             }
             if untrusted.is_some() && self.loses_to_delete(&op, &mut rows)? {
                 op.fields.clear();
-                kept = wire::op_to_proto(&op);
+                kept = PackedChunk::encode(&wire::op_to_proto(&op));
                 dropped_n += 1;
                 if dropped.is_none() {
                     dropped = Some((op.id.clone(), op.table.clone(), op.key.clone()));
                 }
             }
             self.merge(&op, &mut rows, &mut batch)?;
-            if chunk.len() == OPS_PER_KEY {
-                put_packed(&mut batch, &node, std::mem::take(&mut chunk));
+            if chunk.ops == OPS_PER_KEY {
+                chunk.put(&mut batch, &node);
             }
-            chunk.push(kept);
+            chunk.push(&kept, op.id.seq);
             have = op.id.seq;
             stored.note(&op);
         }
         self.metrics.current_table.clear();
-        put_packed(&mut batch, &node, chunk);
+        chunk.put(&mut batch, &node);
         if have > start {
             for (k, row) in rows {
                 batch.put(k, enc(&row)?);
@@ -2287,6 +2316,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(records.len(), 8);
+    }
+
+    #[test]
+    fn a_packed_chunk_is_the_encoded_op_batch_of_its_ops() {
+        let ops: Vec<pb::Op> = (1..=3).map(|seq| op("a", seq, 0)).collect();
+        let mut chunk = PackedChunk::default();
+        for o in &ops {
+            chunk.push(&PackedChunk::encode(o), o.id.as_ref().unwrap().seq);
+        }
+        let mut batch = WriteBatch::default();
+        chunk.put(&mut batch, &NodeId::new("a").unwrap());
+        let want = pb::OpBatch { ops: ops.clone() }.encode_to_vec();
+        assert_eq!(chunk.ops, 0);
+        let mut store = MemStore::default();
+        store.write(batch).unwrap();
+        let key = packed_key(&NodeId::new("a").unwrap(), 3);
+        assert_eq!(store.get(&key).unwrap(), Some(want));
+        assert_eq!(
+            pb::OpBatch::decode(store.get(&key).unwrap().unwrap().as_slice())
+                .unwrap()
+                .ops,
+            ops
+        );
     }
 
     #[test]
