@@ -387,14 +387,19 @@ async fn check_triggers(
                 "ok   node {}: {db} table {table}: capture triggers not installed yet; the node installs them when it starts",
                 n.name
             ),
-            TriggerState::Stale if adapter.is_mariadb() => println!(
-                "warn node {}: {db} table {table}: capture triggers differ from this version's (did the table's columns change?); the node replaces them when it starts",
-                n.name
-            ),
-            TriggerState::Stale => println!(
-                "warn node {}: {db} table {table}: capture triggers differ from this version's (did the table's columns change?); the node replaces them when it starts, and MySQL has no CREATE OR REPLACE TRIGGER: pause writes to {table} while it starts, a write between the DROP and the CREATE is not captured",
-                n.name
-            ),
+            TriggerState::Stale => {
+                let mysql = if adapter.is_mariadb() {
+                    String::new()
+                } else {
+                    format!(
+                        ", and MySQL has no CREATE OR REPLACE TRIGGER: pause writes to {table} while it starts, a write between the DROP and the CREATE is not captured"
+                    )
+                };
+                println!(
+                    "warn node {}: {db} table {table}: capture triggers differ from this version's (did the table's columns change?); the node replaces them when it starts{mysql}",
+                    n.name
+                );
+            }
         }
     }
     true

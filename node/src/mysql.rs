@@ -539,7 +539,9 @@ impl MysqlAdapter {
         let triggers: Vec<(String, String)> = schemas.iter().flat_map(trigger_sql).collect();
         // Triggers already as wanted stay: a restart changes nothing, so
         // no write goes uncaptured between a DROP and a CREATE (MySQL) and
-        // no application statement has to re-prepare.
+        // no application statement has to re-prepare. (Checked on MariaDB,
+        // which returns the body as written; a server that normalises it
+        // makes every trigger look stale, and they are replaced as before.)
         let stale: Vec<&(String, String)> = triggers
             .iter()
             .filter(|(name, sql)| existing.get(name) != Some(sql))
